@@ -1,0 +1,97 @@
+"""`raytron data prepare SRC... --out URI`: the command-line face of `prepare`.
+
+The launcher's CLI mounts this with `add_subparser(subparsers)` and calls `run(args)` (also set
+as the `func` default on the parsed namespace). Exit codes: 0 done, 1 done but inputs were skipped
+and --strict was given, 2 a DataError (bad path, unknown tokenizer...), printed without a trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import DataError
+from .prepare import SourceSpecLike, prepare, resolve_all
+from .sources import FORMATS
+from .tokenizer import TOKENIZERS
+
+
+def add_subparser(subparsers) -> argparse.ArgumentParser:
+    """Add `data` (with its `prepare` subcommand) to an argparse subparsers object."""
+    data = subparsers.add_parser("data", help="prepare training data (tokenize to megatron .bin/.idx)")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{prepare}")
+    p = sub.add_parser("prepare", help="tokenize text/jsonl/parquet files into one .bin/.idx dataset",
+                       description="Sources may be local paths or fsspec URIs (s3://, gs://, ...), files, "
+                                   "directories (recursive) or globs, or builtin://python-stdlib. "
+                                   "Credentials and endpoints come from the environment (AWS_*, "
+                                   "AWS_ENDPOINT_URL, FSSPEC_<PROTOCOL>_<KEY>).")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="input file, directory, glob or URI")
+    p.add_argument("--out", required=True, metavar="URI", help="output prefix: writes URI.bin, URI.idx, "
+                   "URI.summary.json")
+    p.add_argument("--tokenizer", default="byte", choices=sorted(TOKENIZERS))
+    p.add_argument("--workers", type=int, default=1, help="files read and tokenized in parallel")
+    p.add_argument("--pool", default="thread", choices=["thread", "process"],
+                   help="thread (default: best for I/O and the byte tokenizer) or spawned processes")
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="auto: by file extension")
+    p.add_argument("--field", default="text", help="jsonl/parquet field holding the text")
+    p.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="also count documents longer than one sample of this length")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    data.set_defaults(func=run)
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute a parsed `raytron data ...` command; returns the process exit code."""
+    if args.data_command != "prepare":
+        print(f"error: unknown data command {args.data_command!r}", file=sys.stderr)
+        return 2
+    try:
+        return _prepare(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {args.workers}")
+    files = resolve_all([SourceSpecLike(uri, args.format, args.field) for uri in args.sources])
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), unit="file", desc="prepare", file=sys.stderr, mininterval=0.5)
+    tokens = 0
+
+    def progress(done, ft):
+        nonlocal tokens
+        tokens += int(ft.lengths.sum())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
+
+    try:
+        summary = prepare(files, args.out, args.tokenizer, args.workers, pool=args.pool,
+                          max_documents=args.max_documents, seq_len=args.seq_len, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(json.dumps(summary.to_dict(), indent=1) if args.json else summary.format())
+    return 1 if args.strict and summary.stats.skipped else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m raytron.data_pipeline.cli data prepare ...`) for tests/benchmarks."""
+    parser = argparse.ArgumentParser(prog="raytron")
+    add_subparser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

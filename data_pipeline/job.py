@@ -1,0 +1,225 @@
+"""`prepare_for_job`: a DataSpec -> train/valid datasets, built once and cached under cache_uri.
+
+Cache layout, `<cache_uri>/<key>/` where key hashes everything that changes the samples
+(sources, weights, formats, fields, tokenizer, seq_len, seed, valid_fraction, max_documents):
+    source-<i>.bin/.idx                 megatron indexed dataset of source i (all its documents)
+    source-<i>.summary.json             what prepare read and skipped
+    source-<i>.<split>-docs.npy         document order of the split (seeded shuffle of documents)
+    source-<i>.<split>-starts.npy       packed sample windows (see packing.py)
+    blend-<split>.npy                   blend schedule (see blending.py), several sources only
+    manifest.json                       written last: a directory without it is not a cache
+Concurrency: the directory is built under a private temp name and renamed into place (atomic on a
+local filesystem; the loser of a race discards its copy). On object storage files are uploaded
+with the manifest last, and readers copy the directory to local disk to memory-map it.
+The cache is not invalidated when files under a source URI change: use a new cache_uri then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .blending import BlendedDataset, blend_schedule
+from .errors import DataError
+from .indexed import IndexedTokens
+from .packing import PackedDataset, hashed_permutation, sample_starts
+from .prepare import prepare
+from .sources import BUILTIN_STDLIB
+from .storage import fs_and_path, is_local, join, local_scratch_root
+from .tokenizer import ByteTokenizer, get_tokenizer
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "valid")
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """What a training worker needs: datasets, vocabulary size, and what the cache holds."""
+
+    train: PackedDataset | BlendedDataset
+    valid: PackedDataset | BlendedDataset
+    tokenizer: ByteTokenizer
+    seq_len: int
+    cache_uri: str
+    manifest: dict = field(repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def eod_id(self) -> int:
+        return self.tokenizer.eod_id
+
+    def summary(self) -> str:
+        """One paragraph for the driver log: per source documents/tokens/samples and skips."""
+        lines = [f"data cache {self.cache_uri}: {len(self.train):,} train / {len(self.valid):,} valid samples "
+                 f"of {self.seq_len + 1} tokens, vocab {self.vocab_size}"]
+        for s in self.manifest["sources"]:
+            skipped = {k: v for k, v in s["prepare"]["skipped"].items() if v}
+            lines.append(f"  {s['uri']} (weight {s['weight']}): {s['documents']:,} docs, {s['tokens']:,} tokens, "
+                         f"{s['train']['long_documents']} docs longer than a sample (split across samples), "
+                         f"skipped {skipped or 'nothing'}")
+        return "\n".join(lines)
+
+
+def cache_key(data_spec, seq_len: int, seed: int) -> str:
+    """Hash of everything that determines the sample sequence (16 hex chars)."""
+    inputs = {
+        "format": CACHE_FORMAT, "tokenizer": data_spec.tokenizer, "seq_len": seq_len, "seed": seed,
+        "valid_fraction": data_spec.valid_fraction, "max_documents": data_spec.max_documents,
+        "sources": [[s.uri, s.weight, s.format, s.field] for s in data_spec.sources],
+    }
+    if any(s.uri == BUILTIN_STDLIB for s in data_spec.sources):
+        inputs["python"] = sys.version  # the stdlib corpus differs between interpreters
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_for_job(data_spec, seq_len: int, seed: int, cache_uri: str | None = None,
+                    *, workers: int = 1) -> TrainData:
+    """Build (first call) or load (every later call) the job's datasets; see module docstring.
+
+    `cache_uri` overrides `data_spec.cache_uri`. Raises DataError naming the path for missing or
+    unreadable sources, and for sources too small to give one train and one valid sample.
+    """
+    root = cache_uri or data_spec.cache_uri
+    if not root:
+        raise DataError("no data cache location: set data.cache_uri or pass cache_uri")
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    tokenizer = get_tokenizer(data_spec.tokenizer)
+    key = cache_key(data_spec, seq_len, seed)
+    final_uri = join(root, key)
+    fs, final_path = fs_and_path(final_uri)
+    if not fs.exists(join(final_path, MANIFEST)):
+        _build(data_spec, seq_len, seed, tokenizer, final_uri, key, workers)
+    local_dir = final_path if is_local(fs) else _localize(final_uri, key)
+    return _load(Path(local_dir), final_uri, tokenizer, seq_len, seed)
+
+
+def _build(spec, seq_len, seed, tokenizer, final_uri, key, workers) -> None:
+    fs, final_path = fs_and_path(final_uri)
+    local = is_local(fs)
+    parent = Path(final_path).parent if local else local_scratch_root()
+    staging = parent / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        sources = [_build_source(spec, i, seq_len, seed, tokenizer, staging, workers)
+                   for i in range(len(spec.sources))]
+        doc_offset = 0
+        for s in sources:
+            s["doc_id_offset"], doc_offset = doc_offset, doc_offset + s["documents"]
+        if len(sources) > 1:
+            weights = [s.weight for s in spec.sources]
+            for split in SPLITS:
+                n = sum(s[split]["samples"] for s in sources)
+                np.save(staging / f"blend-{split}.npy", np.stack(blend_schedule(weights, n)).astype(np.int64))
+        manifest = {"format": CACHE_FORMAT, "key": key, "seq_len": seq_len, "seed": seed,
+                    "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "sources": sources}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _publish(staging, final_uri, key)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _build_source(spec, i, seq_len, seed, tokenizer, staging: Path, workers) -> dict:
+    """Prepare source i, split its documents into train/valid, pack both; return its manifest entry."""
+    src = spec.sources[i]
+    prefix = str(staging / f"source-{i}")
+    summary = prepare([src], prefix, tokenizer.name, workers, max_documents=spec.max_documents, seq_len=seq_len)
+    tokens = IndexedTokens(prefix)
+    n = len(tokens)
+    if n < 2:
+        raise DataError(f"data source {src.uri} has {n} usable document(s) (skipped: "
+                        f"{summary.stats.skipped}); need >= 2 for a train/valid split")
+    perm = hashed_permutation(n, seed, "split", i)
+    # valid_fraction of the documents, grown if needed so valid holds at least one full sample
+    need = int(np.searchsorted(np.cumsum(tokens.lengths[perm]), seq_len + 1)) + 1
+    n_valid = min(max(1, round(spec.valid_fraction * n), need), n - 1)
+    entry = {"uri": src.uri, "weight": src.weight, "documents": n, "tokens": tokens.num_tokens,
+             "valid_enlarged": n_valid > max(1, round(spec.valid_fraction * n)), "prepare": summary.to_dict()}
+    for split, docs in (("valid", perm[:n_valid]), ("train", perm[n_valid:])):
+        lengths = tokens.lengths[docs]
+        starts = sample_starts(lengths, seq_len)
+        if len(starts) == 0:
+            raise DataError(f"data source {src.uri}: its {split} split ({len(docs)} documents, {int(lengths.sum())} "
+                            f"tokens) is shorter than one sample ({seq_len + 1} tokens); add data, lower "
+                            f"seq_len or raise valid_fraction")
+        np.save(staging / f"source-{i}.{split}-docs.npy", docs)
+        np.save(staging / f"source-{i}.{split}-starts.npy", starts)
+        entry[split] = {"documents": len(docs), "samples": len(starts),
+                        "long_documents": int((lengths > seq_len + 1).sum()),
+                        "dropped_tail_tokens": int(lengths.sum()) - (len(starts) * seq_len + 1)}
+    return entry
+
+
+def _publish(staging: Path, final_uri: str, key: str) -> None:
+    """Move a complete staging directory to final_uri (see module docstring for the race rule)."""
+    fs, final_path = fs_and_path(final_uri)
+    if is_local(fs):
+        try:
+            os.rename(staging, final_path)
+        except OSError:
+            if not os.path.exists(os.path.join(final_path, MANIFEST)):
+                raise DataError(f"cannot publish data cache {final_path}: it exists without {MANIFEST} "
+                                f"(left by an interrupted run?); delete it and retry") from None
+        return
+    names = sorted(p.name for p in staging.iterdir() if p.name != MANIFEST) + [MANIFEST]
+    for name in names:
+        fs.put_file(str(staging / name), join(final_path, name))
+    _install_local(staging, key, copy=True)
+
+
+def _install_local(src_dir: Path, key: str, copy: bool) -> Path:
+    dest = local_scratch_root() / key
+    if (dest / MANIFEST).exists():
+        return dest
+    tmp = dest.with_name(f".{key}.dl-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(src_dir, tmp) if copy else os.rename(src_dir, tmp)
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process installed it first
+    return dest
+
+
+def _localize(final_uri: str, key: str) -> Path:
+    """A local copy of a remote cache directory (memory-mapping needs local files)."""
+    dest = local_scratch_root() / key
+    if (dest / MANIFEST).exists():
+        return dest
+    fs, final_path = fs_and_path(final_uri)
+    tmp = local_scratch_root() / f".{key}.get-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    for path in fs.ls(final_path, detail=False):
+        fs.get_file(path, str(tmp / os.path.basename(path)))
+    return _install_local(tmp, key, copy=False)
+
+
+def _load(local_dir: Path, cache_uri: str, tokenizer, seq_len: int, seed: int) -> TrainData:
+    manifest = json.loads((local_dir / MANIFEST).read_text())
+    splits = {}
+    for split in SPLITS:
+        parts = []
+        for i, s in enumerate(manifest["sources"]):
+            tokens = IndexedTokens(str(local_dir / f"source-{i}"))
+            docs = np.load(local_dir / f"source-{i}.{split}-docs.npy")
+            starts = np.load(local_dir / f"source-{i}.{split}-starts.npy")
+            parts.append(PackedDataset(tokens, docs, seq_len, seed, salt=f"{split}-{i}", starts=starts,
+                                       doc_id_offset=s["doc_id_offset"]))
+        if len(parts) == 1:
+            splits[split] = parts[0]
+        else:
+            schedule = np.load(local_dir / f"blend-{split}.npy")
+            splits[split] = BlendedDataset(parts, [s["weight"] for s in manifest["sources"]],
+                                           (schedule[0].astype(np.int16), schedule[1]))
+    return TrainData(splits["train"], splits["valid"], tokenizer, seq_len, cache_uri, manifest)

@@ -1,0 +1,76 @@
+"""`raytron` command line: submit, plan, data prepare.
+
+Exit codes: 0 success; 1 the job ran and failed; 2 the config, data or command line was refused
+before anything started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+
+def _add_submit(subparsers) -> None:
+    p = subparsers.add_parser("submit", help="run a pretraining job to completion",
+                              description="Run a job: embedded Ray in this process when no --address is "
+                                          "given, else on the Ray cluster at that address.")
+    p.add_argument("config", help="job YAML (local path or fsspec URI)")
+    p.add_argument("--name", default=None, help="run name (default: the config's `name`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=40 (repeatable)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the named run from its newest committed checkpoint")
+    p.set_defaults(func=_run_submit)
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    from .spec import ConfigError, load_spec
+
+    try:
+        spec = load_spec(args.config, args.overrides, args.name)
+        from .driver import run_job
+
+        outcome = run_job(spec, resume=args.resume, address=args.address)
+    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"raytron: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"\n[raytron] job {outcome.status}: {spec.name}")
+    print(f"[raytron]   run directory:  {outcome.run_uri}")
+    print(f"[raytron]   checkpoints:    {outcome.run_uri}/checkpoints (last committed step: "
+          f"{outcome.last_checkpoint})")
+    print(f"[raytron]   tensorboard:    {outcome.run_uri}/tensorboard  "
+          f"(tensorboard --logdir {outcome.run_uri}/tensorboard)")
+    if outcome.status != "completed":
+        print(f"raytron: job failed: {outcome.error}", file=sys.stderr)
+        return EXIT_FAILED
+    m = outcome.metrics
+    if "loss" in m:
+        print(f"[raytron]   final loss {m['loss']:.4f}" + (f", val_loss {m['val_loss']:.4f}"
+                                                            if m.get("val_loss") is not None else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..data_pipeline import cli as data_cli
+    from . import plan
+
+    parser = argparse.ArgumentParser(prog="raytron", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_submit(sub)
+    plan.add_subparser(sub)
+    data_cli.add_subparser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""JobSpec: the whole pretraining job as typed, strict, frozen config.
+
+Load with `load_spec(path, overrides)`. Unknown keys, duplicate keys, wrong types and out-of-range
+values are ConfigErrors naming the dotted field. Secrets never live here: credentials for storage
+come from the environment (e.g. AWS_ACCESS_KEY_ID) and are never written into the resolved record.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+
+from .strict_yaml import ConfigError, load_yaml, parse_scalar
+from .typed import build, check, to_dict
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str = "moe"
+    """Architecture family in the models registry (`raytron.models.list_flavors()`)."""
+    flavor: str = "debug"
+    """Named size/shape of that family; every family has `debug`."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Field overrides applied to the flavor's config (e.g. {num_layers: 4})."""
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    tp: int = 1
+    """Tensor-parallel degree."""
+    pp: int = 1
+    """Pipeline-parallel stages."""
+    vpp: int = 1
+    """Virtual pipeline chunks per stage (interleaved 1F1B when > 1)."""
+    ep: int = 1
+    """Expert-parallel degree (borrows ranks from dp*cp*tp, Megatron's folding)."""
+    etp: int = 1
+    """Expert tensor-parallel degree."""
+    cp: int = 1
+    """Context-parallel degree (attention layers)."""
+    dp: int | None = None
+    """Data-parallel degree; null derives it as workers / (tp*pp*cp)."""
+    zero_stage: int = 1
+    """Optimizer/gradient/parameter sharding over data parallel ranks. deepspeed: the ZeRO stage (0-3;
+    3 is refused with MoE). megatron: 1 = its distributed optimizer (optimizer state sharded over DP,
+    ZeRO-1 equivalent), 0 = replicated optimizer; 2 and 3 are refused."""
+
+    def validate(self, path: str) -> None:
+        for name in ("tp", "pp", "vpp", "ep", "etp", "cp"):
+            check(getattr(self, name) >= 1, f"{path}.{name}", f"got {getattr(self, name)}; must be >= 1")
+        check(self.dp is None or self.dp >= 1, f"{path}.dp", f"got {self.dp}; must be >= 1 or null")
+        check(self.zero_stage in (0, 1, 2, 3), f"{path}.zero_stage",
+              f"got {self.zero_stage}; allowed 0, 1, 2, 3 (ZeRO stage; megatron takes 0 or 1)")
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    workers: int = 2
+    """Number of training processes (one per GPU, or per CPU slot without GPUs)."""
+    use_gpu: bool = False
+    """Place each worker on a GPU (NCCL) instead of a CPU slot (gloo)."""
+    nodes: int = 1
+    """Nodes the job spans; workers are spread evenly over them."""
+    cpus_per_worker: int = 1
+    """CPU slots Ray reserves per worker."""
+    torch_threads: int = 1
+    """torch intra-op threads per CPU worker (keeps local CPU runs from oversubscribing cores)."""
+
+    def validate(self, path: str) -> None:
+        check(self.workers >= 1, f"{path}.workers", f"got {self.workers}; must be >= 1")
+        check(self.nodes >= 1, f"{path}.nodes", f"got {self.nodes}; must be >= 1")
+        check(self.workers % self.nodes == 0, f"{path}.workers",
+              f"got {self.workers} workers over {self.nodes} nodes; workers must be a multiple of nodes "
+              "(every node runs the same number of workers)")
+        check(self.cpus_per_worker >= 1, f"{path}.cpus_per_worker", f"got {self.cpus_per_worker}; must be >= 1")
+        check(self.torch_threads >= 1, f"{path}.torch_threads", f"got {self.torch_threads}; must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int
+    """Optimizer steps to run in total (a resumed run continues up to this count)."""
+    seq_len: int
+    """Tokens per sample."""
+    micro_batch_size: int
+    """Samples per worker per forward/backward."""
+    global_batch_size: int
+    """Samples per optimizer step over all data-parallel ranks (= micro * grad_accum * dp)."""
+    lr: float
+    """Peak learning rate."""
+    seed: int = 1234
+    """Seed for weights, data order and every other random choice."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    log_every: int = 1
+    """Log metrics every this many steps."""
+    eval_every: int = 0
+    """Evaluate held-out loss every this many steps (0: only at the end)."""
+    eval_batches: int = 2
+    """Global batches of held-out data per evaluation."""
+    aux_loss_coef: float = 0.01
+    """Weight of the MoE load-balancing loss in the total loss."""
+
+    def validate(self, path: str) -> None:
+        for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "eval_batches"):
+            check(getattr(self, name) >= 1, f"{path}.{name}", f"got {getattr(self, name)}; must be >= 1")
+        check(self.lr > 0, f"{path}.lr", f"got {self.lr}; must be > 0")
+        check(0 <= self.min_lr <= self.lr, f"{path}.min_lr", f"got {self.min_lr}; must be in [0, lr]")
+        check(self.warmup_steps >= 0, f"{path}.warmup_steps", f"got {self.warmup_steps}; must be >= 0")
+        check(self.eval_every >= 0, f"{path}.eval_every", f"got {self.eval_every}; must be >= 0")
+        check(self.grad_clip >= 0, f"{path}.grad_clip", f"got {self.grad_clip}; must be >= 0 (0 disables)")
+
+
+def check_uri(uri: str, path: str) -> None:
+    """Refuse credentials written into a URI (`s3://KEY:SECRET@bucket`): secrets come from the
+    environment, never from a config that is copied into run records and logs."""
+    scheme, sep, rest = uri.partition("://")
+    userinfo = rest.split("/", 1)[0].rpartition("@")[0] if sep else ""
+    check(":" not in userinfo, path,
+          f"got a URI with a password ({scheme}://***:***@...); put credentials in the environment "
+          "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), never in the config")
+    check(bool(uri.strip()), path, "got an empty URI")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    uri: str
+    """Where the text is: a local path or fsspec URI (file, dir or glob), or `builtin://python-stdlib`
+    (the source and docstrings of this Python's standard library: on every machine, no download)."""
+    weight: float = 1.0
+    """Blend weight relative to the other sources."""
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
+    """How to read the files; `auto` goes by extension."""
+    field: str = "text"
+    """Field holding the document text in jsonl/parquet."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    sources: list[SourceSpec]
+    """Corpora to train on (blended by weight)."""
+    tokenizer: str = "byte"
+    """Offline tokenizer: `byte` (UTF-8 bytes + special tokens)."""
+    cache_uri: str | None = None
+    """Where prepared .bin/.idx and sample indices are cached (default: <checkpoint.uri>/_data_cache)."""
+    valid_fraction: float = 0.02
+    """Fraction of documents held out for validation loss."""
+    max_documents: int | None = None
+    """Read at most this many documents per source (for quick runs)."""
+
+    def validate(self, path: str) -> None:
+        check(len(self.sources) >= 1, f"{path}.sources", "got an empty list; at least one source is required")
+        if self.cache_uri is not None:
+            check_uri(self.cache_uri, f"{path}.cache_uri")
+        check(self.max_documents is None or self.max_documents >= 1, f"{path}.max_documents",
+              f"got {self.max_documents}; must be >= 1 or null")
+        check(0.0 < self.valid_fraction < 0.5, f"{path}.valid_fraction", f"got {self.valid_fraction}; must be in (0, 0.5)")
+        for i, src in enumerate(self.sources):
+            check(src.weight > 0, f"{path}.sources[{i}].weight", f"got {src.weight}; must be > 0")
+            check_uri(src.uri, f"{path}.sources[{i}].uri")
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    uri: str
+    """Root of all runs: `<uri>/<name>/` holds checkpoints, TensorBoard and the run record (fsspec URI)."""
+    every: int = 0
+    """Save every this many steps (0: only at the end)."""
+    keep: int = 2
+    """Committed checkpoints kept (older ones are deleted after a newer one commits); >= 2."""
+    async_save: bool = False
+    """Write shards in a background thread while training continues."""
+
+    def validate(self, path: str) -> None:
+        check_uri(self.uri, f"{path}.uri")
+        check(self.every >= 0, f"{path}.every", f"got {self.every}; must be >= 0 (0: only at the end)")
+        check(self.keep >= 2, f"{path}.keep", f"got {self.keep}; must be >= 2 so a bad newest step has a fallback")
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    max_failures: int = 0
+    """Worker-group restarts Ray Train may do before the job fails."""
+
+    def validate(self, path: str) -> None:
+        check(self.max_failures >= 0, f"{path}.max_failures", f"got {self.max_failures}; must be >= 0")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    """Run name: the run directory is <checkpoint.uri>/<name>/."""
+    train: TrainSpec
+    data: DataSpec
+    checkpoint: CheckpointSpec
+    engine: Literal["deepspeed", "megatron"] = "deepspeed"
+    """Training engine."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    layout: LayoutSpec = field(default_factory=LayoutSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    fault: FaultSpec = field(default_factory=FaultSpec)
+
+    def validate(self, path: str) -> None:
+        check(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), "name",
+              f"got {self.name!r}; use letters, digits, '-', '_' and '.' only")
+
+    @property
+    def run_uri(self) -> str:
+        return f"{self.checkpoint.uri.rstrip('/')}/{self.name}"
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def config_hash(self) -> str:
+        """Hash of everything that defines the model and data order (not steps, names or resources)."""
+        d = self.to_dict()
+        keep = {k: d[k] for k in ("engine", "model", "data")}
+        keep["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "log_every", "eval_every")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _split_key(key: str) -> list[str | int]:
+    """`data.sources[0].uri` -> ['data', 'sources', 0, 'uri']."""
+    parts: list[str | int] = []
+    for part in key.split("."):
+        name, *indices = part.split("[")
+        if not name or any(not i.endswith("]") or not i[:-1].isdigit() for i in indices):
+            raise ConfigError("--set", f"got key {key!r}; expected dotted.key or key[index].field")
+        parts.append(name)
+        parts.extend(int(i[:-1]) for i in indices)
+    return parts
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b.c=value` (or `a.list[0].field=value`) overrides to a raw config mapping
+    (values parsed as YAML scalars)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", f"got {item!r}; expected dotted.key=value")
+        parts = _split_key(key.strip())
+        node: Any = raw
+        for i, part in enumerate(parts[:-1]):
+            where = key.strip() if i == len(parts) - 2 else ".".join(map(str, parts[: i + 1]))
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    raise ConfigError(where, f"--set {key}: no list item [{part}] here")
+                node = node[part]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(where, f"--set {key}: {type(node).__name__} has no field {part!r}")
+            if node.get(part) is None:  # absent or `section:` left empty in YAML
+                node[part] = [] if isinstance(parts[i + 1], int) else {}
+            node = node[part]
+        last = parts[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or last >= len(node):
+                raise ConfigError(key.strip(), f"--set {key}: no list item [{last}] here")
+        elif not isinstance(node, dict):
+            raise ConfigError(key.strip(), f"--set {key}: {type(node).__name__} has no field {last!r}")
+        node[last] = parse_scalar(text)
+    return raw
+
+
+def spec_from_dict(raw: Any, overrides: list[str] = ()) -> JobSpec:
+    if not isinstance(raw, dict):
+        got = "an empty document" if raw is None else f"a {type(raw).__name__} at the top level"
+        raise ConfigError("", f"got {got}; a job config must be a YAML mapping (name:, train:, data:, ...)")
+    return build(JobSpec, apply_overrides(raw, list(overrides)))
+
+
+def load_spec(path: str, overrides: list[str] = (), name: str | None = None) -> JobSpec:
+    """Read a job YAML (local path or fsspec URI), apply overrides, validate."""
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"cannot read config {path}: {exc}") from None
+    raw = load_yaml(text, str(path))
+    overrides = list(overrides) + ([f"name={name}"] if name else [])
+    spec = spec_from_dict(raw, overrides)
+    return spec
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    import yaml
+
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
+
+
+def replace(spec: JobSpec, **changes) -> JobSpec:
+    return dataclasses.replace(spec, **changes)
+
+
+__all__ = ["JobSpec", "ModelSpec", "LayoutSpec", "ResourcesSpec", "TrainSpec", "DataSpec", "SourceSpec",
+           "CheckpointSpec", "FaultSpec", "ConfigError", "load_spec", "spec_from_dict", "spec_to_yaml",
+           "apply_overrides", "Path"]

@@ -1,0 +1,160 @@
+"""Strict conversion of plain dicts (from YAML) into typed, frozen dataclasses.
+
+Every error is a ConfigError naming the dotted field path, the bad value and what is allowed.
+Validation never uses `assert`, so it also holds under `python -O`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from typing import Any, Literal, Union
+
+from .strict_yaml import ConfigError
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert(tp: Any, value: Any, path: str) -> Any:
+    """Return `value` converted to type `tp`, or raise ConfigError naming `path`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) is type(allowed[0]):
+            return value
+        raise ConfigError(path, f"got {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return convert(arg, value, path)
+            except ConfigError as exc:
+                errors.append(exc.message)
+        raise ConfigError(path, f"got {value!r}; expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"got {value!r}; expected a list")
+        (item_tp,) = typing.get_args(tp)
+        return tuple(convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"got {value!r}; expected a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"got {value!r}; expected true or false (YAML 'yes'/'no' are not booleans here)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"got {value!r} ({type(value).__name__}); expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(path, f"got {value!r}; expected a finite number")
+            return float(value)
+        hint = " (quoted numbers are strings: write 3e-4, not '3e-4')" if isinstance(value, str) else ""
+        raise ConfigError(path, f"got {value!r} ({type(value).__name__}); expected a number{hint}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(path, f"got {value!r} ({type(value).__name__}); expected a string")
+    raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def build(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from mapping `data`: unknown keys, missing required keys and wrong types
+    are errors. Then the dataclass's own `validate(path)` method (if any) checks value ranges."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"got {data!r}; expected a mapping with keys {sorted(_field_names(cls))}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in fields)
+    if unknown:
+        where = path or "config"
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(_join(path, unknown[0]),
+                          f"unknown key in {where}{hint}; allowed keys: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, field in fields.items():
+        sub = _join(path, name)
+        if name in data:
+            kwargs[name] = convert(hints[name], data[name], sub)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            doc = _field_doc(cls, name)
+            raise ConfigError(sub, f"required but missing; expected {_type_name(hints[name])}"
+                              + (f" ({doc})" if doc else ""))
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(path)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data form of a config dataclass (tuples become lists), for YAML/JSON records."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _field_doc(cls: type, name: str) -> str:
+    """First line of a field's docstring (the string literal under it in the class body), if any."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError, SyntaxError):
+        return ""
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            return nxt.value.value.strip().splitlines()[0]
+    return ""
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def check(cond: bool, path: str, message: str) -> None:
+    """Range check used by `validate` methods (not `assert`, so `python -O` keeps it)."""
+    if not cond:
+        raise ConfigError(path, message)

@@ -1,0 +1,59 @@
+"""Every check a job must pass in the driver before Ray starts or any resource is taken.
+
+`validate_job(spec)` resolves the model from the registry and derives the ParallelLayout with all rules
+(see parallelism/layout_rules.py); `check_paths=True` also verifies that data sources exist and that the
+checkpoint root is writable, which `submit` wants and `plan` (offline, instant) does not.
+"""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+
+from ..parallelism.layout import ParallelLayout, model_facts_from_spec
+from .spec import JobSpec
+from .strict_yaml import ConfigError
+
+BUILTIN_SCHEME = "builtin://"
+
+
+def validate_job(spec: JobSpec, check_paths: bool = False) -> ParallelLayout:
+    """The validated layout of `spec`, or a ConfigError naming the first bad field."""
+    layout = ParallelLayout.from_spec(spec, model_facts_from_spec(spec))
+    if check_paths:
+        check_storage(spec)
+    return layout
+
+
+def check_storage(spec: JobSpec) -> None:
+    """Data sources match at least one file; a local checkpoint root can be created."""
+    for i, src in enumerate(spec.data.sources):
+        if src.uri.startswith(BUILTIN_SCHEME):
+            continue
+        path = f"data.sources[{i}].uri"
+        try:
+            fs, root = fsspec.core.url_to_fs(src.uri)
+            found = fs.glob(root) if any(c in root for c in "*?[") else ([root] if fs.exists(root) else [])
+        except Exception as exc:  # noqa: BLE001 - any storage failure makes the source unreadable
+            raise ConfigError(path, f"cannot read {src.uri!r}: {type(exc).__name__}: {exc}") from None
+        if not found:
+            raise ConfigError(path, f"no file or directory matches {src.uri!r}")
+    _check_local_writable(spec.checkpoint.uri, "checkpoint.uri")
+
+
+def _check_local_writable(uri: str, path: str) -> None:
+    if "://" in uri and not uri.startswith("file://"):
+        return  # object stores: writability is only known by writing; the first save reports it
+    local = uri.removeprefix("file://")
+    probe = os.path.abspath(local)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(path, f"got {uri!r}; {probe} is not a writable directory")
+
+
+__all__ = ["validate_job", "check_storage"]

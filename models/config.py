@@ -1,0 +1,112 @@
+"""ModelConfig: every architecture in the zoo is one of these plus a layer-pattern string.
+
+Layer-pattern characters (Megatron's hybrid convention): `*` causal attention, `W` sliding-window
+attention, `B` block-sparse attention (static pattern, ours), `G` Gated DeltaNet, `M` Mamba2, `-` SwiGLU MLP, `E` MoE, `|` pipeline-stage boundary
+(ignored by the single-device model). A dense transformer block is `*-`, an MoE block is `*E`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+LAYER_CHARS = "*WBGM-E"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 264
+    """Vocabulary size (the byte tokenizer has 256 bytes + specials, padded to a multiple of 8)."""
+    dim: int = 64
+    """Hidden size."""
+    num_layers: int = 2
+    """Blocks when `pattern` is empty: each block is attention + (MLP or MoE)."""
+    pattern: str = ""
+    """Explicit layer pattern (overrides num_layers), e.g. `G-G-G-*-|G-G-G-*-`."""
+    num_heads: int = 4
+    """Attention query heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention when < num_heads)."""
+    head_dim: int = 0
+    """Per-head size; 0 means dim // num_heads."""
+    ffn_dim: int = 128
+    """SwiGLU inner size of dense MLP layers."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    window: int = 0
+    """Sliding-window size for `W` layers (tokens attended, including self)."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output projection."""
+    init_std: float = 0.02
+    """Std of the normal init of linear and embedding weights."""
+    # MoE
+    num_experts: int = 0
+    """Routed experts per MoE layer (0: the model has no MoE layers)."""
+    top_k: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_dim: int = 64
+    """SwiGLU inner size of each routed expert."""
+    shared_experts: int = 0
+    """Always-active shared experts (DeepSeek style), each of size moe_ffn_dim."""
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    """Top-k softmax (Switch/GShard/Mixtral) or top-k sigmoid (DeepSeek-V3) scores."""
+    norm_topk: bool = True
+    """Renormalize the k selected scores to sum to 1."""
+    capacity_factor: float = 0.0
+    """Tokens per expert = capacity_factor * tokens * k / experts, excess dropped; 0 = dropless."""
+    bias_update_rate: float = 0.0
+    """Aux-loss-free balancing: per-expert routing bias nudged by this rate toward uniform load (0 = off)."""
+    # linear-sequence layers
+    linear_heads: int = 4
+    """Heads of Gated DeltaNet / Mamba2 layers."""
+    linear_head_dim: int = 16
+    """Key/value head size of linear-sequence layers."""
+    chunk_size: int = 16
+    """Chunk length of the chunked parallel form of linear-sequence layers."""
+    conv_size: int = 4
+    """Kernel of the causal depthwise short convolution in Gated DeltaNet / Mamba2 layers."""
+    ssm_state_dim: int = 16
+    """Mamba2 state size N (one group of B/C shared by all heads)."""
+    # block-sparse attention (`B` layers)
+    sparse_block: int = 64
+    """Tokens per block of the static block-sparse pattern."""
+    sparse_local_blocks: int = 2
+    """Nearest key blocks (diagonal included) each query block attends."""
+    sparse_global_blocks: int = 1
+    """Leading key blocks every query block attends (attention sinks)."""
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.layer_pattern()) - set(LAYER_CHARS))
+        if bad:
+            raise ValueError(f"pattern {self.pattern!r}: unknown layer kinds {bad}; allowed {LAYER_CHARS!r} and '|'")
+        if self.dim % self.num_heads and not self.head_dim:
+            raise ValueError(f"dim {self.dim} not divisible by num_heads {self.num_heads}; set head_dim")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+        if "W" in self.layer_pattern() and self.window <= 0:
+            raise ValueError(f"pattern {self.pattern!r} has sliding-window layers but window={self.window}")
+        if "B" in self.layer_pattern() and self.sparse_block <= 0:
+            raise ValueError(f"pattern {self.pattern!r} has block-sparse layers but sparse_block={self.sparse_block}")
+        if "E" in self.layer_pattern() and not (1 <= self.top_k <= self.num_experts):
+            raise ValueError(f"MoE layers need 1 <= top_k ({self.top_k}) <= num_experts ({self.num_experts})")
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.dim // self.num_heads
+
+    def layer_pattern(self) -> str:
+        """The pattern without stage boundaries: one character per residual layer."""
+        if self.pattern:
+            return self.pattern.replace("|", "")
+        ffn = "E" if self.num_experts else "-"
+        return ("*" + ffn) * self.num_layers
+
+    def stage_patterns(self) -> list[str]:
+        """Pipeline stages as marked by `|` (one stage when unmarked)."""
+        return (self.pattern or self.layer_pattern()).split("|")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,61 @@
+"""Gated DeltaNet layer (Yang, Kautz & Hatamizadeh 2024), as in the paper and flash-linear-attention:
+q/k/v projections -> causal short conv + SiLU -> L2-normalized q, k -> gated delta rule with
+alpha = exp(-exp(A_log) * softplus(a(x) + dt_bias)) and beta = sigmoid(b(x)) -> per-head RMSNorm
+gated by SiLU(g(x)) -> output projection. Value heads have the key head size (expand_v = 1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.chunking import doc_starts
+from ..ops.gated_delta import gated_delta
+from ..ops.short_conv import short_conv
+from .config import ModelConfig
+from .layers import RMSNorm
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim, self.chunk = cfg.linear_heads, cfg.linear_head_dim, cfg.chunk_size
+        inner = self.heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.dim, inner, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, inner, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, inner, bias=False)
+        self.a_proj = nn.Linear(cfg.dim, self.heads, bias=False)  # decay rate (per head, per token)
+        self.b_proj = nn.Linear(cfg.dim, self.heads, bias=False)  # write strength beta
+        self.g_proj = nn.Linear(cfg.dim, inner, bias=False)  # output gate
+        self.conv_weight = nn.Parameter(torch.empty(3 * inner, cfg.conv_size))  # over [q, k, v] channels
+        self.A_log = nn.Parameter(torch.empty(self.heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.heads))
+        self.o_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.out_proj = nn.Linear(inner, cfg.dim, bias=False)
+        self.reset_special_parameters()
+
+    @torch.no_grad()
+    def reset_special_parameters(self) -> None:
+        """A in [1, 16], dt in [1e-3, 0.1] log-uniform (Mamba2 / GDN init); conv like nn.Conv1d."""
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)))
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        bound = 1 / math.sqrt(self.conv_weight.shape[1])
+        self.conv_weight.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]."""
+        b, t, _ = x.shape
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = F.silu(short_conv(qkv, self.conv_weight.to(x.dtype), doc_ids))
+        q, k, v = (y.view(b, t, self.heads, self.head_dim).transpose(1, 2) for y in qkv.chunk(3, dim=-1))
+        q = F.normalize(q, dim=-1) / math.sqrt(self.head_dim)  # [B, H, T, d]
+        k = F.normalize(k, dim=-1)
+        beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)  # [B, H, T]
+        g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)  # [B, T, H] log-decay
+        o = gated_delta(q, k, v, g.transpose(1, 2).to(q.dtype), beta, self.chunk, doc_starts(doc_ids))
+        o = self.o_norm(o.transpose(1, 2))  # [B, T, H, d]
+        gate = F.silu(self.g_proj(x)).view(b, t, self.heads, self.head_dim)
+        return self.out_proj((o * gate).reshape(b, t, -1))

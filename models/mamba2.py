@@ -1,0 +1,57 @@
+"""Mamba2 layer (Dao & Gu 2024) with one B/C group: in_proj -> [z, x, B, C, dt]; causal short conv +
+SiLU on [x, B, C]; SSD scan with A = -exp(A_log), dt = softplus(dt + dt_bias); skip D x; RMSNorm of
+y * SiLU(z) (norm after gate, as in mamba_ssm's RMSNormGated); output projection."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.chunking import doc_starts
+from ..ops.short_conv import short_conv
+from ..ops.ssd import ssd
+from .config import ModelConfig
+from .layers import RMSNorm
+
+
+class Mamba2(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim, self.chunk = cfg.linear_heads, cfg.linear_head_dim, cfg.chunk_size
+        self.state_dim = cfg.ssm_state_dim
+        self.inner = self.heads * self.head_dim
+        conv_channels = self.inner + 2 * self.state_dim
+        self.in_proj = nn.Linear(cfg.dim, self.inner + conv_channels + self.heads, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(conv_channels, cfg.conv_size))
+        self.A_log = nn.Parameter(torch.empty(self.heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.heads))
+        self.D = nn.Parameter(torch.empty(self.heads))
+        self.norm = RMSNorm(self.inner, cfg.norm_eps)
+        self.out_proj = nn.Linear(self.inner, cfg.dim, bias=False)
+        self.reset_special_parameters()
+
+    @torch.no_grad()
+    def reset_special_parameters(self) -> None:
+        """A in [1, 16], dt in [1e-3, 0.1] log-uniform, D = 1 (mamba_ssm defaults); conv like nn.Conv1d."""
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)))
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.D.fill_(1.0)
+        bound = 1 / math.sqrt(self.conv_weight.shape[1])
+        self.conv_weight.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]."""
+        b, t, _ = x.shape
+        z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.state_dim, self.heads], dim=-1)
+        xbc = F.silu(short_conv(xbc, self.conv_weight.to(x.dtype), doc_ids))
+        xs, b_in, c_in = xbc.split([self.inner, self.state_dim, self.state_dim], dim=-1)
+        xs = xs.view(b, t, self.heads, self.head_dim)  # [B, T, H, P]
+        dt = F.softplus(dt + self.dt_bias)  # [B, T, H]
+        y = ssd(xs, dt, -self.A_log.exp().to(x.dtype), b_in, c_in, self.chunk, doc_starts(doc_ids))
+        y = y + self.D[:, None].to(x.dtype) * xs
+        y = self.norm(y.reshape(b, t, self.inner) * F.silu(z))
+        return self.out_proj(y)

@@ -1,0 +1,71 @@
+"""Gated delta rule (Gated DeltaNet, Yang et al. 2024): token-by-token reference and chunked form.
+
+State S [d_k, d_v] per head. With alpha_t = exp(g_t) and beta_t in (0, 1):
+    S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,      o_t = S_t^T q_t.
+Shapes: q, k [B, H, T, d_k]; v [B, H, T, d_v]; g, beta [B, H, T]; starts [B, T] bool (document
+starts: the state is zeroed before them); output [B, H, T, d_v]. Callers scale q and normalize k.
+
+Chunked form (WY representation, as in the GDN paper and flash-linear-attention's naive chunk):
+writing S_t = alpha_t S_{t-1} + k_t u_t^T with u_t = beta_t (v_t - alpha_t S_{t-1}^T k_t), the u of
+one chunk solve a unit lower-triangular system
+    (I + A) U = diag(beta) V - diag(beta * decay_from_state) K S_0,   A_ij = beta_i dec_ij k_i.k_j (j < i)
+so U = U_v - W S_0 with U_v, W computed for all chunks at once; only S_0 is carried chunk to chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunking import chunk_decays, pad_to_chunks
+
+
+def gated_delta_recurrent(q, k, v, g, beta, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: the recurrence above, one token at a time."""
+    b, h, t, dk = q.shape
+    state = q.new_zeros(b, h, dk, v.shape[-1])  # [B, H, d_k, d_v]
+    out = []
+    for i in range(t):
+        alpha = g[:, :, i].exp()[..., None, None]  # [B, H, 1, 1]
+        if starts is not None:
+            alpha = alpha * (~starts[:, i]).to(alpha.dtype)[:, None, None, None]
+        ki, vi, bi = k[:, :, i], v[:, :, i], beta[:, :, i, None]
+        state = alpha * state
+        predicted = torch.einsum("bhk,bhkv->bhv", ki, state)  # what the state recalls for k_i
+        state = state + torch.einsum("bhk,bhv->bhkv", ki, bi * (vi - predicted))
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, :, i], state))
+    return torch.stack(out, dim=2)
+
+
+def gated_delta_chunked(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Chunked parallel form: O(T C) work inside chunks, a short loop over T / C chunks for the state."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    q, k, v = (pad_to_chunks(x, chunk, 2) for x in (q, k, v))
+    g, beta = pad_to_chunks(g, chunk, 2), pad_to_chunks(beta, chunk, 2)
+    if starts is not None:
+        starts = pad_to_chunks(starts, chunk, 1)
+    n = q.shape[2] // chunk
+    dec = chunk_decays(g, starts, chunk)
+    q, k = q.reshape(b, h, n, chunk, dk), k.reshape(b, h, n, chunk, dk)
+    v, beta = v.reshape(b, h, n, chunk, dv), beta.reshape(b, h, n, chunk, 1)
+    k_beta = k * beta
+    strictly_lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)
+    a = (k_beta @ k.transpose(-1, -2) * dec.within).masked_fill(~strictly_lower, 0)  # [B, H, N, C, C]
+    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
+    u_v = torch.linalg.solve_triangular(eye + a, v * beta, upper=False, unitriangular=True)  # [.., C, d_v]
+    w = torch.linalg.solve_triangular(eye + a, k_beta * dec.from_state[..., None], upper=False,
+                                      unitriangular=True)  # [.., C, d_k]
+    qk = q @ k.transpose(-1, -2) * dec.within  # [B, H, N, C, C], j <= i
+    state = q.new_zeros(b, h, dk, dv)
+    out = []
+    for c in range(n):
+        u = u_v[:, :, c] - w[:, :, c] @ state  # [B, H, C, d_v]
+        out.append((q[:, :, c] * dec.from_state[:, :, c, :, None]) @ state + qk[:, :, c] @ u)
+        state = dec.state[:, :, c, None, None] * state + (k[:, :, c] * dec.to_end[:, :, c, :, None]).transpose(-1, -2) @ u
+    return torch.cat(out, dim=2)[:, :, :t]
+
+
+def gated_delta(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Training path. On GPU this is still the PyTorch chunked form: fla's Triton kernels refuse this
+    image's Triton 3.6 on Hopper (wrong gradients, fla #640), and a kernel of our own is future work."""
+    return gated_delta_chunked(q, k, v, g, beta, chunk, starts)

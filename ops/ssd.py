@@ -1,0 +1,59 @@
+"""Mamba2 state-space duality (SSD, Dao & Gu 2024): token-by-token reference and chunked form.
+
+Per head (scalar A < 0, one group of B/C shared by all heads), state h [N, P]:
+    h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T,        y_t = h_t^T C_t
+(the skip term D x_t is added by the layer). Shapes: x [B, T, H, P]; dt [B, T, H] (after softplus);
+A [H]; b_in, c_in [B, T, N]; starts [B, T] bool (document starts: state zeroed before them);
+output y [B, T, H, P]. Chunked form: within a chunk y = (C B^T * decay) (dt x), plus the entering
+state read through C; the state is carried across chunks (the "SSD minimal" algorithm of the paper).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunking import chunk_decays, pad_to_chunks
+
+
+def ssd_recurrent(x, dt, a, b_in, c_in, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: the recurrence above, one token at a time."""
+    bsz, t, h, p = x.shape
+    state = x.new_zeros(bsz, h, b_in.shape[-1], p)  # [B, H, N, P]
+    out = []
+    for i in range(t):
+        decay = (dt[:, i] * a).exp()[..., None, None]  # [B, H, 1, 1]
+        if starts is not None:
+            decay = decay * (~starts[:, i]).to(decay.dtype)[:, None, None, None]
+        update = torch.einsum("bn,bhp->bhnp", b_in[:, i], dt[:, i, :, None] * x[:, i])
+        state = decay * state + update
+        out.append(torch.einsum("bn,bhnp->bhp", c_in[:, i], state))
+    return torch.stack(out, dim=1)
+
+
+def ssd_chunked(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Chunked SSD: quadratic inside chunks of `chunk` tokens, recurrent across chunks."""
+    bsz, t, h, p = x.shape
+    n_state = b_in.shape[-1]
+    v = pad_to_chunks((dt[..., None] * x).transpose(1, 2), chunk, 2)  # [B, H, T', P]
+    g = pad_to_chunks((dt * a).transpose(1, 2), chunk, 2)  # [B, H, T'] log-decays
+    q = pad_to_chunks(c_in, chunk, 1)[:, None]  # [B, 1, T', N], shared by heads
+    k = pad_to_chunks(b_in, chunk, 1)[:, None]
+    if starts is not None:
+        starts = pad_to_chunks(starts, chunk, 1)
+    n = v.shape[2] // chunk
+    dec = chunk_decays(g, starts, chunk)
+    q, k = q.reshape(bsz, 1, n, chunk, n_state), k.reshape(bsz, 1, n, chunk, n_state)
+    v = v.reshape(bsz, h, n, chunk, p)
+    scores = (q @ k.transpose(-1, -2)) * dec.within  # [B, H, N, C, C]; C B^T once, decay per head
+    intra = scores @ v  # [B, H, N, C, P]
+    state = x.new_zeros(bsz, h, n_state, p)
+    out = []
+    for c in range(n):
+        out.append(intra[:, :, c] + (q[:, :, c] * dec.from_state[:, :, c, :, None]) @ state)
+        state = dec.state[:, :, c, None, None] * state + (k[:, :, c] * dec.to_end[:, :, c, :, None]).transpose(-1, -2) @ v[:, :, c]
+    return torch.cat(out, dim=2)[:, :, :t].transpose(1, 2)  # [B, T, H, P]
+
+
+def ssd(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Training path (PyTorch chunked form on every device; mamba-ssm's Triton kernel is a later option)."""
+    return ssd_chunked(x, dt, a, b_in, c_in, chunk, starts)

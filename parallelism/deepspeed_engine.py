@@ -1,0 +1,156 @@
+"""The deepspeed engine: the reference model (DeepSpeed-MoE for its MoE layers) in a ZeRO-1/2 engine.
+
+Runs on CPU over gloo (DS_ACCELERATOR=cpu) as well as on GPUs over NCCL. Expert parallelism folds over
+data parallelism the DeepSpeed way: EP groups are consecutive ranks, rank r holds the experts of EP
+rank r % ep. The engine's checkpoint state is expressed in *reference parameter names* with full
+(unsharded) tensors, so it loads under any DP/EP layout (see parallelism/ds_state.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import models
+from .deepspeed_moe import swap_moe_layers
+from .schedule import lr_multiplier
+
+
+@dataclass
+class StepMetrics:
+    loss: float  # mean language-model loss over the global batch
+    aux_loss: float  # mean MoE load-balancing loss (0 without MoE)
+    grad_norm: float
+    lr: float
+    tokens: int  # tokens in the global batch
+    expert_load: list[float] | None = None  # fraction of assignments per expert, summed over MoE layers
+
+
+def _ds_config(spec, layout) -> dict:
+    train = spec.train
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": layout.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """build(spec, layout) -> engine; train_step(micro_batches) -> StepMetrics; eval_loss(batches)."""
+
+    def __init__(self, spec, layout, rank: int, world_size: int):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.resources.use_gpu else "cpu")
+        import deepspeed
+        import deepspeed.comm as ds_dist
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        self.spec, self.layout, self.rank, self.world = spec, layout, rank, world_size
+        ds_dist.init_distributed(dist_backend="nccl" if spec.resources.use_gpu else "gloo",
+                                 dist_init_required=False, verbose=False)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if spec.resources.use_gpu else torch.device("cpu")
+        torch.manual_seed(spec.train.seed)  # identical reference weights on every rank
+        model = models.build(spec.model.family, spec.model.flavor, **spec.model.overrides)
+        self.model_cfg = model.cfg
+        self.ep_size = layout.ep
+        self.ep_rank = rank % layout.ep
+        self.num_moe_layers = swap_moe_layers(model, layout.ep, self.ep_rank)
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": spec.train.weight_decay, "name": "decay"},
+                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        optimizer = torch.optim.AdamW(groups, lr=spec.train.lr, betas=(0.9, 0.95), eps=1e-8)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(spec.train))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_ds_config(spec, layout))
+        self._check_ep_groups()
+
+    def _check_ep_groups(self) -> None:
+        if not self.num_moe_layers:
+            return
+        import torch.distributed as dist
+        from deepspeed.utils import groups
+
+        ep_group = groups._get_expert_parallel_group(f"ep_size_{self.ep_size}")
+        actual = dist.get_rank(group=ep_group)
+        if actual != self.ep_rank:
+            raise RuntimeError(f"rank {self.rank}: DeepSpeed placed it at EP rank {actual}, expected {self.ep_rank}")
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _forward_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch [mbs, seq+1] -> (LM loss, aux loss) for this micro-batch."""
+        batch = batch.to(self.device)
+        tokens, targets = batch[:, :-1], batch[:, 1:]
+        logits = self.engine(tokens)
+        lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        aux = [m.last_aux_loss for m in self.module.modules()
+               if getattr(m, "last_aux_loss", None) is not None and m is not self.module]
+        aux_total = torch.stack(aux).sum() if aux else torch.zeros((), device=lm.device)
+        return lm, aux_total
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> StepMetrics:
+        """One optimizer step over this rank's micro-batches (len == grad_accum)."""
+        if len(micro_batches) != self.layout.grad_accum:
+            raise ValueError(f"got {len(micro_batches)} micro-batches, layout needs {self.layout.grad_accum}")
+        self.engine.train()
+        lm_sum = torch.zeros((), dtype=torch.float64)
+        aux_sum = torch.zeros((), dtype=torch.float64)
+        load = None
+        lr = self.scheduler.get_last_lr()[0]
+        for batch in micro_batches:
+            lm, aux = self._forward_loss(batch)
+            self.engine.backward(lm + self.spec.train.aux_loss_coef * aux)
+            self.engine.step()
+            lm_sum += lm.detach().double().cpu()
+            aux_sum += aux.detach().double().cpu()
+            load = self._accumulate_load(load)
+        stats = torch.stack([lm_sum, aux_sum]) / len(micro_batches)
+        torch.distributed.all_reduce(stats)
+        stats /= self.world
+        grad_norm = self.engine.get_global_grad_norm()
+        tokens = self.spec.train.global_batch_size * self.spec.train.seq_len
+        return StepMetrics(loss=float(stats[0]), aux_loss=float(stats[1]), tokens=tokens, lr=lr,
+                           grad_norm=float(grad_norm if grad_norm is not None else float("nan")),
+                           expert_load=self._global_load(load))
+
+    def _accumulate_load(self, load):
+        counts = [m.last_load.double().cpu() for m in self.module.modules()
+                  if getattr(m, "last_load", None) is not None and m is not self.module]
+        if not counts:
+            return load
+        total = torch.stack(counts).sum(0)
+        return total if load is None else load + total
+
+    def _global_load(self, load) -> list[float] | None:
+        if load is None:
+            return None
+        torch.distributed.all_reduce(load)
+        return (load / load.sum().clamp_min(1)).tolist()
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:
+        """Mean LM loss over this rank's held-out micro-batches, averaged over all ranks."""
+        self.engine.eval()
+        local = torch.zeros((), dtype=torch.float64)
+        for batch in micro_batches:
+            local += self._forward_loss(batch)[0].double().cpu()
+        stats = local / max(1, len(micro_batches))
+        torch.distributed.all_reduce(stats)
+        return float(stats / self.world)
+
+    def after_step(self) -> None:
+        """Hooks that run outside autograd after each optimizer step (aux-loss-free bias updates)."""
+        for m in self.module.modules():
+            if hasattr(m, "update_bias"):
+                m.update_bias()

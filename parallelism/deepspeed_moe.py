@@ -1,0 +1,100 @@
+"""Expert parallelism for the deepspeed engine: the reference MoE layer re-expressed with DeepSpeed-MoE.
+
+`DeepSpeedMoE` replaces a `raytron.models.MoE` module from outside the model. Its gate is DeepSpeed's
+top-2 softmax gate configured to compute exactly the reference router (no gate noise, no second-expert
+sampling, no random token selection; dropless unless the model sets a capacity factor), its experts are
+the local slice of the reference's stacked experts, and shared experts stay dense. Weight names map
+both ways between the reference (`mixer.w_gate[e]`) and DeepSpeed (`...deepspeed_experts.{e_local}.w_gate.weight`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..models import MoE
+from ..models.layers import SwiGLU
+
+
+class DeepSpeedMoE(nn.Module):
+    """Drop-in for a reference MoE mixer; holds experts [ep_rank * local, (ep_rank+1) * local)."""
+
+    def __init__(self, ref: MoE, ep_size: int, ep_rank: int):
+        super().__init__()
+        from deepspeed.moe.layer import MoE as DSMoE
+
+        cfg = ref.cfg
+        _check_supported(cfg)
+        self.cfg, self.ep_size, self.ep_rank = cfg, ep_size, ep_rank
+        self.num_local = cfg.num_experts // ep_size
+        self.moe = DSMoE(
+            hidden_size=cfg.dim, expert=SwiGLU(cfg.dim, cfg.moe_ffn_dim), num_experts=cfg.num_experts,
+            ep_size=ep_size, k=cfg.top_k, capacity_factor=cfg.capacity_factor or 1.0,
+            eval_capacity_factor=cfg.capacity_factor or 1.0, min_capacity=0, noisy_gate_policy=None,
+            drop_tokens=cfg.capacity_factor > 0, use_rts=False, top2_2nd_expert_sampling=False)
+        self.shared = ref.shared
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_load: torch.Tensor | None = None
+        self.load_reference(ref.state_dict())
+
+    @torch.no_grad()
+    def load_reference(self, ref_state: dict) -> None:
+        """Copy reference MoE weights (router, this rank's experts, shared) into the DeepSpeed layer."""
+        self.moe.deepspeed_moe.gate.wg.weight.copy_(ref_state["router.weight"])
+        for local, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
+            e = self.ep_rank * self.num_local + local
+            expert.w_gate.weight.copy_(ref_state["w_gate"][e])
+            expert.w_up.weight.copy_(ref_state["w_up"][e])
+            expert.w_down.weight.copy_(ref_state["w_down"][e])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, aux, counts = self.moe(x)
+        self.last_aux_loss, self.last_load = aux, counts.detach()
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out
+
+
+def _check_supported(cfg) -> None:
+    problems = []
+    if cfg.router != "softmax":
+        problems.append(f"router={cfg.router!r} (DeepSpeed-MoE gates are softmax only)")
+    if cfg.top_k != 2:
+        problems.append(f"top_k={cfg.top_k} (DeepSpeed's k>2 gate has different semantics; use 2)")
+    if not cfg.norm_topk:
+        problems.append("norm_topk=false (DeepSpeed's top-2 gate always renormalizes)")
+    if cfg.bias_update_rate > 0:
+        problems.append("bias_update_rate > 0 (aux-loss-free balancing is not in DeepSpeed-MoE)")
+    if problems:
+        raise ValueError("the deepspeed engine cannot run this MoE config: " + "; ".join(problems)
+                         + ". Change the model overrides or use engine: megatron.")
+
+
+_DS_EXPERT = re.compile(r"^(.*)\.mixer\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w_gate|w_up|w_down)\.weight$")
+_DS_GATE = re.compile(r"^(.*)\.mixer\.moe\.deepspeed_moe\.gate\.wg\.weight$")
+
+
+def reference_name(ds_name: str, ep_rank: int, num_local: int) -> tuple[str, int | None]:
+    """Map a DeepSpeed-model parameter name to (reference name, expert index or None).
+
+    Expert weights map to the stacked reference tensor `...mixer.w_gate` with their global expert
+    index; everything else keeps its name (the gate maps to `...mixer.router.weight`)."""
+    m = _DS_EXPERT.match(ds_name)
+    if m:
+        return f"{m.group(1)}.mixer.{m.group(3)}", ep_rank * num_local + int(m.group(2))
+    m = _DS_GATE.match(ds_name)
+    if m:
+        return f"{m.group(1)}.mixer.router.weight", None
+    return ds_name, None
+
+
+def swap_moe_layers(model: nn.Module, ep_size: int, ep_rank: int) -> int:
+    """Replace every reference MoE mixer of `model` by a DeepSpeedMoE; returns how many."""
+    swapped = 0
+    for layer in getattr(model, "layers", []):
+        if isinstance(layer.mixer, MoE):
+            layer.mixer = DeepSpeedMoE(layer.mixer, ep_size, ep_rank)
+            swapped += 1
+    return swapped

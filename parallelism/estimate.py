@@ -1,0 +1,176 @@
+"""Parameter counts, FLOPs per token and a per-GPU memory estimate, without GPUs and without weights.
+
+Parameters are counted exactly by building the registry's model on the `meta` device (shapes only, no
+storage), so every layer kind the registry knows is counted the way it is built. FLOPs and activation
+memory are analytic per layer kind (formulas below, each stated where it is computed).
+
+FLOPs convention (Megatron / PaLM MFU): a matmul with a weight of n elements costs 2n FLOPs per token
+forward, backward costs twice the forward, so training = 3 x forward; the embedding lookup costs nothing,
+the output projection (logits) is counted; MoE counts the router plus top_k of the routed experts;
+causal attention counts half the s x s score and value matmuls (`causal_halved=True`; pass False to get
+the full-square count that torch's FlopCounterMode reports for SDPA, which also counts SDPA's backward
+recompute of the scores, i.e. 7/6 of our attention-core figure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .layout import ATTENTION_KINDS, LINEAR_KINDS
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Counts for one residual layer (its pre-norm included)."""
+
+    kind: str
+    """Layer-pattern character (`*`, `W`, `G`, `M`, `-`, `E`)."""
+    params: int
+    """All parameters of the layer."""
+    expert_params: int
+    """Routed-expert parameters (stacked [experts, ...] weights of an `E` layer); split by ep*etp."""
+    matmul_params: int
+    """Non-expert parameters used as matmul/conv weights (>= 2-D): 2 FLOPs per element per token."""
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Exact parameter counts of a model plus the per-layer breakdown the estimates need."""
+
+    layers: tuple[LayerStats, ...]
+    """One entry per residual layer, in order."""
+    embedding_params: int
+    """Input embedding (first pipeline stage)."""
+    head_params: int
+    """Final norm + output projection (last pipeline stage); 0 extra when tied and pp == 1."""
+    tied: bool
+    """Input embedding and output projection share one weight."""
+    total_params: int
+    """Every parameter once."""
+    active_params: int
+    """Parameters a token touches: routed experts scaled by top_k / num_experts."""
+
+
+def model_stats(cfg: Any, build: Any = None) -> ModelStats:
+    """Count parameters of the registry model for `cfg` on the meta device (no memory, exact shapes)."""
+    import torch
+
+    if build is None:
+        from ..models import Transformer as build
+    with torch.device("meta"):
+        model = build(cfg)
+    experts, top_k = cfg.num_experts, cfg.top_k
+    layers = []
+    for layer in model.layers:
+        params = expert = matmul = 0
+        for _, p in layer.named_parameters():
+            params += p.numel()
+            if layer.kind == "E" and p.dim() == 3 and p.shape[0] == experts:
+                expert += p.numel()
+            elif p.dim() >= 2:
+                matmul += p.numel()
+        layers.append(LayerStats(layer.kind, params, expert, matmul))
+    embed = model.embed.weight.numel()
+    tied = model.output.weight is model.embed.weight
+    head = model.norm.weight.numel() + (0 if tied else model.output.weight.numel())
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(s.expert_params for s in layers)
+    active = total - routed + (routed * top_k // experts if experts else 0)
+    return ModelStats(tuple(layers), embed, head, tied, total, active)
+
+
+def _attention_span(cfg: Any, kind: str, seq_len: int, causal_halved: bool) -> float:
+    """Mean keys per query the attention core is charged for: all `seq_len` (full-square count), or the
+    keys the mask allows (causal: s/2 as Megatron counts; sliding window / block-sparse: exact mean)."""
+    if not causal_halved:
+        return float(seq_len)
+    if kind == "W" and 0 < cfg.window < seq_len:
+        return sum(min(i + 1, cfg.window) for i in range(seq_len)) / seq_len
+    if kind == "B":
+        blk, local, first = cfg.sparse_block, cfg.sparse_local_blocks, cfg.sparse_global_blocks
+        total = 0
+        for i in range(seq_len):
+            qb = i // blk
+            full_blocks = {kb for kb in range(max(0, qb - local + 1), qb)} | set(range(min(first, qb)))
+            total += blk * len(full_blocks) + i % blk + 1  # earlier blocks in full, own block causally
+        return total / seq_len
+    return seq_len / 2  # Megatron's convention (the exact causal mean is (s+1)/2)
+
+
+def layer_forward_flops(cfg: Any, stats: LayerStats, seq_len: int, causal_halved: bool = True) -> float:
+    """Forward FLOPs per token of one layer."""
+    flops = 2.0 * stats.matmul_params
+    if stats.kind == "E":
+        flops += 2.0 * stats.expert_params * cfg.top_k / cfg.num_experts
+    if stats.kind in ATTENTION_KINDS:
+        span = _attention_span(cfg, stats.kind, seq_len, causal_halved)
+        flops += 4.0 * cfg.num_heads * cfg.attn_head_dim * span  # q k^T and p v
+    if stats.kind in LINEAR_KINDS:
+        # Chunked linear attention, approximate: per head and token, intra-chunk q k^T and p v over the
+        # chunk (2c(dk + dv)) plus reading and updating the [dk, dv] state (4 dk dv). Gated DeltaNet:
+        # dk = dv = linear_head_dim; Mamba2: dk = ssm_state_dim (B/C), dv = linear_head_dim.
+        dv = cfg.linear_head_dim
+        dk = getattr(cfg, "ssm_state_dim", dv) if stats.kind == "M" else dv
+        flops += cfg.linear_heads * (2.0 * cfg.chunk_size * (dk + dv) + 4.0 * dk * dv)
+    return flops
+
+
+def flops_per_token(cfg: Any, seq_len: int, stats: ModelStats | None = None, causal_halved: bool = True) -> float:
+    """Training (forward + backward) FLOPs per token: 3 x forward, logits included."""
+    stats = stats or model_stats(cfg)
+    forward = sum(layer_forward_flops(cfg, s, seq_len, causal_halved) for s in stats.layers)
+    forward += 2.0 * cfg.vocab_size * cfg.dim  # output projection
+    return 3.0 * forward
+
+
+def layer_activation_elements(cfg: Any, kind: str, seq_len: int, dense_mask: bool = False) -> float:
+    """Elements per token one layer keeps for backward (no recomputation), counted from the tensors the
+    reference model's autograd saves (`torch.autograd.graph.saved_tensors_hooks`), parameters excluded.
+    `dense_mask`: sliding-window / block-sparse attention builds a dense [b, 1, s, s] mask (the CPU
+    path; FlexAttention on GPU does not)."""
+    d, heads = cfg.dim, cfg.num_heads
+    out = 3.0 * d + 1  # pre-norm: its input, x * rsqrt, the normalized output; rsqrt
+    if kind in ATTENTION_KINDS:
+        hd = cfg.attn_head_dim
+        # q and k after RoPE, v, SDPA output and its [b, s, heads*hd] copy, one log-sum-exp per head
+        out += 3 * heads * hd + 2 * cfg.num_kv_heads * hd + heads
+        if dense_mask and kind in "WB":
+            out += seq_len
+    elif kind == "-":
+        out += 4 * cfg.ffn_dim  # gate, up, silu(gate), their product
+    elif kind == "E":
+        k, f = cfg.top_k, cfg.moe_ffn_dim
+        # per routed copy: gathered input, gate/up/silu/product, expert output and its weighted copy;
+        # router probabilities; ids, weights and sort indices (int64 counted as two elements)
+        out += k * (3 * d + 4 * f) + cfg.num_experts + 9 * k + 4 * f * cfg.shared_experts
+    elif kind in LINEAR_KINDS:
+        out += _linear_activation_elements(cfg, kind)
+    return out
+
+
+def _linear_activation_elements(cfg: Any, kind: str) -> float:
+    """Chunked linear-sequence layers as the reference computes them (ops/gated_delta.py, ops/ssd.py):
+    projections and short-conv outputs, C x C matrices per chunk and head, a [dk, dv] state per chunk
+    and head (fused GPU kernels save less: this is the upper end)."""
+    h, c, hd = cfg.linear_heads, cfg.chunk_size, cfg.linear_head_dim
+    inner = h * hd
+    if kind == "G":
+        # q/k/v before and after conv + normalization (9 inner), gated output path (6 inner), gates,
+        # 13 chunk matrices (WY / UT transform), 6 chunk states, boolean chunk masks
+        return 15 * inner + 8 * h + 13 * h * c + 6 * h * hd * hd / c + c / 4
+    n = cfg.ssm_state_dim
+    conv = inner + 2 * n
+    # in_proj output, conv input/output, gated-norm path (4 inner), dt/A terms, 3 per-head and one shared
+    # chunk matrix, 4 chunk states [P, N] per head
+    return (inner + conv + h) + 2 * conv + 4 * inner + 4 * h + 3 * h * c + c * 1.25 + 4 * h * hd * n / c
+
+
+HEAD_LOGIT_ELEMENTS = 3.0
+"""Logit-sized tensors alive per token at the start of backward on the last stage: the log-softmax
+output saved by the loss, its incoming gradient and the gradient of the logits."""
+
+
+def head_activation_elements(cfg: Any) -> tuple[float, float]:
+    """(final-norm elements, logit elements) per token on the last stage."""
+    return 3.0 * cfg.dim + 1, HEAD_LOGIT_ELEMENTS * cfg.vocab_size

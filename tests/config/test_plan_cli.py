@@ -1,0 +1,79 @@
+"""`raytron plan`: every shipped config plans (exit 0), bad ones exit 2 naming the field, -O included."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from config_helpers import DEEPSPEED_JOB, job
+
+from raytron.launcher import plan
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_CONFIGS = sorted((REPO / "cluster_configs").glob("*.yaml"))
+REALISTIC = ["dense_1b_8gpu.yaml", "moe_olmoe_8gpu.yaml", "hybrid_moe_32gpu.yaml"]
+
+
+def run_plan(config: str, *overrides: str) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    plan.add_subparser(sub)
+    args = parser.parse_args(["plan", config, *[a for o in overrides for a in ("--set", o)]])
+    out, err = io.StringIO(), io.StringIO()
+    code = args.func(args, out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_realistic_configs_exist():
+    names = {p.name for p in CLUSTER_CONFIGS}
+    assert set(REALISTIC) <= names
+
+
+@pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)
+def test_cluster_config_plans(path):
+    code, out, err = run_plan(str(path))
+    assert code == 0, err
+    for needle in ("rank node", "params", "FLOP/token", "memory per GPU", "assumes precision"):
+        assert needle in out
+    written = re.search(r"^# Memory estimate \(raytron plan\): peak ([0-9.]+) GiB", path.read_text(), re.M)
+    if path.name in REALISTIC:
+        assert written, f"{path.name} must state its memory estimate in a comment at the top"
+    if written:  # the comment must match what plan computes today
+        computed = float(re.search(r"peak\s+([0-9.]+) GiB on stage", out).group(1))
+        assert abs(float(written.group(1)) - computed) < 0.011, (
+            f"{path.name} says {written.group(1)} GiB, plan computes {computed:.2f}: update the comment")
+
+
+def test_invalid_config_exits_2_naming_field(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(job(DEEPSPEED_JOB, layout__ep=3)))
+    code, out, err = run_plan(str(f))
+    assert code == plan.EXIT_INVALID and out == ""
+    assert "layout.ep" in err and "got 3" in err
+
+
+def test_set_overrides_apply(tmp_path):
+    f = tmp_path / "job.yaml"
+    f.write_text(yaml.safe_dump(DEEPSPEED_JOB))
+    code, out, _ = run_plan(str(f), "layout.ep=4", "train.lr=1e-3")
+    assert code == 0 and "ep=4" in out
+    code, _, err = run_plan(str(f), "layout.ep=3")
+    assert code == 2 and "layout.ep" in err
+
+
+def test_python_O_still_refuses(tmp_path):
+    """Validation never relies on assert: under `python -O` a bad config still exits 2."""
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(DEEPSPEED_JOB).replace("lr: 0.0003", "lr: '3e-4'"))
+    env = {**os.environ, "PYTHONOPTIMIZE": ""}
+    proc = subprocess.run([sys.executable, "-O", "-m", "raytron.launcher.plan", str(f)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "train.lr" in proc.stderr and proc.stdout == ""

@@ -1,0 +1,85 @@
+"""End to end through the CLI on an embedded Ray: train, checkpoint, resume exactly, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raytron.launcher.cli import main
+
+pytestmark = pytest.mark.slow
+
+CONFIG = str(Path(__file__).resolve().parents[2] / "cluster_configs" / "local_debug.yaml")
+FAST = ["--set", "train.seq_len=64", "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=2",
+        "--set", "data.max_documents=120", "--set", "train.eval_every=0", "--set", "train.warmup_steps=2"]
+
+
+def submit(root: Path, name: str, steps: int, *extra: str) -> int:
+    return main(["submit", CONFIG, "--name", name, "--set", f"checkpoint.uri={root}",
+                 "--set", f"train.steps={steps}", "--set", "checkpoint.every=2", *FAST, *extra])
+
+
+def losses(run: Path) -> dict[int, float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
+
+
+def tb_scalars(run: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("runs")
+    n = 3
+    assert submit(root, "straight", 2 * n) == 0
+    assert submit(root, "split", n) == 0
+    first_half = losses(root / "split")
+    assert submit(root, "split", 2 * n, "--resume") == 0
+    return root, n, first_half
+
+
+def test_resume_is_bitwise_exact(runs):
+    root, n, first_half = runs
+    straight, split = losses(root / "straight"), losses(root / "split")
+    assert sorted(split) == list(range(1, 2 * n + 1)), "every step logged exactly once after the resume"
+    assert [split[s] for s in range(1, n + 1)] == [first_half[s] for s in range(1, n + 1)]
+    # bit for bit: the same float64 values, not merely close ones
+    assert [split[s] for s in range(n + 1, 2 * n + 1)] == [straight[s] for s in range(n + 1, 2 * n + 1)]
+
+
+def test_checkpoints_committed_and_retained(runs):
+    root, n, _ = runs
+    ckpts = sorted(p.name for p in (root / "split" / "checkpoints").iterdir())
+    assert ckpts == ["step-000000004", "step-000000006"], "keep=2 retains the two newest committed steps"
+    for step_dir in (root / "split" / "checkpoints").iterdir():
+        assert (step_dir / "COMMITTED").exists() and (step_dir / "manifest.json").exists()
+        manifest = json.loads((step_dir / "manifest.json").read_text())
+        assert manifest["data_cursor"]["samples_consumed"] == 8 * manifest["step"]
+        assert set(manifest["files"]) == {"state-00000.pt", "state-00001.pt", "rng-00000.pt", "rng-00001.pt"}
+
+
+def test_tensorboard_scalars_match_metrics(runs):
+    root, n, _ = runs
+    scalars = tb_scalars(root / "straight")
+    for tag in ("loss", "lr", "grad_norm", "tokens_per_sec", "val_loss"):
+        assert tag in scalars, f"missing TensorBoard scalar {tag}"
+    assert sorted(scalars["loss"]) == list(range(1, 2 * n + 1))
+    exact = losses(root / "straight")
+    for step, value in scalars["loss"].items():
+        assert value == pytest.approx(exact[step], rel=1e-6)  # TensorBoard stores float32
+    assert all(v > 0 for v in scalars["tokens_per_sec"].values())
+    resumed = tb_scalars(root / "split")["loss"]
+    assert sorted(resumed) == list(range(1, 2 * n + 1)), "resumed run's TensorBoard steps never repeat"
+
+
+def test_existing_run_name_is_refused_without_resume(runs, capsys):
+    root, n, _ = runs
+    assert submit(root, "straight", 2 * n) == 2
+    assert "already exists" in capsys.readouterr().err
