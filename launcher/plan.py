@@ -32,11 +32,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="override the run name")
     p.add_argument("--max-ranks", type=int, default=64,
                    help="print at most this many rows of the rank table (default 64; 0 for all)")
+    p.add_argument("--resume-from", default=None, metavar="URI",
+                   help="say whether this checkpoint (run dir, checkpoints/ or step dir) loads under the "
+                        "config's layout and what gets resharded; reads manifests only")
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Plan the job named by `args`; returns the process exit code."""
     out, err = out or sys.stdout, err or sys.stderr
+    if getattr(args, "resume_from", None):
+        from .resume_plan import run_resume_plan
+
+        return run_resume_plan(args, out, err)
     try:
         spec = load_spec(args.config, args.overrides, args.name)
         from .validate import validate_job
@@ -61,7 +68,7 @@ def build_report(spec: JobSpec, layout: Any) -> dict[str, Any]:
     seq = spec.train.seq_len
     return {
         "cfg": cfg, "stats": stats,
-        "flops": flops_per_token(cfg, seq, stats),
+        "flops": flops_per_token(cfg, seq),
         "memory": estimate_memory(cfg, stats, layout, seq_len=seq, use_gpu=spec.resources.use_gpu,
                                   engine=spec.engine),
     }
@@ -75,14 +82,14 @@ def _fmt_count(n: float) -> str:
 
 
 def _fmt_flops(n: float) -> str:
-    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}FLOP"
     return f"{n:.0f} FLOP"
 
 
-def _gib(n: float) -> str:
-    return f"{n / (1 << 30):8.2f}"
+def _memory_unit(peak: float) -> tuple[str, float]:
+    return ("GiB", float(1 << 30)) if peak >= (1 << 30) else ("MiB", float(1 << 20))
 
 
 def format_report(spec: JobSpec, layout: Any, report: dict[str, Any], max_ranks: int = 64) -> str:
@@ -98,13 +105,15 @@ def format_report(spec: JobSpec, layout: Any, report: dict[str, Any], max_ranks:
         f"(embedding {_fmt_count(stats.embedding_params)}{', tied' if stats.tied else ''})",
         f"FLOPs      {_fmt_flops(report['flops'])}/token train (3 x forward; causal attention halved, "
         f"logits counted, MoE active experts only); {_fmt_flops(report['flops'] * tokens_step)}/step",
-        "memory per GPU (GiB), by pipeline stage:",
-        "  stage  weights    grads optimizer activations    total",
     ]
+    unit, size = _memory_unit(mem.worst.total)
+    lines += [f"memory per GPU ({unit}; per worker process on CPU), by pipeline stage:",
+              "  stage   weights     grads optimizer activations     total"]
     for s in mem.stages:
-        lines.append(f"  {s.stage:5d} {_gib(s.weights)} {_gib(s.grads)} {_gib(s.optimizer)}  "
-                     f"{_gib(s.activations)}   {_gib(s.total)}")
-    lines.append(f"  peak   {mem.worst.total / (1 << 30):.2f} GiB on stage {mem.worst.stage}")
+        cols = (s.weights, s.grads, s.optimizer, s.activations, s.total)
+        lines.append(f"  {s.stage:5d} " + " ".join(f"{c / size:9.2f}" for c in cols[:3])
+                     + f" {cols[3] / size:11.2f} {cols[4] / size:9.2f}")
+    lines.append(f"  peak   {mem.worst.total / size:.2f} {unit} on stage {mem.worst.stage}")
     lines += [f"  assumes {a}" for a in mem.assumptions]
     lines += _rank_table(layout, max_ranks)
     lines += _placement_notes(layout)

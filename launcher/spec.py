@@ -191,12 +191,78 @@ class CheckpointSpec:
 
 
 @dataclass(frozen=True)
-class FaultSpec:
-    max_failures: int = 0
-    """Worker-group restarts Ray Train may do before the job fails."""
+class FaultInjectSpec:
+    """TEST HOOK, never for real runs: make one rank misbehave at one step, so the fault-tolerance
+    tests can exercise every recovery path end to end (see launcher/fault_inject.py)."""
+
+    kind: Literal["exception", "hang", "nan", "pause"]
+    """`exception`: raise on the rank mid-step; `hang`: the rank stops calling collectives (sleeps);
+    `nan`: poison one weight on the rank so its loss is NaN; `pause`: write a marker with the rank's
+    PID under <run>/worker_groups/ and sleep `seconds` mid-step (a test then kills/SIGTERMs it)."""
+    step: int
+    """Step at which the fault fires."""
+    rank: int = 0
+    """World rank that misbehaves."""
+    attempt: int = 0
+    """Worker-group start (0 = the run's first) on which it fires; -1: on every one."""
+    seconds: float = 120.0
+    """How long `pause` sleeps (it ends early on SIGTERM)."""
 
     def validate(self, path: str) -> None:
-        check(self.max_failures >= 0, f"{path}.max_failures", f"got {self.max_failures}; must be >= 0")
+        check(self.step >= 1, f"{path}.step", f"got {self.step}; must be >= 1")
+        check(self.rank >= 0, f"{path}.rank", f"got {self.rank}; must be >= 0")
+        check(self.attempt >= -1, f"{path}.attempt", f"got {self.attempt}; must be >= 0, or -1 for every attempt")
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    max_failures: int = 0
+    """Worker-group restarts after failures (crash, exception, hang, lost node) before the job fails;
+    -1: unlimited. Preemptions do not count here (see max_preemptions)."""
+    max_preemptions: int = 10
+    """Preemptions the job recovers from (SIGTERM to a worker, or a Ray node drain), a budget apart
+    from max_failures; -1: unlimited. Past it the job ends `preempted` and can be resumed."""
+    preemption_grace_s: float = 60.0
+    """After SIGTERM a worker finishes its step and commits a checkpoint; if that takes longer than
+    this, the worker exits anyway (then it counts as a failure)."""
+    collective_timeout_s: int = 900
+    """torch.distributed process-group timeout: any collective (and the rendezvous) that a rank never
+    joins fails after this long (Ray Train's TorchConfig(timeout_s))."""
+    step_timeout_s: float = 900.0
+    """Step watchdog: a rank whose training step (checkpoint save included) makes no progress for this
+    long writes its stack to the attempt record and exits, so Ray Train restarts the group; 0: off."""
+    nan_policy: Literal["stop", "rollback"] = "stop"
+    """NaN/Inf in the loss (any rank) or gradients, caught before the optimizer step: `stop` ends the
+    job (no restarts); `rollback` restores the last committed checkpoint and skips the offending data."""
+    spike_factor: float = 0.0
+    """Loss spike: a step whose loss exceeds this factor times the running mean of recent losses;
+    0 disables the check."""
+    spike_policy: Literal["warn", "stop", "rollback"] = "rollback"
+    """What a loss spike does: log it (`warn`), end the job (`stop`), or roll back and skip (`rollback`)."""
+    spike_warmup_steps: int = 10
+    """Steps observed before spikes are judged (the running mean needs a history)."""
+    skip_batches: int = 1
+    """Rollback: global batches skipped starting at the offending step's batch (logged to
+    <run>/skipped_samples.jsonl with their sample range)."""
+    max_rollbacks: int = 3
+    """Rollbacks per worker group before a NaN/spike stops the job."""
+    inject: FaultInjectSpec | None = None
+    """TEST HOOK ONLY (null in real runs): inject a fault on one rank at one step."""
+
+    def validate(self, path: str) -> None:
+        check(self.max_failures >= -1, f"{path}.max_failures", f"got {self.max_failures}; must be >= 0, or -1")
+        check(self.max_preemptions >= -1, f"{path}.max_preemptions",
+              f"got {self.max_preemptions}; must be >= 0, or -1")
+        check(self.preemption_grace_s > 0, f"{path}.preemption_grace_s", f"got {self.preemption_grace_s}; must be > 0")
+        check(self.collective_timeout_s >= 1, f"{path}.collective_timeout_s",
+              f"got {self.collective_timeout_s}; must be >= 1")
+        check(self.step_timeout_s >= 0, f"{path}.step_timeout_s", f"got {self.step_timeout_s}; must be >= 0 (0: off)")
+        check(self.spike_factor == 0 or self.spike_factor > 1, f"{path}.spike_factor",
+              f"got {self.spike_factor}; must be 0 (off) or > 1")
+        check(self.spike_warmup_steps >= 1, f"{path}.spike_warmup_steps",
+              f"got {self.spike_warmup_steps}; must be >= 1")
+        check(self.skip_batches >= 1, f"{path}.skip_batches", f"got {self.skip_batches}; must be >= 1")
+        check(self.max_rollbacks >= 0, f"{path}.max_rollbacks", f"got {self.max_rollbacks}; must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -309,5 +375,5 @@ def replace(spec: JobSpec, **changes) -> JobSpec:
 
 
 __all__ = ["JobSpec", "ModelSpec", "LayoutSpec", "ResourcesSpec", "TrainSpec", "DataSpec", "SourceSpec",
-           "CheckpointSpec", "FaultSpec", "ConfigError", "load_spec", "spec_from_dict", "spec_to_yaml",
+           "CheckpointSpec", "FaultSpec", "FaultInjectSpec", "ConfigError", "load_spec", "spec_from_dict", "spec_to_yaml",
            "apply_overrides", "Path"]

@@ -1,7 +1,8 @@
 """ModelConfig: every architecture in the zoo is one of these plus a layer-pattern string.
 
 Layer-pattern characters (Megatron's hybrid convention): `*` causal attention, `W` sliding-window
-attention, `B` block-sparse attention (static pattern, ours), `G` Gated DeltaNet, `M` Mamba2, `-` SwiGLU MLP, `E` MoE, `|` pipeline-stage boundary
+attention, `B` block-sparse attention (static pattern, ours),
+`G` Gated DeltaNet, `M` Mamba2, `-` SwiGLU MLP, `E` MoE, `|` pipeline-stage boundary
 (ignored by the single-device model). A dense transformer block is `*-`, an MoE block is `*E`.
 """
 

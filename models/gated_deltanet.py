@@ -55,7 +55,7 @@ class GatedDeltaNet(nn.Module):
         k = F.normalize(k, dim=-1)
         beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)  # [B, H, T]
         g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)  # [B, T, H] log-decay
-        o = gated_delta(q, k, v, g.transpose(1, 2).to(q.dtype), beta, self.chunk, doc_starts(doc_ids))
+        o = gated_delta(q, k, v, g.transpose(1, 2), beta, self.chunk, doc_starts(doc_ids))
         o = self.o_norm(o.transpose(1, 2))  # [B, T, H, d]
         gate = F.silu(self.g_proj(x)).view(b, t, self.heads, self.head_dim)
         return self.out_proj((o * gate).reshape(b, t, -1))

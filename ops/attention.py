@@ -53,7 +53,9 @@ def make_mask_mod(window: int = 0, doc_ids: torch.Tensor | None = None,
         if window > 0:
             allowed = allowed & (kv_idx > q_idx - window)
         if sparse is not None:
-            q_pos, kv_pos = (q_idx, kv_idx) if offsets is None else (q_idx - offsets[b, q_idx], kv_idx - offsets[b, kv_idx])
+            q_pos, kv_pos = q_idx, kv_idx
+            if offsets is not None:
+                q_pos, kv_pos = q_idx - offsets[b, q_idx], kv_idx - offsets[b, kv_idx]
             qb, kb = q_pos // sparse.block, kv_pos // sparse.block
             allowed = allowed & ((qb - kb < sparse.local) | (kb < sparse.global_))
         if doc_ids is not None:

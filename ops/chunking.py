@@ -45,11 +45,15 @@ class ChunkDecays:
     state: torch.Tensor  # [B, H, N]  exp(G_C) if the entering state survives the chunk, else 0
 
 
-def chunk_decays(g: torch.Tensor, starts: torch.Tensor | None, chunk: int) -> ChunkDecays:
-    """g [B, H, T] log-decays (<= 0), T a multiple of chunk; starts [B, T] bool or None."""
+def chunk_decays(g: torch.Tensor, starts: torch.Tensor | None, chunk: int,
+                 dtype: torch.dtype | None = None) -> ChunkDecays:
+    """g [B, H, T] log-decays (<= 0), T a multiple of chunk; starts [B, T] bool or None. The cumulative
+    sums and exponentials are taken in float32 at least (a bf16 cumsum loses the decays' precision);
+    the factors come back in `dtype` (default g's)."""
     b, h, t = g.shape
     n = t // chunk
-    G = g.reshape(b, h, n, chunk).cumsum(-1)  # [B, H, N, C]
+    dtype = dtype or g.dtype
+    G = g.to(torch.promote_types(dtype, torch.float32)).reshape(b, h, n, chunk).cumsum(-1)  # [B, H, N, C]
     if starts is None:
         seg = torch.zeros(b, 1, n, chunk, dtype=torch.long, device=g.device)
     else:  # seg_i = document starts at chunk positions <= i
@@ -59,8 +63,8 @@ def chunk_decays(g: torch.Tensor, starts: torch.Tensor | None, chunk: int) -> Ch
     diff = (G[..., :, None] - G[..., None, :]).masked_fill(~same, float("-inf"))
     last = G[..., -1:]  # [B, H, N, 1]
     return ChunkDecays(
-        within=diff.exp(),
-        from_state=G.exp() * (seg == 0),
-        to_end=(last - G).exp() * (seg == seg[..., -1:]),
-        state=last[..., 0].exp() * (seg[..., -1] == 0),
+        within=diff.exp().to(dtype),
+        from_state=(G.exp() * (seg == 0)).to(dtype),
+        to_end=((last - G).exp() * (seg == seg[..., -1:])).to(dtype),
+        state=(last[..., 0].exp() * (seg[..., -1] == 0)).to(dtype),
     )

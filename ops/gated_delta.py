@@ -36,6 +36,15 @@ def gated_delta_recurrent(q, k, v, g, beta, starts: torch.Tensor | None = None) 
     return torch.stack(out, dim=2)
 
 
+def _unit_lower_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve (I + a) x = rhs for strictly lower-triangular a [.., C, C]; in float32 at least (CUDA has
+    no bf16 triangular solve, and the WY inverse is where low precision hurts most)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    eye = torch.eye(a.shape[-1], dtype=dtype, device=a.device)
+    x = torch.linalg.solve_triangular(eye + a.to(dtype), rhs.to(dtype), upper=False, unitriangular=True)
+    return x.to(rhs.dtype)
+
+
 def gated_delta_chunked(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None) -> torch.Tensor:
     """Chunked parallel form: O(T C) work inside chunks, a short loop over T / C chunks for the state."""
     b, h, t, dk = q.shape
@@ -45,23 +54,22 @@ def gated_delta_chunked(q, k, v, g, beta, chunk: int, starts: torch.Tensor | Non
     if starts is not None:
         starts = pad_to_chunks(starts, chunk, 1)
     n = q.shape[2] // chunk
-    dec = chunk_decays(g, starts, chunk)
+    dec = chunk_decays(g, starts, chunk, q.dtype)
     q, k = q.reshape(b, h, n, chunk, dk), k.reshape(b, h, n, chunk, dk)
     v, beta = v.reshape(b, h, n, chunk, dv), beta.reshape(b, h, n, chunk, 1)
     k_beta = k * beta
     strictly_lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)
     a = (k_beta @ k.transpose(-1, -2) * dec.within).masked_fill(~strictly_lower, 0)  # [B, H, N, C, C]
-    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
-    u_v = torch.linalg.solve_triangular(eye + a, v * beta, upper=False, unitriangular=True)  # [.., C, d_v]
-    w = torch.linalg.solve_triangular(eye + a, k_beta * dec.from_state[..., None], upper=False,
-                                      unitriangular=True)  # [.., C, d_k]
+    u_v = _unit_lower_solve(a, v * beta)  # [B, H, N, C, d_v]
+    w = _unit_lower_solve(a, k_beta * dec.from_state[..., None])  # [B, H, N, C, d_k]
     qk = q @ k.transpose(-1, -2) * dec.within  # [B, H, N, C, C], j <= i
     state = q.new_zeros(b, h, dk, dv)
     out = []
     for c in range(n):
         u = u_v[:, :, c] - w[:, :, c] @ state  # [B, H, C, d_v]
         out.append((q[:, :, c] * dec.from_state[:, :, c, :, None]) @ state + qk[:, :, c] @ u)
-        state = dec.state[:, :, c, None, None] * state + (k[:, :, c] * dec.to_end[:, :, c, :, None]).transpose(-1, -2) @ u
+        k_to_end = k[:, :, c] * dec.to_end[:, :, c, :, None]  # [B, H, C, d_k]
+        state = dec.state[:, :, c, None, None] * state + k_to_end.transpose(-1, -2) @ u
     return torch.cat(out, dim=2)[:, :, :t]
 
 

@@ -35,13 +35,14 @@ def ssd_chunked(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = 
     bsz, t, h, p = x.shape
     n_state = b_in.shape[-1]
     v = pad_to_chunks((dt[..., None] * x).transpose(1, 2), chunk, 2)  # [B, H, T', P]
-    g = pad_to_chunks((dt * a).transpose(1, 2), chunk, 2)  # [B, H, T'] log-decays
+    wide = torch.promote_types(dt.dtype, torch.float32)  # log-decays in float32 at least
+    g = pad_to_chunks((dt.to(wide) * a.to(wide)).transpose(1, 2), chunk, 2)  # [B, H, T']
     q = pad_to_chunks(c_in, chunk, 1)[:, None]  # [B, 1, T', N], shared by heads
     k = pad_to_chunks(b_in, chunk, 1)[:, None]
     if starts is not None:
         starts = pad_to_chunks(starts, chunk, 1)
     n = v.shape[2] // chunk
-    dec = chunk_decays(g, starts, chunk)
+    dec = chunk_decays(g, starts, chunk, x.dtype)
     q, k = q.reshape(bsz, 1, n, chunk, n_state), k.reshape(bsz, 1, n, chunk, n_state)
     v = v.reshape(bsz, h, n, chunk, p)
     scores = (q @ k.transpose(-1, -2)) * dec.within  # [B, H, N, C, C]; C B^T once, decay per head
@@ -50,7 +51,8 @@ def ssd_chunked(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = 
     out = []
     for c in range(n):
         out.append(intra[:, :, c] + (q[:, :, c] * dec.from_state[:, :, c, :, None]) @ state)
-        state = dec.state[:, :, c, None, None] * state + (k[:, :, c] * dec.to_end[:, :, c, :, None]).transpose(-1, -2) @ v[:, :, c]
+        k_to_end = k[:, :, c] * dec.to_end[:, :, c, :, None]  # [B, H, C, N]
+        state = dec.state[:, :, c, None, None] * state + k_to_end.transpose(-1, -2) @ v[:, :, c]
     return torch.cat(out, dim=2)[:, :, :t].transpose(1, 2)  # [B, T, H, P]
 
 

@@ -1,15 +1,10 @@
-"""Parameter counts, FLOPs per token and a per-GPU memory estimate, without GPUs and without weights.
+"""Parameter counts and activation sizes for planning, without GPUs and without weights.
 
 Parameters are counted exactly by building the registry's model on the `meta` device (shapes only, no
-storage), so every layer kind the registry knows is counted the way it is built. FLOPs and activation
-memory are analytic per layer kind (formulas below, each stated where it is computed).
-
-FLOPs convention (Megatron / PaLM MFU): a matmul with a weight of n elements costs 2n FLOPs per token
-forward, backward costs twice the forward, so training = 3 x forward; the embedding lookup costs nothing,
-the output projection (logits) is counted; MoE counts the router plus top_k of the routed experts;
-causal attention counts half the s x s score and value matmuls (`causal_halved=True`; pass False to get
-the full-square count that torch's FlopCounterMode reports for SDPA, which also counts SDPA's backward
-recompute of the scores, i.e. 7/6 of our attention-core figure).
+storage), per layer, so memory can be split by pipeline stage and experts told apart from dense weights.
+FLOPs per token come from the model registry (`raytron.models.flops_per_token`, Megatron's MFU
+convention: 3 x forward, causal attention halved, logits counted, MoE active experts only).
+Activation sizes are per layer kind, counted from what the reference model saves for backward.
 """
 
 from __future__ import annotations
@@ -25,13 +20,11 @@ class LayerStats:
     """Counts for one residual layer (its pre-norm included)."""
 
     kind: str
-    """Layer-pattern character (`*`, `W`, `G`, `M`, `-`, `E`)."""
+    """Layer-pattern character (`*`, `W`, `B`, `G`, `M`, `-`, `E`)."""
     params: int
     """All parameters of the layer."""
     expert_params: int
     """Routed-expert parameters (stacked [experts, ...] weights of an `E` layer); split by ep*etp."""
-    matmul_params: int
-    """Non-expert parameters used as matmul/conv weights (>= 2-D): 2 FLOPs per element per token."""
 
 
 @dataclass(frozen=True)
@@ -63,14 +56,12 @@ def model_stats(cfg: Any, build: Any = None) -> ModelStats:
     experts, top_k = cfg.num_experts, cfg.top_k
     layers = []
     for layer in model.layers:
-        params = expert = matmul = 0
+        params = expert = 0
         for _, p in layer.named_parameters():
             params += p.numel()
             if layer.kind == "E" and p.dim() == 3 and p.shape[0] == experts:
                 expert += p.numel()
-            elif p.dim() >= 2:
-                matmul += p.numel()
-        layers.append(LayerStats(layer.kind, params, expert, matmul))
+        layers.append(LayerStats(layer.kind, params, expert))
     embed = model.embed.weight.numel()
     tied = model.output.weight is model.embed.weight
     head = model.norm.weight.numel() + (0 if tied else model.output.weight.numel())
@@ -80,48 +71,12 @@ def model_stats(cfg: Any, build: Any = None) -> ModelStats:
     return ModelStats(tuple(layers), embed, head, tied, total, active)
 
 
-def _attention_span(cfg: Any, kind: str, seq_len: int, causal_halved: bool) -> float:
-    """Mean keys per query the attention core is charged for: all `seq_len` (full-square count), or the
-    keys the mask allows (causal: s/2 as Megatron counts; sliding window / block-sparse: exact mean)."""
-    if not causal_halved:
-        return float(seq_len)
-    if kind == "W" and 0 < cfg.window < seq_len:
-        return sum(min(i + 1, cfg.window) for i in range(seq_len)) / seq_len
-    if kind == "B":
-        blk, local, first = cfg.sparse_block, cfg.sparse_local_blocks, cfg.sparse_global_blocks
-        total = 0
-        for i in range(seq_len):
-            qb = i // blk
-            full_blocks = {kb for kb in range(max(0, qb - local + 1), qb)} | set(range(min(first, qb)))
-            total += blk * len(full_blocks) + i % blk + 1  # earlier blocks in full, own block causally
-        return total / seq_len
-    return seq_len / 2  # Megatron's convention (the exact causal mean is (s+1)/2)
+def flops_per_token(cfg: Any, seq_len: int, convention: str = "megatron") -> float:
+    """Training (forward + backward) FLOPs per token from the model registry (`raytron.models.flops`):
+    "megatron" for MFU (causal attention halved), "counted" as FlopCounterMode counts dense SDPA."""
+    from ..models import flops_per_token as registry_flops
 
-
-def layer_forward_flops(cfg: Any, stats: LayerStats, seq_len: int, causal_halved: bool = True) -> float:
-    """Forward FLOPs per token of one layer."""
-    flops = 2.0 * stats.matmul_params
-    if stats.kind == "E":
-        flops += 2.0 * stats.expert_params * cfg.top_k / cfg.num_experts
-    if stats.kind in ATTENTION_KINDS:
-        span = _attention_span(cfg, stats.kind, seq_len, causal_halved)
-        flops += 4.0 * cfg.num_heads * cfg.attn_head_dim * span  # q k^T and p v
-    if stats.kind in LINEAR_KINDS:
-        # Chunked linear attention, approximate: per head and token, intra-chunk q k^T and p v over the
-        # chunk (2c(dk + dv)) plus reading and updating the [dk, dv] state (4 dk dv). Gated DeltaNet:
-        # dk = dv = linear_head_dim; Mamba2: dk = ssm_state_dim (B/C), dv = linear_head_dim.
-        dv = cfg.linear_head_dim
-        dk = getattr(cfg, "ssm_state_dim", dv) if stats.kind == "M" else dv
-        flops += cfg.linear_heads * (2.0 * cfg.chunk_size * (dk + dv) + 4.0 * dk * dv)
-    return flops
-
-
-def flops_per_token(cfg: Any, seq_len: int, stats: ModelStats | None = None, causal_halved: bool = True) -> float:
-    """Training (forward + backward) FLOPs per token: 3 x forward, logits included."""
-    stats = stats or model_stats(cfg)
-    forward = sum(layer_forward_flops(cfg, s, seq_len, causal_halved) for s in stats.layers)
-    forward += 2.0 * cfg.vocab_size * cfg.dim  # output projection
-    return 3.0 * forward
+    return float(registry_flops(cfg, seq_len, convention)["total"])
 
 
 def layer_activation_elements(cfg: Any, kind: str, seq_len: int, dense_mask: bool = False) -> float:

@@ -202,6 +202,11 @@ class ParallelLayout:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ParallelLayout":
+        """Inverse of `to_dict` (e.g. from a checkpoint manifest); unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ParallelLayout field(s) {unknown}; known: {', '.join(sorted(known))}")
         return cls(**data)
 
     def describe(self) -> str:

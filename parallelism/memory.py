@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .estimate import ModelStats, head_activation_elements, layer_activation_elements
-from .layout import ParallelLayout
+from .layout import LINEAR_KINDS, ParallelLayout
 
 GiB = float(1 << 30)
 
@@ -138,10 +138,11 @@ def estimate_memory(cfg: Any, stats: ModelStats, layout: ParallelLayout, *, seq_
             act_bytes += tokens * (norm * prec.activation + logits * prec.logits) / layout.tp
         rows.append(StageMemory(stage, sharded(prec.weight, 3), sharded(prec.grad, 2),
                                 sharded(prec.optimizer, 1), act_bytes))
-    return MemoryEstimate(tuple(rows), _assumptions(prec, layout, engine))
+    has_linear = any(s.kind in LINEAR_KINDS for s in stats.layers)
+    return MemoryEstimate(tuple(rows), _assumptions(prec, layout, engine, has_linear))
 
 
-def _assumptions(prec: Precision, layout: ParallelLayout, engine: str) -> tuple[str, ...]:
+def _assumptions(prec: Precision, layout: ParallelLayout, engine: str, has_linear: bool) -> tuple[str, ...]:
     shard = {0: "nothing sharded over DP", 1: "optimizer state sharded over DP",
              2: "optimizer state + gradients sharded over DP", 3: "optimizer, gradients and weights sharded over DP"}
     how = shard[layout.zero_stage]
@@ -154,4 +155,5 @@ def _assumptions(prec: Precision, layout: ParallelLayout, engine: str) -> tuple[
         "tensors; split over tp (sequence parallel) and cp; 1F1B in-flight micro-batches on the first stage",
         "logits: 3 vocab-sized fp32 tensors per token on the last stage (log-softmax, its gradient, logit grad)",
         "not included: CUDA context/NCCL buffers (~1-3 GiB), fragmentation, fused-kernel workspaces",
-    )
+    ) + (("linear-sequence layers: the reference chunked form's saved tensors (an upper end: fused "
+          "kernels keep fewer chunk matrices)",) if has_linear else ())

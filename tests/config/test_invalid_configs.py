@@ -129,3 +129,31 @@ def test_bases_are_valid():
     for base in (DS, MG):
         _, layout = validate_raw(base)
         assert layout.world_size == base["resources"]["workers"]
+
+
+def test_storage_checks(tmp_path):
+    """`submit` (check_paths=True) refuses missing data and a checkpoint root that cannot be a directory."""
+    from raytron.launcher.validate import validate_job
+
+    spec, _ = validate_raw(DS, [f"data.sources[0].uri={tmp_path}/missing/*.txt"])
+    with pytest.raises(ConfigError) as exc:
+        validate_job(spec, check_paths=True)
+    assert exc.value.path == "data.sources[0].uri"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    spec, _ = validate_raw(DS, [f"checkpoint.uri={blocker}/runs"])
+    with pytest.raises(ConfigError) as exc:
+        validate_job(spec, check_paths=True)
+    assert exc.value.path == "checkpoint.uri"
+    (tmp_path / "a.txt").write_text("hello")
+    spec, _ = validate_raw(DS, [f"data.sources[0].uri={tmp_path}/*.txt", f"checkpoint.uri={tmp_path}/runs"])
+    validate_job(spec, check_paths=True)
+
+
+def test_yaml_merge_keys_and_12_scalars(tmp_path):
+    """YAML 1.2 scalars (3e-4 is a float) and merge keys work; a key written beside a merge wins."""
+    f = tmp_path / "job.yaml"
+    f.write_text(DEEPSPEED_YAML.replace("lr: 0.0003", "lr: 3e-4")
+                 .replace("train:\n", "train:\n  <<: {steps: 7, seed: 9}\n"))
+    spec = load_spec(str(f))
+    assert spec.train.lr == 3e-4 and spec.train.steps == 2 and spec.train.seed == 9

@@ -68,12 +68,16 @@ def test_set_overrides_apply(tmp_path):
     assert code == 2 and "layout.ep" in err
 
 
-def test_python_O_still_refuses(tmp_path):
+@pytest.mark.parametrize("change, field", [
+    (("lr: 0.0003", "lr: '3e-4'"), "train.lr"),  # spec level
+    (("ep: 2", "ep: 3"), "layout.ep"),  # layout rule (needs the model registry)
+], ids=["spec", "layout"])
+def test_python_O_still_refuses(tmp_path, change, field):
     """Validation never relies on assert: under `python -O` a bad config still exits 2."""
     f = tmp_path / "bad.yaml"
-    f.write_text(yaml.safe_dump(DEEPSPEED_JOB).replace("lr: 0.0003", "lr: '3e-4'"))
+    f.write_text(yaml.safe_dump(DEEPSPEED_JOB).replace(*change))
     env = {**os.environ, "PYTHONOPTIMIZE": ""}
     proc = subprocess.run([sys.executable, "-O", "-m", "raytron.launcher.plan", str(f)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
-    assert "train.lr" in proc.stderr and proc.stdout == ""
+    assert field in proc.stderr and proc.stdout == ""

@@ -16,12 +16,14 @@ REL = 2e-2
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _check(fast_fn, ref_fn, inputs_fp32):
     """fast_fn on bf16 copies vs ref_fn on the float32 originals, outputs and gradients."""
-    fast_in = [x.detach().bfloat16().requires_grad_(x.requires_grad) for x in inputs_fp32]
+    fast_in = [x.detach().bfloat16().requires_grad_(x.requires_grad) if x.is_floating_point() else x
+               for x in inputs_fp32]
     ref_in = [x.detach().requires_grad_(x.requires_grad) for x in inputs_fp32]
     out, ref = fast_fn(*fast_in), ref_fn(*ref_in)
     assert _rel(out, ref) < REL
@@ -76,7 +78,8 @@ def test_grouped_expert_gemm_bf16():
     x = torch.randn(tokens, dim, device="cuda", requires_grad=True)
     ids = torch.rand(tokens, experts, device="cuda").topk(k, dim=-1).indices
     weights = torch.rand(tokens, k, device="cuda", requires_grad=True)
-    ws = [torch.randn(experts, ffn, dim, device="cuda") / dim ** 0.5, torch.randn(experts, ffn, dim, device="cuda") / dim ** 0.5,
+    ws = [torch.randn(experts, ffn, dim, device="cuda") / dim ** 0.5,
+          torch.randn(experts, ffn, dim, device="cuda") / dim ** 0.5,
           torch.randn(experts, dim, ffn, device="cuda") / ffn ** 0.5]
     inputs = [x, ids, weights, *(w.requires_grad_() for w in ws)]
     _check(expert_swiglu, reference_expert_swiglu, inputs)
