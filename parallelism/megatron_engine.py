@@ -1,0 +1,251 @@
+"""The megatron engine: the reference architecture on megatron-core 0.16.1 (TP+SP, PP/VPP, EP, CP, DP
+with the distributed optimizer), bf16 compute with fp32 master weights, GPUs over NCCL.
+
+Same interface as DeepSpeedEngine: `MegatronEngine(spec, layout, rank, world)`, `train_step(micro_batches)
+-> StepMetrics`, `eval_loss`, `after_step`, `model_cfg`. Parallel groups come from megatron's
+parallel_state initialized with the layout's order (`tp-cp-ep-dp-pp`) and are checked against
+`ParallelLayout.groups`, so the launcher's placement and megatron agree. Weights start from the
+reference model (same seed => same weights as every other engine) through parallelism/megatron_mapping.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.distributed as dist
+
+from .. import models
+from .deepspeed_engine import StepMetrics
+from .megatron_mapping import ChunkCoords, chunk_pieces, from_megatron, tied_aliases, to_megatron
+from .megatron_modules import ReferenceRouter, split_for_context_parallel
+from .megatron_spec import build_model_chunks, transformer_config
+from .schedule import lr_multiplier
+
+
+def init_parallel_state(layout, rank: int) -> None:
+    """torch.distributed (NCCL; kept if Ray Train or torchrun already set it up) + megatron groups."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp, order="tp-cp-ep-dp-pp")
+    check_groups(layout, rank)
+
+
+def check_groups(layout, rank: int) -> None:
+    """Megatron's groups for this rank must be the layout's (placement relies on it)."""
+    from megatron.core import parallel_state as ps
+
+    mine = {
+        "tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
+        "cp": ps.get_context_parallel_group(), "dp": ps.get_data_parallel_group(),
+        "ep": ps.get_expert_model_parallel_group(), "etp": ps.get_expert_tensor_parallel_group(),
+        "edp": ps.get_expert_data_parallel_group()}
+    for kind, group in mine.items():
+        expected = next(g for g in layout.groups(kind) if rank in g)
+        actual = sorted(dist.get_process_group_ranks(group))
+        if actual != expected:
+            raise RuntimeError(f"rank {rank}: megatron's {kind} group is {actual}, the layout says {expected}")
+
+
+def chunk_coords(chunk, layout) -> ChunkCoords:
+    """Shard coordinates of one GPTModel chunk on this rank (global layer indices from layer_number)."""
+    from megatron.core import parallel_state as ps
+
+    blocks = tuple(layer.layer_number - 1 for layer in chunk.decoder.layers)
+    return ChunkCoords(blocks=blocks, pre_process=chunk.pre_process, post_process=chunk.post_process,
+                       tp=layout.tp, tp_rank=ps.get_tensor_model_parallel_rank(),
+                       ep=layout.ep, ep_rank=ps.get_expert_model_parallel_rank(),
+                       etp=layout.etp, etp_rank=ps.get_expert_tensor_parallel_rank())
+
+
+class MegatronEngine:
+    """build(spec, layout) -> engine; train_step(micro_batches) -> StepMetrics; eval_loss(batches)."""
+
+    def __init__(self, spec, layout, rank: int, world_size: int, init_from_reference: bool = True):
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        if not spec.resources.use_gpu:
+            raise ValueError("engine: megatron runs on GPUs only (resources.use_gpu: true); "
+                             "use engine: deepspeed on CPU")
+        self.spec, self.layout, self.rank, self.world = spec, layout, rank, world_size
+        init_parallel_state(layout, rank)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.model_cfg = models.get_config(spec.model.family, spec.model.flavor, **spec.model.overrides)
+        if layout.vpp > 1:
+            raise NotImplementedError("layout.vpp > 1: the interleaved schedule does not match the reference "
+                                      "yet (tests/gpu/README.md); use vpp: 1 with the megatron engine")
+        if self.model_cfg.num_experts and layout.tp > 1 and layout.ep == 1 and layout.etp == 1:
+            raise NotImplementedError("MoE with tp > 1 and experts replicated over the TP ranks (ep = etp = 1) "
+                                      "drifts from the reference after a few steps (tests/gpu/README.md); "
+                                      "set layout.ep or layout.etp > 1")
+        # perform_initialization stays on even when the reference weights overwrite it: megatron-core
+        # sets the tensor-parallel attributes (used by grad-norm and clipping) only in its init path
+        self.tcfg = transformer_config(self.model_cfg, layout, aux_loss_coef=spec.train.aux_loss_coef,
+                                       perform_initialization=True)
+        model_parallel_cuda_manual_seed(spec.train.seed)
+        chunks = build_model_chunks(self.model_cfg, self.tcfg, spec.train.seq_len)
+        self.pieces = [chunk_pieces(self.model_cfg, chunk_coords(c, layout)) for c in chunks]
+        if init_from_reference:
+            torch.manual_seed(spec.train.seed)  # identical reference weights on every rank
+            ref_sd = models.build(spec.model.family, spec.model.flavor, **spec.model.overrides).state_dict()
+            self._load_chunks(chunks, ref_sd)
+        self.chunks, self.optimizer = self._wrap(chunks)
+        self.routers = [m for c in self.chunks for m in c.modules() if isinstance(m, ReferenceRouter)]
+        self._lr = lr_multiplier(spec.train)
+        self.steps_done = 0
+
+    # ---- construction ------------------------------------------------------------------------------
+    def _load_chunks(self, chunks, ref_sd: dict) -> None:
+        for chunk, pieces in zip(chunks, self.pieces):
+            params = dict(chunk.named_parameters())
+            if set(params) != set(pieces):
+                raise RuntimeError(f"megatron parameters and mapping disagree: only in model "
+                                   f"{sorted(set(params) - set(pieces))}, only in mapping {sorted(set(pieces) - set(params))}")
+            with torch.no_grad():
+                for name, value in to_megatron(ref_sd, pieces).items():
+                    if params[name].shape != value.shape:
+                        raise RuntimeError(f"{name}: megatron shape {tuple(params[name].shape)}, mapped {tuple(value.shape)}")
+                    params[name].copy_(value)
+
+    def _wrap(self, chunks):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.transformer.module import Float16Module
+
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=True)
+        wrapped = [DistributedDataParallel(config=self.tcfg, ddp_config=ddp_config,
+                                           module=Float16Module(self.tcfg, c), disable_bucketing=i > 0)
+                   for i, c in enumerate(chunks)]
+        self.tcfg.finalize_model_grads_func = finalize_model_grads
+        train = self.spec.train
+        opt_config = OptimizerConfig(optimizer="adam", lr=train.lr, weight_decay=train.weight_decay,
+                                     adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, bf16=True,
+                                     params_dtype=torch.bfloat16, use_distributed_optimizer=True,
+                                     clip_grad=train.grad_clip)
+        return wrapped, get_megatron_optimizer(opt_config, wrapped)
+
+    # ---- steps ---------------------------------------------------------------------------------------
+    def _prepare(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[mbs, seq+1] -> (tokens, labels), this CP rank's part, on the GPU."""
+        from megatron.core import parallel_state as ps
+
+        batch = batch.to(self.device, non_blocking=True)
+        cp, cp_rank = self.layout.cp, ps.get_context_parallel_rank()
+        return (split_for_context_parallel(batch[:, :-1], cp, cp_rank).contiguous(),
+                split_for_context_parallel(batch[:, 1:], cp, cp_rank).contiguous())
+
+    @staticmethod
+    def _loss_func(per_token: torch.Tensor):
+        total = per_token.float().sum()
+        count = torch.tensor(per_token.numel(), device=per_token.device, dtype=torch.int)
+        return total, count, {"lm": torch.stack([total.detach(), count.float()])}
+
+    def _forward_step(self, data_iterator, model):
+        tokens, labels = next(data_iterator)
+        return model(tokens, None, None, labels=labels), self._loss_func
+
+    def _run(self, micro_batches: list[torch.Tensor], forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        data = [self._prepare(b) for b in micro_batches]
+        iterators = [iter(data) for _ in self.chunks]
+        return get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(self.chunks) > 1 else iterators[0], model=self.chunks,
+            num_microbatches=len(micro_batches), seq_length=self.spec.train.seq_len,
+            micro_batch_size=micro_batches[0].shape[0], forward_only=forward_only)
+
+    def _mean_lm_loss(self, outputs: list[dict]) -> float:
+        """Token-mean LM loss over every rank's micro-batches (last stage, first TP rank contributes)."""
+        from megatron.core import parallel_state as ps
+
+        stats = torch.zeros(2, device=self.device, dtype=torch.float64)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+            for out in outputs:
+                stats += out["lm"].double()
+        dist.all_reduce(stats)
+        return float(stats[0] / stats[1].clamp_min(1))
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> StepMetrics:
+        """One optimizer step over this rank's micro-batches (len == grad_accum)."""
+        if len(micro_batches) != self.layout.grad_accum:
+            raise ValueError(f"got {len(micro_batches)} micro-batches, layout needs {self.layout.grad_accum}")
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = self.spec.train.lr * self._lr(self.steps_done)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        outputs = self._run(micro_batches, forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        self.steps_done += 1
+        aux, load = self._router_stats(len(micro_batches))
+        tokens = self.spec.train.global_batch_size * self.spec.train.seq_len
+        return StepMetrics(loss=self._mean_lm_loss(outputs), aux_loss=aux, lr=lr, tokens=tokens,
+                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                           expert_load=load)
+
+    def _router_stats(self, num_micro: int) -> tuple[float, list[float] | None]:
+        """(mean over micro-batches of the summed per-layer aux loss, expert load fractions)."""
+        if not self.model_cfg.num_experts:
+            return 0.0, None
+        stats = torch.zeros(1 + self.model_cfg.num_experts, device=self.device, dtype=torch.float64)
+        for router in self.routers:
+            aux, load = router.pop_records()
+            if aux is not None:
+                stats[0] += aux.double()
+            if load is not None:
+                stats[1:] += load.double()
+        dist.all_reduce(stats)
+        load = stats[1:] / stats[1:].sum().clamp_min(1)
+        return float(stats[0] / (self.layout.dp * num_micro)), load.tolist()
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:
+        """Mean LM loss over this rank's held-out micro-batches, averaged over all ranks."""
+        for chunk in self.chunks:
+            chunk.eval()
+        loss = self._mean_lm_loss(self._run(micro_batches, forward_only=True))
+        for router in self.routers:
+            router.pop_records()
+        return loss
+
+    def after_step(self) -> None:
+        """Nothing to do: models with routing-bias updates are refused by megatron_spec."""
+
+    # ---- weights in reference form ----------------------------------------------------------------------
+    def export_reference(self) -> dict[str, torch.Tensor]:
+        """Full reference state dict (the model's bf16 weights, as fp32) on every rank. Collective; gathers every
+        shard through all_gather_object, so meant for tests and debug-to-1B scales, not for checkpoints."""
+        params = [dict(self._master_params(c)) for c in self.chunks]
+        mine = [(pieces, {n: p.detach().float().cpu() for n, p in ps.items()})
+                for pieces, ps in zip(self.pieces, params)]
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in models.build(self.spec.model.family, self.spec.model.flavor,
+                                                          **self.spec.model.overrides).state_dict().items()}
+        return from_megatron([part for rank_parts in everyone for part in rank_parts], shapes,
+                             aliases=tied_aliases(self.model_cfg))
+
+    def _master_params(self, chunk):
+        """(name inside the GPTModel, parameter) pairs of one wrapped chunk (DDP -> Float16Module -> GPTModel)."""
+        return chunk.module.module.named_parameters()
+
+    def load_reference(self, ref_sd: dict[str, torch.Tensor]) -> None:
+        """Load reference weights into the model; the optimizer's fp32 masters follow them."""
+        self._load_chunks([c.module.module for c in self.chunks], ref_sd)
+        self.optimizer.reload_model_params()

@@ -1,0 +1,176 @@
+"""Weight mapping between the reference model (`raytron.models`) and megatron-core GPTModel shards.
+
+Every megatron parameter of one rank is described as a list of *pieces*: slices of reference tensors,
+concatenated along one dimension. The same description drives both directions:
+
+- `to_megatron`: reference state dict -> this rank's megatron tensors (any TP/PP/VPP/EP/ETP coordinates);
+- `from_megatron`: every rank's megatron tensors (and their pieces) -> the full reference state dict.
+
+Megatron conventions encoded here (megatron-core 0.16.1, no Transformer Engine):
+- `linear_qkv.weight` rows are grouped per query group: [q heads of the group, its k head, its v head],
+  and TP splits whole query groups;
+- `linear_fc1.weight` of a gated MLP holds [gate rows; up rows] of this TP rank's shard;
+- `linear_proj` / `linear_fc2` are row-parallel: TP splits their input columns;
+- experts: EP rank r holds experts [r*E/ep, (r+1)*E/ep) as `local_experts.{j}`, split over ETP like an MLP.
+Only plain tensor slicing happens, so a round trip is exact (bitwise) in any dtype that both sides hold.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Piece:
+    ref_name: str
+    """Reference parameter name."""
+    index: int | None
+    """Leading index into a stacked reference tensor (expert id), or None."""
+    dim: int
+    """Dimension of the (indexed) reference tensor that is sliced."""
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ChunkCoords:
+    """What decides the shards of one model chunk on one rank."""
+
+    blocks: tuple[int, ...]
+    """Global indices of the megatron layers in this chunk (block g = reference layers 2g, 2g+1)."""
+    pre_process: bool
+    """Chunk holds the embedding."""
+    post_process: bool
+    """Chunk holds the final norm and the output layer."""
+    tp: int = 1
+    tp_rank: int = 0
+    ep: int = 1
+    ep_rank: int = 0
+    etp: int = 1
+    etp_rank: int = 0
+
+
+def _shard(n: int, parts: int, rank: int) -> tuple[int, int]:
+    if n % parts:
+        raise ValueError(f"dimension {n} does not split into {parts} shards")
+    return rank * (n // parts), n // parts
+
+
+def _column(ref: str, n: int, parts: int, rank: int, index=None) -> Piece:
+    start, length = _shard(n, parts, rank)
+    return Piece(ref, index, 0, start, length)
+
+
+def _row(ref: str, n: int, parts: int, rank: int, index=None) -> Piece:
+    start, length = _shard(n, parts, rank)
+    return Piece(ref, index, 1, start, length)
+
+
+def _whole(ref: str, n: int) -> Piece:
+    return Piece(ref, None, 0, 0, n)
+
+
+def _qkv(cfg, prefix: str, tp: int, rank: int) -> list[Piece]:
+    hd, groups, per_group = cfg.attn_head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    first, count = _shard(groups, tp, rank)
+    pieces = []
+    for g in range(first, first + count):
+        pieces += [Piece(f"{prefix}.wq.weight", None, 0, g * per_group * hd, per_group * hd),
+                   Piece(f"{prefix}.wk.weight", None, 0, g * hd, hd),
+                   Piece(f"{prefix}.wv.weight", None, 0, g * hd, hd)]
+    return pieces
+
+
+def _swiglu(prefix: str, hidden: int, parts: int, rank: int, index=None, stacked=False) -> dict:
+    """fc1 = [gate; up] column shards, fc2 = down row shard; `stacked` = reference expert tensors [E, ...]."""
+    w = "" if stacked else ".weight"
+    return {"linear_fc1.weight": [_column(f"{prefix}.w_gate{w}", hidden, parts, rank, index),
+                                  _column(f"{prefix}.w_up{w}", hidden, parts, rank, index)],
+            "linear_fc2.weight": [_row(f"{prefix}.w_down{w}", hidden, parts, rank, index)]}
+
+
+def _block_pieces(cfg, g: int, c: ChunkCoords) -> dict[str, list[Piece]]:
+    attn, ffn = f"layers.{2 * g}", f"layers.{2 * g + 1}"
+    out = {"input_layernorm.weight": [_whole(f"{attn}.norm.weight", cfg.dim)],
+           "self_attention.linear_qkv.weight": _qkv(cfg, f"{attn}.mixer", c.tp, c.tp_rank),
+           "self_attention.linear_proj.weight": [_row(f"{attn}.mixer.wo.weight", cfg.num_heads * cfg.attn_head_dim,
+                                                      c.tp, c.tp_rank)],
+           "pre_mlp_layernorm.weight": [_whole(f"{ffn}.norm.weight", cfg.dim)]}
+    if cfg.layer_pattern()[2 * g + 1] == "-":
+        out.update({f"mlp.{k}": v for k, v in _swiglu(f"{ffn}.mixer", cfg.ffn_dim, c.tp, c.tp_rank).items()})
+        return out
+    out["mlp.router.weight"] = [_whole(f"{ffn}.mixer.router.weight", cfg.num_experts)]
+    first, count = _shard(cfg.num_experts, c.ep, c.ep_rank)
+    for j in range(count):
+        pieces = _swiglu(f"{ffn}.mixer", cfg.moe_ffn_dim, c.etp, c.etp_rank, index=first + j, stacked=True)
+        out.update({f"mlp.experts.local_experts.{j}.{k}": v for k, v in pieces.items()})
+    if cfg.shared_experts:
+        shared = _swiglu(f"{ffn}.mixer.shared", cfg.moe_ffn_dim * cfg.shared_experts, c.tp, c.tp_rank)
+        out.update({f"mlp.shared_experts.{k}": v for k, v in shared.items()})
+    return out
+
+
+def chunk_pieces(cfg, c: ChunkCoords) -> dict[str, list[Piece]]:
+    """Megatron parameter name (inside one GPTModel chunk) -> the reference pieces it is made of."""
+    out: dict[str, list[Piece]] = {}
+    if c.pre_process:
+        out["embedding.word_embeddings.weight"] = [_column("embed.weight", cfg.vocab_size, c.tp, c.tp_rank)]
+    for local, g in enumerate(c.blocks):
+        out.update({f"decoder.layers.{local}.{k}": v for k, v in _block_pieces(cfg, g, c).items()})
+    if c.post_process:
+        out["decoder.final_layernorm.weight"] = [_whole("norm.weight", cfg.dim)]
+        if not cfg.tie_embeddings:
+            out["output_layer.weight"] = [_column("output.weight", cfg.vocab_size, c.tp, c.tp_rank)]
+    return out
+
+
+def _cat_dim(pieces: list[Piece]) -> int:
+    return pieces[0].dim
+
+
+def _ref_slice(tensor: torch.Tensor, p: Piece) -> torch.Tensor:
+    t = tensor if p.index is None else tensor[p.index]
+    return t.narrow(p.dim, p.start, p.length)
+
+
+def to_megatron(ref_sd: dict[str, torch.Tensor], pieces: dict[str, list[Piece]]) -> dict[str, torch.Tensor]:
+    """This chunk's megatron tensors from a reference state dict (new tensors, reference dtype)."""
+    return {name: torch.cat([_ref_slice(ref_sd[p.ref_name], p) for p in ps], dim=_cat_dim(ps)).clone()
+            for name, ps in pieces.items()}
+
+
+def tied_aliases(cfg) -> dict[str, str]:
+    """Reference names that are the same tensor as another (tied embeddings): alias -> source."""
+    return {"output.weight": "embed.weight"} if cfg.tie_embeddings else {}
+
+
+def from_megatron(parts: list[tuple[dict[str, list[Piece]], dict[str, torch.Tensor]]],
+                  ref_shapes: dict[str, torch.Size], dtype=torch.float32,
+                  aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Full reference state dict from (pieces, megatron tensors) of chunks covering every shard at least
+    once (replicas are allowed and must agree). `aliases` (see `tied_aliases`) are filled from their
+    source. Other reference entries no chunk covers must be routing-bias buffers (zero: this engine
+    refuses models that update them)."""
+    aliases = aliases or {}
+    full = {name: torch.empty(shape, dtype=dtype) for name, shape in ref_shapes.items()}
+    covered: dict[str, dict[Piece, int]] = {name: {} for name in ref_shapes}  # unique pieces -> numel
+    for pieces, tensors in parts:
+        for name, ps in pieces.items():
+            chunks = tensors[name].split([p.length for p in ps], dim=_cat_dim(ps))
+            for p, value in zip(ps, chunks):
+                _ref_slice(full[p.ref_name], p).copy_(value)
+                covered[p.ref_name][p] = value.numel()
+    for alias, source in aliases.items():
+        full[alias] = full[source]
+        covered[alias] = covered[source]
+    for name, shape in ref_shapes.items():
+        numel = torch.Size(shape).numel()
+        if sum(covered[name].values()) < numel:
+            if not re.search(r"expert_bias$", name):
+                raise ValueError(f"reference tensor {name} is not fully covered by the megatron shards "
+                                 f"({sum(covered[name].values())} of {numel} elements)")
+            full[name].zero_()
+    return full

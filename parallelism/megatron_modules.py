@@ -1,0 +1,148 @@
+"""raytron's own megatron-core modules, for the paths where megatron-core has no fast or matching
+implementation without Transformer Engine.
+
+- `RMSNorm`: the reference RMSNorm (fp32 statistics) usable under sequence parallelism: its weight is
+  marked `sequence_parallel`, so megatron's finalize_model_grads all-reduces its gradient over TP.
+- `SDPACoreAttention`: causal attention through torch's scaled_dot_product_attention (flash / cuDNN /
+  efficient backends) instead of megatron's unfused local softmax attention. Under context parallelism
+  it all-gathers keys and values over the CP group (reduce-scatter of their gradients) and masks by the
+  global positions of megatron's load-balanced split (rank r holds chunks r and 2*cp-1-r).
+- `ReferenceRouter`: megatron's TopKRouter with the reference load-balancing loss: Switch/GShard's
+  `E * sum_e P_e * f_e` with f_e the fraction of tokens whose *first* choice is e (megatron counts every
+  one of the k choices). Scaling, the autograd attachment and TP/CP reduction stay megatron's own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.router import TopKRouter
+
+
+def allow_moe_without_te() -> None:
+    """megatron-core 0.16.1 references `te_general_gemm` in its router gating even without Transformer
+    Engine (NameError). Defining it as None selects the plain torch path; a real TE binding is kept."""
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+class RMSNorm(torch.nn.Module):
+    """y = x / rms(x) * weight, statistics in fp32 (the reference's RMSNorm), sequence-parallel aware."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return out.to(x.dtype)
+
+
+class SDPACoreAttention(MegatronModule):
+    """Drop-in for megatron's DotProductAttention: q [sq, b, np, hn], k/v [sk, b, ng, hn] -> [sq, b, np*hn]."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        if attn_mask_type != AttnMaskType.causal:
+            raise NotImplementedError(f"SDPACoreAttention supports causal masks only, got {attn_mask_type}")
+        if (attention_dropout if attention_dropout is not None else config.attention_dropout) != 0:
+            raise NotImplementedError("SDPACoreAttention runs without attention dropout")
+        self.softmax_scale = softmax_scale
+        self.cp_group = (pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp")
+                         else parallel_state.get_context_parallel_group())
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPACoreAttention: packed sequences and attention bias are not supported")
+        sq, b = query.shape[:2]
+        if self.cp_group.size() > 1:
+            out = self._context_parallel(query, key, value)
+        else:
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _context_parallel(self, query, key, value) -> torch.Tensor:
+        cp, rank = self.cp_group.size(), self.cp_group.rank()
+        key = _natural_order(gather_from_sequence_parallel_region(key, True, group=self.cp_group), cp)
+        value = _natural_order(gather_from_sequence_parallel_region(value, True, group=self.cp_group), cp)
+        chunk = query.shape[0] // 2
+        qpos = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
+                          torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)]).to(query.device)
+        kpos = torch.arange(key.shape[0], device=query.device)
+        mask = kpos[None, :] <= qpos[:, None]  # [sq, sk], True = attend
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+
+
+def _natural_order(gathered: torch.Tensor, cp: int) -> torch.Tensor:
+    """[rank0: c0, c(2cp-1) | rank1: c1, c(2cp-2) | ...] along dim 0 -> c0, c1, ..., c(2cp-1)."""
+    chunks = gathered.chunk(2 * cp, dim=0)
+    slot_of = {}
+    for r in range(cp):
+        slot_of[r], slot_of[2 * cp - 1 - r] = 2 * r, 2 * r + 1
+    return torch.cat([chunks[slot_of[c]] for c in range(2 * cp)], dim=0)
+
+
+def split_for_context_parallel(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
+    """This CP rank's part of x along `dim`: chunks rank and 2*cp-1-rank of 2*cp (megatron's balance)."""
+    if cp == 1:
+        return x
+    chunks = x.chunk(2 * cp, dim=dim)
+    return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]], dim=dim)
+
+
+class ReferenceRouter(TopKRouter):
+    """TopKRouter whose aux loss counts first choices only (see the module docstring), and which records
+    its per-forward aux loss and expert load for the engine's metrics."""
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.recorded_aux: list[torch.Tensor] = []  # this rank's share of each forward's aux loss
+        self.recorded_load: list[torch.Tensor] = []  # assignments per expert on this rank's tokens
+
+    def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask: bool = False):
+        coeff = self.get_aux_loss_coeff("aux_loss")
+        if coeff == 0:
+            return probs
+        if with_padding_mask:
+            raise NotImplementedError("ReferenceRouter: padding masks are not supported")
+        first = F.one_hot(scores_for_aux_loss.argmax(-1), self.config.num_moe_experts).sum(0)
+        first = first.float()
+        if self.tp_cp_group.size() > 1:
+            torch.distributed.all_reduce(first, group=self.tp_cp_group)
+        local_tokens = routing_map.shape[0]
+        total_tokens = local_tokens * self.tp_cp_group.size()
+        # megatron's f_e = tokens_per_expert / (T * k): pass first-choice counts * k to get count / T
+        aux = moe_utils.switch_load_balancing_loss_func(
+            probs=scores_for_aux_loss, tokens_per_expert=first * self.topk, total_num_tokens=total_tokens,
+            topk=self.topk, num_experts=self.config.num_moe_experts, moe_aux_loss_coeff=coeff)
+        self.recorded_aux.append(aux.detach().float() / coeff)
+        return self.attach_and_log_load_balancing_loss(probs, coeff, aux, "load_balancing_loss",
+                                                       self.tp_cp_group, valid_token_count=local_tokens)
+
+    def routing(self, logits: torch.Tensor, padding_mask=None):
+        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        self.recorded_load.append(routing_map.sum(0).detach().float())
+        return probs, routing_map
+
+    def pop_records(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(sum of recorded aux losses, summed expert load) since the last call; clears the records."""
+        aux = torch.stack(self.recorded_aux).sum() if self.recorded_aux else None
+        load = torch.stack(self.recorded_load).sum(0) if self.recorded_load else None
+        self.recorded_aux, self.recorded_load = [], []
+        return aux, load

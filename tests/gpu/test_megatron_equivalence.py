@@ -1,0 +1,91 @@
+"""Megatron engine vs the single-device reference on GPUs (marked `gpu`; skipped without enough CUDA devices).
+
+One torchrun launch per world size (1, 2, 4) runs every case of tests/gpu/megatron_equivalence.py; the
+tests below read its JSON lines. Tolerances (bf16 compute vs the fp32 reference, stated once here):
+- step-1 LM loss: |megatron - reference| <= LOSS_ATOL (the weights are the reference's rounded to bf16);
+- step-1 grad norm: relative difference <= GRAD_RTOL;
+- 50-step curves: every step's loss within CURVE_ATOL of the reference and of the single-GPU megatron run;
+- mapping: exported megatron weights equal the reference weights rounded to bf16 exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from megatron_equivalence import LAYOUTS  # noqa: E402  (the torchrun program beside this file)
+
+pytestmark = pytest.mark.gpu
+
+LOSS_ATOL, GRAD_RTOL, CURVE_ATOL = 2e-2, 5e-2, 5e-2
+PROGRAM = Path(__file__).with_name("megatron_equivalence.py")
+CASES = [(name, fam) for name, (_, _, families) in LAYOUTS.items() for fam in families]
+
+
+def _results_dir() -> Path:
+    path = Path(os.environ.get("RAYTRON_GPU_RESULTS", Path(__file__).parent / "results" / "local"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    """{(layout, family): record} from one torchrun per world size that this machine can hold."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out: dict = {}
+    for world in sorted({w for w, _, _ in LAYOUTS.values()}):
+        if world > torch.cuda.device_count():
+            continue
+        path = _results_dir() / f"megatron_equivalence_w{world}.jsonl"
+        path.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port=29533",
+               str(PROGRAM), "--out", str(path)]
+        proc = subprocess.run(cmd, timeout=420, capture_output=True, text=True)
+        (_results_dir() / f"megatron_equivalence_w{world}.log").write_text(proc.stdout + proc.stderr)
+        if path.exists():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                out[(rec["layout"], rec["family"])] = rec
+    return out
+
+
+def _record(results, name, family) -> dict:
+    world = LAYOUTS[name][0]
+    if world > torch.cuda.device_count():
+        pytest.skip(f"{name} needs {world} GPUs")
+    rec = results.get((name, family))
+    assert rec is not None, f"{name}/{family}: no result (see the torchrun log in the results folder)"
+    assert "error" not in rec, rec.get("traceback", rec.get("error"))
+    return rec
+
+
+@pytest.mark.parametrize("name,family", CASES)
+def test_matches_reference(results, name, family):
+    rec = _record(results, name, family)
+    meg, ref = rec["megatron"], rec["reference"]
+    assert meg["mapping_max_abs_err"] == 0.0
+    assert abs(meg["loss"][0] - ref["loss"][0]) <= LOSS_ATOL, (meg["loss"][0], ref["loss"][0])
+    assert abs(meg["grad_norm"][0] / ref["grad_norm"][0] - 1) <= GRAD_RTOL, (meg["grad_norm"][0], ref["grad_norm"][0])
+    if family == "moe":
+        assert abs(meg["aux_loss"][0] - ref["aux_loss"][0]) <= LOSS_ATOL, (meg["aux_loss"][0], ref["aux_loss"][0])
+
+
+@pytest.mark.parametrize("name,family", CASES)
+def test_loss_curve(results, name, family):
+    rec = _record(results, name, family)
+    meg, ref = rec["megatron"]["loss"], rec["reference"]["loss"]
+    worst = max(abs(a - b) for a, b in zip(meg, ref))
+    assert worst <= CURVE_ATOL, f"max |megatron - reference| over {len(meg)} steps = {worst}"
+    assert meg[-1] < meg[0] - 0.5, "the curve must actually go down"
+    single = results.get(("single", family))
+    if single and "error" not in single and name != "single":
+        worst = max(abs(a - b) for a, b in zip(meg, single["megatron"]["loss"]))
+        assert worst <= CURVE_ATOL, f"max |{name} - single-GPU megatron| = {worst}"
