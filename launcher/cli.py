@@ -1,7 +1,7 @@
-"""`raytron` command line: submit, plan, data prepare.
+"""`raytron` command line: submit, plan, data prepare, runs/status/logs/stop, cluster.
 
 Exit codes: 0 success; 1 the job ran and failed; 2 the config, data or command line was refused
-before anything started.
+before anything started; 3 the job was preempted more often than fault.max_preemptions (resumable).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
+EXIT_PREEMPTED = 3
 
 
 def _add_submit(subparsers) -> None:
@@ -21,9 +22,13 @@ def _add_submit(subparsers) -> None:
     p.add_argument("--name", default=None, help="run name (default: the config's `name`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=40 (repeatable)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
+    p.add_argument("--address", default=None,
+                   help="http://HOST:8265: submit a Ray Job to that cluster's Jobs API; ray://... or HOST:PORT: "
+                        "drive the cluster from this process (default: embedded local Ray)")
     p.add_argument("--resume", action="store_true",
                    help="continue the named run from its newest committed checkpoint")
+    p.add_argument("--detach", action="store_true",
+                   help="with an http:// address: print the job id and return instead of following its logs")
     p.set_defaults(func=_run_submit)
 
 
@@ -32,10 +37,16 @@ def _run_submit(args: argparse.Namespace) -> int:
 
     try:
         spec = load_spec(args.config, args.overrides, args.name)
+        from .jobs import is_jobs_address
+
+        if is_jobs_address(args.address):
+            from .jobs import submit_remote
+
+            return submit_remote(spec, args.address, resume=args.resume, detach=args.detach)
         from .driver import run_job
 
         outcome = run_job(spec, resume=args.resume, address=args.address)
-    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, PermissionError, ConnectionError) as exc:
         print(f"raytron: error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     print(f"\n[raytron] job {outcome.status}: {spec.name}")
@@ -44,9 +55,11 @@ def _run_submit(args: argparse.Namespace) -> int:
           f"{outcome.last_checkpoint})")
     print(f"[raytron]   tensorboard:    {outcome.run_uri}/tensorboard  "
           f"(tensorboard --logdir {outcome.run_uri}/tensorboard)")
+    if hasattr(outcome, "budget_line"):
+        print(f"[raytron]   faults:         {outcome.budget_line()} ({outcome.run_uri}/outcome.json)")
     if outcome.status != "completed":
-        print(f"raytron: job failed: {outcome.error}", file=sys.stderr)
-        return EXIT_FAILED
+        print(f"raytron: job {outcome.status}: {outcome.error}", file=sys.stderr)
+        return EXIT_PREEMPTED if outcome.status == "preempted" else EXIT_FAILED
     m = outcome.metrics
     if "loss" in m:
         print(f"[raytron]   final loss {m['loss']:.4f}" + (f", val_loss {m['val_loss']:.4f}"
@@ -56,13 +69,16 @@ def _run_submit(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..data_pipeline import cli as data_cli
-    from . import plan
+    from . import cluster, export, plan, runs
 
     parser = argparse.ArgumentParser(prog="raytron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_submit(sub)
     plan.add_subparser(sub)
     data_cli.add_subparser(sub)
+    runs.add_subparsers(sub)
+    cluster.add_subparser(sub)
+    export.add_subparser(sub)
     return parser
 
 

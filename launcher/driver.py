@@ -16,19 +16,13 @@ import fsspec
 
 from ..data_pipeline import prepare_for_job
 from ..parallelism.checkpoint import CheckpointStore
-from .spec import JobSpec, spec_to_yaml
+from .leftovers import reap_dead_driver, record_driver
+from .outcome import JobOutcome, supervise
+from .preemption import PreemptibleTorchConfig
+from .spec import JobSpec, resolve_local_paths, spec_to_yaml
 from .strict_yaml import ConfigError
 from .validate import validate_job
 from .worker import data_cache_uri, train_worker
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    status: str  # "completed" | "failed"
-    run_uri: str
-    last_checkpoint: int | None
-    metrics: dict
-    error: str | None = None
 
 
 def _run_exists(spec: JobSpec) -> bool:
@@ -70,14 +64,34 @@ def _init_ray(spec: JobSpec, address: str | None) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if ray.is_initialized():
         return
+    # Inside a Ray Job (`raytron submit --address http://...`) the job manager sets RAY_ADDRESS: the
+    # driver joins that cluster rather than starting an embedded Ray next to it.
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
     need = spec.resources.workers * spec.resources.cpus_per_worker + 1
     # The dashboard serves Ray's state API, which Ray Train's controller watchdog polls; it is bound
-    # to loopback so the embedded cluster's job API is never reachable from the network.
-    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
+    # to loopback so the embedded cluster's job API is never reachable from the network. A minimal Ray
+    # (the GPU machines' wheelhouse lacks opencensus/opentelemetry) runs without it: the watchdog then
+    # only warns that the state API is unavailable.
+    from ray._private.utils import get_dashboard_dependency_error
+
+    missing = get_dashboard_dependency_error()
+    if missing is not None:
+        print(f"[raytron] Ray dashboard off ({missing}); Ray Train's state-API watchdog will warn", flush=True)
+    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=missing is None, dashboard_host="127.0.0.1",
              log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+def _place(spec: JobSpec, layout):
+    """Rank -> node plan on the connected cluster (launcher/placement.py)."""
+    from .placement import cluster_nodes, plan_placement, worker_resources
+
+    plan = plan_placement(layout, cluster_nodes(), worker_resources(spec))
+    if layout.num_nodes > 1:
+        print(f"[raytron] {plan.describe()}", flush=True)
+    return plan
 
 
 def _storage(spec: JobSpec):
@@ -89,29 +103,49 @@ def _storage(spec: JobSpec):
     return root, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def _drop_ray_checkpoint_snapshot(spec: JobSpec) -> None:
+    """Forget Ray Train's record of earlier checkpoints before each `fit()`.
+
+    raytron finds checkpoints by listing committed steps; Ray's snapshot is only bookkeeping, and it
+    goes stale once retention deletes a step it lists (Ray then refuses to start the run). Ray
+    rebuilds its record from the checkpoints reported after the relaunch."""
+    fs, root = fsspec.core.url_to_fs(spec.run_uri)
+    path = f"{root}/checkpoint_manager_snapshot.json"
+    if fs.exists(path):
+        fs.rm(path)
+
+
 def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> JobOutcome:
     """Run `spec` to completion under Ray Train; returns the outcome (never hangs on a failed group)."""
+    spec = resolve_local_paths(spec)
     layout = preflight(spec, resume)
-    write_run_record(spec, layout, resume)
+    if resume:
+        reap_dead_driver(spec.run_uri)  # what a crashed driver of this run left on this host (launcher/leftovers.py)
     _init_ray(spec, address)
+    placement = _place(spec, layout)  # refuses a layout the cluster cannot place, before any record or worker
+    write_run_record(spec, layout, resume)
+    record_driver(spec.run_uri, embedded=not (address or os.environ.get("RAY_ADDRESS")))
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     storage_path, storage_fs = _storage(spec)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"spec": spec.to_dict(), "layout": layout.to_dict()},
-        torch_config=TorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=spec.resources.workers, use_gpu=spec.resources.use_gpu,
-                                     resources_per_worker={"CPU": spec.resources.cpus_per_worker}),
-        run_config=RunConfig(name=spec.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=spec.fault.max_failures)),
-    )
+
+    def make_trainer(max_failures: int, max_preemptions: int) -> TorchTrainer:
+        _drop_ray_checkpoint_snapshot(spec)
+        return TorchTrainer(
+            train_worker,
+            train_loop_config={"spec": spec.to_dict(), "layout": layout.to_dict()},
+            torch_config=PreemptibleTorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo",
+                                                timeout_s=spec.fault.collective_timeout_s,
+                                                preemption_grace_s=spec.fault.preemption_grace_s),
+            scaling_config=ScalingConfig(num_workers=spec.resources.workers, use_gpu=spec.resources.use_gpu,
+                                         resources_per_worker={"CPU": spec.resources.cpus_per_worker},
+                                         **placement.scaling_options()),
+            run_config=RunConfig(name=spec.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                 failure_config=FailureConfig(max_failures=max_failures,
+                                                               max_preemption_failures=max_preemptions)),
+        )
+
     store = CheckpointStore(f"{spec.run_uri}/checkpoints", keep=spec.checkpoint.keep)
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - every training failure becomes a typed outcome
-        steps = store.committed_steps()
-        return JobOutcome("failed", spec.run_uri, steps[-1] if steps else None, {}, f"{type(exc).__name__}: {exc}")
-    steps = store.committed_steps()
-    return JobOutcome("completed", spec.run_uri, steps[-1] if steps else None, dict(result.metrics or {}))
+    # Failure and preemption budgets, the relaunch after a preemption, outcome.json: launcher/outcome.py
+    return supervise(spec, make_trainer, store)

@@ -54,6 +54,15 @@ class MetricsWriter:
         """Full-precision metrics of one step, for `metrics.jsonl` (exact comparisons, scripts)."""
         self._records.append(json.dumps({"step": step, **values}))
 
+    def annotate(self, step: int, values: dict) -> None:
+        """Add `values` to the record of `step` (e.g. checkpoint timings known after the step)."""
+        for i in range(len(self._records) - 1, -1, -1):
+            rec = json.loads(self._records[i])
+            if rec["step"] == step:
+                self._records[i] = json.dumps({**rec, **values})
+                return
+        self.record(step, values)
+
     def flush(self) -> None:
         self.writer.flush()
         fs, path = fsspec.core.url_to_fs(self.jsonl_uri)

@@ -377,3 +377,26 @@ def replace(spec: JobSpec, **changes) -> JobSpec:
 __all__ = ["JobSpec", "ModelSpec", "LayoutSpec", "ResourcesSpec", "TrainSpec", "DataSpec", "SourceSpec",
            "CheckpointSpec", "FaultSpec", "FaultInjectSpec", "ConfigError", "load_spec", "spec_from_dict", "spec_to_yaml",
            "apply_overrides", "Path"]
+
+
+def _absolute(uri: str) -> str:
+    """A local relative path made absolute against this process's directory; URIs pass unchanged."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    import os
+
+    return os.path.abspath(uri.removeprefix("file://"))
+
+
+def resolve_local_paths(spec: JobSpec) -> JobSpec:
+    """The spec with relative local paths (checkpoint root, data cache, data sources) made absolute.
+
+    The driver calls this before any worker starts: Ray workers run in their own working directory,
+    so `./runs` would otherwise name a different place on every process."""
+    data = dataclasses.replace(
+        spec.data,
+        cache_uri=None if spec.data.cache_uri is None else _absolute(spec.data.cache_uri),
+        sources=tuple(src if src.uri.startswith("builtin://") else dataclasses.replace(src, uri=_absolute(src.uri))
+                      for src in spec.data.sources))
+    checkpoint = dataclasses.replace(spec.checkpoint, uri=_absolute(spec.checkpoint.uri))
+    return dataclasses.replace(spec, data=data, checkpoint=checkpoint)

@@ -14,8 +14,9 @@ import torch
 from ..data_pipeline import prepare_for_job
 from ..parallelism.checkpoint import CheckpointStore
 from ..parallelism.layout import ParallelLayout
-from .checkpointing import restore_checkpoint, save_checkpoint
+from .checkpointing import CheckpointSaver, restore_checkpoint
 from .metrics import MetricsWriter
+from .resilience import FaultGuard, NumericsError, StopTraining
 from .spec import JobSpec, ModelSpec, spec_from_dict
 
 
@@ -31,29 +32,64 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     spec = spec_from_dict(config["spec"])
     layout = ParallelLayout.from_dict(config["layout"])
-    result = run_training(spec, layout, rank, world, report=ray.train.report)
+    guard = FaultGuard.start(spec, rank, world, node_id=ray.get_runtime_context().get_node_id())
+    try:
+        result = run_training(spec, layout, rank, world, report=ray.train.report, guard=guard)
+    except StopTraining as stop:
+        # Every rank stops together and returns normally: Ray Train must not restart a job whose
+        # next attempt would hit the same numbers; the driver reports it as failed.
+        guard.record.failed(stop.cause or stop, guard.step, status="stopped")
+        if rank == 0:
+            print(f"[raytron] training stopped: {stop}", flush=True)
+        return
+    except BaseException as exc:
+        guard.record.failed(exc, guard.step)
+        raise
+    finally:
+        guard.__exit__(None, None, None)  # idempotent: watchdog off, SIGTERM back to Ray's meaning
+    guard.finished(result.get("step"))
     if rank == 0:
-        print(f"[raytron] rank 0 finished: {result}", flush=True)
+        print(f"[raytron] rank 0 finished ({guard.status}): {result}", flush=True)
 
 
-def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, report=None) -> dict:
-    """Train `spec` on this rank (torch.distributed already initialized). Returns final metrics."""
+def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, report=None,
+                 guard: FaultGuard | None = None) -> dict:
+    """Train `spec` on this rank (torch.distributed already initialized). Returns final metrics.
+    `guard` (launcher/resilience.py) handles preemption, hangs, NaN/spikes; one is made if not given."""
+    guard = guard or FaultGuard.start(spec, rank, world)
     if not spec.resources.use_gpu:
         torch.set_num_threads(spec.resources.torch_threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     data = prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed,
                            cache_uri=data_cache_uri(spec))
     engine = build_engine(spec, layout, rank, world, data.vocab_size)
     store = CheckpointStore(f"{spec.run_uri}/checkpoints", keep=spec.checkpoint.keep)
+    guard.attach(engine)
     start_step, cursor = restore_checkpoint(engine, store, spec, rank)
+    guard.resumed(start_step)
+    saver = CheckpointSaver(store, spec, layout, rank, world, report)  # async per checkpoint.async_save
     writer = MetricsWriter(f"{spec.run_uri}/tensorboard", start_step, spec.train.steps) if rank == 0 else None
-    dp_rank, dp = rank, layout.dp  # the deepspeed engine folds EP over DP: every rank is a DP rank
+    # Ranks of one DP replica (its TP/PP/CP ranks) read the same samples; EP folds over DP.
+    dp_rank, dp = layout.coords(rank)["dp"], layout.dp
     last: dict = {"step": start_step}
-    for step in range(start_step + 1, spec.train.steps + 1):
+    step = start_step
+    guard.__enter__()  # preemption flag + step watchdog, for the loop only
+    while step < spec.train.steps:
+        step += 1
         t0 = time.perf_counter()
+        cursor = guard.skips.apply(cursor)  # data windows skipped by earlier rollbacks
+        guard.begin_step(step, engine)
         micro = data.train.micro_batches(cursor.samples_consumed, spec.train.global_batch_size,
                                          spec.train.micro_batch_size, dp_rank, dp)
         m = engine.train_step(micro)
+        try:
+            guard.end_step(step, m)
+        except NumericsError as err:  # nothing of this step is kept: stop, or roll back and skip
+            saver.finish()
+            step, cursor = guard.roll_back(err, cursor, lambda: restore_checkpoint(engine, store, spec, rank))
+            if writer:
+                writer.close()
+                writer = MetricsWriter(f"{spec.run_uri}/tensorboard", step, spec.train.steps)
+            continue
         engine.after_step()
         cursor = cursor.advance(spec.train.global_batch_size)
         elapsed = time.perf_counter() - t0
@@ -71,7 +107,21 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
         if _due(step, spec.checkpoint.every, spec.train.steps):
             if writer:
                 writer.flush()
-            save_checkpoint(engine, store, spec, layout, step, cursor, rank, world, report, last)
+            saver.save(engine, step, cursor, last)
+            saver.log_timings(writer)
+        if step < spec.train.steps and guard.preempt_agreed():  # SIGTERM on any rank: commit, leave
+            if not _due(step, spec.checkpoint.every, spec.train.steps):
+                if writer:
+                    writer.flush()
+                saver.save(engine, step, cursor, last)
+            saver.finish()
+            guard.preempted(step)
+            if rank == 0:
+                print(f"[raytron] preempted: checkpoint of step {step} committed; exiting", flush=True)
+            break
+    guard.__exit__(None, None, None)
+    saver.finish()  # the end of training waits for the last (async) save to commit
+    saver.log_timings(writer)
     if writer:
         writer.close()
     return last
@@ -101,5 +151,9 @@ def build_engine(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, v
         from ..parallelism.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(spec, layout, rank, world)
+    if spec.engine == "megatron":
+        from ..parallelism.megatron_engine import MegatronEngine
+
+        return MegatronEngine(spec, layout, rank, world)
     raise ValueError(f"engine {spec.engine!r} is not available in this build; use engine: deepspeed")
 

@@ -59,6 +59,7 @@ class CheckpointStore:
         return f"{self.root}/step-{step:09d}"
 
     def _list_steps(self) -> list[int]:
+        self.fs.invalidate_cache()  # other processes write steps: never trust a cached listing
         try:
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:

@@ -72,6 +72,9 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_ds_config(spec, layout))
         self._check_ep_groups()
+        # Optional callback(local_loss_sum) run at the gradient-accumulation boundary, after the last
+        # backward and before the optimizer update (launcher/health.py: NaN/Inf check, fault injection).
+        self.before_optimizer_step = None
 
     def _check_ep_groups(self) -> None:
         if not self.num_moe_layers:
@@ -108,12 +111,14 @@ class DeepSpeedEngine:
         aux_sum = torch.zeros((), dtype=torch.float64)
         load = None
         lr = self.scheduler.get_last_lr()[0]
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             lm, aux = self._forward_loss(batch)
             self.engine.backward(lm + self.spec.train.aux_loss_coef * aux)
-            self.engine.step()
             lm_sum += lm.detach().double().cpu()
             aux_sum += aux.detach().double().cpu()
+            if i == len(micro_batches) - 1 and self.before_optimizer_step is not None:
+                self.before_optimizer_step(lm_sum + aux_sum)  # GA boundary: the next step() updates
+            self.engine.step()
             load = self._accumulate_load(load)
         stats = torch.stack([lm_sum, aux_sum]) / len(micro_batches)
         torch.distributed.all_reduce(stats)

@@ -1,0 +1,123 @@
+"""Preemption: SIGTERM to a worker means "commit a checkpoint and leave", not "crash".
+
+How it works, end to end:
+1. The driver's TorchConfig is `PreemptibleTorchConfig`; its backend runs `install_sigterm_handler`
+   on every worker actor when the group starts. That runs in the actor's main thread (a plain Ray
+   actor executes its tasks there), the only thread Python lets set signal handlers; the training
+   function itself runs in a side thread.
+2. On SIGTERM the handler only sets a process-wide flag (a signal is process-wide by nature) and arms
+   a deadline: if the worker is still alive `grace_s` later, it exits hard. Outside training (no loop
+   registered) Ray's own SIGTERM behaviour is kept.
+3. At every step boundary the loop calls `PreemptionSignal.agreed()`: one tiny all-reduce(MAX) so all
+   ranks stop at the same step even though the signal hit one of them. The loop then commits a
+   checkpoint (blocking) and returns normally: Ray Train sees a *successful* worker group, so the
+   failure budget is untouched; the rank-0 record says `preempted`, and the driver relaunches
+   `trainer.fit()` against the preemption budget (launcher/driver.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _TorchBackend
+
+_flag = threading.Event()  # set by the SIGTERM handler; the process's only piece of signal state
+_state: dict = {"training": False, "grace_s": 60.0, "received": None, "previous": None}
+
+
+def _handler(signum, frame) -> None:
+    if not _state["training"]:
+        previous = _state["previous"]
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            sys.exit(128 + signum)
+        return
+    if _flag.is_set():
+        return
+    _state["received"] = time.time()
+    _flag.set()
+    grace = _state["grace_s"]
+    print(f"[raytron] pid {os.getpid()}: SIGTERM received; committing a checkpoint at the next step "
+          f"boundary (grace {grace:.0f}s)", flush=True)
+
+    def _deadline() -> None:
+        time.sleep(grace)
+        print(f"[raytron] pid {os.getpid()}: preemption grace of {grace:.0f}s ran out; exiting", flush=True)
+        os._exit(143)
+
+    threading.Thread(target=_deadline, name="raytron-preemption-deadline", daemon=True).start()
+
+
+def install_sigterm_handler(grace_s: float) -> bool:
+    """Install the preemption handler (must run on the process's main thread). True if installed."""
+    _state["grace_s"] = grace_s
+    if threading.current_thread() is not threading.main_thread():
+        print("[raytron] warning: SIGTERM preemption handler not installed (not on the main thread)",
+              flush=True)
+        return False
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not _handler:
+        _state["previous"] = previous
+    signal.signal(signal.SIGTERM, _handler)
+    return True
+
+
+@dataclass
+class PreemptionSignal:
+    """The training loop's view of the SIGTERM flag (a context manager around the loop)."""
+
+    grace_s: float
+
+    def __enter__(self) -> "PreemptionSignal":
+        _flag.clear()
+        _state["received"] = None
+        _state["grace_s"] = self.grace_s
+        _state["training"] = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _state["training"] = False
+
+    @property
+    def local(self) -> bool:
+        """This process got SIGTERM (no collective)."""
+        return _flag.is_set()
+
+    @property
+    def received_at(self) -> float | None:
+        return _state["received"]
+
+    def agreed(self, device: torch.device | None = None) -> bool:
+        """Collective: True on every rank if any rank got SIGTERM."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if _flag.is_set() else 0.0], device=device or torch.device("cpu"))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+class _PreemptibleTorchBackend(_TorchBackend):
+    """Ray Train's torch backend, plus the SIGTERM handler on every worker of the group."""
+
+    def on_training_start(self, worker_group, backend_config) -> None:
+        super().on_training_start(worker_group, backend_config)
+        worker_group.execute(install_sigterm_handler, backend_config.preemption_grace_s)
+
+
+@dataclass
+class PreemptibleTorchConfig(TorchConfig):
+    """TorchConfig(backend, timeout_s) whose workers treat SIGTERM as a preemption."""
+
+    preemption_grace_s: float = 60.0
+
+    @property
+    def backend_cls(self):
+        return _PreemptibleTorchBackend

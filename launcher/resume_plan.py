@@ -1,0 +1,155 @@
+"""`raytron plan CONFIG --resume-from URI`: will that checkpoint load under this config's layout?
+
+Offline and instant: reads the manifest and lists files, never a tensor. The answer mirrors what
+`restore_checkpoint` will do: the newest committed step whose files are all there with their recorded
+sizes (SHA-256 is checked at load time), the same model/data/sample fields (the resume hash), the same
+engine, and a layout the job validates with. When it loads, the plan says what gets resharded.
+URI: a run directory, its `checkpoints/` folder, or one `step-NNNNNNNNN/` directory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..parallelism.checkpoint import CheckpointError, CheckpointStore
+from .strict_yaml import ConfigError
+
+_STEP_DIR = re.compile(r"^(.*)/step-(\d{9})$")
+
+
+@dataclass
+class ResumePlan:
+    ok: bool
+    source: str  # the checkpoint considered (or the URI when none was found)
+    step: int | None = None
+    reasons: list[str] = field(default_factory=list)  # why not (empty when ok)
+    reshard: list[str] = field(default_factory=list)  # what changes on load
+    notes: list[str] = field(default_factory=list)  # skipped steps, caveats
+
+
+def locate(uri: str) -> tuple[CheckpointStore, int | None]:
+    uri = uri.rstrip("/")
+    m = _STEP_DIR.match(uri)
+    if m:
+        return CheckpointStore(m.group(1)), int(m.group(2))
+    return CheckpointStore(uri if uri.endswith("/checkpoints") else f"{uri}/checkpoints"), None
+
+
+def _pick(store: CheckpointStore, step: int | None, plan: ResumePlan) -> dict | None:
+    """The manifest resume would use (shallow verify: names and sizes), or None with reasons."""
+    if step is not None:
+        if step not in store.committed_steps():
+            plan.reasons.append(f"step {step} has no COMMITTED marker under {store.uri} (an interrupted save)")
+            return None
+        try:
+            return store.verify(step, deep=False)
+        except CheckpointError as exc:
+            plan.reasons.append(str(exc))
+            return None
+    chosen, skipped = store.latest(deep=False)
+    plan.notes += [f"skipped {s}" for s in skipped]
+    if chosen is None:
+        plan.reasons.append(f"no committed checkpoint with all its files under {store.uri}")
+        return None
+    plan.step, plan.source = chosen.step, chosen.path
+    return chosen.manifest
+
+
+def _diff(old, new, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{path}.{k}" if path else k)
+        return out
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
+def _compatibility(manifest: dict, spec, plan: ResumePlan) -> None:
+    from .checkpointing import resume_fields, resume_hash
+
+    if manifest.get("engine") != spec.engine:
+        plan.reasons.append(f"engine change {manifest.get('engine')} -> {spec.engine}: a checkpoint loads only "
+                            f"into the engine that wrote it (export it to safetensors to start anew)")
+        return
+    if manifest.get("config_hash") != resume_hash(spec):
+        changed = _diff(manifest.get("resume_fields"), resume_fields(spec)) if "resume_fields" in manifest else []
+        plan.reasons.append("different model/data config (resume hash "
+                            f"{manifest.get('config_hash')} != {resume_hash(spec)})"
+                            + (": " + "; ".join(changed) if changed else ""))
+
+
+def _reshard(manifest: dict, layout, num_experts: int) -> list[str]:
+    old, new = manifest["layout"], layout.to_dict()
+    out = []
+    if old["world_size"] != new["world_size"]:
+        out.append(f"workers {old['world_size']} -> {new['world_size']}: per-rank RNG streams are reseeded")
+    if num_experts and old["ep"] != new["ep"]:
+        out.append(f"experts: ep {old['ep']} -> {new['ep']}, {num_experts // old['ep']} -> "
+                   f"{num_experts // new['ep']} experts per rank (expert e moves to EP rank e // "
+                   f"{num_experts // new['ep']}), with their Adam moments")
+    if (old["dp"], old["zero_stage"]) != (new["dp"], new["zero_stage"]):
+        out.append(f"ZeRO-{new['zero_stage']} partitions rebuilt: dp {old['dp']} (ZeRO-{old['zero_stage']}) -> "
+                   f"dp {new['dp']} (ZeRO-{new['zero_stage']}) from full fp32 weights and moments")
+    if old["global_batch_size"] != new["global_batch_size"]:
+        out.append(f"global batch {old['global_batch_size']} -> {new['global_batch_size']}: the data cursor "
+                   "(samples consumed) carries over; later steps read larger/smaller batches")
+    if out:
+        out.append("canary restore: tensor digests compared with the checkpoint before training continues")
+    return out
+
+
+def plan_resume(spec, uri: str) -> ResumePlan:
+    """Decide, without loading tensors, whether `uri` resumes under `spec` (its layout validated here)."""
+    from .validate import validate_job
+
+    store, step = locate(uri)
+    plan = ResumePlan(ok=False, source=store.step_path(step) if step is not None else store.uri, step=step)
+    manifest = _pick(store, step, plan)
+    try:
+        layout = validate_job(spec)
+    except ConfigError as exc:
+        plan.reasons.append(f"the new layout is invalid: {exc}")
+        layout = None
+    if manifest is None:
+        return plan
+    _compatibility(manifest, spec, plan)
+    if layout is not None and not plan.reasons:
+        plan.reshard = _reshard(manifest, layout, manifest.get("model", {}).get("num_experts", 0))
+        cursor = manifest.get("data_cursor", {}).get("samples_consumed")
+        plan.notes.append(f"data cursor: continues after {cursor} samples; training resumes at step {plan.step + 1}")
+    plan.ok = not plan.reasons
+    return plan
+
+
+def format_plan(plan: ResumePlan, layout_desc: str = "") -> str:
+    lines = [f"resume from {plan.source}" + (f" (step {plan.step})" if plan.step is not None else "")]
+    if layout_desc:
+        lines.append(f"  into layout {layout_desc}")
+    if plan.ok:
+        lines.append("answer: YES, it loads" + (" with resharding:" if plan.reshard else " as saved (same layout)"))
+        lines += [f"  reshard: {r}" for r in plan.reshard]
+    else:
+        lines.append("answer: NO")
+        lines += [f"  why: {r}" for r in plan.reasons]
+    lines += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(lines) + "\n"
+
+
+def run_resume_plan(args, out, err) -> int:
+    """`plan --resume-from`: exit 0 when the checkpoint loads under the config, 2 when it does not."""
+    from .spec import load_spec
+
+    try:
+        spec = load_spec(args.config, args.overrides, args.name)
+    except ConfigError as exc:
+        print(f"raytron plan: invalid config {args.config}: {exc}", file=err)
+        return 2
+    plan = plan_resume(spec, args.resume_from)
+    layout_desc = ""
+    if plan.ok:
+        from .validate import validate_job
+
+        layout_desc = validate_job(spec).describe()
+    (out if plan.ok else err).write(format_plan(plan, layout_desc))
+    return 0 if plan.ok else 2

@@ -1,0 +1,224 @@
+"""Layout-independent checkpoint state of the megatron engine (same contract as parallelism/ds_state.py).
+
+Saved: every reference parameter's full fp32 master value and full Adam moments (`exp_avg`,
+`exp_avg_sq`) under its *reference* name (MoE experts stay stacked `[E, ...]` as in the reference
+model), plus the optimizer step and the engine's step count. Nothing is stored in megatron's TP/PP/EP
+shard or distributed-optimizer bucket form, so a checkpoint loads under any TP/PP/EP/CP/DP layout:
+`load_state` cuts the reference tensors with the weight mapping (parallelism/megatron_mapping.py) and
+each rank takes its distributed-optimizer range.
+
+Which megatron-core 0.16.1 API: the per-parameter accessors of `DistributedOptimizer`
+(`gbuf_ranges[..]["param_map"][param]["param"]` = the flat range of a model parameter this DP rank
+owns, `_get_main_param_and_optimizer_states` / `_set_main_param_and_optimizer_states` = that range of
+the fp32 master and of the Adam moments). They are what megatron's own `fully_sharded_model_space`
+format is built on; `get_parameter_state_dp_zero` was not used because its bucket-space layout would
+need the same per-parameter range arithmetic to get back to parameters, and it funnels through gloo.
+
+Gathering (collective, every rank in the same order): one `reduce(SUM)` to rank 0 per reference
+tensor of a zero tensor `[3, *shape]` into which exactly one rank places each element: for every
+distinct mapping piece the ranks of the optimizer DP group (dense: DP x CP; experts: expert-DP) of the
+lowest rank holding that piece contribute their disjoint master ranges; replicas (TP-replicated norms
+and routers, other PP/EP copies) add zeros. Adding zeros is exact in fp32, so the saved tensors are the
+masters bit for bit (a stored -0.0 would read back as +0.0). Rank 0 writes everything; its host memory
+holds the full fp32 state (12 bytes per parameter): fine from debug scale to a few billion parameters,
+a sharded writer is the next step beyond that.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .megatron_mapping import Piece, to_megatron
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+SECTIONS = ("params", *MOMENTS)
+
+
+def _optimizers(engine) -> list:
+    return list(getattr(engine.optimizer, "chained_optimizers", None) or [engine.optimizer])
+
+
+def _param_ranges(engine) -> dict:
+    """model parameter -> (its DistributedOptimizer, flat range this rank owns) for ranks owning a range."""
+    out = {}
+    for opt in _optimizers(engine):
+        for gbuf_range_maps in opt.gbuf_ranges:
+            for per_dtype in gbuf_range_maps.values():
+                for bucket in per_dtype:
+                    for param, ranges in bucket["param_map"].items():
+                        out[param] = (opt, ranges["param"])
+    return out
+
+
+def _param_groups(engine) -> dict:
+    """model parameter -> global ranks of the DP group its optimizer shards it over."""
+    out = {}
+    for opt in _optimizers(engine):
+        for gbuf in opt.buffers:
+            ranks = tuple(dist.get_process_group_ranks(gbuf.data_parallel_group))
+            for param in gbuf.params:
+                out[param] = ranks
+    return out
+
+
+def _named_params(engine):
+    """(chunk index, megatron name, model parameter, its pieces) for every parameter of this rank."""
+    for i, (chunk, pieces) in enumerate(zip(engine.chunks, engine.pieces)):
+        for name, param in engine._master_params(chunk):
+            yield i, name, param, pieces[name]
+
+
+def _reference_shapes(engine) -> dict[str, torch.Size]:
+    from .. import models
+
+    with torch.device("meta"):
+        model = models.build(engine.spec.model.family, engine.spec.model.flavor, **engine.spec.model.overrides)
+    return {name: p.shape for name, p in model.named_parameters()}
+
+
+def _has_moments(engine) -> bool:
+    local = torch.zeros(1, device=engine.device)
+    for opt in _optimizers(engine):
+        if any(len(s) for s in opt.optimizer.state.values()):
+            local[0] = 1
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    return bool(local.item())
+
+
+def _optimizer_step(engine) -> int:
+    local = torch.zeros(1, device=engine.device, dtype=torch.float64)
+    for opt in _optimizers(engine):
+        for state in opt.optimizer.state.values():
+            if "step" in state:
+                local[0] = max(float(local[0]), float(state["step"]))
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    return int(local.item())
+
+
+def _contributions(engine) -> set:
+    """The (chunk, megatron name, piece position) this rank places into the gathered tensors."""
+    groups = _param_groups(engine)
+    rank = dist.get_rank()
+    mine = {}  # piece key -> DP group ranks
+    for _, name, param, pieces in _named_params(engine):
+        for p in pieces:
+            mine.setdefault((p.ref_name, p.index, p.dim, p.start, p.length), groups[param])
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    designated = {}
+    for r, held in enumerate(everyone):  # ascending ranks: the first holder's group wins
+        for key, ranks in held.items():
+            designated.setdefault(key, ranks)
+    out = set()
+    for i, name, param, pieces in _named_params(engine):
+        for j, p in enumerate(pieces):
+            if rank in designated[(p.ref_name, p.index, p.dim, p.start, p.length)]:
+                out.add((i, name, j))
+    return out
+
+
+@torch.no_grad()
+def gather_state(engine) -> tuple[dict, bool]:
+    """Full reference-named fp32 state on rank 0 (empty sections elsewhere), and whether this rank
+    writes it (rank 0 only). Collective: every rank must call it."""
+    ranges = _param_ranges(engine)
+    has_moments = _has_moments(engine)
+    step = _optimizer_step(engine) if has_moments else 0
+    contribute = _contributions(engine)
+    # This rank's local values laid out as full megatron tensors (zeros outside its optimizer range).
+    by_ref: dict[str, list] = {}
+    uses: dict = {}  # (chunk, name) -> pieces still to place; its full tensor is freed after the last
+    for i, name, param, pieces in _named_params(engine):
+        for j, p in enumerate(pieces):
+            if (i, name, j) in contribute:
+                by_ref.setdefault(p.ref_name, []).append((i, name, param, pieces, j))
+                uses[(i, name)] = uses.get((i, name), 0) + 1
+    local_full: dict = {}
+
+    def full_of(i, name, param):
+        if (i, name) not in local_full:
+            buf = torch.zeros((3, param.numel()), dtype=torch.float32, device=engine.device)
+            if param in ranges:
+                opt, rng = ranges[param]
+                tensors = opt._get_main_param_and_optimizer_states(param)
+                buf[0, rng.start:rng.end] = tensors["param"].detach().float().view(-1)
+                if has_moments:
+                    for k, m in enumerate(MOMENTS, start=1):
+                        buf[k, rng.start:rng.end] = tensors[m].detach().float().view(-1)
+            local_full[(i, name)] = buf.view(3, *param.shape)
+        return local_full[(i, name)]
+
+    tensors: dict[str, dict[str, torch.Tensor]] = {s: {} for s in SECTIONS}
+    for ref_name, shape in sorted(_reference_shapes(engine).items()):
+        out = torch.zeros((3, *shape), dtype=torch.float32, device=engine.device)
+        for i, name, param, pieces, j in by_ref.get(ref_name, []):
+            full = full_of(i, name, param)
+            dim = pieces[0].dim
+            offset = sum(q.length for q in pieces[:j])
+            p: Piece = pieces[j]
+            value = full.narrow(1 + dim, offset, p.length)
+            target = out if p.index is None else out[:, p.index]
+            target.narrow(1 + p.dim, p.start, p.length).add_(value)
+            uses[(i, name)] -= 1
+            if not uses[(i, name)]:
+                del local_full[(i, name)]
+        dist.reduce(out, dst=0)
+        if dist.get_rank() == 0:
+            host = out.cpu()
+            tensors["params"][ref_name] = host[0].clone()
+            if has_moments:
+                for k, m in enumerate(MOMENTS, start=1):
+                    tensors[m][ref_name] = host[k].clone()
+    if dist.get_rank() != 0:
+        return {}, False
+    tensors["buffers"] = {}
+    tensors["meta"] = {"engine": "megatron", "optimizer_step": step, "has_moments": has_moments,
+                       "steps_done": engine.steps_done}
+    return tensors, True
+
+
+def merge_shards(shards: list[dict]) -> dict:
+    """Union of every writer's tensors (only rank 0 writes for this engine)."""
+    merged: dict[str, dict] = {}
+    for shard in shards:
+        for section, values in shard.items():
+            merged.setdefault(section, {}).update(values)
+    return merged
+
+
+@torch.no_grad()
+def load_state(engine, state: dict) -> None:
+    """Load a merged reference-named state into this rank's engine (any TP/PP/EP/CP/DP layout): the
+    model's bf16 weights, this rank's fp32 master range and Adam moments, the step counters."""
+    meta = state["meta"]
+    ranges = _param_ranges(engine)
+    needed = set(_reference_shapes(engine))
+    missing = sorted(needed - set(state["params"]))
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
+    for chunk, pieces in zip(engine.chunks, engine.pieces):
+        values = {s: to_megatron(state[s], pieces) for s in SECTIONS if s == "params" or meta["has_moments"]}
+        for name, param in engine._master_params(chunk):
+            full = values["params"][name]
+            if full.shape != param.shape:
+                raise ValueError(f"checkpoint gives {name} shape {tuple(full.shape)}, model has {tuple(param.shape)}")
+            param.data.copy_(full.to(device=param.device, dtype=param.dtype))
+            if param not in ranges:
+                continue
+            opt, rng = ranges[param]
+            group_index, order = opt.model_param_group_index_map[param]
+            main = opt.optimizer.param_groups[group_index]["params"][order]
+            if meta["has_moments"] and not opt.optimizer.state.get(main):
+                # torch's AdamW creates its state lazily at the first step; create it to write into
+                opt.optimizer.state[main] = {"step": torch.tensor(float(meta["optimizer_step"])),
+                                             "exp_avg": torch.zeros_like(main), "exp_avg_sq": torch.zeros_like(main)}
+            shard = {"param": full.float().view(-1)[rng.start:rng.end]}
+            if meta["has_moments"]:
+                for m in MOMENTS:
+                    shard[m] = values[m][name].float().view(-1)[rng.start:rng.end]
+                opt.optimizer.state[main]["step"].fill_(float(meta["optimizer_step"]))
+            current = opt._get_main_param_and_optimizer_states(param)
+            for key, value in shard.items():
+                current[key].copy_(value.to(current[key].device))
+    engine.steps_done = int(meta["steps_done"])

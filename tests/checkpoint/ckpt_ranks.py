@@ -1,0 +1,89 @@
+"""Rank entry points for spawned checkpoint tests (importable by the spawned interpreters)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ckpt_helpers import load_job, write_json
+
+LOGIT_TOKENS = (2, 32)  # [batch, seq] of the fixed probe batch for logits comparisons
+
+
+def probe_tokens(vocab: int = 264):
+    import torch
+
+    return torch.randint(vocab, LOGIT_TOKENS, generator=torch.Generator().manual_seed(7))
+
+
+def train_rank(rank: int, world: int, root: str, name: str, job: dict, opts: dict) -> None:
+    """run_training of the job on this rank, as Ray Train's worker would (report=None).
+    opts: slow_write_s (sleep before every shard write), logits_out (engine logits on the probe batch
+    after training, rank 0 writes them), canary_out (rank 0 records how many tensors the canary checked)."""
+    import torch
+
+    from raytron.launcher import checkpointing, worker
+    from raytron.launcher.validate import validate_job
+    from raytron.parallelism.checkpoint import CheckpointStore
+
+    spec = load_job(Path(root), name, world, **job)
+    layout = validate_job(spec)
+    if opts.get("slow_write_s"):
+        original = CheckpointStore.write_shard
+
+        def slow_write(self, *a, **k):
+            time.sleep(opts["slow_write_s"])
+            return original(self, *a, **k)
+
+        CheckpointStore.write_shard = slow_write
+    captured: dict = {}
+    build = worker.build_engine
+    worker.build_engine = lambda *a, **k: captured.setdefault("engine", build(*a, **k))
+    canary = checkpointing.canary_restore
+
+    def counting_canary(*a, **k):
+        captured["canary"] = canary(*a, **k)
+        return captured["canary"]
+
+    checkpointing.canary_restore = counting_canary
+    worker.run_training(spec, layout, rank, world)
+    if opts.get("canary_out") and rank == 0:
+        write_json(opts["canary_out"], {"tensors": captured.get("canary")})
+    if opts.get("logits_out"):
+        engine = captured["engine"]
+        engine.engine.eval()
+        with torch.no_grad():
+            logits = engine.engine(probe_tokens())
+        if rank == 0:
+            torch.save(logits, opts["logits_out"])
+
+
+def corrupt_restore_rank(rank: int, world: int, root: str, name: str, job: dict, out: str) -> None:
+    """Restore under this layout twice: first with one expert tensor altered while it is resharded into
+    rank 0 (the canary must stop it, naming the tensor), then cleanly (the canary must pass)."""
+    from raytron.launcher import checkpointing, worker
+    from raytron.launcher.validate import validate_job
+    from raytron.parallelism.checkpoint import CheckpointError, CheckpointStore
+
+    spec = load_job(Path(root), name, world, **job)
+    layout = validate_job(spec)
+    engine = worker.build_engine(spec, layout, rank, world, 264)
+    store = CheckpointStore(f"{spec.run_uri}/checkpoints")
+    load = checkpointing.load_state
+    key = "layers.1.mixer.w_gate#0"  # layer 1 is the first MoE layer of moe/debug
+
+    def corrupting_load(eng, state):
+        if rank == 0:
+            state = {**state, "params": {**state["params"], key: state["params"][key] + 1e-3}}
+        return load(eng, state)
+
+    checkpointing.load_state = corrupting_load
+    try:
+        checkpointing.restore_checkpoint(engine, store, spec, rank)
+        error = None
+    except CheckpointError as exc:
+        error = str(exc)
+    checkpointing.load_state = load
+    step, _ = checkpointing.restore_checkpoint(engine, store, spec, rank)
+    if rank == 0:
+        write_json(out, {"error": error, "clean_step": step})

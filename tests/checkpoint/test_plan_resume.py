@@ -1,0 +1,93 @@
+"""`raytron plan CONFIG --resume-from URI`: the right yes/no for a table of layout and config changes,
+decided from manifests alone (checkpoints here are real manifests over placeholder shard files)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ckpt_helpers import CONFIG, job_overrides, load_job
+from raytron.data_pipeline import DataCursor
+from raytron.launcher.checkpointing import build_manifest
+from raytron.launcher.cli import main
+from raytron.launcher.resume_plan import format_plan, plan_resume
+from raytron.launcher.validate import validate_job
+from raytron.models import get_config
+from raytron.parallelism.checkpoint import CheckpointStore
+
+STEP = 6
+
+
+def fake_checkpoint(root, name: str, workers: int, ep: int, step: int = STEP) -> str:
+    """A committed step as a `workers`-rank, EP=`ep` deepspeed job would write it (tiny placeholders)."""
+    spec = load_job(root, name, workers, ep, steps=10)
+    store = CheckpointStore(f"{spec.run_uri}/checkpoints")
+    names = [f"state-{r:05d}.pt" for r in range(ep)] + [f"rng-{r:05d}.pt" for r in range(workers)]
+    records = [store.write_shard(step, n, {"placeholder": torch.zeros(1)}) for n in names]
+    manifest = build_manifest(spec, validate_job(spec), workers, get_config("moe", "debug", vocab_size=264),
+                              DataCursor(8 * step), {"loss": 1.0})
+    store.commit(step, records, manifest)
+    return spec.run_uri
+
+
+# (new config changes, loads?, words that must appear in the answer)
+TABLE = [
+    ({}, True, ["as saved"]),
+    ({"resources.workers": 4, "layout.ep": 4}, True, ["ep 2 -> 4, 2 -> 1 experts per rank", "workers 2 -> 4"]),
+    ({"resources.workers": 4}, True, ["dp 2 (ZeRO-2) -> dp 4 (ZeRO-2)", "canary restore"]),
+    ({"layout.ep": 1}, True, ["ep 2 -> 1, 2 -> 4 experts per rank"]),
+    ({"layout.zero_stage": 1}, True, ["dp 2 (ZeRO-2) -> dp 2 (ZeRO-1)"]),
+    ({"train.lr": 1e-3, "train.steps": 100}, True, ["as saved"]),
+    ({"train.global_batch_size": 16}, True, ["global batch 8 -> 16"]),
+    ({"resources.workers": 3, "layout.ep": 3, "train.global_batch_size": 12}, False, ["layout.ep", "experts"]),
+    ({"resources.workers": 8, "layout.ep": 8, "train.micro_batch_size": 1}, False, ["layout.ep", "experts"]),
+    ({"engine": "megatron", "layout.zero_stage": 1}, False, ["engine change deepspeed -> megatron"]),
+    ({"model.overrides": "{num_layers: 4}"}, False, ["model.overrides.num_layers: None -> 4"]),
+    ({"train.seq_len": 128}, False, ["seq_len: 64 -> 128"]),
+    ({"data.max_documents": 200}, False, ["data.max_documents: 120 -> 200"]),
+    ({"model.flavor": "debug-capacity"}, False, ["model.flavor: 'debug' -> 'debug-capacity'"]),
+]
+
+
+@pytest.mark.parametrize("changes, loads, words", TABLE, ids=[str(c) or "same" for c, _, _ in TABLE])
+def test_resume_plan_table(tmp_path, changes, loads, words):
+    run = fake_checkpoint(tmp_path, "src", workers=2, ep=2)
+    spec = load_job(tmp_path, "new", 2, 2, 10, **changes)
+    plan = plan_resume(spec, run)
+    text = format_plan(plan)
+    assert plan.ok is loads, text
+    assert plan.step == STEP and f"step {STEP}" in text, text
+    for w in words:
+        assert w in text, f"expected {w!r} in:\n{text}"
+
+
+def test_back_from_ep4_to_ep2(tmp_path):
+    run = fake_checkpoint(tmp_path, "wide", workers=4, ep=4)
+    plan = plan_resume(load_job(tmp_path, "narrow", 2, 2, 10), run)
+    assert plan.ok and any("ep 4 -> 2, 1 -> 2 experts per rank" in r for r in plan.reshard), format_plan(plan)
+
+
+def test_missing_shard_and_uncommitted_step_are_refused(tmp_path):
+    run = fake_checkpoint(tmp_path, "src", workers=2, ep=2)
+    store = CheckpointStore(f"{run}/checkpoints")
+    store.fs.rm(f"{store.step_path(STEP)}/state-00001.pt")
+    spec = load_job(tmp_path, "src", 2, 2, 10)
+    plan = plan_resume(spec, run)
+    assert not plan.ok and f"step {STEP}: shard state-00001.pt is missing" in format_plan(plan)
+    store.write_shard(STEP + 2, "state-00000.pt", {"x": torch.zeros(1)})  # never committed
+    plan = plan_resume(spec, store.step_path(STEP + 2))
+    assert not plan.ok and f"step {STEP + 2} has no COMMITTED marker" in plan.reasons[0]
+
+
+def test_plan_cli_flag(tmp_path, capsys):
+    run = fake_checkpoint(tmp_path, "src", workers=2, ep=2)
+    base = job_overrides(tmp_path, workers=4, ep=4, steps=10, every=1)
+    sets = [a for kv in base for a in ("--set", kv)]
+    assert main(["plan", CONFIG, "--name", "new", "--resume-from", f"{run}/checkpoints", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "answer: YES" in out and "ep 2 -> 4" in out and "into layout" in out
+    sets[sets.index("layout.ep=4")] = "layout.ep=3"
+    sets[sets.index("resources.workers=4")] = "resources.workers=3"
+    sets[sets.index("train.global_batch_size=8")] = "train.global_batch_size=12"
+    assert main(["plan", CONFIG, "--name", "new", "--resume-from", run, *sets]) == 2
+    assert "answer: NO" in capsys.readouterr().err

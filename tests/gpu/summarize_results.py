@@ -1,0 +1,58 @@
+"""Write summary.txt of a GPU results folder (tests/gpu/results/<gpu>/) from its raw JSON lines.
+
+    python tests/gpu/summarize_results.py tests/gpu/results/h200x4
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _records(folder: Path, pattern: str) -> list[dict]:
+    return [json.loads(line) for path in sorted(folder.glob(pattern)) for line in path.read_text().splitlines()
+            if line.strip()]
+
+
+def equivalence_table(folder: Path) -> list[str]:
+    rows = ["megatron engine vs fp32 reference (tests/gpu/test_megatron_equivalence.py), 50 steps each",
+            f"{'layout':9} {'family':6} {'mapping_err':11} {'step1_loss(meg/ref)':19} {'step1_gradnorm(meg/ref)':23} "
+            f"{'step1_aux(meg/ref)':18} {'step50_loss(meg/ref)':20} max|dloss|_50steps"]
+    for r in _records(folder, "megatron_equivalence_w*.jsonl"):
+        if "error" in r:
+            rows.append(f"{r['layout']:9} {r['family']:6} ERROR {r['error']}")
+            continue
+        m, ref = r["megatron"], r["reference"]
+        worst = max(abs(a - b) for a, b in zip(m["loss"], ref["loss"]))
+        rows.append(f"{r['layout']:9} {r['family']:6} {m['mapping_max_abs_err']:<11.1e} "
+                    f"{m['loss'][0]:.5f}/{ref['loss'][0]:.5f}   {m['grad_norm'][0]:.4f}/{ref['grad_norm'][0]:.4f}        "
+                    f"{m['aux_loss'][0]:.4f}/{ref['aux_loss'][0]:.4f}    {m['loss'][-1]:.4f}/{ref['loss'][-1]:.4f}      "
+                    f"{worst:.4f}")
+    return rows
+
+
+def checkpoint_table(folder: Path) -> list[str]:
+    rows = ["megatron checkpoint state: save under layout A after K steps, load under B, M more steps "
+            "(tests/gpu/test_megatron_checkpoint.py)",
+            f"{'case':18} {'family':6} {'tensors':7} {'digest_mismatch':15} max|dloss|_after_load(B vs uninterrupted A)"]
+    for r in _records(folder, "megatron_checkpoint_w*.jsonl"):
+        if "error" in r:
+            rows.append(f"{r['case']:18} {r['family']:6} ERROR {r['error']}")
+            continue
+        rows.append(f"{r['case']:18} {r['family']:6} {r['tensors']:<7} {len(r['digest_mismatch']):<15} "
+                    f"{r['max_abs_dloss']:.2e} over {r['M']} steps")
+    return rows
+
+
+def main() -> None:
+    folder = Path(sys.argv[1])
+    gpus = (folder / "gpus.csv").read_text().strip().splitlines()[1:] if (folder / "gpus.csv").exists() else []
+    lines = [f"GPUs: {len(gpus)} x {gpus[0] if gpus else '?'}", ""] + equivalence_table(folder) + [""]
+    lines += checkpoint_table(folder)
+    (folder / "summary.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Megatron engine checkpoint state (parallelism/megatron_state.py) on CPU: a full reference-named
+state (fp32 masters + both Adam moments, distinct random values) is loaded into megatron-core GPTModel
+shards under TP/PP/CP/DP/EP/ETP layouts and gathered back; every tensor must come back bit for bit.
+Ranks are real processes over gloo; the DistributedOptimizer is a CPU stand-in with megatron's
+partitioning (tests/parallelism/megatron_cpu_ranks.py says why). The real optimizer runs on GPU in
+tests/gpu/megatron_checkpoint.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.core")
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "checkpoint"))
+
+from ckpt_helpers import spawn_ranks  # noqa: E402
+import megatron_cpu_ranks  # noqa: E402
+
+
+@pytest.mark.parametrize("family,world,layouts", [
+    ("dense", 2, [{"tp": 2}, {"pp": 2}, {"cp": 2}, {}]),
+    ("moe", 2, [{"ep": 2}, {"tp": 2, "ep": 2}, {"pp": 2}, {}]),
+    ("moe", 4, [{"tp": 2, "ep": 2}, {"pp": 2, "ep": 2}, {"ep": 2, "etp": 2}]),
+])
+def test_state_round_trip_under_layouts(tmp_path, family, world, layouts):
+    out = tmp_path / "result.json"
+    spawn_ranks(megatron_cpu_ranks.round_trip, world, family, layouts, str(out), timeout=400)
+    results = json.loads(out.read_text())
+    assert len(results) == len(layouts)
+    for r in results:
+        assert r["tensors"] > 0 and r["mismatch"] == [], r
+        assert r["steps_done"] == 7 and r["optimizer_step"] == 7, r
