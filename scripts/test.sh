@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec python3 -m pytest -m "not gpu" -q -p no:cacheprovider "$@"
+exec python3 -m pytest -m "not gpu" -q -p no:cacheprovider --durations=15 "$@"
