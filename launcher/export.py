@@ -76,9 +76,11 @@ def export_checkpoint(run_uri: str, step: int | None, out: str) -> tuple[int, in
 
 
 def reference_state(store: CheckpointStore, step: int, manifest: dict) -> dict[str, torch.Tensor]:
+    # Both engines store full tensors in reference names (parallelism/ds_state.py, megatron_state.py);
+    # DeepSpeed's experts come one by one (`name#e`), megatron's already stacked.
     engine = manifest.get("engine")
-    if engine != "deepspeed":
-        raise CheckpointError(f"step {step}: export of {engine!r} checkpoints is not supported here")
+    if engine not in ("deepspeed", "megatron"):
+        raise CheckpointError(f"step {step}: export of {engine!r} checkpoints is not supported")
     params: dict[str, torch.Tensor] = {}
     for name in sorted(n for n in manifest["files"] if n.startswith("state-")):
         params.update(store.read_shard(step, name, manifest).get("params", {}))

@@ -98,12 +98,7 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
         if _due(step, spec.train.eval_every, spec.train.steps):
             last["val_loss"] = evaluate(engine, data.valid, spec, dp_rank, dp)
         if writer and (step % spec.train.log_every == 0 or step == spec.train.steps):
-            scalars = {k: v for k, v in last.items() if k != "step"}
-            writer.scalars(step, scalars)
-            writer.record(step, {**scalars, "expert_load": m.expert_load})
-            if m.expert_load:
-                writer.scalars(step, {f"moe/expert_load/{i}": v for i, v in enumerate(m.expert_load)})
-            print(writer.progress(step, last), flush=True)
+            _log_step(writer, step, last, m.expert_load)
         if _due(step, spec.checkpoint.every, spec.train.steps):
             if writer:
                 writer.flush()
@@ -125,6 +120,16 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
     if writer:
         writer.close()
     return last
+
+
+def _log_step(writer: MetricsWriter, step: int, last: dict, expert_load: list[float] | None) -> None:
+    """TensorBoard scalars, the full-precision metrics.jsonl line and the console progress line."""
+    scalars = {k: v for k, v in last.items() if k != "step"}
+    writer.scalars(step, scalars)
+    writer.record(step, {**scalars, "expert_load": expert_load})
+    if expert_load:
+        writer.scalars(step, {f"moe/expert_load/{i}": v for i, v in enumerate(expert_load)})
+    print(writer.progress(step, last), flush=True)
 
 
 def _due(step: int, every: int, total: int) -> bool:
