@@ -18,7 +18,7 @@ from typing import Any, Literal
 import fsspec
 
 from .strict_yaml import ConfigError, load_yaml, parse_scalar
-from .typed import build, check, to_dict
+from ..typed import build, check, to_dict
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot be run. `path` is the dotted field path ('' for the whole document)."""
-
-    def __init__(self, path: str, message: str):
-        self.path = path
-        self.message = message
-        super().__init__(f"{path}: {message}" if path else message)
+from ..typed import ConfigError
 
 
 class _Loader(yaml.SafeLoader):

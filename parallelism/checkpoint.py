@@ -172,3 +172,13 @@ class CheckpointStore:
         if _sha256(data) != rec["sha256"]:
             raise CheckpointError(f"step {step}: shard {name} fails its SHA-256 check (corrupted)")
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def merge_shards(shards: list[dict]) -> dict:
+    """Union of the sections ({"params": {...}, "exp_avg": {...}, ...}) of every writer's state shard.
+    Keys never collide: each tensor of an engine state has exactly one writer."""
+    merged: dict[str, dict] = {}
+    for shard in shards:
+        for section, values in shard.items():
+            merged.setdefault(section, {}).update(values)
+    return merged

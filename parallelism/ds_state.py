@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
 from .deepspeed_moe import reference_name
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -64,15 +65,6 @@ def _optimizer_step(engine) -> int:
         if "step" in state:
             return int(state["step"])
     return 0
-
-
-def merge_shards(shards: list[dict]) -> dict:
-    """Union of every writer's tensors (keys never collide: each tensor has one writer)."""
-    merged: dict[str, dict] = {}
-    for shard in shards:
-        for section, values in shard.items():
-            merged.setdefault(section, {}).update(values)
-    return merged
 
 
 @torch.no_grad()

@@ -21,8 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..launcher.strict_yaml import ConfigError
-from ..launcher.typed import check
+from ..typed import ConfigError, check
 
 if TYPE_CHECKING:
     from ..launcher.spec import JobSpec

@@ -10,8 +10,7 @@ import dataclasses
 import typing
 from typing import TYPE_CHECKING, Any
 
-from ..launcher.strict_yaml import ConfigError
-from ..launcher.typed import check, convert
+from ..typed import ConfigError, check, convert
 
 if TYPE_CHECKING:
     from ..launcher.spec import JobSpec

@@ -10,7 +10,6 @@ reference model (same seed => same weights as every other engine) through parall
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch

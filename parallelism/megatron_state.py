@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
 from .megatron_mapping import Piece, to_megatron
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -176,15 +177,6 @@ def gather_state(engine) -> tuple[dict, bool]:
     tensors["meta"] = {"engine": "megatron", "optimizer_step": step, "has_moments": has_moments,
                        "steps_done": engine.steps_done}
     return tensors, True
-
-
-def merge_shards(shards: list[dict]) -> dict:
-    """Union of every writer's tensors (only rank 0 writes for this engine)."""
-    merged: dict[str, dict] = {}
-    for shard in shards:
-        for section, values in shard.items():
-            merged.setdefault(section, {}).update(values)
-    return merged
 
 
 @torch.no_grad()

@@ -1,4 +1,7 @@
-"""Strict conversion of plain dicts (from YAML) into typed, frozen dataclasses.
+"""Strict conversion of plain dicts (from YAML) into typed, frozen dataclasses, and ConfigError.
+
+This module sits below every subpackage (launcher, parallelism, ...), so any layer may refuse a config
+with a dotted field path without importing a layer above it.
 
 Every error is a ConfigError naming the dotted field path, the bad value and what is allowed.
 Validation never uses `assert`, so it also holds under `python -O`.
@@ -13,7 +16,15 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-from .strict_yaml import ConfigError
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run. `path` is the dotted field path ('' for the whole document)."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
 
 
 def _type_name(tp: Any) -> str:
