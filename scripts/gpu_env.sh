@@ -9,7 +9,7 @@ if ! python3 -c "import megatron.core, ray" 2>/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ! python3 -P -c "import raytron.parallelism" 2>/dev/null; then
-  pkg=/tmp/raytron_pkg/raytron; rm -rf /tmp/raytron_pkg; mkdir -p "$pkg"; cp raytron/__init__.py "$pkg/"
+  pkg=/tmp/raytron_pkg/raytron; rm -rf /tmp/raytron_pkg; mkdir -p "$pkg"; cp raytron/*.py "$pkg/"
   for sub in launcher parallelism models data_pipeline ops; do ln -s "$root/$sub" "$pkg/$sub"; done
   export PYTHONPATH=/tmp/raytron_pkg${PYTHONPATH:+:$PYTHONPATH}
 fi
