@@ -31,7 +31,7 @@ def _run_exists(spec: JobSpec) -> bool:
 
 def preflight(spec: JobSpec, resume: bool):
     """All checks that need no Ray: config and layout, paths, run-name policy, data preparation."""
-    layout = validate_job(spec, check_paths=True)
+    layout = validate_job(spec, check_paths=True, runnable=True)
     exists = _run_exists(spec)
     if exists and not resume:
         raise ConfigError("name", f"a run named {spec.name!r} already exists at {spec.run_uri}; pass --resume "

@@ -116,7 +116,7 @@ def format_report(spec: JobSpec, layout: Any, report: dict[str, Any], max_ranks:
     lines.append(f"  peak   {mem.worst.total / size:.2f} {unit} on stage {mem.worst.stage}")
     lines += [f"  assumes {a}" for a in mem.assumptions]
     lines += _rank_table(layout, max_ranks)
-    lines += _placement_notes(layout)
+    lines += _placement_notes(layout) + _engine_notes(spec)
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +131,15 @@ def _rank_table(layout: Any, max_ranks: int) -> list[str]:
     if len(shown) < layout.world_size:
         lines.append(f"  ... {layout.world_size - len(shown)} more (--max-ranks 0 shows all)")
     return lines
+
+
+def _engine_notes(spec: JobSpec) -> list[str]:
+    """What the chosen engine cannot run yet: the layout is sound, but `submit` will refuse it."""
+    from ..parallelism.layout import model_config_from_spec
+    from ..parallelism.layout_rules import engine_gaps
+
+    return [f"NOT RUNNABLE YET on engine {spec.engine}: {field}: {reason}"
+            for field, reason in engine_gaps(spec, model_config_from_spec(spec))]
 
 
 def _placement_notes(layout: Any) -> list[str]:

@@ -11,16 +11,21 @@ import os
 
 import fsspec
 
-from ..parallelism.layout import ParallelLayout, model_facts_from_spec
+from ..parallelism.layout import ParallelLayout, model_config_from_spec, model_facts_from_spec
+from ..parallelism.layout_rules import engine_gaps
 from .spec import JobSpec
 from .strict_yaml import ConfigError
 
 BUILTIN_SCHEME = "builtin://"
 
 
-def validate_job(spec: JobSpec, check_paths: bool = False) -> ParallelLayout:
-    """The validated layout of `spec`, or a ConfigError naming the first bad field."""
+def validate_job(spec: JobSpec, check_paths: bool = False, runnable: bool = False) -> ParallelLayout:
+    """The validated layout of `spec`, or a ConfigError naming the first bad field. `runnable` also
+    refuses what the chosen engine cannot run yet (`engine_gaps`), as `submit` must."""
     layout = ParallelLayout.from_spec(spec, model_facts_from_spec(spec))
+    if runnable:
+        for field, reason in engine_gaps(spec, model_config_from_spec(spec))[:1]:
+            raise ConfigError(field, f"engine {spec.engine} cannot run this job yet: {reason}")
     if check_paths:
         check_storage(spec)
     return layout
