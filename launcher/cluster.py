@@ -193,10 +193,23 @@ def ray_start_command(opts: NodeOptions, ports: dict[str, int]) -> list[str]:
     return cmd
 
 
-def _worker_port_base() -> int:
-    """A base for a 200-port worker range that is free right now (best effort)."""
-    for _ in range(50):
-        base = 20000 + (int.from_bytes(os.urandom(2), "little") % 400) * 100
+def _ephemeral_low() -> int:
+    """Lowest port the OS hands out for port 0 (free_port); worker ranges stay below it."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _worker_port_base(taken: set[int]) -> int:
+    """A base for a 200-port worker range that is free right now (best effort), below the OS's
+    ephemeral range and clear of the ports already chosen for this node's other components (Ray
+    refuses to start when a component port falls inside the worker range)."""
+    top = max(11100, _ephemeral_low() - 200)  # from 11000: clear of Ray's default client port 10001
+    for _ in range(100):
+        base = 11000 + (int.from_bytes(os.urandom(2), "little") % ((top - 11000) // 100)) * 100
+        if any(base <= p < base + 200 for p in taken):
+            continue
         try:
             for p in (base, base + 199):
                 with socket.socket() as s:
@@ -204,7 +217,7 @@ def _worker_port_base() -> int:
             return base
         except OSError:
             continue
-    return 20000
+    raise RuntimeError("no free 200-port range for Ray workers below the ephemeral port range")
 
 
 def start_node(opts: NodeOptions, env: dict[str, str] | None = None, wait_s: float = 90.0,
@@ -225,7 +238,7 @@ def start_node(opts: NodeOptions, env: dict[str, str] | None = None, wait_s: flo
     os.makedirs(opts.temp_dir, exist_ok=True)
     ports = {k: free_port() for k in ("node_manager", "object_manager", "agent_listen", "agent_grpc", "metrics",
                                       "runtime_env", "client")}
-    ports["worker_min"] = _worker_port_base()
+    ports["worker_min"] = _worker_port_base(set(ports.values()) | {opts.port or 0, opts.dashboard_port or 0})
     log_path = os.path.join(opts.temp_dir, "raytron-node-head.log" if opts.head else
                             f"raytron-node-{ports['node_manager']}.log")
     gcs = f"{opts.node_ip}:{opts.port}" if opts.head else opts.address
