@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from .. import models
 from .deepspeed_engine import StepMetrics
+from .layout_rules import engine_gaps
 from .megatron_mapping import ChunkCoords, chunk_pieces, from_megatron, tied_aliases, to_megatron
 from .megatron_modules import ReferenceRouter, split_for_context_parallel
 from .megatron_spec import build_model_chunks, transformer_config
@@ -77,16 +78,13 @@ class MegatronEngine:
             raise ValueError("engine: megatron runs on GPUs only (resources.use_gpu: true); "
                              "use engine: deepspeed on CPU")
         self.spec, self.layout, self.rank, self.world = spec, layout, rank, world_size
+        self.model_cfg = models.get_config(spec.model.family, spec.model.flavor, **spec.model.overrides)
+        gaps = engine_gaps(spec, self.model_cfg)  # the same limits `plan` lists and `submit` refuses
+        if gaps:
+            field, reason = gaps[0]
+            raise ValueError(f"{field}: the megatron engine cannot run this job yet: {reason}")
         init_parallel_state(layout, rank)
         self.device = torch.device("cuda", torch.cuda.current_device())
-        self.model_cfg = models.get_config(spec.model.family, spec.model.flavor, **spec.model.overrides)
-        if layout.vpp > 1:
-            raise NotImplementedError("layout.vpp > 1: the interleaved schedule does not match the reference "
-                                      "yet (tests/gpu/README.md); use vpp: 1 with the megatron engine")
-        if self.model_cfg.num_experts and layout.tp > 1 and layout.ep == 1 and layout.etp == 1:
-            raise NotImplementedError("MoE with tp > 1 and experts replicated over the TP ranks (ep = etp = 1) "
-                                      "drifts from the reference after a few steps (tests/gpu/README.md); "
-                                      "set layout.ep or layout.etp > 1")
         # perform_initialization stays on even when the reference weights overwrite it: megatron-core
         # sets the tensor-parallel attributes (used by grad-norm and clipping) only in its init path
         self.tcfg = transformer_config(self.model_cfg, layout, aux_loss_coef=spec.train.aux_loss_coef,
