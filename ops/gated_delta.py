@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .chunking import chunk_decays, pad_to_chunks
+from .state_scan import state_scan
 
 
 def gated_delta_recurrent(q, k, v, g, beta, starts: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,8 +46,11 @@ def _unit_lower_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return x.to(rhs.dtype)
 
 
-def gated_delta_chunked(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None) -> torch.Tensor:
-    """Chunked parallel form: O(T C) work inside chunks, a short loop over T / C chunks for the state."""
+def gated_delta_chunked(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None,
+                        kernel: str | None = "reference") -> torch.Tensor:
+    """Chunked parallel form: O(T C) work inside chunks, batched over all chunks; the state entering
+    each chunk comes from the scan of ops/state_scan.py (`kernel`: reference, torch, triton, or None
+    for the fastest that runs here)."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     q, k, v = (pad_to_chunks(x, chunk, 2) for x in (q, k, v))
@@ -60,20 +64,18 @@ def gated_delta_chunked(q, k, v, g, beta, chunk: int, starts: torch.Tensor | Non
     k_beta = k * beta
     strictly_lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)
     a = (k_beta @ k.transpose(-1, -2) * dec.within).masked_fill(~strictly_lower, 0)  # [B, H, N, C, C]
-    u_v = _unit_lower_solve(a, v * beta)  # [B, H, N, C, d_v]
-    w = _unit_lower_solve(a, k_beta * dec.from_state[..., None])  # [B, H, N, C, d_k]
+    rhs = torch.cat([v * beta, k_beta * dec.from_state[..., None]], dim=-1)
+    u_v, w = _unit_lower_solve(a, rhs).split([dv, dk], dim=-1)  # [B, H, N, C, d_v], [.., d_k]
+    k_to_end = k * dec.to_end[..., None]  # [B, H, N, C, d_k]
+    states, u = state_scan(w.reshape(b * h, n, chunk, dk), u_v.reshape(b * h, n, chunk, dv),
+                           k_to_end.reshape(b * h, n, chunk, dk), dec.state.reshape(b * h, n), kernel)
+    states, u = states.view(b, h, n, dk, dv).to(q.dtype), u.view(b, h, n, chunk, dv)
     qk = q @ k.transpose(-1, -2) * dec.within  # [B, H, N, C, C], j <= i
-    state = q.new_zeros(b, h, dk, dv)
-    out = []
-    for c in range(n):
-        u = u_v[:, :, c] - w[:, :, c] @ state  # [B, H, C, d_v]
-        out.append((q[:, :, c] * dec.from_state[:, :, c, :, None]) @ state + qk[:, :, c] @ u)
-        k_to_end = k[:, :, c] * dec.to_end[:, :, c, :, None]  # [B, H, C, d_k]
-        state = dec.state[:, :, c, None, None] * state + k_to_end.transpose(-1, -2) @ u
-    return torch.cat(out, dim=2)[:, :, :t]
+    out = (q * dec.from_state[..., None]) @ states + qk @ u  # [B, H, N, C, d_v]
+    return out.reshape(b, h, n * chunk, dv)[:, :, :t]
 
 
 def gated_delta(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None) -> torch.Tensor:
-    """Training path. On GPU this is still the PyTorch chunked form: fla's Triton kernels refuse this
-    image's Triton 3.6 on Hopper (wrong gradients, fla #640), and a kernel of our own is future work."""
-    return gated_delta_chunked(q, k, v, g, beta, chunk, starts)
+    """Training path: the chunked form with the fastest scan kernel that runs here (Triton on CUDA,
+    self-checked against the PyTorch kernel on first use; RAYTRON_SCAN_KERNEL overrides)."""
+    return gated_delta_chunked(q, k, v, g, beta, chunk, starts, kernel=None)

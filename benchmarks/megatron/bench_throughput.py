@@ -70,13 +70,25 @@ def make_spec(family, flavor, overrides, gbs, mbs):
                            resources=SimpleNamespace(use_gpu=True))
 
 
-def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, timed: int) -> dict:
+def _profile_step(engine, micro, path: str) -> None:
+    """One extra optimizer step under torch.profiler: top CUDA kernels to `path` (diagnosis aid)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.train_step(micro)
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+
+
+def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, timed: int,
+               batching: tuple[int, int] | None = None, profile_dir: str | None = None) -> dict:
     from megatron.core import parallel_state
 
     from raytron.parallelism import megatron_engine
 
     family, flavor, overrides, by_world = WORKLOADS[workload]
-    mbs, ga = BATCHING[(impl, workload)]
+    mbs, ga = batching or BATCHING[(impl, workload)]
     fields = {"dp": 1, **by_world[world]}
     gbs = mbs * ga * fields["dp"]
     cfg = models.get_config(family, flavor, **overrides)
@@ -109,6 +121,9 @@ def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, tim
         tps = gbs * SEQ / step_s / world
         rec.update(step_times_s=times, step_s=step_s, tokens_per_s_per_gpu=tps, mfu=tps * flops / PEAK_FLOPS,
                    losses=losses, peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
+        if profile_dir and rank == 0:
+            os.makedirs(profile_dir, exist_ok=True)
+            _profile_step(engine, micro, f"{profile_dir}/profile_{impl}_{workload}_w{world}_mb{mbs}.txt")
         del engine
     except Exception as exc:  # recorded (e.g. out of memory); the other configs still run
         rec["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
@@ -128,13 +143,17 @@ def main() -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timed", type=int, default=5)
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="override the micro-batch (grad-accum scaled to keep 8 sequences per DP rank)")
+    parser.add_argument("--profile", default="", help="directory for a torch.profiler table per config")
     args = parser.parse_args()
+    batching = (args.micro_batch, max(1, 8 // args.micro_batch)) if args.micro_batch else None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
     for workload in args.workloads.split(","):
         for impl in args.impls.split(","):
-            rec = run_config(impl, workload, rank, world, args.warmup, args.timed)
+            rec = run_config(impl, workload, rank, world, args.warmup, args.timed, batching, args.profile or None)
             if rank == 0:
                 rec["gpu"] = torch.cuda.get_device_name()
                 with open(args.out, "a") as f:

@@ -3,6 +3,8 @@
 Stacks are raytron reference layers (no embedding / logits), bf16, batch 1:
   attention: "*-*-*-*-"   hybrid GDN: "G-G-G-*-"   hybrid Mamba2: "M-M-M-*-"  (3:1 linear:attention)
 with the hidden sizes of the `hybrid/1b` flavor. Writes benchmarks/results/hybrid_vs_attention_<gpu>.json.
+Linear-sequence stacks run once per state-scan kernel in --kernels (ops/state_scan.py: `triton`, the
+training default on CUDA, and `torch`, the same chunked math with a Python loop over chunks).
 Usage (GPU): python benchmarks/models/bench_hybrid_vs_attention.py [--seqs 4096 16384 32768] [--compile]
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import time
 
@@ -48,24 +51,29 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile each stack")
+    parser.add_argument("--kernels", nargs="+", default=["triton", "torch"], help="scan kernels for G/M stacks")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     rows = []
-    for name, pattern in STACKS.items():
+    runs = [(name, pattern, kernel) for name, pattern in STACKS.items()
+            for kernel in (args.kernels if set(pattern) & set("GM") else [None])]
+    for name, pattern, kernel in runs:
+        os.environ["RAYTRON_SCAN_KERNEL"] = kernel or ""
         stack, cfg = build_stack(pattern)
         if args.compile:
             stack = torch.compile(stack)
         for seq in args.seqs:
+            row = dict(stack=name, pattern=pattern, scan_kernel=kernel, seq=seq)
             try:
                 seconds = time_stack(stack, cfg.dim, seq, args.steps)
             except torch.OutOfMemoryError:
-                rows.append(dict(stack=name, pattern=pattern, seq=seq, error="out of memory"))
+                rows.append(dict(row, error="out of memory"))
                 torch.cuda.empty_cache()
                 continue
             flops = flops_per_token(cfg, seq)
             layer_flops = flops["total"] - flops["output"]  # MFU convention, layers only
-            rows.append(dict(stack=name, pattern=pattern, seq=seq, seconds=seconds, tokens_per_s=seq / seconds,
+            rows.append(dict(row, seconds=seconds, tokens_per_s=seq / seconds,
                              tflops_per_s=layer_flops * seq / seconds / 1e12))
             print(json.dumps(rows[-1]), flush=True)
         del stack

@@ -44,19 +44,21 @@ def _assert_same_with_grads(fn_a, fn_b, inputs):
         torch.testing.assert_close(ga, gb, **TOL)
 
 
+@pytest.mark.parametrize("kernel", ["reference", "torch"])
 @pytest.mark.parametrize("chunk", [4, 16, 64])
 @pytest.mark.parametrize("docs", [False, True])
-def test_gated_delta_chunked_matches_recurrent(chunk, docs):
+def test_gated_delta_chunked_matches_recurrent(chunk, docs, kernel):
     starts = doc_starts(DOCS) if docs else None
-    _assert_same_with_grads(lambda *x: gated_delta_chunked(*x, chunk, starts),
+    _assert_same_with_grads(lambda *x: gated_delta_chunked(*x, chunk, starts, kernel=kernel),
                             lambda *x: gated_delta_recurrent(*x, starts), _gdn_inputs())
 
 
+@pytest.mark.parametrize("kernel", ["reference", "torch"])
 @pytest.mark.parametrize("chunk", [4, 16, 64])
 @pytest.mark.parametrize("docs", [False, True])
-def test_ssd_chunked_matches_recurrent(chunk, docs):
+def test_ssd_chunked_matches_recurrent(chunk, docs, kernel):
     starts = doc_starts(DOCS) if docs else None
-    _assert_same_with_grads(lambda *x: ssd_chunked(*x, chunk, starts),
+    _assert_same_with_grads(lambda *x: ssd_chunked(*x, chunk, starts, kernel=kernel),
                             lambda *x: ssd_recurrent(*x, starts), _ssd_inputs())
 
 

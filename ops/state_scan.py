@@ -1,0 +1,143 @@
+"""The inter-chunk state scan shared by the chunked linear-sequence layers (Gated DeltaNet, Mamba2 SSD).
+
+Everything inside a chunk is computed for all chunks at once with batched matmuls; only the state
+entering each chunk is sequential. Per (batch, head), with N chunks of C tokens and state h [d_k, d_v]:
+
+    h_0 = 0
+    u_c = uv_c - w_c h_c                    (w_c [C, d_k], uv_c [C, d_v]; no w term for SSD)
+    h_{c+1} = decay_c h_c + kt_c^T u_c      (kt_c [C, d_k] keys already scaled to the chunk's end)
+
+outputs: the entering states H [N, d_k, d_v] and the corrected values U [N, C, d_v]. Backward, walking
+the chunks in reverse with G = dL/dh_{c+1} (zero after the last chunk):
+
+    du_c   = dU_c + kt_c G                  (-> d uv_c)
+    dkt_c  = u_c G^T
+    dw_c   = -du_c h_c^T
+    ddec_c = sum(G * h_c)
+    G      <- dH_c + decay_c G - w_c^T du_c
+
+Three implementations with one contract: `scan_reference` (autograd through a plain loop: the
+reference), and `StateScan` whose forward/backward are the loops above written out either in PyTorch
+(`torch` kernel: any device and dtype) or in Triton (`triton` kernel, ops/state_scan_triton.py: CUDA).
+The Triton kernel keeps h (and G) in float32 registers for a whole sequence: one program per
+(batch*head, d_v block), no Python loop and no per-chunk launches.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+KERNELS = ("reference", "torch", "triton")
+
+
+def scan_reference(w, uv, kt, decay):
+    """w [BH, N, C, dk] or None; uv [BH, N, C, dv]; kt [BH, N, C, dk]; decay [BH, N] -> (H, U)."""
+    bh, n, _, dk = kt.shape
+    h = kt.new_zeros(bh, dk, uv.shape[-1])
+    states, us = [], []
+    for c in range(n):
+        states.append(h)
+        u = uv[:, c] if w is None else uv[:, c] - w[:, c] @ h
+        us.append(u)
+        h = decay[:, c, None, None] * h + kt[:, c].transpose(-1, -2) @ u
+    return torch.stack(states, 1), torch.stack(us, 1)
+
+
+def _scan_fwd_torch(w, uv, kt, decay):
+    with torch.no_grad():
+        states, u = scan_reference(w, uv, kt, decay)
+    return states, (uv if w is None else u)
+
+
+def _scan_bwd_torch(w, kt, decay, states, u, d_states, d_u):
+    """The backward recurrence of the module docstring, one chunk at a time (float32 at least)."""
+    wide = torch.promote_types(kt.dtype, torch.float32)
+    n = kt.shape[1]
+    grad = torch.zeros_like(states[:, 0], dtype=wide)
+    d_uv, d_kt = torch.empty_like(u), torch.empty_like(kt)
+    d_w = None if w is None else torch.empty_like(w)
+    d_decay = torch.empty_like(decay, dtype=wide)
+    for c in reversed(range(n)):
+        h, kt_c = states[:, c].to(wide), kt[:, c].to(wide)
+        du = d_u[:, c].to(wide) + kt_c @ grad
+        d_uv[:, c] = du
+        d_kt[:, c] = u[:, c].to(wide) @ grad.transpose(-1, -2)
+        d_decay[:, c] = (grad * h).sum((-1, -2))
+        new_grad = d_states[:, c].to(wide) + decay[:, c, None, None].to(wide) * grad
+        if w is not None:
+            d_w[:, c] = -du @ h.transpose(-1, -2)
+            new_grad = new_grad - w[:, c].to(wide).transpose(-1, -2) @ du
+        grad = new_grad
+    return d_w, d_uv, d_kt, d_decay.to(decay.dtype)
+
+
+class StateScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, uv, kt, decay, kernel: str):
+        if kernel == "triton":
+            from .state_scan_triton import scan_fwd
+            states, u = scan_fwd(w, uv, kt, decay)
+        else:
+            states, u = _scan_fwd_torch(w, uv, kt, decay)
+        ctx.kernel = kernel
+        ctx.save_for_backward(w, kt, decay, states, u)
+        return states, u
+
+    @staticmethod
+    def backward(ctx, d_states, d_u):
+        w, kt, decay, states, u = ctx.saved_tensors
+        d_states = torch.zeros_like(states) if d_states is None else d_states
+        d_u = torch.zeros_like(u) if d_u is None else d_u
+        if ctx.kernel == "triton":
+            from .state_scan_triton import scan_bwd
+            grads = scan_bwd(w, kt, decay, states, u, d_states, d_u)
+        else:
+            grads = _scan_bwd_torch(w, kt, decay, states, u, d_states, d_u)
+        return (*grads, None)
+
+
+def choose_kernel(kt: torch.Tensor, uv: torch.Tensor, kernel: str | None = None) -> str:
+    """The kernel to run: `kernel` if given, else RAYTRON_SCAN_KERNEL if set (a name from KERNELS),
+    else `triton` on CUDA where Triton imports and takes these shapes, else `torch`. A kernel asked for
+    by name that cannot run here is an error, never a silent fallback."""
+    kernel = kernel or os.environ.get("RAYTRON_SCAN_KERNEL") or None
+    if kernel is not None:
+        if kernel not in KERNELS:
+            raise ValueError(f"scan kernel {kernel!r} (argument or RAYTRON_SCAN_KERNEL): expected one of "
+                             f"{', '.join(KERNELS)}")
+        if kernel == "triton":
+            from .state_scan_triton import check_supported
+            check_supported(kt, uv)
+        return kernel
+    if kt.device.type == "cuda":
+        from .state_scan_triton import check_supported, unsupported_reason
+        if unsupported_reason(kt, uv) is None:  # else shapes Triton tiles cannot take (chunk < 16)
+            check_supported(kt, uv)
+            return "triton"
+    return "torch"
+
+
+def state_scan(w, uv, kt, decay, kernel: str | None = None):
+    """(H, U) of the module docstring; w may be None (SSD, then U is uv). Kernel: `choose_kernel`."""
+    kernel = choose_kernel(kt, uv, kernel)
+    if kernel == "reference":
+        return scan_reference(w, uv, kt, decay)
+    if w is None:  # without the w term U is uv itself
+        return _NoWScan.apply(uv, kt, decay, kernel), uv
+    return StateScan.apply(w, uv, kt, decay, kernel)
+
+
+class _NoWScan(torch.autograd.Function):
+    """StateScan without the w term (SSD)."""
+
+    @staticmethod
+    def forward(ctx, uv, kt, decay, kernel: str):
+        states, u = StateScan.forward(ctx, None, uv, kt, decay, kernel)
+        return states
+
+    @staticmethod
+    def backward(ctx, d_states):
+        _, d_uv, d_kt, d_decay, _ = StateScan.backward(ctx, d_states, None)
+        return d_uv, d_kt, d_decay, None
