@@ -47,15 +47,24 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, dim] -> [B, T, dim]."""
-        b, t, _ = x.shape
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qkv = F.silu(short_conv(qkv, self.conv_weight.to(x.dtype), doc_ids))
-        q, k, v = (y.view(b, t, self.heads, self.head_dim).transpose(1, 2) for y in qkv.chunk(3, dim=-1))
-        q = F.normalize(q, dim=-1) / math.sqrt(self.head_dim)  # [B, H, T, d]
-        k = F.normalize(k, dim=-1)
-        beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)  # [B, H, T]
-        g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)  # [B, T, H] log-decay
-        o = gated_delta(q, k, v, g.transpose(1, 2), beta, self.chunk, doc_starts(doc_ids))
-        o = self.o_norm(o.transpose(1, 2))  # [B, T, H, d]
-        gate = F.silu(self.g_proj(x)).view(b, t, self.heads, self.head_dim)
-        return self.out_proj((o * gate).reshape(b, t, -1))
+        o = gated_deltanet_mix(qkv, self.a_proj(x), self.b_proj(x), self.g_proj(x), self.conv_weight, self.A_log,
+                               self.dt_bias, self.o_norm, self.head_dim, self.chunk, doc_ids)
+        return self.out_proj(o)
+
+
+def gated_deltanet_mix(qkv, a, b_logit, gate, conv_weight, A_log, dt_bias, o_norm, head_dim: int, chunk: int,
+                       doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer between its input and output projections, for the heads given (heads are independent
+    here, so a tensor-parallel rank calls it on its own heads: parallelism/megatron_hybrid.py).
+    qkv [B, T, 3*H*d] ([q; k; v] channels), a and b_logit [B, T, H], gate [B, T, H*d] -> [B, T, H*d]."""
+    b, t, heads = a.shape
+    qkv = F.silu(short_conv(qkv, conv_weight.to(qkv.dtype), doc_ids))
+    q, k, v = (y.view(b, t, heads, head_dim).transpose(1, 2) for y in qkv.chunk(3, dim=-1))
+    q = F.normalize(q, dim=-1) / math.sqrt(head_dim)  # [B, H, T, d]
+    k = F.normalize(k, dim=-1)
+    beta = torch.sigmoid(b_logit).transpose(1, 2)  # [B, H, T]
+    g = -A_log.exp() * F.softplus(a + dt_bias)  # [B, T, H] log-decay
+    o = gated_delta(q, k, v, g.transpose(1, 2), beta, chunk, doc_starts(doc_ids))
+    o = o_norm(o.transpose(1, 2))  # [B, T, H, d]
+    return (o * F.silu(gate).view(b, t, heads, head_dim)).reshape(b, t, -1)

@@ -50,8 +50,15 @@ class Mamba2(nn.Module):
         xbc = F.silu(short_conv(xbc, self.conv_weight.to(x.dtype), doc_ids))
         xs, b_in, c_in = xbc.split([self.inner, self.state_dim, self.state_dim], dim=-1)
         xs = xs.view(b, t, self.heads, self.head_dim)  # [B, T, H, P]
-        dt = F.softplus(dt + self.dt_bias)  # [B, T, H]
-        y = ssd(xs, dt, -self.A_log.exp().to(x.dtype), b_in, c_in, self.chunk, doc_starts(doc_ids))
-        y = y + self.D[:, None].to(x.dtype) * xs
+        y = ssd_mix(xs, b_in, c_in, dt, self.A_log, self.dt_bias, self.D, self.chunk, doc_ids)
         y = self.norm(y.reshape(b, t, self.inner) * F.silu(z))
         return self.out_proj(y)
+
+
+def ssd_mix(xs, b_in, c_in, dt, A_log, dt_bias, D, chunk: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """SSD scan plus the skip term for the heads given (heads are independent given the shared B/C, so a
+    tensor-parallel rank calls it on its own heads: parallelism/megatron_hybrid.py).
+    xs [B, T, H, P], b_in and c_in [B, T, N], dt [B, T, H] before softplus -> y [B, T, H, P]."""
+    dt = F.softplus(dt + dt_bias)  # [B, T, H]
+    y = ssd(xs, dt, -A_log.exp().to(xs.dtype), b_in, c_in, chunk, doc_starts(doc_ids))
+    return y + D[:, None].to(xs.dtype) * xs

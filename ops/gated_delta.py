@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .chunking import chunk_decays, pad_to_chunks
-from .state_scan import state_scan
+from .state_scan import choose_kernel, state_scan
 
 
 def gated_delta_recurrent(q, k, v, g, beta, starts: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,11 +46,10 @@ def _unit_lower_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return x.to(rhs.dtype)
 
 
-def gated_delta_chunked(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None,
-                        kernel: str | None = "reference") -> torch.Tensor:
-    """Chunked parallel form: O(T C) work inside chunks, batched over all chunks; the state entering
-    each chunk comes from the scan of ops/state_scan.py (`kernel`: reference, torch, triton, or None
-    for the fastest that runs here)."""
+def _intra_chunk(q, k, v, g, beta, starts, chunk: int):
+    """Everything of the chunked form that is parallel over chunks: the WY terms of the scan and the
+    intra-chunk attention-like scores. Returns the scan operands (w, u_v, k_to_end [BH, N, C, d],
+    state decay [BH, N]) and the output operands (q scaled from the state, scores qk)."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     q, k, v = (pad_to_chunks(x, chunk, 2) for x in (q, k, v))
@@ -67,11 +66,31 @@ def gated_delta_chunked(q, k, v, g, beta, chunk: int, starts: torch.Tensor | Non
     rhs = torch.cat([v * beta, k_beta * dec.from_state[..., None]], dim=-1)
     u_v, w = _unit_lower_solve(a, rhs).split([dv, dk], dim=-1)  # [B, H, N, C, d_v], [.., d_k]
     k_to_end = k * dec.to_end[..., None]  # [B, H, N, C, d_k]
-    states, u = state_scan(w.reshape(b * h, n, chunk, dk), u_v.reshape(b * h, n, chunk, dv),
-                           k_to_end.reshape(b * h, n, chunk, dk), dec.state.reshape(b * h, n), kernel)
-    states, u = states.view(b, h, n, dk, dv).to(q.dtype), u.view(b, h, n, chunk, dv)
+    scan = (w.reshape(b * h, n, chunk, dk), u_v.reshape(b * h, n, chunk, dv),
+            k_to_end.reshape(b * h, n, chunk, dk), dec.state.reshape(b * h, n))
     qk = q @ k.transpose(-1, -2) * dec.within  # [B, H, N, C, C], j <= i
-    out = (q * dec.from_state[..., None]) @ states + qk @ u  # [B, H, N, C, d_v]
+    return scan, q * dec.from_state[..., None], qk
+
+
+# On CUDA with the Triton scan the elementwise work around it (decays, masks, scalings, casts) is the
+# bulk of the layer's time in eager mode; compiled, it fuses into a few kernels (the solve stays cuBLAS).
+_intra_chunk_compiled = torch.compile(_intra_chunk, dynamic=False)
+
+
+def gated_delta_chunked(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None,
+                        kernel: str | None = "reference") -> torch.Tensor:
+    """Chunked parallel form: O(T C) work inside chunks, batched over all chunks; the state entering
+    each chunk comes from the scan of ops/state_scan.py (`kernel`: reference, torch, triton, or None
+    for the fastest that runs here, which on CUDA also compiles the intra-chunk part)."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    kernel = choose_kernel(q.new_empty(1, 1, chunk, dk), v.new_empty(1, 1, chunk, dv), kernel)
+    intra = _intra_chunk_compiled if kernel == "triton" else _intra_chunk
+    scan, q_state, qk = intra(q, k, v, g, beta, starts, chunk)
+    n = scan[0].shape[1]
+    states, u = state_scan(*scan, kernel)
+    states, u = states.view(b, h, n, dk, dv).to(q.dtype), u.view(b, h, n, chunk, dv)
+    out = q_state @ states + qk @ u  # [B, H, N, C, d_v]
     return out.reshape(b, h, n * chunk, dv)[:, :, :t]
 
 

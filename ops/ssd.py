@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .chunking import chunk_decays, pad_to_chunks
-from .state_scan import state_scan
+from .state_scan import choose_kernel, state_scan
 
 
 def ssd_recurrent(x, dt, a, b_in, c_in, starts: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,10 +31,9 @@ def ssd_recurrent(x, dt, a, b_in, c_in, starts: torch.Tensor | None = None) -> t
     return torch.stack(out, dim=1)
 
 
-def ssd_chunked(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = None,
-                kernel: str | None = "reference") -> torch.Tensor:
-    """Chunked SSD: quadratic inside chunks of `chunk` tokens, batched over all chunks; the state
-    entering each chunk comes from the scan of ops/state_scan.py (`kernel` as in gated_delta_chunked)."""
+def _intra_chunk(x, dt, a, b_in, c_in, starts, chunk: int):
+    """The part of chunked SSD that is parallel over chunks: the scan operands (v = dt x, keys scaled
+    to the chunk's end, state decay) and the outputs' intra-chunk term and state-reading queries."""
     bsz, t, h, p = x.shape
     n_state = b_in.shape[-1]
     v = pad_to_chunks((dt[..., None] * x).transpose(1, 2), chunk, 2)  # [B, H, T', P]
@@ -50,10 +49,26 @@ def ssd_chunked(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = 
     v = v.reshape(bsz, h, n, chunk, p)
     scores = (q @ k.transpose(-1, -2)) * dec.within  # [B, H, N, C, C]; C B^T once, decay per head
     k_to_end = k * dec.to_end[..., None]  # [B, H, N, C, N_state]
-    states, _ = state_scan(None, v.reshape(bsz * h, n, chunk, p), k_to_end.reshape(bsz * h, n, chunk, n_state),
-                           dec.state.reshape(bsz * h, n), kernel)
-    states = states.view(bsz, h, n, n_state, p).to(x.dtype)
-    out = scores @ v + (q * dec.from_state[..., None]) @ states  # [B, H, N, C, P]
+    scan = (v.reshape(bsz * h, n, chunk, p), k_to_end.reshape(bsz * h, n, chunk, n_state),
+            dec.state.reshape(bsz * h, n))
+    return scan, scores @ v, q * dec.from_state[..., None]
+
+
+_intra_chunk_compiled = torch.compile(_intra_chunk, dynamic=False)  # as in ops/gated_delta.py
+
+
+def ssd_chunked(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = None,
+                kernel: str | None = "reference") -> torch.Tensor:
+    """Chunked SSD: quadratic inside chunks of `chunk` tokens, batched over all chunks; the state
+    entering each chunk comes from the scan of ops/state_scan.py (`kernel` as in gated_delta_chunked)."""
+    bsz, t, h, p = x.shape
+    n_state = b_in.shape[-1]
+    kernel = choose_kernel(b_in.new_empty(1, 1, chunk, n_state), x.new_empty(1, 1, chunk, p), kernel)
+    intra = _intra_chunk_compiled if kernel == "triton" else _intra_chunk
+    (v, k_to_end, decay), out, q_state = intra(x, dt, a, b_in, c_in, starts, chunk)
+    n = v.shape[1]
+    states, _ = state_scan(None, v, k_to_end, decay, kernel)
+    out = out + q_state @ states.view(bsz, h, n, n_state, p).to(x.dtype)  # [B, H, N, C, P]
     return out.reshape(bsz, h, n * chunk, p)[:, :, :t].transpose(1, 2)  # [B, T, H, P]
 
 

@@ -7,7 +7,6 @@ arithmetic of a layout (products, folding, batch sizes) lives in `ParallelLayout
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from typing import TYPE_CHECKING, Any
 
@@ -172,24 +171,18 @@ def _typed_overrides(config_cls: Any, overrides: dict[str, Any]) -> dict[str, An
     return out
 
 
-def engine_gaps(spec: "JobSpec", cfg: Any) -> list[tuple[str, str]]:
+def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | None = None) -> list[tuple[str, str]]:
     """(field, reason) for each part of a *valid* job that this build's engine cannot run yet.
 
     Distinct from the layout rules above: these are engine limits, not inconsistencies. `plan` lists
     them and still exits 0 (the layout is sound); `submit` refuses the job before Ray starts. The engines
     raise the same refusals when built directly (parallelism/megatron_spec.py, deepspeed_moe.py)."""
     gaps: list[tuple[str, str]] = []
-    lay, pattern = spec.layout, cfg.layer_pattern()
-    if spec.engine == "megatron":
-        if not re.fullmatch(r"(\*-)+|(\*E)+", pattern):
-            gaps.append(("model.flavor", f"layer pattern {pattern!r}: the megatron engine maps '*-' (dense) and "
-                                         "'*E' (MoE) blocks only; hybrid layers (W, B, G, M) run on engine: deepspeed"))
-        if lay.vpp > 1:
-            gaps.append(("layout.vpp", f"got {lay.vpp}; the interleaved schedule does not match the reference yet "
-                                       "(tests/gpu/README.md): use vpp: 1"))
-        if cfg.num_experts and lay.tp > 1 and lay.ep == 1 and lay.etp == 1:
-            gaps.append(("layout.ep", "MoE with tp > 1 and experts replicated on the TP ranks drifts from the "
-                                      "reference after a few steps on GPU: set ep or etp > 1"))
+    lay, pattern = layout or spec.layout, cfg.layer_pattern()  # an engine passes the layout it was given
+    if (engine or spec.engine) == "megatron":
+        from .megatron_blocks import megatron_pattern_gaps  # (mixer, ffn) pairs, stage split, CP (pure)
+
+        gaps += megatron_pattern_gaps(cfg, lay)
         for name, bad, why in (("router", cfg.router != "softmax", "only the softmax router is mapped"),
                                ("capacity_factor", cfg.capacity_factor > 0, "token-dropping order differs"),
                                ("bias_update_rate", cfg.bias_update_rate > 0, "aux-loss-free bias is not mapped")):

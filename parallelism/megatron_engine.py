@@ -79,7 +79,7 @@ class MegatronEngine:
                              "use engine: deepspeed on CPU")
         self.spec, self.layout, self.rank, self.world = spec, layout, rank, world_size
         self.model_cfg = models.get_config(spec.model.family, spec.model.flavor, **spec.model.overrides)
-        gaps = engine_gaps(spec, self.model_cfg)  # the same limits `plan` lists and `submit` refuses
+        gaps = engine_gaps(spec, self.model_cfg, layout, "megatron")  # the limits plan lists, submit refuses
         if gaps:
             field, reason = gaps[0]
             raise ValueError(f"{field}: the megatron engine cannot run this job yet: {reason}")

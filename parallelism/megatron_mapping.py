@@ -95,10 +95,16 @@ def _swiglu(prefix: str, hidden: int, parts: int, rank: int, index=None, stacked
 def _block_pieces(cfg, g: int, c: ChunkCoords) -> dict[str, list[Piece]]:
     attn, ffn = f"layers.{2 * g}", f"layers.{2 * g + 1}"
     out = {"input_layernorm.weight": [_whole(f"{attn}.norm.weight", cfg.dim)],
-           "self_attention.linear_qkv.weight": _qkv(cfg, f"{attn}.mixer", c.tp, c.tp_rank),
-           "self_attention.linear_proj.weight": [_row(f"{attn}.mixer.wo.weight", cfg.num_heads * cfg.attn_head_dim,
-                                                      c.tp, c.tp_rank)],
            "pre_mlp_layernorm.weight": [_whole(f"{ffn}.norm.weight", cfg.dim)]}
+    if cfg.layer_pattern()[2 * g] in "GM":  # linear-sequence mixers: parallelism/megatron_hybrid_mapping.py
+        from .megatron_hybrid_mapping import mixer_pieces
+
+        mixer = mixer_pieces(cfg, cfg.layer_pattern()[2 * g], f"{attn}.mixer", c.tp, c.tp_rank)
+        out.update({f"self_attention.{k}": v for k, v in mixer.items()})
+    else:  # attention of any mask (*, W, B): same weights
+        out["self_attention.linear_qkv.weight"] = _qkv(cfg, f"{attn}.mixer", c.tp, c.tp_rank)
+        out["self_attention.linear_proj.weight"] = [_row(f"{attn}.mixer.wo.weight",
+                                                         cfg.num_heads * cfg.attn_head_dim, c.tp, c.tp_rank)]
     if cfg.layer_pattern()[2 * g + 1] == "-":
         out.update({f"mlp.{k}": v for k, v in _swiglu(f"{ffn}.mixer", cfg.ffn_dim, c.tp, c.tp_rank).items()})
         return out

@@ -7,6 +7,7 @@ implementation without Transformer Engine.
   efficient backends) instead of megatron's unfused local softmax attention. Under context parallelism
   it all-gathers keys and values over the CP group (reduce-scatter of their gradients) and masks by the
   global positions of megatron's load-balanced split (rank r holds chunks r and 2*cp-1-r).
+- `GroupedMLPExperts`: megatron's SequentialMLP experts run as grouped GEMMs (torch._grouped_mm).
 - `ReferenceRouter`: megatron's TopKRouter with the reference load-balancing loss: Switch/GShard's
   `E * sum_e P_e * f_e` with f_e the fraction of tokens whose *first* choice is e (megatron counts every
   one of the k choices). Scaling, the autograd attachment and TP/CP reduction stay megatron's own.
@@ -21,7 +22,11 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe import moe_utils
+from megatron.core.fusions.fused_bias_swiglu import swiglu, weighted_bias_swiglu_impl
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.router import TopKRouter
+
+from ..ops.moe import grouped_mm_supported, segment_mm
 
 
 def allow_moe_without_te() -> None:
@@ -29,6 +34,43 @@ def allow_moe_without_te() -> None:
     Engine (NameError). Defining it as None selects the plain torch path; a real TE binding is kept."""
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def _rope_bshd(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """megatron's unfused RoPE (rotate-half form; t [s, b, h, d], freqs [s, 1, 1, rot]) with cos/sin
+    and the rotation in fp32, rounded once at the end."""
+    rot = freqs.shape[-1]
+    x, rest = t[..., :rot].to(torch.promote_types(t.dtype, torch.float32)), t[..., rot:]
+    x1, x2 = x.chunk(2, dim=-1)
+    out = x * freqs.cos() + torch.cat((-x2, x1), dim=-1) * freqs.sin()
+    return torch.cat((out.to(t.dtype), rest), dim=-1)
+
+
+# One fused Triton kernel each on GPU (the eager forms launch several elementwise kernels per call and
+# keep fp32 copies of the activations for backward); CPU keeps the eager functions.
+_compiled_rms_norm = torch.compile(_rms_norm_fp32, dynamic=False)
+_compiled_rope = torch.compile(_rope_bshd, dynamic=False)
+
+
+def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Stands in for Transformer Engine's fused_apply_rotary_pos_emb (same signature)."""
+    if interleaved:
+        raise NotImplementedError("fused_rope: interleaved rotary embeddings are not used by raytron models")
+    return (_compiled_rope if t.is_cuda else _rope_bshd)(t, freqs)
+
+
+def install_fused_rope() -> bool:
+    """Let megatron-core's apply_rope_fusion path call `fused_rope` where Transformer Engine (whose
+    kernel it expects) is absent; a real TE binding is kept. Returns True (for config expressions)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        rope_utils.fused_apply_rotary_pos_emb = fused_rope
+    return True
 
 
 class RMSNorm(torch.nn.Module):
@@ -41,8 +83,7 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
-        return out.to(x.dtype)
+        return (_compiled_rms_norm if x.is_cuda else _rms_norm_fp32)(x, self.weight, self.eps)
 
 
 class SDPACoreAttention(MegatronModule):
@@ -104,6 +145,30 @@ def split_for_context_parallel(x: torch.Tensor, cp: int, rank: int, dim: int = 1
         return x
     chunks = x.chunk(2 * cp, dim=dim)
     return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]], dim=dim)
+
+
+class GroupedMLPExperts(SequentialMLP):
+    """megatron's SequentialMLP (same parameters and names, so mapping and checkpoints are unchanged)
+    computed as two grouped GEMMs over the expert-sorted tokens (`ops.moe.segment_mm`, i.e.
+    torch._grouped_mm) instead of a Python loop of per-expert GEMMs. The activation and the routing
+    weights are applied as megatron's MLP applies them. Falls back to the loop where a grouped GEMM does
+    not apply: one local expert, expert-TP > 1 (the per-expert linears then own collectives), fp8/fp4,
+    probabilities applied on the input, or dtypes/alignments torch._grouped_mm refuses."""
+
+    def forward(self, hidden, tokens_per_expert, permuted_probs):
+        fc1 = [e.linear_fc1.weight for e in self.local_experts]
+        if (self.num_local_experts == 1 or self.tp_group.size() > 1 or self.config.fp8 or self.config.fp4
+                or self.config.moe_apply_probs_on_input or not grouped_mm_supported(hidden, fc1[0][None])):
+            return super().forward(hidden, tokens_per_expert, permuted_probs)
+        offsets = torch.cumsum(tokens_per_expert.to(hidden.device), 0).to(torch.int32)
+        h = segment_mm(hidden, torch.stack(fc1), offsets)  # [rows, 2 * ffn]: [gate; up] as MLP's fc1
+        scale = permuted_probs.unsqueeze(-1)
+        if self.config.bias_activation_fusion:
+            h = weighted_bias_swiglu_impl(h, None, scale)
+        else:
+            h = (swiglu(h) * scale).to(h.dtype)
+        out = segment_mm(h, torch.stack([e.linear_fc2.weight for e in self.local_experts]), offsets)
+        return out, None
 
 
 class ReferenceRouter(TopKRouter):

@@ -1,20 +1,19 @@
 """The reference architecture expressed as megatron-core objects: TransformerConfig + ModuleSpec.
 
 A reference model is a pattern of pre-norm residual layers (`models/config.py`); megatron-core's
-TransformerLayer is one attention layer followed by one MLP/MoE layer. A pattern of the form
-`(*-)^n` (dense) or `(*E)^n` (MoE) maps onto n megatron layers, block g holding reference layers 2g
-(attention, its norm = `input_layernorm`) and 2g+1 (MLP/MoE, its norm = `pre_mlp_layernorm`).
-Anything else (sliding-window, block-sparse, linear-sequence layers, sigmoid routers, capacity, routing
-bias) is refused with the reason, so no run trains a different model than the reference.
+TransformerLayer is one sequence mixer followed by one MLP/MoE layer. A pattern of (mixer, ffn) pairs
+maps onto one megatron layer per pair, block g holding reference layers 2g (mixer, its norm =
+`input_layernorm`) and 2g+1 (MLP/MoE, its norm = `pre_mlp_layernorm`); hybrid mixers (sliding-window,
+block-sparse, Gated DeltaNet, Mamba2) come from parallelism/megatron_hybrid.py, the pattern rules and
+pipeline split from parallelism/megatron_blocks.py. Anything else (unpaired patterns, sigmoid routers,
+capacity, routing bias) is refused with the reason, so no run trains a different model than the reference.
 
 Modules: megatron's SelfAttention (QKV/projection as Column/RowParallelLinear) with our SDPA core
-attention, megatron's MLP / MoELayer (SequentialMLP experts, all-to-all dispatcher) with our router
+attention, megatron's MLP / MoELayer (SequentialMLP's experts as grouped GEMMs, all-to-all dispatcher) with our router
 and our sequence-parallel RMSNorm (parallelism/megatron_modules.py).
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.nn.functional as F
@@ -26,28 +25,24 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from .megatron_modules import ReferenceRouter, RMSNorm, SDPACoreAttention, allow_moe_without_te
-
-
-class UnsupportedArchitecture(ValueError):
-    """The reference model uses something this engine cannot reproduce exactly (message says what)."""
+from .megatron_blocks import UnsupportedArchitecture, blocks, pipeline_split
+from .megatron_modules import (GroupedMLPExperts, ReferenceRouter, RMSNorm, SDPACoreAttention, allow_moe_without_te,
+                               install_fused_rope)
 
 
 def check_supported(cfg) -> bool:
-    """Whether cfg maps onto megatron layers; returns True for MoE models. Raises UnsupportedArchitecture."""
+    """Whether cfg maps onto megatron layers; returns True for MoE models. Raises UnsupportedArchitecture.
+    Layer patterns: parallelism/megatron_blocks.py ((mixer, ffn) pairs, hybrids included)."""
     pattern = cfg.layer_pattern()
-    if not re.fullmatch(r"(\*-)+|(\*E)+", pattern):
-        raise UnsupportedArchitecture(
-            f"layer pattern {pattern!r}: the megatron engine maps '*-' (dense) or '*E' (MoE) blocks only; "
-            f"hybrid patterns (W, B, G, M layers) need engine: deepspeed for now")
+    blocks(cfg)
     moe = "E" in pattern
     if moe:
         for field, bad, why in (("router", cfg.router != "softmax", "only the softmax router is mapped"),
@@ -76,9 +71,18 @@ def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp, sequence_parallel=layout.tp > 1,
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        cross_entropy_loss_fusion=False, calculate_per_token_loss=False, deallocate_pipeline_outputs=True)
+        # on GPU: SwiGLU and cross-entropy through megatron's torch.compile'd fusions, RoPE through ours
+        bias_activation_fusion=on_gpu, bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
+        apply_rope_fusion=on_gpu and install_fused_rope(), gradient_accumulation_fusion=False,
+        persist_layer_norm=False, cross_entropy_loss_fusion=on_gpu, cross_entropy_fusion_impl="native",
+        calculate_per_token_loss=False, deallocate_pipeline_outputs=True,
+        **pipeline_split(cfg, layout.pp, layout.vpp))  # '|' stage marks of hybrid patterns
+    # megatron-core's default batched P2P posts [send prev, recv prev, send next, recv next] as one batch.
+    # With pp == 2 both neighbours are the same rank, so when the interleaved schedule sends and receives
+    # in both directions at once, an activation and a gradient (same shape) land in each other's buffer:
+    # silently wrong losses. The unbatched path keeps the two directions on separate communicators
+    # (Megatron-LM's own interleaved default, overlap_p2p_comm, also avoids the batch). 1F1B is unaffected.
+    kwargs["batch_p2p_comm"] = layout.vpp == 1
     if moe:
         kwargs.update(
             num_moe_experts=cfg.num_experts, moe_router_topk=cfg.top_k, moe_ffn_hidden_size=cfg.moe_ffn_dim,
@@ -94,16 +98,17 @@ def _linear_mlp() -> MLPSubmodules:
     return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 
 
-def layer_spec(moe: bool) -> ModuleSpec:
-    """One megatron TransformerLayer: RMSNorm -> attention (SDPA core) -> RMSNorm -> MLP or MoE."""
-    attention = ModuleSpec(
+def layer_spec(moe: bool, self_attention: ModuleSpec | None = None, core_attention=SDPACoreAttention) -> ModuleSpec:
+    """One megatron TransformerLayer: RMSNorm -> attention (SDPA core) -> RMSNorm -> MLP or MoE. Hybrid
+    layers (parallelism/megatron_hybrid.py) give another `self_attention` or a masked `core_attention`."""
+    attention = self_attention or ModuleSpec(
         module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
-        submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=SDPACoreAttention,
+        submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=core_attention,
                                            linear_proj=RowParallelLinear, q_layernorm=IdentityOp,
                                            k_layernorm=IdentityOp))
     if moe:
         mlp = ModuleSpec(module=MoELayer, submodules=MoESubmodules(
-            experts=ModuleSpec(module=SequentialMLP, submodules=_linear_mlp()),
+            experts=ModuleSpec(module=GroupedMLPExperts, submodules=_linear_mlp()),
             shared_experts=ModuleSpec(module=SharedExpertMLP, params={"gate": False}, submodules=_linear_mlp()),
             router=ReferenceRouter))
     else:
@@ -115,17 +120,35 @@ def layer_spec(moe: bool) -> ModuleSpec:
 
 def build_model_chunks(cfg, tcfg: TransformerConfig, seq_len: int) -> list[GPTModel]:
     """This rank's GPTModel chunks (one per virtual pipeline stage), parallel_state already initialized."""
-    moe = check_supported(cfg)
+    from .megatron_hybrid import stage_layer_specs  # imports layer_spec from here
+
+    check_supported(cfg)
+    # megatron's process-global MoE aux-loss log is sized by the first model's layer count: a later model
+    # of another depth in the same process (tests, the GPU equivalence program) would index past it
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()
     vpp = tcfg.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for v in range(vpp):
         vp_stage = v if vpp > 1 else None
-        block = TransformerBlockSubmodules(
-            layer_specs=[layer_spec(moe)] * get_num_layers_to_build(tcfg, vp_stage=vp_stage), layer_norm=RMSNorm)
+        block = TransformerBlockSubmodules(layer_specs=stage_layer_specs(cfg, tcfg, vp_stage), layer_norm=RMSNorm)
         chunks.append(GPTModel(
             config=tcfg, transformer_layer_spec=block, vocab_size=cfg.vocab_size, max_sequence_length=seq_len,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=cfg.tie_embeddings, position_embedding_type="rope",
             rotary_base=int(cfg.rope_theta), vp_stage=vp_stage))
+        reduce_experts_over_expert_dp(chunks[-1])
     return chunks
+
+
+def reduce_experts_over_expert_dp(chunk: GPTModel) -> None:
+    """Mark routed-expert weights as expert parameters (`allreduce=False`) for every ep, so megatron's DDP
+    and optimizer reduce and shard them over the expert-data-parallel group. megatron-core 0.16.1 marks
+    them only when ep > 1; with ep == 1 they count as dense and are reduced over the dense DP group alone.
+    With etp < tp the experts are replicated over the TP ranks and, under sequence parallelism, each TP
+    rank's copy sees only its share of the tokens: the TP ranks are in the expert-DP group but not in the
+    dense one, so the expert gradients missed the other ranks' tokens and the copies drifted apart."""
+    for module in chunk.modules():
+        if isinstance(module, MoELayer):
+            for param in module.experts.parameters():
+                param.allreduce = False

@@ -10,18 +10,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 out=${OUT:-$root/tests/gpu/results/local}
 mkdir -p "$out"
-if ! python3 -c "import megatron.core" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheelhouse install failed" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-if ! python3 -c "import raytron.parallelism" 2>/dev/null; then
-  pkg=/tmp/raytron_pkg/raytron; rm -rf /tmp/raytron_pkg; mkdir -p "$pkg"
-  cp raytron/__init__.py "$pkg/"
-  for sub in launcher parallelism models data_pipeline ops; do ln -s "$root/$sub" "$pkg/$sub"; done
-  export PYTHONPATH=/tmp/raytron_pkg${PYTHONPATH:+:$PYTHONPATH}
-fi
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+source scripts/gpu_env.sh  # wheelhouse, raytron package tree (raytron/*.py included), NCCL settings
 export PYTHONUNBUFFERED=1 RAYTRON_GPU_RESULTS="$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpus.csv" 2>&1
 python3 -P -m pytest -m gpu -p no:cacheprovider -q -rA --junitxml="$out/junit.xml" tests/gpu "$@" 2>&1 | tee "$out/pytest.log"

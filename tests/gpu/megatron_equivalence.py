@@ -27,17 +27,22 @@ from raytron.parallelism.layout import ParallelLayout
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 2, 64
 LAYOUTS = {  # name -> (world, layout fields, families)
-    "single": (1, {}, ("dense", "moe")),
-    "TP2": (2, {"tp": 2}, ("dense",)),  # MoE with experts replicated over TP is refused (README)
-    "PP2": (2, {"pp": 2}, ("dense", "moe")),
-    "EP2": (2, {"dp": 2, "ep": 2}, ("moe",)),
-    "CP2": (2, {"cp": 2}, ("dense", "moe")),
-    "DP2": (2, {"dp": 2}, ("dense", "moe")),
-    "TP2xEP2": (4, {"tp": 2, "dp": 2, "ep": 2}, ("moe",)),
+    "single": (1, {}, ("dense", "moe", "hybrid", "hybrid-moe", "dense-4l", "moe-4l")),
+    "TP2": (2, {"tp": 2}, ("dense", "moe", "hybrid")),  # moe: experts replicated over TP (ep=etp=1), issue #6
+    "PP2": (2, {"pp": 2}, ("dense", "moe", "hybrid", "hybrid-moe")),
+    "EP2": (2, {"dp": 2, "ep": 2}, ("moe", "hybrid-moe")),
+    "CP2": (2, {"cp": 2}, ("dense", "moe")),  # hybrid: refused (linear-sequence / windowed layers)
+    "DP2": (2, {"dp": 2}, ("dense", "moe", "hybrid")),
+    "TP2xEP2": (4, {"tp": 2, "dp": 2, "ep": 2}, ("moe", "hybrid-moe")),
     "PP2xEP2": (4, {"pp": 2, "dp": 2, "ep": 2}, ("moe",)),
-    "TP2xPP2": (4, {"tp": 2, "pp": 2}, ("dense",)),
+    "TP2xPP2": (4, {"tp": 2, "pp": 2}, ("dense", "moe", "hybrid")),
+    "PP2v2": (2, {"pp": 2, "vpp": 2}, ("dense-4l", "moe-4l")),  # interleaved, 4 micro-batches: issue #6
 }
-FAMILIES = {"dense": ("dense", "debug", {}), "moe": ("moe", "debug", {})}
+FAMILIES = {"dense": ("dense", "debug", {}), "moe": ("moe", "debug", {}),
+            "hybrid": ("hybrid", "debug", {}),  # "G-*-M-W-": Gated DeltaNet, attention, Mamba2, sliding window
+            "hybrid-moe": ("hybrid", "debug-moe", {}),  # "GEBE|GE*E": + block-sparse attention, MoE, '|' stages
+            "dense-4l": ("dense", "debug", {"num_layers": 4}),  # 4 blocks: pp * vpp = 4 stages
+            "moe-4l": ("moe", "debug", {"num_layers": 4})}
 
 
 def make_spec(family: str, steps: int) -> SimpleNamespace:
@@ -138,15 +143,19 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--only", default="", help="comma-separated layout names")
+    parser.add_argument("--families", default="", help="comma-separated families (FAMILIES keys)")
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
     wanted = set(filter(None, args.only.split(",")))
+    families_wanted = set(filter(None, args.families.split(",")))
     for name, (size, fields, families) in LAYOUTS.items():
         if size != world or (wanted and name not in wanted):
             continue
         for family in families:
+            if families_wanted and family not in families_wanted:
+                continue
             record = run_case(name, family, fields, args.steps, rank, world)
             if rank == 0:
                 record["gpu"] = torch.cuda.get_device_name()

@@ -17,15 +17,15 @@ def _records(folder: Path, pattern: str) -> list[dict]:
 
 def equivalence_table(folder: Path) -> list[str]:
     rows = ["megatron engine vs fp32 reference (tests/gpu/test_megatron_equivalence.py), 50 steps each",
-            f"{'layout':9} {'family':6} {'mapping_err':11} {'step1_loss(meg/ref)':19} {'step1_gradnorm(meg/ref)':23} "
+            f"{'layout':9} {'family':10} {'mapping_err':11} {'step1_loss(meg/ref)':19} {'step1_gradnorm(meg/ref)':23} "
             f"{'step1_aux(meg/ref)':18} {'step50_loss(meg/ref)':20} max|dloss|_50steps"]
     for r in _records(folder, "megatron_equivalence_w*.jsonl"):
         if "error" in r:
-            rows.append(f"{r['layout']:9} {r['family']:6} ERROR {r['error']}")
+            rows.append(f"{r['layout']:9} {r['family']:10} ERROR {r['error']}")
             continue
         m, ref = r["megatron"], r["reference"]
         worst = max(abs(a - b) for a, b in zip(m["loss"], ref["loss"]))
-        rows.append(f"{r['layout']:9} {r['family']:6} {m['mapping_max_abs_err']:<11.1e} "
+        rows.append(f"{r['layout']:9} {r['family']:10} {m['mapping_max_abs_err']:<11.1e} "
                     f"{m['loss'][0]:.5f}/{ref['loss'][0]:.5f}   {m['grad_norm'][0]:.4f}/{ref['grad_norm'][0]:.4f}        "
                     f"{m['aux_loss'][0]:.4f}/{ref['aux_loss'][0]:.4f}    {m['loss'][-1]:.4f}/{ref['loss'][-1]:.4f}      "
                     f"{worst:.4f}")

@@ -58,7 +58,7 @@ class ShardedOptimizer:
 class CpuEngine:
     """What megatron_state needs of MegatronEngine: spec, device, chunks + pieces, optimizer, steps_done."""
 
-    def __init__(self, family: str, layout, rank: int):
+    def __init__(self, family: str, layout, rank: int, overrides: dict | None = None):
         from megatron.core import parallel_state as ps
 
         from raytron import models
@@ -71,12 +71,14 @@ class CpuEngine:
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(
             tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
             context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
             expert_tensor_parallel_size=layout.etp, order="tp-cp-ep-dp-pp", create_gloo_process_groups=False)
         check_groups(layout, rank)
+        overrides = overrides or {}
         self.layout, self.device, self.steps_done = layout, torch.device("cpu"), 0
-        self.spec = SimpleNamespace(model=SimpleNamespace(family=family, flavor="debug", overrides={}))
-        self.model_cfg = models.get_config(family, "debug")
+        self.spec = SimpleNamespace(model=SimpleNamespace(family=family, flavor="debug", overrides=overrides))
+        self.model_cfg = models.get_config(family, "debug", **overrides)
         tcfg = transformer_config(self.model_cfg, layout, on_gpu=False)
         self.chunks = build_model_chunks(self.model_cfg, tcfg, seq_len=32)
         self.pieces = [chunk_pieces(self.model_cfg, chunk_coords(c, layout)) for c in self.chunks]
@@ -93,12 +95,12 @@ class CpuEngine:
         return chunk.named_parameters()
 
 
-def reference_state(family: str, seed: int = 0) -> dict:
+def reference_state(family: str, seed: int = 0, overrides: dict | None = None) -> dict:
     """A full reference-named state with distinct random values in every section."""
     from raytron import models
 
     torch.manual_seed(seed)
-    shapes = {n: p.shape for n, p in models.build(family, "debug").named_parameters()}
+    shapes = {n: p.shape for n, p in models.build(family, "debug", **(overrides or {})).named_parameters()}
     g = torch.Generator().manual_seed(seed)
     return {"params": {n: torch.randn(s, generator=g) for n, s in shapes.items()},
             "exp_avg": {n: torch.randn(s, generator=g) for n, s in shapes.items()},
@@ -106,19 +108,20 @@ def reference_state(family: str, seed: int = 0) -> dict:
             "buffers": {}, "meta": {"engine": "megatron", "optimizer_step": 7, "has_moments": True, "steps_done": 7}}
 
 
-def round_trip(rank: int, world: int, family: str, layouts: list[dict], out: str) -> None:
-    """For each layout: load the reference state, gather it back; rank 0 records which tensors differ."""
+def round_trip(rank: int, world: int, family: str, layouts: list[dict], out: str, overrides: dict | None = None) -> None:
+    """For each layout: load the reference state, gather it back; rank 0 records which tensors differ.
+    `overrides`: model overrides of the debug flavor (e.g. num_layers for pp * vpp stages)."""
     from raytron.launcher.canary import state_digests
     from raytron.parallelism import megatron_state
     from raytron.parallelism.layout import ParallelLayout
 
     torch.set_num_threads(1)
-    want = reference_state(family)
+    want = reference_state(family, overrides=overrides)
     results = []
     for kw in layouts:
         dp = world // (kw.get("tp", 1) * kw.get("pp", 1) * kw.get("cp", 1))
         layout = ParallelLayout(world_size=world, **{"dp": dp, **kw})
-        engine = CpuEngine(family, layout, rank)
+        engine = CpuEngine(family, layout, rank, overrides)
         megatron_state.load_state(engine, want)
         got, writes = megatron_state.gather_state(engine)
         assert writes == (rank == 0)

@@ -37,7 +37,8 @@ def _blocks(num_blocks: int, pp: int, vpp: int, pp_rank: int, v: int) -> tuple[i
 
 
 _MODELS = [("dense", "debug", {}), ("moe", "debug", {}), ("moe", "debug", {"shared_experts": 1}),
-           ("dense", "debug", {"num_layers": 4, "tie_embeddings": True})]
+           ("dense", "debug", {"num_layers": 4, "tie_embeddings": True}),
+           ("hybrid", "debug", {}), ("hybrid", "debug-moe", {})]  # G/*/M/W and G/B/* mixers
 _LAYOUTS = [(1, 1, 1, 1, 1), (2, 1, 1, 1, 1), (1, 2, 1, 1, 1), (2, 2, 1, 2, 1), (1, 2, 2, 2, 2), (2, 1, 1, 4, 1)]
 
 
@@ -118,7 +119,8 @@ def _megatron_twin(family: str, flavor: str, seed: int = 0, **overrides):
     return ref, model, pieces
 
 
-@pytest.mark.parametrize("family,flavor", [("dense", "debug"), ("moe", "debug")])
+@pytest.mark.parametrize("family,flavor", [("dense", "debug"), ("moe", "debug"), ("hybrid", "debug"),
+                                           ("hybrid", "debug-moe")])
 def test_megatron_cpu_matches_reference(cpu_megatron, family, flavor):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 

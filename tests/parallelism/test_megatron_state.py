@@ -25,8 +25,9 @@ import megatron_cpu_ranks  # noqa: E402
 
 @pytest.mark.parametrize("family,world,layouts", [
     ("dense", 2, [{"tp": 2}, {"pp": 2}, {"cp": 2}, {}]),
-    ("moe", 2, [{"ep": 2}, {"tp": 2, "ep": 2}, {"pp": 2}, {}]),
+    ("moe", 2, [{"ep": 2}, {"tp": 2, "ep": 2}, {"pp": 2}, {"tp": 2}, {}]),  # tp=2: experts in expert-DP over TP
     ("moe", 4, [{"tp": 2, "ep": 2}, {"pp": 2, "ep": 2}, {"ep": 2, "etp": 2}]),
+    ("hybrid", 2, [{"tp": 2}, {"pp": 2}, {}]),  # G-*-M-W-: per-head, replicated and B/C-sharded tensors
 ])
 def test_state_round_trip_under_layouts(tmp_path, family, world, layouts):
     out = tmp_path / "result.json"
@@ -36,3 +37,13 @@ def test_state_round_trip_under_layouts(tmp_path, family, world, layouts):
     for r in results:
         assert r["tensors"] > 0 and r["mismatch"] == [], r
         assert r["steps_done"] == 7 and r["optimizer_step"] == 7, r
+
+
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_state_round_trip_interleaved(tmp_path, family):
+    """pp=2, vpp=2 on 4 blocks: each rank holds two non-contiguous chunks (blocks p and 2+p)."""
+    out = tmp_path / "result.json"
+    spawn_ranks(megatron_cpu_ranks.round_trip, 2, family, [{"pp": 2, "vpp": 2}], str(out), {"num_layers": 4},
+                timeout=400)
+    (result,) = json.loads(out.read_text())
+    assert result["tensors"] > 0 and result["mismatch"] == [], result

@@ -1,0 +1,243 @@
+"""megatron-core modules for the hybrid family's sequence mixers, each a drop-in for a TransformerLayer's
+`self_attention` slot ([s, b, h] in, (output, bias=None) out), computing the reference layer's math
+(models/gated_deltanet.py, models/mamba2.py, ops/attention.py) on this tensor-parallel rank's heads.
+
+Tensor parallelism, as megatron's attention does it: `in_proj` is a ColumnParallelLinear (under sequence
+parallelism it all-gathers the sequence; its backward reduce-scatters the input gradient), the mixing
+runs on the full sequence for this rank's heads, `out_proj` is a RowParallelLinear (reduce-scatter back to
+sequence shards). What the heads share needs care (the weight mapping is parallelism/megatron_hybrid_mapping.py):
+- per-head parameters (A_log, dt_bias, D, conv channels, Mamba2's norm weight) are cut by head and carry
+  megatron's `tensor_model_parallel` attributes (so grad-norm and clipping count every shard once);
+- GDN's o_norm weight (one [d] vector used by every head) is replicated: each rank's gradient covers its
+  heads only, so it is marked `sequence_parallel` and megatron's finalize_model_grads sums it over TP;
+- Mamba2's B and C (one group for all heads) are projected and convolved as N/tp channel shards, then
+  all-gathered over TP; the backward reduce-scatters, summing what every rank's heads asked of them;
+- Mamba2's gated RMSNorm spans all heads' channels: the sum of squares is all-reduced over TP, forward
+  and backward (every rank uses the total differently, so the gradients are summed too).
+Sliding-window (`W`) and block-sparse (`B`) attention are megatron's SelfAttention with
+`MaskedCoreAttention` (ops.attention: FlexAttention on GPU, a dense SDPA mask on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from ..models.gated_deltanet import GatedDeltaNet, gated_deltanet_mix
+from ..models.layers import RMSNorm as ReferenceRMSNorm
+from ..models.mamba2 import Mamba2, ssd_mix
+from ..ops.attention import BlockSparse, attention
+from ..ops.short_conv import short_conv
+
+
+class _SumOverTP(torch.autograd.Function):
+    """All-reduce (sum) over the TP group in forward and in backward: for a statistic that each rank
+    computes over its own heads and that every rank then uses in its own, different computation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _tp_group(pg_collection):
+    if pg_collection is not None and hasattr(pg_collection, "tp"):
+        return pg_collection.tp
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _head_param(config, *shape: int) -> torch.nn.Parameter:
+    """A parameter cut by head over TP (megatron's attributes: partition dim 0, stride 1)."""
+    device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+    param = torch.nn.Parameter(torch.empty(*shape, device=device, dtype=config.params_dtype))
+    set_tensor_model_parallel_attributes(param, True, 0, 1)
+    return param
+
+
+def _refuse_extras(packed_seq_params, inference_context) -> None:
+    if packed_seq_params is not None or inference_context is not None:
+        raise NotImplementedError("hybrid mixers: packed sequences and inference contexts are not supported")
+
+
+class _LinearMixer(MegatronModule):
+    """What the GDN and Mamba2 twins share: TP group, head counts, the in/out projections."""
+
+    def __init__(self, config, model_cfg, in_features: int, pg_collection=None):
+        super().__init__(config=config)
+        self.tp_group = _tp_group(pg_collection)
+        tp = self.tp_group.size()
+        if tp > 1 and not config.sequence_parallel:
+            raise NotImplementedError("hybrid mixers under tensor parallelism need sequence_parallel")
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("linear-sequence mixers cannot run under context parallelism (state "
+                                      "would have to pass between CP ranks)")
+        if model_cfg.linear_heads % tp:
+            raise ValueError(f"linear_heads {model_cfg.linear_heads} do not split over tp {tp}")
+        self.heads = model_cfg.linear_heads // tp  # this rank's heads
+        self.head_dim, self.chunk = model_cfg.linear_head_dim, model_cfg.chunk_size
+        self.inner = self.heads * self.head_dim  # this rank's value channels
+        self.in_proj = ColumnParallelLinear(
+            model_cfg.dim, in_features, config=config, init_method=config.init_method, bias=False,
+            gather_output=False, skip_bias_add=True, tp_group=self.tp_group)
+        self.out_proj = RowParallelLinear(
+            model_cfg.linear_heads * model_cfg.linear_head_dim, model_cfg.dim, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True, tp_group=self.tp_group)
+
+    def _project_in(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[s/tp, b, dim] (sequence-parallel shard; [s, b, dim] without TP) -> [b, s, this rank's outputs]."""
+        proj, _ = self.in_proj(hidden_states)
+        return proj.transpose(0, 1)
+
+    def _project_out(self, mixed: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """[b, s, this rank's channels] -> ([s/tp, b, dim], no bias)."""
+        out, _ = self.out_proj(mixed.transpose(0, 1).contiguous())
+        return out, None
+
+
+class GatedDeltaNetMixer(_LinearMixer):
+    """models.gated_deltanet.GatedDeltaNet on this TP rank's heads (module docstring)."""
+
+    def __init__(self, config, model_cfg, layer_number: int | None = None, pg_collection=None, **_unused):
+        inner, heads = model_cfg.linear_heads * model_cfg.linear_head_dim, model_cfg.linear_heads
+        super().__init__(config, model_cfg, 4 * inner + 2 * heads, pg_collection)  # [q, k, v, g, a, b]
+        self.conv_weight = _head_param(config, 3 * self.inner, model_cfg.conv_size)  # [q, k, v] channels
+        self.A_log = _head_param(config, self.heads)
+        self.dt_bias = _head_param(config, self.heads)
+        self.o_norm = ReferenceRMSNorm(self.head_dim, model_cfg.norm_eps).to(self.conv_weight.device,
+                                                                             config.params_dtype)
+        self.o_norm.weight.sequence_parallel = config.sequence_parallel  # TP grad sum (module docstring)
+        if config.perform_initialization:
+            GatedDeltaNet.reset_special_parameters(self)  # the reference's init of A_log, dt_bias, conv
+
+    def forward(self, hidden_states, attention_mask=None, *, packed_seq_params=None, inference_context=None,
+                **_unused):
+        _refuse_extras(packed_seq_params, inference_context)
+        inner, heads = self.inner, self.heads
+        qkv, gate, a, b = self._project_in(hidden_states).split([3 * inner, inner, heads, heads], dim=-1)
+        mixed = gated_deltanet_mix(qkv, a, b, gate, self.conv_weight, self.A_log, self.dt_bias, self.o_norm,
+                                   self.head_dim, self.chunk)
+        return self._project_out(mixed)
+
+
+class Mamba2Mixer(_LinearMixer):
+    """models.mamba2.Mamba2 on this TP rank's heads, B/C gathered over TP (module docstring)."""
+
+    def __init__(self, config, model_cfg, layer_number: int | None = None, pg_collection=None, **_unused):
+        inner, heads = model_cfg.linear_heads * model_cfg.linear_head_dim, model_cfg.linear_heads
+        n = model_cfg.ssm_state_dim
+        super().__init__(config, model_cfg, 2 * inner + 2 * n + heads, pg_collection)  # [z, x, B, C, dt]
+        tp = self.tp_group.size()
+        if n % tp:
+            raise ValueError(f"ssm_state_dim {n} does not split over tp {tp}")
+        self.state_dim, self.state_shard, self.full_inner = n, n // tp, inner
+        self.eps = model_cfg.norm_eps
+        self.conv_weight = _head_param(config, self.inner + 2 * self.state_shard, model_cfg.conv_size)  # [x, B, C]
+        self.A_log = _head_param(config, self.heads)
+        self.dt_bias = _head_param(config, self.heads)
+        self.D = _head_param(config, self.heads)
+        self.norm_weight = _head_param(config, self.inner)
+        if config.perform_initialization:
+            Mamba2.reset_special_parameters(self)  # the reference's init of A_log, dt_bias, D, conv
+            torch.nn.init.ones_(self.norm_weight)
+
+    def forward(self, hidden_states, attention_mask=None, *, packed_seq_params=None, inference_context=None,
+                **_unused):
+        _refuse_extras(packed_seq_params, inference_context)
+        inner, n_r = self.inner, self.state_shard
+        z, xbc, dt = self._project_in(hidden_states).split([inner, inner + 2 * n_r, self.heads], dim=-1)
+        bsz, seq = z.shape[:2]
+        xbc = F.silu(short_conv(xbc, self.conv_weight.to(xbc.dtype)))
+        xs, bc = xbc.split([inner, 2 * n_r], dim=-1)
+        # [B_r, C_r] of every rank -> [b, s, tp, 2, N/tp] -> full B, C [b, s, N]
+        bc = all_gather_last_dim_from_tensor_parallel_region(bc.contiguous(), self.tp_group)
+        bc = bc.view(bsz, seq, -1, 2, n_r)
+        b_in, c_in = bc[..., 0, :].reshape(bsz, seq, -1), bc[..., 1, :].reshape(bsz, seq, -1)
+        y = ssd_mix(xs.reshape(bsz, seq, self.heads, self.head_dim), b_in, c_in, dt, self.A_log, self.dt_bias,
+                    self.D, self.chunk)
+        y = self._gated_norm(y.reshape(bsz, seq, inner) * F.silu(z))
+        return self._project_out(y)
+
+    def _gated_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference's RMSNorm over all heads' channels (fp32 statistics), from this rank's share."""
+        xf = x.float()
+        sum_sq = xf.pow(2).sum(-1, keepdim=True)
+        if self.tp_group.size() > 1:
+            sum_sq = _SumOverTP.apply(sum_sq, self.tp_group)
+        out = xf * torch.rsqrt(sum_sq / self.full_inner + self.eps)
+        return (out * self.norm_weight.float()).to(x.dtype)
+
+
+class MaskedCoreAttention(MegatronModule):
+    """Core attention with the reference's sliding-window or block-sparse mask (ops.attention.attention:
+    FlexAttention on GPU, SDPA with a dense mask on CPU): q [sq, b, np, hn], k/v [sk, b, ng, hn] ->
+    [sq, b, np*hn]. Built through `functools.partial(MaskedCoreAttention, window=... | sparse=...)`."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, *, window: int = 0,
+                 sparse: BlockSparse | None = None, attention_dropout: float | None = None,
+                 softmax_scale: float | None = None, cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        if attn_mask_type != AttnMaskType.causal or softmax_scale is not None:
+            raise NotImplementedError("MaskedCoreAttention: causal masks with the default 1/sqrt(d) scale only")
+        if (attention_dropout if attention_dropout is not None else config.attention_dropout) != 0:
+            raise NotImplementedError("MaskedCoreAttention runs without attention dropout")
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("sliding-window / block-sparse attention is not mapped under context parallelism")
+        self.window, self.sparse = window, sparse
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("MaskedCoreAttention: packed sequences and attention bias are not supported")
+        sq, b = query.shape[:2]
+        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))  # [b, heads, s, hn]
+        out = attention(q, k, v, window=self.window, sparse=self.sparse)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def self_attention_spec(kind: str, cfg) -> dict:
+    """megatron_spec.layer_spec keywords for a layer whose sequence mixer is `kind` (see models/config.py)."""
+    if kind == "*":
+        return {}
+    if kind == "W":
+        return {"core_attention": functools.partial(MaskedCoreAttention, window=cfg.window)}
+    if kind == "B":
+        sparse = BlockSparse(cfg.sparse_block, cfg.sparse_local_blocks, cfg.sparse_global_blocks)
+        return {"core_attention": functools.partial(MaskedCoreAttention, sparse=sparse)}
+    mixers = {"G": GatedDeltaNetMixer, "M": Mamba2Mixer}
+    if kind not in mixers:
+        raise ValueError(f"no megatron module for layer kind {kind!r}")
+    return {"self_attention": ModuleSpec(module=mixers[kind], params={"model_cfg": cfg})}
+
+
+def stage_layer_specs(cfg, tcfg, vp_stage: int | None) -> list[ModuleSpec]:
+    """Layer specs of this pipeline stage (chunk `vp_stage`): megatron's own split and offset, so the
+    global layer numbers (and so the weight mapping) follow megatron."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from .megatron_blocks import blocks
+    from .megatron_spec import layer_spec
+
+    kinds = blocks(cfg)
+    first = get_transformer_layer_offset(tcfg, vp_stage=vp_stage)
+    count = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
+    return [layer_spec(ffn == "E", **self_attention_spec(mixer, cfg)) for mixer, ffn in kinds[first:first + count]]

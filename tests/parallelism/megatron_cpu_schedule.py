@@ -1,0 +1,197 @@
+"""Rank programs for CPU tests of one megatron engine training step (tests/parallelism/test_megatron_step.py).
+
+What runs is the engine's own path without the GPU: megatron-core GPTModel chunks from
+parallelism/megatron_spec.py loaded with the reference weights (MegatronEngine._load_chunks), wrapped in
+megatron's DistributedDataParallel, stepped by MegatronEngine._run (megatron's get_forward_backward_func:
+no-pipelining, 1F1B or interleaved schedule, P2P over gloo) with finalize_model_grads, all in fp32. After
+one forward/backward of a global batch it is compared with the reference model on the same batch: the LM
+loss (MegatronEngine._mean_lm_loss), every parameter's reduced gradient on every rank, the global gradient
+norm as megatron's distributed optimizer computes it, and MegatronEngine.export_reference.
+
+Differences from the GPU engine: fp32 without Float16Module; DDP all-reduces gradients where the
+distributed optimizer (CUDA-only) reduce-scatters them (same sums; its norm is rebuilt below from
+megatron's own partitioning and filters); the all-gather token dispatcher instead of all-to-all.
+CPU shims, test-only, in the rank processes (`_cpu_shims`): `torch.cuda.current_device` -> "cpu",
+`torch.cuda.synchronize` -> no-op; megatron's schedules, clip_grads and utils modules see a `torch` whose `zeros`/`tensor` put
+device="cuda" scalars on the CPU; the CUDA RNG tracker's `fork` is a no-op (dropout is 0 here, so
+there is no randomness to track).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+SEED, AUX_COEF, SEQ, MICRO, GLOBAL = 0, 0.01, 32, 2, 8
+
+
+class _CudaScalarsOnCpu:
+    """The `torch` module, except that zeros/tensor asked for on "cuda" are made on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _cpu(kwargs: dict) -> dict:
+        return {**kwargs, "device": "cpu"} if str(kwargs.get("device")) == "cuda" else kwargs
+
+    def zeros(self, *args, **kwargs):
+        return torch.zeros(*args, **self._cpu(kwargs))
+
+    def tensor(self, *args, **kwargs):
+        return torch.tensor(*args, **self._cpu(kwargs))
+
+
+def _cpu_shims() -> None:
+    """See the module docstring."""
+    import megatron.core.utils as mutils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # megatron's batched P2P syncs after each batch
+    for module in (schedules, clip_grads, mutils):
+        module.torch = _CudaScalarsOnCpu()
+    mrandom.get_cuda_rng_tracker().fork = lambda *args, **kwargs: contextlib.nullcontext()
+
+
+def cpu_engine(family: str, overrides: dict, layout):
+    """A MegatronEngine on CPU (see the module docstring): megatron's groups for `layout`, the reference's
+    weights in this rank's chunks, chunks wrapped in megatron DDP; no optimizer."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from raytron import models
+    from raytron.parallelism.megatron_engine import MegatronEngine, check_groups, chunk_coords
+    from raytron.parallelism.megatron_mapping import chunk_pieces
+    from raytron.parallelism.megatron_spec import build_model_chunks, transformer_config
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp, order="tp-cp-ep-dp-pp", create_gloo_process_groups=False)
+    check_groups(layout, dist.get_rank())
+    engine = object.__new__(MegatronEngine)
+    engine.layout, engine.device = layout, torch.device("cpu")
+    engine.spec = SimpleNamespace(model=SimpleNamespace(family=family, flavor="debug", overrides=overrides),
+                                  train=SimpleNamespace(seq_len=SEQ, aux_loss_coef=AUX_COEF))
+    engine.model_cfg = models.get_config(family, "debug", **overrides)
+    tcfg = transformer_config(engine.model_cfg, layout, aux_loss_coef=AUX_COEF, on_gpu=False)
+    chunks = build_model_chunks(engine.model_cfg, tcfg, SEQ)
+    engine.pieces = [chunk_pieces(engine.model_cfg, chunk_coords(c, layout)) for c in chunks]
+    torch.manual_seed(SEED)
+    engine._load_chunks(chunks, models.build(family, "debug", **overrides).state_dict())
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    engine.chunks = [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+                     for i, c in enumerate(chunks)]
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    engine._master_params = lambda chunk: chunk.module.named_parameters()  # no Float16Module in between
+    return engine
+
+
+def global_batch(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (GLOBAL, SEQ + 1), generator=torch.Generator().manual_seed(SEED + 1))
+
+
+def reference_step(family: str, overrides: dict) -> dict:
+    """The reference model's loss, gradients and gradient norm over the global batch (mean over micro-batches
+    of LM loss + AUX_COEF * aux loss: the engine's objective)."""
+    from raytron import models
+
+    torch.manual_seed(SEED)
+    model = models.build(family, "debug", **overrides)
+    micro = global_batch(model.cfg.vocab_size).split(MICRO)
+    lm_losses = []
+    for mb in micro:
+        logits = model(mb[:, :-1])
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mb[:, 1:].reshape(-1))
+        aux = torch.stack(model.aux_losses()).sum() if model.aux_losses() else torch.zeros(())
+        ((lm + AUX_COEF * aux) / len(micro)).backward()
+        lm_losses.append(lm.item())
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return {"state": model.state_dict(), "grads": grads, "loss": sum(lm_losses) / len(lm_losses),
+            "grad_norm": float(torch.nn.utils.get_total_norm(list(grads.values())))}
+
+
+def distributed_optimizer_grad_norm(engine) -> float:
+    """The norm megatron's DistributedOptimizer clips with: each parameter's reduced gradient split over its
+    optimizer's DP group (dense: DP x CP, experts: expert-DP, by the `allreduce` mark) with megatron's
+    partitioning (ShardedOptimizer), filtered by megatron's param_is_not_shared and
+    param_is_not_tensor_parallel_duplicate, summed over the world by megatron's get_grad_norm_fp32."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+    from megatron_cpu_ranks import ShardedOptimizer
+
+    params = [p for c in engine.chunks for _, p in engine._master_params(c)]
+    grads = []
+    for expert, group in ((False, ps.get_data_parallel_group(with_context_parallel=True)),
+                          (True, ps.get_expert_data_parallel_group())):
+        mine = [p for p in params if getattr(p, "allreduce", True) != expert]
+        if not mine:
+            continue
+        for param, ranges in ShardedOptimizer(mine, group).gbuf_ranges[0][torch.float32][0]["param_map"].items():
+            if param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param):
+                grads.append(param.main_grad.view(-1)[ranges["param"].start:ranges["param"].end])
+    return get_grad_norm_fp32(grads, grad_stats_parallel_group=dist.group.WORLD)
+
+
+def _gradient_errors(engine, ref_grads: dict) -> dict[str, float]:
+    """megatron parameter (chunk-qualified) -> max |megatron grad - reference grad| / max |reference grad|."""
+    from raytron.parallelism.megatron_mapping import to_megatron
+
+    errors = {}
+    for i, (chunk, pieces) in enumerate(zip(engine.chunks, engine.pieces)):
+        want = to_megatron(ref_grads, pieces)
+        for name, param in engine._master_params(chunk):
+            scale = want[name].abs().max().clamp_min(1e-12)
+            errors[f"chunk{i}.{name}"] = float((param.main_grad - want[name]).abs().max() / scale)
+    return errors
+
+
+def _one_case(rank: int, world: int, family: str, overrides: dict, fields: dict) -> dict:
+    from raytron.parallelism.layout import ParallelLayout
+    from raytron.parallelism.megatron_engine import chunk_coords
+
+    dp = world // (fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1))
+    layout = ParallelLayout(world_size=world, micro_batch_size=MICRO, global_batch_size=GLOBAL, **{"dp": dp, **fields})
+    engine = cpu_engine(family, overrides, layout)
+    ref = reference_step(family, overrides)
+    micro = global_batch(engine.model_cfg.vocab_size).split(MICRO)
+    dp_rank, ga = layout.coords(rank)["dp"], layout.grad_accum
+    loss = engine._mean_lm_loss(engine._run(list(micro[dp_rank * ga:(dp_rank + 1) * ga]), forward_only=False))
+    norm = distributed_optimizer_grad_norm(engine)
+    errors = _gradient_errors(engine, ref["grads"])
+    exported = engine.export_reference()
+    mine = {"errors": errors, "blocks": [list(chunk_coords(c.module, layout).blocks) for c in engine.chunks]}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return {"loss": [loss, ref["loss"]], "grad_norm": [norm, ref["grad_norm"]],
+            "worst_grad_error": max(e for r in everyone for e in r["errors"].values()),
+            "bad_grads": {r: sorted(n for n, e in got["errors"].items() if e > 1e-4) for r, got in enumerate(everyone)
+                          if any(e > 1e-4 for e in got["errors"].values())},
+            "export_mismatch": sorted(n for n, v in ref["state"].items() if not torch.equal(exported[n], v)),
+            "blocks": [r["blocks"] for r in everyone]}
+
+
+def step_matches_reference(rank: int, world: int, cases: list, out: str) -> None:
+    """For each (family, model overrides, layout fields): one step compared with the reference; rank 0
+    writes the list of results as JSON."""
+    torch.set_num_threads(1)
+    _cpu_shims()
+    results = [_one_case(rank, world, family, overrides, fields) for family, overrides, fields in cases]
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.barrier()

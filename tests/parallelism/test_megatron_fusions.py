@@ -1,0 +1,41 @@
+"""The fused paths the megatron engine turns on for GPU compute what megatron-core's unfused code and
+the reference compute: RoPE vs megatron's `_apply_rotary_pos_emb_bshd` (float64 exactly, bf16 within
+one rounding), and the engine's RMSNorm vs the reference model's (models/layers.py)."""
+
+import pytest
+import torch
+from megatron.core.models.common.embeddings import rope_utils
+
+from raytron.models.layers import RMSNorm as ReferenceRMSNorm
+from raytron.parallelism.megatron_modules import _rms_norm_fp32, _rope_bshd, fused_rope, install_fused_rope
+
+
+@pytest.mark.parametrize("rot", [16, 8])  # full and partial rotary dims
+def test_rope_matches_megatron_unfused(rot):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(12, 2, 4, 16, generator=g, dtype=torch.float64)
+    freqs = torch.randn(12, 1, 1, rot, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fused_rope(t, freqs), rope_utils._apply_rotary_pos_emb_bshd(t, freqs),
+                               atol=1e-14, rtol=1e-14)
+    bf = _rope_bshd(t.bfloat16(), freqs.float())
+    assert bf.dtype == torch.bfloat16
+    torch.testing.assert_close(bf.double(), rope_utils._apply_rotary_pos_emb_bshd(t, freqs), atol=2e-2, rtol=1e-2)
+    with pytest.raises(NotImplementedError, match="interleaved"):
+        fused_rope(t, freqs, interleaved=True)
+
+
+def test_install_fused_rope_keeps_a_real_binding(monkeypatch):
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", None)
+    assert install_fused_rope() and rope_utils.fused_apply_rotary_pos_emb is fused_rope
+    sentinel = object()
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", sentinel)
+    install_fused_rope()
+    assert rope_utils.fused_apply_rotary_pos_emb is sentinel
+
+
+def test_rms_norm_matches_reference():
+    ref = ReferenceRMSNorm(32, 1e-5)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 32)
+    torch.testing.assert_close(_rms_norm_fp32(x, ref.weight, 1e-5), ref(x), atol=1e-6, rtol=1e-6)
