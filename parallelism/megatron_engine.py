@@ -18,6 +18,7 @@ import torch.distributed as dist
 from .. import models
 from .deepspeed_engine import StepMetrics
 from .layout_rules import engine_gaps
+from .megatron_kernels import install_multi_tensor_kernels, use_fused_adam
 from .megatron_mapping import ChunkCoords, chunk_pieces, from_megatron, tied_aliases, to_megatron
 from .megatron_modules import ReferenceRouter, split_for_context_parallel
 from .megatron_spec import build_model_chunks, transformer_config
@@ -131,7 +132,10 @@ class MegatronEngine:
                                      adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, bf16=True,
                                      params_dtype=torch.bfloat16, use_distributed_optimizer=True,
                                      clip_grad=train.grad_clip)
-        return wrapped, get_megatron_optimizer(opt_config, wrapped)
+        install_multi_tensor_kernels()  # no per-parameter host syncs in gradient clipping
+        optimizer = get_megatron_optimizer(opt_config, wrapped)
+        use_fused_adam(optimizer)
+        return wrapped, optimizer
 
     # ---- steps ---------------------------------------------------------------------------------------
     def _prepare(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +150,7 @@ class MegatronEngine:
     @staticmethod
     def _loss_func(per_token: torch.Tensor):
         total = per_token.float().sum()
-        count = torch.tensor(per_token.numel(), device=per_token.device, dtype=torch.int)
+        count = torch.full((), per_token.numel(), device=per_token.device, dtype=torch.int)  # no host sync
         return total, count, {"lm": torch.stack([total.detach(), count.float()])}
 
     def _forward_step(self, data_iterator, model):

@@ -11,6 +11,9 @@ implementation without Transformer Engine.
 - `ReferenceRouter`: megatron's TopKRouter with the reference load-balancing loss: Switch/GShard's
   `E * sum_e P_e * f_e` with f_e the fraction of tokens whose *first* choice is e (megatron counts every
   one of the k choices). Scaling, the autograd attachment and TP/CP reduction stay megatron's own.
+- Installed into megatron-core where Transformer Engine would provide them: `fused_rope` (RoPE, cos/sin
+  tables taken once per call), `_bias_swiglu` (the Triton SwiGLU of ops/swiglu.py for the MLP activation)
+  and `fused_cross_entropy`.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe import moe_utils
-from megatron.core.fusions.fused_bias_swiglu import swiglu, weighted_bias_swiglu_impl
+from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl, swiglu, weighted_bias_swiglu_impl
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.router import TopKRouter
 
+from ..ops import swiglu as swiglu_op
 from ..ops.moe import grouped_mm_supported, segment_mm
 
 
@@ -40,27 +44,33 @@ def _rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
+def _rope_rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot = cos.shape[-1]
+    x, rest = t[..., :rot].to(torch.promote_types(t.dtype, torch.float32)), t[..., rot:]
+    x1, x2 = x.chunk(2, dim=-1)
+    out = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((out.to(t.dtype), rest), dim=-1)
+
+
 def _rope_bshd(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """megatron's unfused RoPE (rotate-half form; t [s, b, h, d], freqs [s, 1, 1, rot]) with cos/sin
     and the rotation in fp32, rounded once at the end."""
-    rot = freqs.shape[-1]
-    x, rest = t[..., :rot].to(torch.promote_types(t.dtype, torch.float32)), t[..., rot:]
-    x1, x2 = x.chunk(2, dim=-1)
-    out = x * freqs.cos() + torch.cat((-x2, x1), dim=-1) * freqs.sin()
-    return torch.cat((out.to(t.dtype), rest), dim=-1)
+    return _rope_rotate(t, freqs.cos(), freqs.sin())
 
 
 # One fused Triton kernel each on GPU (the eager forms launch several elementwise kernels per call and
 # keep fp32 copies of the activations for backward); CPU keeps the eager functions.
 _compiled_rms_norm = torch.compile(_rms_norm_fp32, dynamic=False)
-_compiled_rope = torch.compile(_rope_bshd, dynamic=False)
+# cos/sin are taken once per call on the [s, 1, 1, rot] table, outside the kernel: computed inside, the
+# fp32 sin/cos of every (token, head) element made RoPE compute-bound (~2.5x slower on H100).
+_compiled_rope = torch.compile(_rope_rotate, dynamic=False)
 
 
 def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """Stands in for Transformer Engine's fused_apply_rotary_pos_emb (same signature)."""
     if interleaved:
         raise NotImplementedError("fused_rope: interleaved rotary embeddings are not used by raytron models")
-    return (_compiled_rope if t.is_cuda else _rope_bshd)(t, freqs)
+    return (_compiled_rope if t.is_cuda else _rope_rotate)(t, freqs.cos(), freqs.sin())
 
 
 def install_fused_rope() -> bool:
@@ -70,6 +80,55 @@ def install_fused_rope() -> bool:
 
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = fused_rope
+    return True
+
+
+def _bias_swiglu(input, bias, fp8_input_store=False, cpu_offload_input=False):
+    """megatron's bias_swiglu_impl contract; without bias on CUDA, the Triton SwiGLU of ops/swiglu.py."""
+    if bias is None and not fp8_input_store and not cpu_offload_input and swiglu_op.triton_supported(input):
+        return swiglu_op.swiglu(input)
+    return bias_swiglu_impl(input, bias, fp8_input_store, cpu_offload_input)
+
+
+def install_fused_swiglu() -> bool:
+    """Route megatron's MLP activation (bias_activation_fusion, SwiGLU) through `_bias_swiglu`: its own
+    compiled backward concatenates the two input-gradient halves pointwise and reads the gate half and the
+    output gradient twice. Returns True (for config expressions)."""
+    from megatron.core.transformer import mlp
+
+    if mlp.bias_swiglu_impl is bias_swiglu_impl:
+        mlp.bias_swiglu_impl = _bias_swiglu
+    return True
+
+
+def _cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in fp32: logits [s, b, vocab], labels [s, b] -> loss [s, b]."""
+    flat = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    return flat.view(labels.shape)
+
+
+# fp32 upcast, log-sum-exp and the label gather in one reduction kernel, the gradient in one more
+_compiled_cross_entropy = torch.compile(_cross_entropy_per_token, dynamic=False)
+
+
+def fused_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group, is_cg_capturable: bool = False):
+    """Stands in for Transformer Engine's parallel cross-entropy (megatron's `te_parallel_cross_entropy`
+    signature). Without TP the whole vocabulary is local: one compiled kernel pair instead of megatron's
+    native fusion (several fp32 passes over the logits). With TP, megatron's vocab-parallel fusion."""
+    if tp_group is not None and tp_group.size() > 1:
+        from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+        return fused_vocab_parallel_cross_entropy(logits, labels, tp_group)
+    return (_compiled_cross_entropy if logits.is_cuda else _cross_entropy_per_token)(logits, labels)
+
+
+def install_fused_cross_entropy() -> bool:
+    """Let megatron-core's cross_entropy_fusion_impl="te" path call `fused_cross_entropy` where
+    Transformer Engine is absent; a real TE binding is kept. Returns True (for config expressions)."""
+    from megatron.core.models.common.language_module import language_module
+
+    if language_module.te_parallel_cross_entropy is None:
+        language_module.te_parallel_cross_entropy = fused_cross_entropy
     return True
 
 

@@ -33,9 +33,10 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from .megatron_kernels import install_wgrad_accumulation_fusion
 from .megatron_blocks import UnsupportedArchitecture, blocks, pipeline_split
 from .megatron_modules import (GroupedMLPExperts, ReferenceRouter, RMSNorm, SDPACoreAttention, allow_moe_without_te,
-                               install_fused_rope)
+                               install_fused_cross_entropy, install_fused_rope, install_fused_swiglu)
 
 
 def check_supported(cfg) -> bool:
@@ -71,10 +72,14 @@ def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp, sequence_parallel=layout.tp > 1,
-        # on GPU: SwiGLU and cross-entropy through megatron's torch.compile'd fusions, RoPE through ours
-        bias_activation_fusion=on_gpu, bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
-        apply_rope_fusion=on_gpu and install_fused_rope(), gradient_accumulation_fusion=False,
-        persist_layer_norm=False, cross_entropy_loss_fusion=on_gpu, cross_entropy_fusion_impl="native",
+        # on GPU: RoPE, SwiGLU (MLP) and cross-entropy through ours (megatron_modules.py), residual adds and
+        # the experts' weighted SwiGLU through megatron's torch.compile'd fusions
+        bias_activation_fusion=on_gpu and install_fused_swiglu(), bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
+        apply_rope_fusion=on_gpu and install_fused_rope(),
+        # weight gradients accumulate into the fp32 main_grad inside the GEMM (megatron_kernels.py)
+        gradient_accumulation_fusion=on_gpu and install_wgrad_accumulation_fusion(),
+        persist_layer_norm=False, cross_entropy_loss_fusion=on_gpu,
+        cross_entropy_fusion_impl="te" if on_gpu and install_fused_cross_entropy() else "native",
         calculate_per_token_loss=False, deallocate_pipeline_outputs=True,
         **pipeline_split(cfg, layout.pp, layout.vpp))  # '|' stage marks of hybrid patterns
     # megatron-core's default batched P2P posts [send prev, recv prev, send next, recv next] as one batch.

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
+from .megatron_kernels import new_step_counter
 from .megatron_mapping import Piece, to_megatron
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -203,7 +204,8 @@ def load_state(engine, state: dict) -> None:
             main = opt.optimizer.param_groups[group_index]["params"][order]
             if meta["has_moments"] and not opt.optimizer.state.get(main):
                 # torch's AdamW creates its state lazily at the first step; create it to write into
-                opt.optimizer.state[main] = {"step": torch.tensor(float(meta["optimizer_step"])),
+                step = new_step_counter(opt.optimizer.param_groups[group_index], main, float(meta["optimizer_step"]))
+                opt.optimizer.state[main] = {"step": step,
                                              "exp_avg": torch.zeros_like(main), "exp_avg_sq": torch.zeros_like(main)}
             shard = {"param": full.float().view(-1)[rng.start:rng.end]}
             if meta["has_moments"]:

@@ -1,24 +1,30 @@
 """Training throughput of the megatron engine vs megatron-core's own GPTModel + local spec (run under torchrun).
 
-Both sides share everything but the layer spec: megatron-core GPTModel, its DistributedDataParallel and
-DistributedOptimizer (bf16, fp32 masters, Adam), its 1F1B `get_forward_backward_func`, the same
-TransformerConfig and parallel layout. `raytron` = parallelism/megatron_spec.py (SDPA core attention,
-fp32-statistics RMSNorm, reference router); `mcore_local` = `get_gpt_layer_local_spec` (megatron's
-unfused softmax attention, torch norms, TopKRouter), i.e. megatron-core used directly without
-Transformer Engine. Weights are megatron's own random init (no reference load), tokens are random.
+Both sides share megatron-core's GPTModel, its DistributedDataParallel and DistributedOptimizer (bf16,
+fp32 masters, Adam), its 1F1B `get_forward_backward_func`, the same TransformerConfig fields and parallel
+layout. `raytron` = the engine: parallelism/megatron_spec.py layers (SDPA core attention, fp32-statistics
+RMSNorm, reference router, grouped-GEMM experts) and its stand-ins for the TE/apex kernels megatron would
+use (megatron_kernels.py: weight-gradient accumulation in the GEMM, fused Adam, foreach clipping;
+megatron_modules.py: RoPE, Triton SwiGLU, compiled cross-entropy). `mcore_local` = `get_gpt_layer_local_spec`
+as a user gets it without TE/apex (`megatron_as_shipped`: unfused softmax attention, torch norms,
+TopKRouter, megatron's local fallbacks, its own compiled SwiGLU). Weights are megatron's own random init
+(no reference load), tokens are random.
 
-Reported per config: seconds per optimizer step (median of the timed steps, after warm-up),
-tokens/s/GPU = global tokens per step / step time / world, and MFU = tokens/s/GPU x FLOPs/token / 989e12,
+Both sides train the same global batch: SEQS_PER_RANK sequences of 4096 tokens per DP rank per optimizer
+step (micro-batch per MICRO_BATCH, gradient accumulation for the rest), so the
+optimizer's share of a step is the same for both. Reported per config: seconds per optimizer step
+(median of the timed steps, after warm-up), tokens/s/GPU = global tokens per step / step time / world, and MFU = tokens/s/GPU x FLOPs/token / 989e12,
 with FLOPs/token from models/flops.py in the Megatron convention (matmuls only, fwd + bwd = 3 x fwd,
 causal attention counts S/2 keys per query, logits counted, MoE counts the router plus top_k active
 experts). Peak GPU memory is torch.cuda.max_memory_allocated on rank 0.
 
-    torchrun --nproc_per_node=4 benchmarks/megatron/bench_throughput.py --world-configs 4 --out bench.jsonl
+    torchrun --nproc_per_node=4 benchmarks/megatron/bench_throughput.py --out bench.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -36,15 +42,19 @@ PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
 SEQ = 4096
 MOE_OVERRIDES = {"num_layers": 4}  # moe/olmoe at 1/4 depth: 64 experts top-8, hidden 2048 (fits one GPU)
 
-# name -> (family, flavor, overrides, layout fields by world size, micro-batch, grad-accum)
+# name -> (family, flavor, overrides, layout fields by world size)
 WORKLOADS = {
     "dense-1b": ("dense", "1b", {}, {1: {}, 2: {"dp": 2}, 4: {"dp": 4}}),
     "moe-olmoe-4l": ("moe", "olmoe", MOE_OVERRIDES, {1: {}, 2: {"dp": 2, "ep": 2}, 4: {"dp": 4, "ep": 4}}),
+    # the same model with experts replicated (EP 1): data parallelism only, for the scaling comparison
+    "moe-olmoe-4l-ep1": ("moe", "olmoe", MOE_OVERRIDES, {2: {"dp": 2}, 4: {"dp": 4}}),
 }
-BATCHING = {  # (impl, workload) -> (micro-batch, grad-accum per DP rank)
-    ("raytron", "dense-1b"): (2, 4), ("mcore_local", "dense-1b"): (1, 8),
-    ("raytron", "moe-olmoe-4l"): (1, 4), ("mcore_local", "moe-olmoe-4l"): (1, 4),
-}
+SEQS_PER_RANK = 32  # sequences per DP rank per optimizer step (131k tokens; 524k on 4 GPUs)
+MICRO_BATCH = {("raytron", "dense-1b"): 8, ("raytron", "moe-olmoe-4l"): 4,  # the fastest that fit 80 GB
+               ("raytron", "moe-olmoe-4l-ep1"): 4,
+               ("mcore_local", "dense-1b"): 1, ("mcore_local", "moe-olmoe-4l"): 1,  # local spec OOMs at 2
+               ("mcore_local", "moe-olmoe-4l-ep1"): 1}
+STEPS = {"raytron": (2, 5), "mcore_local": (1, 1)}  # (warm-up, timed) optimizer steps; mcore_local: 32 micro-batches a step, slow
 
 
 def local_spec_chunks(cfg, tcfg, seq_len):
@@ -62,6 +72,47 @@ def local_spec_chunks(cfg, tcfg, seq_len):
                      rotary_base=int(cfg.rope_theta))]
 
 
+@contextlib.contextmanager
+def megatron_as_shipped():
+    """For mcore_local: megatron-core's GPTModel with its local spec as shipped, none of raytron's stand-ins
+    for TE/apex kernels (parallelism/megatron_kernels.py; the RoPE, SwiGLU and cross-entropy ones of
+    megatron_modules.py): torch's foreach AdamW, the local clipping fallbacks, unfused RoPE and
+    weight-gradient accumulation, megatron's native cross-entropy. megatron's own TE-free fusions (its
+    compiled SwiGLU and bias-dropout-add) stay on."""
+    from megatron.core import utils
+    from megatron.core.fusions import fused_bias_swiglu
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.transformer import mlp
+
+    from raytron.parallelism import megatron_engine
+
+    saved_engine = {n: getattr(megatron_engine, n) for n in ("build_model_chunks", "transformer_config",
+                                                             "use_fused_adam", "install_multi_tensor_kernels")}
+    saved_kernels = (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, optimizer.multi_tensor_scale_impl,
+                     mlp.bias_swiglu_impl)
+
+    def shipped_config(*args, **kwargs):
+        tcfg = saved_engine["transformer_config"](*args, **kwargs)  # installs raytron's stand-ins: undo them
+        tcfg.apply_rope_fusion, tcfg.gradient_accumulation_fusion = False, False
+        tcfg.cross_entropy_fusion_impl = "native"
+        mlp.bias_swiglu_impl = fused_bias_swiglu.bias_swiglu_impl
+        return tcfg
+
+    megatron_engine.build_model_chunks = local_spec_chunks
+    megatron_engine.transformer_config = shipped_config
+    megatron_engine.use_fused_adam = lambda opt: False
+    megatron_engine.install_multi_tensor_kernels = lambda: None
+    clip_grads.l2_norm_impl = utils.local_multi_tensor_l2_norm
+    clip_grads.multi_tensor_scale_impl = optimizer.multi_tensor_scale_impl = utils.local_multi_tensor_scale
+    try:
+        yield
+    finally:
+        for name, value in saved_engine.items():
+            setattr(megatron_engine, name, value)
+        (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, optimizer.multi_tensor_scale_impl,
+         mlp.bias_swiglu_impl) = saved_kernels
+
+
 def make_spec(family, flavor, overrides, gbs, mbs):
     train = SimpleNamespace(seed=1234, seq_len=SEQ, lr=3e-4, min_lr=3e-4, warmup_steps=0, steps=10**6,
                             weight_decay=0.1, grad_clip=1.0, aux_loss_coef=0.01, global_batch_size=gbs,
@@ -70,25 +121,83 @@ def make_spec(family, flavor, overrides, gbs, mbs):
                            resources=SimpleNamespace(use_gpu=True))
 
 
+def _sync_points(engine, micro) -> dict[str, int]:
+    """One step under torch.cuda's sync debug mode: {call stack: count} of every synchronizing op."""
+    import collections
+    import warnings
+
+    found: collections.Counter = collections.Counter()
+    previous = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            found["".join(traceback.format_stack(limit=9)[:-2])] += 1
+
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            engine.train_step(micro)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = previous
+    return dict(found)
+
+
 def _profile_step(engine, micro, path: str) -> None:
     """One extra optimizer step under torch.profiler: top CUDA kernels to `path` (diagnosis aid)."""
     from torch.profiler import ProfilerActivity, profile
 
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.train_step(micro)
         torch.cuda.synchronize()
+    syncs = _sync_points(engine, micro)
     with open(path, "w") as f:
+        f.write(f"host-device synchronizations in one step ({sum(syncs.values())}), by call stack:\n")
+        for stack, count in sorted(syncs.items(), key=lambda kv: -kv[1]):
+            f.write(f"--- {count}x\n{stack}\n")
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+        f.write("\n\nby self CUDA time (kernels):\n")
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90))
+
+
+def _train_and_time(spec, layout, rank: int, warmup: int, timed: int, profile_path: str | None) -> dict:
+    """Build the engine, train warm-up + timed steps on random tokens (and profile one more step)."""
+    from raytron.parallelism import megatron_engine
+
+    torch.cuda.reset_peak_memory_stats()
+    engine = megatron_engine.MegatronEngine(spec, layout, rank, layout.world_size, init_from_reference=False)
+    mbs, ga, vocab = layout.micro_batch_size, layout.grad_accum, engine.model_cfg.vocab_size
+    g = torch.Generator().manual_seed(rank)
+    micro = [torch.randint(0, vocab, (mbs, SEQ + 1), generator=g) for _ in range(ga)]
+    times, losses = [], []
+    for i in range(warmup + timed):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m = engine.train_step(micro)
+        torch.cuda.synchronize()
+        losses.append(m.loss)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    out = dict(step_times_s=times, step_s=step_s, tokens_per_s_per_gpu=layout.global_batch_size * SEQ / step_s
+               / layout.world_size, losses=losses, peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
+    if profile_path and rank == 0:
+        _profile_step(engine, micro, profile_path)
+    return out
 
 
 def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, timed: int,
-               batching: tuple[int, int] | None = None, profile_dir: str | None = None) -> dict:
+               batching: int | None = None, profile_dir: str | None = None) -> dict:
     from megatron.core import parallel_state
 
-    from raytron.parallelism import megatron_engine
-
     family, flavor, overrides, by_world = WORKLOADS[workload]
-    mbs, ga = batching or BATCHING[(impl, workload)]
+    mbs = batching or MICRO_BATCH[(impl, workload)]
+    ga = max(1, SEQS_PER_RANK // mbs)
+    warmup, timed = (warmup, timed) if warmup >= 0 else STEPS[impl]
     fields = {"dp": 1, **by_world[world]}
     gbs = mbs * ga * fields["dp"]
     cfg = models.get_config(family, flavor, **overrides)
@@ -97,39 +206,16 @@ def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, tim
     rec = {"impl": impl, "workload": workload, "family": family, "flavor": flavor, "overrides": overrides,
            "world": world, "layout": fields, "seq_len": SEQ, "micro_batch": mbs, "grad_accum": ga,
            "global_batch": gbs, "params_total": total, "params_active": active, "flops_per_token": flops}
-    original = megatron_engine.build_model_chunks
     try:
-        if impl == "mcore_local":
-            megatron_engine.build_model_chunks = local_spec_chunks
-        layout = ParallelLayout(world_size=world, micro_batch_size=mbs, global_batch_size=gbs, **fields)
-        spec = make_spec(family, flavor, overrides, gbs, mbs)
-        torch.cuda.reset_peak_memory_stats()
-        engine = megatron_engine.MegatronEngine(spec, layout, rank, world, init_from_reference=False)
-        g = torch.Generator().manual_seed(rank)
-        micro = [torch.randint(0, cfg.vocab_size, (mbs, SEQ + 1), generator=g) for _ in range(ga)]
-        times, losses = [], []
-        for i in range(warmup + timed):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            m = engine.train_step(micro)
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            losses.append(m.loss)
-            if i >= warmup:
-                times.append(dt)
-        step_s = statistics.median(times)
-        tps = gbs * SEQ / step_s / world
-        rec.update(step_times_s=times, step_s=step_s, tokens_per_s_per_gpu=tps, mfu=tps * flops / PEAK_FLOPS,
-                   losses=losses, peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
-        if profile_dir and rank == 0:
-            os.makedirs(profile_dir, exist_ok=True)
-            _profile_step(engine, micro, f"{profile_dir}/profile_{impl}_{workload}_w{world}_mb{mbs}.txt")
-        del engine
+        with megatron_as_shipped() if impl == "mcore_local" else contextlib.nullcontext():
+            layout = ParallelLayout(world_size=world, micro_batch_size=mbs, global_batch_size=gbs, **fields)
+            path = profile_dir and f"{profile_dir}/profile_{impl}_{workload}_w{world}_mb{mbs}.txt"
+            rec.update(_train_and_time(make_spec(family, flavor, overrides, gbs, mbs), layout, rank, warmup, timed, path))
+        rec["mfu"] = rec["tokens_per_s_per_gpu"] * flops / PEAK_FLOPS
     except Exception as exc:  # recorded (e.g. out of memory); the other configs still run
         rec["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
         rec["traceback"] = traceback.format_exc()[-3000:]
     finally:
-        megatron_engine.build_model_chunks = original
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         torch.cuda.empty_cache()
@@ -141,17 +227,19 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--impls", default="raytron,mcore_local")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--timed", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default: STEPS per impl)")
+    parser.add_argument("--timed", type=int, default=-1, help="timed steps (default: STEPS per impl)")
     parser.add_argument("--micro-batch", type=int, default=0,
-                        help="override the micro-batch (grad-accum scaled to keep 8 sequences per DP rank)")
+                        help=f"override the micro-batch (grad-accum keeps {SEQS_PER_RANK} sequences per DP rank)")
     parser.add_argument("--profile", default="", help="directory for a torch.profiler table per config")
     args = parser.parse_args()
-    batching = (args.micro_batch, max(1, 8 // args.micro_batch)) if args.micro_batch else None
+    batching = args.micro_batch or None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
     for workload in args.workloads.split(","):
+        if world not in WORKLOADS[workload][3]:
+            continue  # e.g. the EP-1 MoE variant has no 1-GPU run of its own (it is moe-olmoe-4l there)
         for impl in args.impls.split(","):
             rec = run_config(impl, workload, rank, world, args.warmup, args.timed, batching, args.profile or None)
             if rank == 0:

@@ -119,6 +119,9 @@ def megatron_run(spec, layout: ParallelLayout, rank: int, world: int, steps: int
     return out
 
 
+_REFERENCES: dict[tuple[str, int], dict] = {}
+
+
 def run_case(name: str, family: str, fields: dict, steps: int, rank: int, world: int) -> dict:
     spec = make_spec(family, steps)
     layout = ParallelLayout(world_size=world, micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH,
@@ -126,8 +129,11 @@ def run_case(name: str, family: str, fields: dict, steps: int, rank: int, world:
     record = {"layout": name, "family": family, "world": world, "layout_fields": layout.describe()}
     try:
         record["megatron"] = megatron_run(spec, layout, rank, world, steps)
-        if rank == 0:
-            record["reference"] = reference_run(spec, steps, torch.device("cuda"))
+        if rank == 0:  # the reference depends on the family only: trained once per program and family
+            key = (family, steps)
+            if key not in _REFERENCES:
+                _REFERENCES[key] = reference_run(spec, steps, torch.device("cuda"))
+            record["reference"] = _REFERENCES[key]
     except Exception as exc:  # recorded, and the remaining cases still run
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()[-4000:]

@@ -1,6 +1,12 @@
 """Write summary.txt of a GPU results folder (tests/gpu/results/<gpu>/) from its raw JSON lines.
 
-    python tests/gpu/summarize_results.py tests/gpu/results/h200x4
+    python tests/gpu/summarize_results.py tests/gpu/results/h200x4 [--check]
+
+--check also applies the GPU tests' own assertions (test_megatron_equivalence.py,
+test_megatron_checkpoint.py: same functions, same tolerances) to the raw records and appends a verdict per
+test: a way to re-verify committed results on any machine, and to judge raw results whose pytest run was
+cut short (device calls have a time limit) without spending device time again. A case without a record
+fails.
 """
 
 from __future__ import annotations
@@ -45,13 +51,45 @@ def checkpoint_table(folder: Path) -> list[str]:
     return rows
 
 
+def check(folder: Path) -> tuple[list[str], int]:
+    """Verdicts of the GPU tests' assertions on this folder's records, as if run with 4 GPUs."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import test_megatron_checkpoint as tc
+    import test_megatron_equivalence as te
+
+    eq = {(r["layout"], r["family"]): r for r in _records(folder, "megatron_equivalence_w*.jsonl")}
+    ck = {r["case"]: r for r in _records(folder, "megatron_checkpoint_w*.jsonl")}
+    calls = [(f"{fn.__name__}[{name}-{fam}]", fn, (eq, name, fam)) for name, fam in te.CASES
+             for fn in (te.test_matches_reference, te.test_loss_curve)]
+    calls += [(f"test_resume_under_layout[{name}]", tc.test_resume_under_layout, (ck, name)) for name in tc.CASES]
+    rows, failed, device_count = [], 0, torch.cuda.device_count
+    torch.cuda.device_count = lambda: 4  # the tests skip layouts larger than the machine; judge them all
+    try:
+        for label, fn, args in calls:
+            try:
+                fn(*args)
+                rows.append(f"PASSED {label}")
+            except AssertionError as exc:
+                failed += 1
+                rows.append(f"FAILED {label}: {str(exc).splitlines()[0][:200] if str(exc) else 'assertion'}")
+    finally:
+        torch.cuda.device_count = device_count
+    head = f"--check: {len(calls) - failed} passed, {failed} failed (assertions of tests/gpu on these records)"
+    return [head] + rows, failed
+
+
 def main() -> None:
     folder = Path(sys.argv[1])
     gpus = (folder / "gpus.csv").read_text().strip().splitlines()[1:] if (folder / "gpus.csv").exists() else []
     lines = [f"GPUs: {len(gpus)} x {gpus[0] if gpus else '?'}", ""] + equivalence_table(folder) + [""]
     lines += checkpoint_table(folder)
+    verdicts, failed = check(folder) if "--check" in sys.argv[2:] else ([], 0)
+    lines += [""] + verdicts if verdicts else []
     (folder / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

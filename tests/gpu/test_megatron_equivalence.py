@@ -35,25 +35,53 @@ def _results_dir() -> Path:
     return path
 
 
+def _selected(world: int) -> bool:
+    """RAYTRON_GPU_WORLDS="4" (comma-separated) limits a run to those world sizes (device time is scarce)."""
+    chosen = os.environ.get("RAYTRON_GPU_WORLDS", "")
+    return not chosen or str(world) in chosen.split(",")
+
+
+def _world_groups(worlds: list[int], gpus: int) -> list[list[int]]:
+    """World sizes packed into rounds that fit the GPUs side by side (1 and 2 together on 4 GPUs)."""
+    rounds: list[list[int]] = []
+    for world in sorted(worlds):
+        if rounds and sum(rounds[-1]) + world <= gpus:
+            rounds[-1].append(world)
+        else:
+            rounds.append([world])
+    return rounds
+
+
 @pytest.fixture(scope="module")
 def results() -> dict:
-    """{(layout, family): record} from one torchrun per world size that this machine can hold."""
+    """{(layout, family): record} from one torchrun per world size that this machine can hold; world
+    sizes that fit side by side run at once on disjoint GPUs (each program sees only its own)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
+    worlds = [w for w in {w for w, _, _ in LAYOUTS.values()} if w <= len(gpus) and _selected(w)]
     out: dict = {}
-    for world in sorted({w for w, _, _ in LAYOUTS.values()}):
-        if world > torch.cuda.device_count():
-            continue
-        path = _results_dir() / f"megatron_equivalence_w{world}.jsonl"
-        path.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port=29533",
-               str(PROGRAM), "--out", str(path)]
-        proc = subprocess.run(cmd, timeout=420, capture_output=True, text=True)
-        (_results_dir() / f"megatron_equivalence_w{world}.log").write_text(proc.stdout + proc.stderr)
-        if path.exists():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                out[(rec["layout"], rec["family"])] = rec
+    for group in _world_groups(worlds, len(gpus)):
+        running, first = [], 0
+        for i, world in enumerate(group):
+            path = _results_dir() / f"megatron_equivalence_w{world}.jsonl"
+            path.unlink(missing_ok=True)
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                   f"--master_port={29533 + i}", str(PROGRAM), "--out", str(path)]
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(gpus[first:first + world]))
+            first += world
+            log = open(_results_dir() / f"megatron_equivalence_w{world}.log", "w")
+            running.append((path, log, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+        for path, log, proc in running:
+            try:
+                proc.wait(timeout=420)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    rec = json.loads(line)
+                    out[(rec["layout"], rec["family"])] = rec
     return out
 
 
@@ -61,6 +89,8 @@ def _record(results, name, family) -> dict:
     world = LAYOUTS[name][0]
     if world > torch.cuda.device_count():
         pytest.skip(f"{name} needs {world} GPUs")
+    if not _selected(world):
+        pytest.skip(f"world {world} not selected by RAYTRON_GPU_WORLDS")
     rec = results.get((name, family))
     assert rec is not None, f"{name}/{family}: no result (see the torchrun log in the results folder)"
     assert "error" not in rec, rec.get("traceback", rec.get("error"))

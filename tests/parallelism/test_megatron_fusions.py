@@ -39,3 +39,30 @@ def test_rms_norm_matches_reference():
         ref.weight.uniform_(0.5, 1.5)
     x = torch.randn(3, 5, 32)
     torch.testing.assert_close(_rms_norm_fp32(x, ref.weight, 1e-5), ref(x), atol=1e-6, rtol=1e-6)
+
+
+def test_cross_entropy_stand_in_matches_megatron_vocab_parallel():
+    from raytron.parallelism.megatron_modules import fused_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 3, 50, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (7, 3), generator=g)
+    loss = fused_cross_entropy(logits, labels, None)
+    assert loss.shape == (7, 3) and loss.dtype == torch.float32
+    want = -torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-6)  # fp32 statistics
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    (want_grad,) = torch.autograd.grad(want.sum(), logits)
+    torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_install_fused_cross_entropy_keeps_a_real_binding(monkeypatch):
+    from megatron.core.models.common.language_module import language_module
+    from raytron.parallelism.megatron_modules import fused_cross_entropy, install_fused_cross_entropy
+
+    monkeypatch.setattr(language_module, "te_parallel_cross_entropy", None)
+    assert install_fused_cross_entropy() and language_module.te_parallel_cross_entropy is fused_cross_entropy
+    sentinel = object()
+    monkeypatch.setattr(language_module, "te_parallel_cross_entropy", sentinel)
+    install_fused_cross_entropy()
+    assert language_module.te_parallel_cross_entropy is sentinel
