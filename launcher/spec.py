@@ -113,6 +113,9 @@ class TrainSpec:
     """Global batches of held-out data per evaluation."""
     aux_loss_coef: float = 0.01
     """Weight of the MoE load-balancing loss in the total loss."""
+    overlap_grad_reduce: bool = False
+    """megatron engine: start each gradient bucket's data-parallel reduction during the last micro-batch's
+    backward instead of after it (Megatron-LM's --overlap-grad-reduce). Same gradients; pp must be 1."""
 
     def validate(self, path: str) -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "eval_batches"):

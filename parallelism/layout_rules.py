@@ -179,16 +179,23 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
     raise the same refusals when built directly (parallelism/megatron_spec.py, deepspeed_moe.py)."""
     gaps: list[tuple[str, str]] = []
     lay, pattern = layout or spec.layout, cfg.layer_pattern()  # an engine passes the layout it was given
+    overlap = getattr(spec.train, "overlap_grad_reduce", False)
     if (engine or spec.engine) == "megatron":
         from .megatron_blocks import megatron_pattern_gaps  # (mixer, ffn) pairs, stage split, CP (pure)
 
         gaps += megatron_pattern_gaps(cfg, lay)
+        if overlap and lay.pp > 1:
+            gaps.append(("train.overlap_grad_reduce", f"with pp={lay.pp}: the pipeline schedules' per-chunk "
+                         "gradient-sync hooks are not wired in this build; use pp=1 or turn it off"))
         for name, bad, why in (("router", cfg.router != "softmax", "only the softmax router is mapped"),
                                ("capacity_factor", cfg.capacity_factor > 0, "token-dropping order differs"),
                                ("bias_update_rate", cfg.bias_update_rate > 0, "aux-loss-free bias is not mapped")):
             if cfg.num_experts and bad:
                 gaps.append((f"model.overrides.{name}", f"{getattr(cfg, name)!r}: {why} in the megatron engine"))
-    elif cfg.num_experts and "E" in pattern:
+    elif overlap:
+        gaps.append(("train.overlap_grad_reduce", "a megatron-engine option; the deepspeed engine does not "
+                     "overlap its ZeRO reductions in this build: turn it off"))
+    if (engine or spec.engine) != "megatron" and cfg.num_experts and "E" in pattern:
         for name, bad, why in (("router", cfg.router != "softmax", "DeepSpeed-MoE gates are softmax only"),
                                ("top_k", cfg.top_k != 2, "DeepSpeed's k>2 gate has other semantics; use 2"),
                                ("bias_update_rate", cfg.bias_update_rate > 0, "no aux-loss-free balancing")):

@@ -42,6 +42,17 @@ def init_parallel_state(layout, rank: int) -> None:
     check_groups(layout, rank)
 
 
+def attach_grad_sync(tcfg, chunks: list) -> None:
+    """With overlap_grad_reduce, megatron's DDP launches a bucket's reduction from the backward hooks once
+    all its parameters are ready in the last micro-batch. Like Megatron-LM's training loop, the schedule
+    gets DDP's `no_sync` for the other micro-batches (megatron-core 0.16.1 would also count right without
+    it: its bucket groups learn the per-step hook counts on the first step). pp == 1 only: one chunk, the
+    no-pipelining schedule (engine_gaps refuses pp > 1 with overlap; PP would need grad_sync_func too)."""
+    if len(chunks) != 1:
+        raise ValueError(f"overlap_grad_reduce: {len(chunks)} model chunks (pp > 1) are not supported; use pp=1")
+    tcfg.no_sync_func = chunks[0].no_sync
+
+
 def check_groups(layout, rank: int) -> None:
     """Megatron's groups for this rank must be the layout's (placement relies on it)."""
     from megatron.core import parallel_state as ps
@@ -121,11 +132,14 @@ class MegatronEngine:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
 
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        overlap = bool(getattr(self.spec.train, "overlap_grad_reduce", False))
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
                                                    use_distributed_optimizer=True)
         wrapped = [DistributedDataParallel(config=self.tcfg, ddp_config=ddp_config,
                                            module=Float16Module(self.tcfg, c), disable_bucketing=i > 0)
                    for i, c in enumerate(chunks)]
+        if overlap:
+            attach_grad_sync(self.tcfg, wrapped)
         self.tcfg.finalize_model_grads_func = finalize_model_grads
         train = self.spec.train
         opt_config = OptimizerConfig(optimizer="adam", lr=train.lr, weight_decay=train.weight_decay,

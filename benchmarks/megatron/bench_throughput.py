@@ -113,10 +113,10 @@ def megatron_as_shipped():
          mlp.bias_swiglu_impl) = saved_kernels
 
 
-def make_spec(family, flavor, overrides, gbs, mbs):
+def make_spec(family, flavor, overrides, gbs, mbs, overlap: bool = False):
     train = SimpleNamespace(seed=1234, seq_len=SEQ, lr=3e-4, min_lr=3e-4, warmup_steps=0, steps=10**6,
                             weight_decay=0.1, grad_clip=1.0, aux_loss_coef=0.01, global_batch_size=gbs,
-                            micro_batch_size=mbs)
+                            micro_batch_size=mbs, overlap_grad_reduce=overlap)
     return SimpleNamespace(model=SimpleNamespace(family=family, flavor=flavor, overrides=overrides), train=train,
                            resources=SimpleNamespace(use_gpu=True))
 
@@ -191,7 +191,7 @@ def _train_and_time(spec, layout, rank: int, warmup: int, timed: int, profile_pa
 
 
 def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, timed: int,
-               batching: int | None = None, profile_dir: str | None = None) -> dict:
+               batching: int | None = None, profile_dir: str | None = None, overlap: bool = False) -> dict:
     from megatron.core import parallel_state
 
     family, flavor, overrides, by_world = WORKLOADS[workload]
@@ -205,12 +205,14 @@ def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, tim
     flops = models.flops_per_token(cfg, SEQ, "megatron")["total"]
     rec = {"impl": impl, "workload": workload, "family": family, "flavor": flavor, "overrides": overrides,
            "world": world, "layout": fields, "seq_len": SEQ, "micro_batch": mbs, "grad_accum": ga,
-           "global_batch": gbs, "params_total": total, "params_active": active, "flops_per_token": flops}
+           "global_batch": gbs, "params_total": total, "params_active": active, "flops_per_token": flops,
+           "overlap_grad_reduce": overlap}
     try:
         with megatron_as_shipped() if impl == "mcore_local" else contextlib.nullcontext():
             layout = ParallelLayout(world_size=world, micro_batch_size=mbs, global_batch_size=gbs, **fields)
             path = profile_dir and f"{profile_dir}/profile_{impl}_{workload}_w{world}_mb{mbs}.txt"
-            rec.update(_train_and_time(make_spec(family, flavor, overrides, gbs, mbs), layout, rank, warmup, timed, path))
+            spec = make_spec(family, flavor, overrides, gbs, mbs, overlap)
+            rec.update(_train_and_time(spec, layout, rank, warmup, timed, path))
         rec["mfu"] = rec["tokens_per_s_per_gpu"] * flops / PEAK_FLOPS
     except Exception as exc:  # recorded (e.g. out of memory); the other configs still run
         rec["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
@@ -232,6 +234,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=0,
                         help=f"override the micro-batch (grad-accum keeps {SEQS_PER_RANK} sequences per DP rank)")
     parser.add_argument("--profile", default="", help="directory for a torch.profiler table per config")
+    parser.add_argument("--overlap-grad-reduce", action="store_true",
+                        help="train.overlap_grad_reduce for raytron (DP gradient reduction during the last backward)")
     args = parser.parse_args()
     batching = args.micro_batch or None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -241,7 +245,8 @@ def main() -> None:
         if world not in WORKLOADS[workload][3]:
             continue  # e.g. the EP-1 MoE variant has no 1-GPU run of its own (it is moe-olmoe-4l there)
         for impl in args.impls.split(","):
-            rec = run_config(impl, workload, rank, world, args.warmup, args.timed, batching, args.profile or None)
+            rec = run_config(impl, workload, rank, world, args.warmup, args.timed, batching, args.profile or None,
+                             args.overlap_grad_reduce and impl == "raytron")
             if rank == 0:
                 rec["gpu"] = torch.cuda.get_device_name()
                 with open(args.out, "a") as f:

@@ -19,6 +19,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "cluster_configs"
     ("hybrid_moe_32gpu.yaml", ["model.overrides.pattern=GEG*|E*E"], "model.overrides.pattern"),  # mark inside a pair
     ("moe_olmoe_8gpu.yaml", [], "model.overrides.top_k"),  # top-8 on DeepSpeed-MoE
     ("local_debug.yaml", ["model.overrides.router=sigmoid"], "model.overrides.router"),
+    ("local_debug.yaml", ["train.overlap_grad_reduce=true"], "train.overlap_grad_reduce"),  # deepspeed engine
+    ("dense_1b_8gpu.yaml", ["train.overlap_grad_reduce=true", "layout.pp=2", "layout.tp=2", "layout.dp=null"],
+     "train.overlap_grad_reduce"),  # megatron with pp > 1
 ])
 def test_runnable_validation_names_the_gap(config, overrides, field):
     spec = load_spec(str(CONFIGS / config), overrides)
@@ -41,9 +44,11 @@ def test_plan_says_hybrid_megatron_job_is_runnable(capsys):
 @pytest.mark.parametrize("config, overrides", [
     ("gpu_megatron_2gpu.yaml", ["layout.ep=1", "layout.tp=2", "layout.dp=null"]),  # MoE TP, experts replicated
     ("dense_1b_8gpu.yaml", ["layout.pp=2", "layout.vpp=2", "layout.tp=2", "layout.dp=null"]),  # interleaved PP
+    ("gpu_megatron_2gpu.yaml", ["train.overlap_grad_reduce=true"]),  # EP2 x DP2, pp = 1
 ])
 def test_fixed_megatron_gaps_are_runnable(config, overrides):
-    """Issue #6 (b) and (c), fixed and proven on CPU by tests/parallelism/test_megatron_step.py."""
+    """Issue #6 (b) and (c) fixed, and the gradient-reduction overlap: proven on CPU by
+    tests/parallelism/test_megatron_step.py."""
     validate_job(load_spec(str(CONFIGS / config), overrides), runnable=True)
 
 

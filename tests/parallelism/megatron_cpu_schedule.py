@@ -62,15 +62,16 @@ def _cpu_shims() -> None:
     mrandom.get_cuda_rng_tracker().fork = lambda *args, **kwargs: contextlib.nullcontext()
 
 
-def cpu_engine(family: str, overrides: dict, layout):
+def cpu_engine(family: str, overrides: dict, layout, overlap: str = ""):
     """A MegatronEngine on CPU (see the module docstring): megatron's groups for `layout`, the reference's
-    weights in this rank's chunks, chunks wrapped in megatron DDP; no optimizer."""
+    weights in this rank's chunks, chunks wrapped in megatron DDP; no optimizer. `overlap`: "" (off) or
+    "wired" (overlap_grad_reduce, with the engine's attach_grad_sync)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     from raytron import models
-    from raytron.parallelism.megatron_engine import MegatronEngine, check_groups, chunk_coords
+    from raytron.parallelism.megatron_engine import MegatronEngine, attach_grad_sync, check_groups, chunk_coords
     from raytron.parallelism.megatron_mapping import chunk_pieces
     from raytron.parallelism.megatron_spec import build_model_chunks, transformer_config
 
@@ -92,9 +93,11 @@ def cpu_engine(family: str, overrides: dict, layout):
     engine.pieces = [chunk_pieces(engine.model_cfg, chunk_coords(c, layout)) for c in chunks]
     torch.manual_seed(SEED)
     engine._load_chunks(chunks, models.build(family, "debug", **overrides).state_dict())
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=bool(overlap))
     engine.chunks = [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
                      for i, c in enumerate(chunks)]
+    if overlap == "wired":
+        attach_grad_sync(tcfg, engine.chunks)
     tcfg.finalize_model_grads_func = finalize_model_grads
     engine._master_params = lambda chunk: chunk.module.named_parameters()  # no Float16Module in between
     return engine
@@ -161,16 +164,38 @@ def _gradient_errors(engine, ref_grads: dict) -> dict[str, float]:
     return errors
 
 
+def _record_launches(chunk, launched: list) -> None:
+    """Wrap this DDP chunk's finish_grad_sync to note, per bucket group, whether its reduction was already
+    launched from the backward hooks (the overlap) when the schedule's finalize step comes to wait for it."""
+    finish = chunk.finish_grad_sync
+
+    def recording_finish(*args, **kwargs):
+        groups = chunk.bucket_groups + chunk.expert_parallel_bucket_groups
+        launched.extend(g.grad_reduce_handle is not None for g in groups)
+        return finish(*args, **kwargs)
+
+    chunk.finish_grad_sync = recording_finish
+
+
 def _one_case(rank: int, world: int, family: str, overrides: dict, fields: dict) -> dict:
     from raytron.parallelism.layout import ParallelLayout
     from raytron.parallelism.megatron_engine import chunk_coords
 
+    fields = dict(fields)
+    overlap = fields.pop("overlap", "")
     dp = world // (fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1))
     layout = ParallelLayout(world_size=world, micro_batch_size=MICRO, global_batch_size=GLOBAL, **{"dp": dp, **fields})
-    engine = cpu_engine(family, overrides, layout)
+    engine = cpu_engine(family, overrides, layout, overlap)
     ref = reference_step(family, overrides)
     micro = global_batch(engine.model_cfg.vocab_size).split(MICRO)
     dp_rank, ga = layout.coords(rank)["dp"], layout.grad_accum
+    launched: list[bool] = []  # per bucket group at finish_grad_sync: was its reduction already in flight?
+    if overlap:  # a discarded first step: megatron learns each bucket's readiness counts on the first step
+        engine._run(list(micro[dp_rank * ga:(dp_rank + 1) * ga]), forward_only=False)
+        for chunk in engine.chunks:
+            chunk.zero_grad_buffer()
+    for chunk in engine.chunks:
+        _record_launches(chunk, launched)
     loss = engine._mean_lm_loss(engine._run(list(micro[dp_rank * ga:(dp_rank + 1) * ga]), forward_only=False))
     norm = distributed_optimizer_grad_norm(engine)
     errors = _gradient_errors(engine, ref["grads"])
@@ -178,7 +203,7 @@ def _one_case(rank: int, world: int, family: str, overrides: dict, fields: dict)
     mine = {"errors": errors, "blocks": [list(chunk_coords(c.module, layout).blocks) for c in engine.chunks]}
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine)
-    return {"loss": [loss, ref["loss"]], "grad_norm": [norm, ref["grad_norm"]],
+    return {"loss": [loss, ref["loss"]], "grad_norm": [norm, ref["grad_norm"]], "launched_early": launched,
             "worst_grad_error": max(e for r in everyone for e in r["errors"].values()),
             "bad_grads": {r: sorted(n for n, e in got["errors"].items() if e > 1e-4) for r, got in enumerate(everyone)
                           if any(e > 1e-4 for e in got["errors"].values())},

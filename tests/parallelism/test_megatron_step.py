@@ -3,6 +3,8 @@ schedules over gloo; tests/parallelism/megatron_cpu_schedule.py says what runs a
 LM loss, every rank's every reduced parameter gradient (1e-4 relative), the distributed optimizer's global
 gradient norm, and the weights exported back to reference names.
 
+Also the data-parallel overlap of gradient reduction (train.overlap_grad_reduce) against the same reference.
+
 Regression cases of issue #6, both silent on GPU except for a drifting loss curve:
 - MoE with TP and experts replicated over the TP ranks (tp=2, ep=etp=1, sequence parallel): megatron-core
   marks expert weights as expert parameters only when ep > 1, so their gradients were reduced over the
@@ -37,13 +39,18 @@ CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     # "G-*-M-W-" (parallelism/megatron_hybrid.py): TP-split GDN/Mamba2 heads, TP-summed replicated grads
     "hybrid-TP2": ("hybrid", {}, {"tp": 2}),
     "hybrid-PP2": ("hybrid", {"pattern": "G-|*-M-W-"}, {"pp": 2}),  # uneven '|' stages: 1 + 3 layers
+    # train.overlap_grad_reduce: bucket reductions launched from the backward hooks (after a discarded
+    # first step: megatron overlaps only from the second step on), gradients must not change
+    "dense-DP2": ("dense", {}, {}),
+    "dense-DP2-overlap": ("dense", {}, {"overlap": "wired"}),
+    "moe-DP2-overlap": ("moe", {}, {"overlap": "wired"}),
 }
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("megatron_step") / "results.json"
-    spawn_ranks(megatron_cpu_schedule.step_matches_reference, 2, list(CASES.values()), str(out), timeout=400)
+    spawn_ranks(megatron_cpu_schedule.step_matches_reference, 2, list(CASES.values()), str(out), timeout=500)
     return dict(zip(CASES, json.loads(out.read_text())))
 
 
@@ -58,6 +65,18 @@ def test_step_matches_reference(results, case):
     assert abs(norm - ref_norm) < 1e-5 * ref_norm, f"{case}: grad norm {norm} vs reference {ref_norm}"
     assert r["export_mismatch"] == [], f"{case}: exported weights differ from the reference: {r['export_mismatch']}"
 
+
+@pytest.mark.parametrize("case", ["dense-DP2-overlap", "moe-DP2-overlap"])
+def test_overlap_launches_every_reduction_from_the_backward(results, case):
+    """The overlap cases really overlap: when finalize_model_grads comes to wait, every bucket group's
+    reduction (dense and expert) is already in flight, launched from the backward hooks."""
+    launched = results[case]["launched_early"]
+    assert launched and all(launched), launched
+
+
+def test_without_overlap_reductions_start_at_finalize(results):
+    launched = results["dense-DP2"]["launched_early"]
+    assert launched and not any(launched), launched
 
 @pytest.mark.parametrize("case", ["dense-PP2v2", "moe-PP2v2"])
 def test_interleaved_chunks_hold_the_interleaved_layers(results, case):
