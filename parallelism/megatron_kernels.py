@@ -74,12 +74,10 @@ def install_wgrad_accumulation_fusion() -> bool:
 
 
 def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
-    """amp_C.multi_tensor_l2norm's contract: (global L2 norm as a 1-element fp32 tensor, None)."""
-    tensors = tensor_lists[0]
-    if per_tensor:
-        raise NotImplementedError("foreach_l2_norm: per-tensor norms are not used by megatron's clipping")
-    norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).reshape(1), None
+    """amp_C.multi_tensor_l2norm's contract: (global L2 norm as a 1-element fp32 tensor, the per-tensor
+    norms as one fp32 tensor if `per_tensor` else None)."""
+    norms = torch.stack([n.float() for n in torch._foreach_norm(tensor_lists[0])])
+    return torch.linalg.vector_norm(norms).reshape(1), (norms if per_tensor else None)
 
 
 def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):

@@ -45,17 +45,13 @@ def _rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def _rope_rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """megatron's unfused RoPE (rotate-half form; t [s, b, h, d], cos/sin [s, 1, 1, rot]) with the rotation
+    in fp32, rounded once at the end."""
     rot = cos.shape[-1]
     x, rest = t[..., :rot].to(torch.promote_types(t.dtype, torch.float32)), t[..., rot:]
     x1, x2 = x.chunk(2, dim=-1)
     out = x * cos + torch.cat((-x2, x1), dim=-1) * sin
     return torch.cat((out.to(t.dtype), rest), dim=-1)
-
-
-def _rope_bshd(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """megatron's unfused RoPE (rotate-half form; t [s, b, h, d], freqs [s, 1, 1, rot]) with cos/sin
-    and the rotation in fp32, rounded once at the end."""
-    return _rope_rotate(t, freqs.cos(), freqs.sin())
 
 
 # One fused Triton kernel each on GPU (the eager forms launch several elementwise kernels per call and

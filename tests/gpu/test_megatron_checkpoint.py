@@ -19,16 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from megatron_checkpoint import CASES, K  # noqa: E402
+from gpu_worlds import selected as _selected  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 SAME_ATOL, RESHARD_ATOL = 1e-3, 2e-2
 PROGRAM = Path(__file__).with_name("megatron_checkpoint.py")
-
-
-def _selected(world: int) -> bool:
-    """RAYTRON_GPU_WORLDS="4" (comma-separated) limits a run to those world sizes (device time is scarce)."""
-    chosen = os.environ.get("RAYTRON_GPU_WORLDS", "")
-    return not chosen or str(world) in chosen.split(",")
 
 
 @pytest.fixture(scope="module")

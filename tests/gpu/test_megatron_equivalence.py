@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from megatron_equivalence import LAYOUTS  # noqa: E402  (the torchrun program beside this file)
+from gpu_worlds import selected as _selected  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -33,12 +34,6 @@ def _results_dir() -> Path:
     path = Path(os.environ.get("RAYTRON_GPU_RESULTS", Path(__file__).parent / "results" / "local"))
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _selected(world: int) -> bool:
-    """RAYTRON_GPU_WORLDS="4" (comma-separated) limits a run to those world sizes (device time is scarce)."""
-    chosen = os.environ.get("RAYTRON_GPU_WORLDS", "")
-    return not chosen or str(world) in chosen.split(",")
 
 
 def _world_groups(worlds: list[int], gpus: int) -> list[list[int]]:

@@ -5,9 +5,11 @@ one rounding), and the engine's RMSNorm vs the reference model's (models/layers.
 import pytest
 import torch
 from megatron.core.models.common.embeddings import rope_utils
+from megatron.core.models.common.language_module import language_module
 
 from raytron.models.layers import RMSNorm as ReferenceRMSNorm
-from raytron.parallelism.megatron_modules import _rms_norm_fp32, _rope_bshd, fused_rope, install_fused_rope
+from raytron.parallelism import megatron_modules as mm
+from raytron.parallelism.megatron_modules import _rms_norm_fp32, fused_rope
 
 
 @pytest.mark.parametrize("rot", [16, 8])  # full and partial rotary dims
@@ -17,20 +19,25 @@ def test_rope_matches_megatron_unfused(rot):
     freqs = torch.randn(12, 1, 1, rot, generator=g, dtype=torch.float64)
     torch.testing.assert_close(fused_rope(t, freqs), rope_utils._apply_rotary_pos_emb_bshd(t, freqs),
                                atol=1e-14, rtol=1e-14)
-    bf = _rope_bshd(t.bfloat16(), freqs.float())
+    bf = fused_rope(t.bfloat16(), freqs.float())
     assert bf.dtype == torch.bfloat16
     torch.testing.assert_close(bf.double(), rope_utils._apply_rotary_pos_emb_bshd(t, freqs), atol=2e-2, rtol=1e-2)
     with pytest.raises(NotImplementedError, match="interleaved"):
         fused_rope(t, freqs, interleaved=True)
 
 
-def test_install_fused_rope_keeps_a_real_binding(monkeypatch):
-    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", None)
-    assert install_fused_rope() and rope_utils.fused_apply_rotary_pos_emb is fused_rope
+@pytest.mark.parametrize("module, attr, install, stand_in", [
+    (rope_utils, "fused_apply_rotary_pos_emb", mm.install_fused_rope, mm.fused_rope),
+    (language_module, "te_parallel_cross_entropy", mm.install_fused_cross_entropy, mm.fused_cross_entropy),
+])
+def test_install_keeps_a_real_binding(monkeypatch, module, attr, install, stand_in):
+    """The stand-in goes where Transformer Engine's kernel is missing (None), never over a real one."""
+    monkeypatch.setattr(module, attr, None)
+    assert install() and getattr(module, attr) is stand_in
     sentinel = object()
-    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", sentinel)
-    install_fused_rope()
-    assert rope_utils.fused_apply_rotary_pos_emb is sentinel
+    monkeypatch.setattr(module, attr, sentinel)
+    install()
+    assert getattr(module, attr) is sentinel
 
 
 def test_rms_norm_matches_reference():
@@ -54,15 +61,3 @@ def test_cross_entropy_stand_in_matches_megatron_vocab_parallel():
     (grad,) = torch.autograd.grad(loss.sum(), logits)
     (want_grad,) = torch.autograd.grad(want.sum(), logits)
     torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=1e-5)
-
-
-def test_install_fused_cross_entropy_keeps_a_real_binding(monkeypatch):
-    from megatron.core.models.common.language_module import language_module
-    from raytron.parallelism.megatron_modules import fused_cross_entropy, install_fused_cross_entropy
-
-    monkeypatch.setattr(language_module, "te_parallel_cross_entropy", None)
-    assert install_fused_cross_entropy() and language_module.te_parallel_cross_entropy is fused_cross_entropy
-    sentinel = object()
-    monkeypatch.setattr(language_module, "te_parallel_cross_entropy", sentinel)
-    install_fused_cross_entropy()
-    assert language_module.te_parallel_cross_entropy is sentinel

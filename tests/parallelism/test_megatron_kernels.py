@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
-
-from raytron.parallelism import megatron_kernels as mk  # noqa: E402
+from raytron.parallelism import megatron_kernels as mk
 
 
 def test_wgrad_accumulation_adds_the_weight_gradient():
@@ -23,11 +21,12 @@ def test_wgrad_accumulation_adds_the_weight_gradient():
 
 def test_foreach_l2_norm_is_the_global_norm():
     tensors = [torch.randn(n, dtype=torch.float64) for n in (3, 100, 17)]
-    norm, _ = mk.foreach_l2_norm(0, None, [tensors], False)
-    assert norm.shape == (1,)
+    norm, none = mk.foreach_l2_norm(0, None, [tensors], False)
+    assert norm.shape == (1,) and none is None
     torch.testing.assert_close(norm.double()[0], torch.cat(tensors).norm(), rtol=1e-6, atol=0)
-    with pytest.raises(NotImplementedError, match="per-tensor"):
-        mk.foreach_l2_norm(0, None, [tensors], True)
+    total, per_tensor = mk.foreach_l2_norm(0, None, [tensors], True)
+    torch.testing.assert_close(total, norm)
+    torch.testing.assert_close(per_tensor.double(), torch.stack([t.norm() for t in tensors]), rtol=1e-6, atol=0)
 
 
 def test_foreach_scale_in_place_and_into_other_dtype():
