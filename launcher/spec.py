@@ -116,6 +116,12 @@ class TrainSpec:
     overlap_grad_reduce: bool = False
     """megatron engine: start each gradient bucket's data-parallel reduction during the last micro-batch's
     backward instead of after it (Megatron-LM's --overlap-grad-reduce). Same gradients; pp must be 1."""
+    overlap_moe_comm: bool = False
+    """megatron engine, MoE with layout.ep > 1: hide the expert-parallel all-to-all (token dispatch and
+    combine) behind another micro-batch's attention/expert compute, one micro-batch's forward running
+    layer by layer beside the previous one's backward on two CUDA streams (megatron-core's
+    overlap_moe_expert_parallel_comm, Megatron-LM's --overlap-moe-expert-parallel-comm). Same gradients up
+    to summation order; pp > 1 needs layout.vpp > 1."""
 
     def validate(self, path: str) -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "eval_batches"):

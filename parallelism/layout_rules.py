@@ -180,6 +180,7 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
     gaps: list[tuple[str, str]] = []
     lay, pattern = layout or spec.layout, cfg.layer_pattern()  # an engine passes the layout it was given
     overlap = getattr(spec.train, "overlap_grad_reduce", False)
+    overlap_moe = getattr(spec.train, "overlap_moe_comm", False)
     if (engine or spec.engine) == "megatron":
         from .megatron_blocks import megatron_pattern_gaps  # (mixer, ffn) pairs, stage split, CP (pure)
 
@@ -187,18 +188,49 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
         if overlap and lay.pp > 1:
             gaps.append(("train.overlap_grad_reduce", f"with pp={lay.pp}: the pipeline schedules' per-chunk "
                          "gradient-sync hooks are not wired in this build; use pp=1 or turn it off"))
+        if overlap_moe:
+            gaps += _moe_overlap_gaps(cfg, lay)
         for name, bad, why in (("router", cfg.router != "softmax", "only the softmax router is mapped"),
                                ("capacity_factor", cfg.capacity_factor > 0, "token-dropping order differs"),
                                ("bias_update_rate", cfg.bias_update_rate > 0, "aux-loss-free bias is not mapped")):
             if cfg.num_experts and bad:
                 gaps.append((f"model.overrides.{name}", f"{getattr(cfg, name)!r}: {why} in the megatron engine"))
-    elif overlap:
-        gaps.append(("train.overlap_grad_reduce", "a megatron-engine option; the deepspeed engine does not "
-                     "overlap its ZeRO reductions in this build: turn it off"))
+    else:
+        if overlap:
+            gaps.append(("train.overlap_grad_reduce", "a megatron-engine option; the deepspeed engine does not "
+                         "overlap its ZeRO reductions in this build: turn it off"))
+        if overlap_moe:
+            gaps.append(("train.overlap_moe_comm", "a megatron-engine option (megatron-core's EP all-to-all "
+                         "overlap); the deepspeed engine has no such schedule: turn it off"))
     if (engine or spec.engine) != "megatron" and cfg.num_experts and "E" in pattern:
         for name, bad, why in (("router", cfg.router != "softmax", "DeepSpeed-MoE gates are softmax only"),
                                ("top_k", cfg.top_k != 2, "DeepSpeed's k>2 gate has other semantics; use 2"),
                                ("bias_update_rate", cfg.bias_update_rate > 0, "no aux-loss-free balancing")):
             if bad:
                 gaps.append((f"model.overrides.{name}", f"{getattr(cfg, name)!r}: {why}"))
+    return gaps
+
+
+def _moe_overlap_gaps(cfg: Any, lay: Any) -> list[tuple[str, str]]:
+    """What megatron-core 0.16.1's EP all-to-all overlap (train.overlap_moe_comm) cannot run, or would run
+    wrong, with this model and layout. The engine's own settings (bf16, all-to-all dispatcher, no
+    recomputation, no MTP, no CUDA graphs) already meet its TransformerConfig checks."""
+    field, pattern = "train.overlap_moe_comm", cfg.layer_pattern()
+    if lay.ep == 1:
+        what = "the model has no MoE layers" if not cfg.num_experts else "layout.ep is 1"
+        return [(field, f"{what}: it hides the expert-parallel all-to-all, and megatron-core runs it only with "
+                        "ep > 1 (TransformerConfig.__post_init__): use layout.ep > 1 or turn it off")]
+    gaps = []
+    if lay.pp > 1 and lay.vpp == 1:
+        gaps.append((field, f"with pp={lay.pp}: megatron-core overlaps it in the interleaved pipeline schedule "
+                            "only (TransformerConfig requires virtual pipeline stages): set layout.vpp > 1 or pp=1"))
+    if pattern[-1] != "E":
+        gaps.append((field, f"the pattern {pattern!r} ends in a dense MLP layer: megatron-core 0.16.1's overlap "
+                            "schedule applies the final norm after a MoE layer only (fine_grained_callables.py, "
+                            "the dense path skips it), so the model would train without it: end on an MoE layer"))
+    if cfg.num_experts == lay.ep:
+        gaps.append((field, f"one expert per EP rank ({cfg.num_experts} experts, ep={lay.ep}): the overlap "
+                            "schedule frees the dispatched tokens after the expert forward, and with one local expert "
+                            "they are the very tensor the expert keeps for its weight gradient (megatron-core "
+                            "0.16.1; backward fails on freed storage): use ep < num_experts or turn it off"))
     return gaps

@@ -100,7 +100,8 @@ class MegatronEngine:
         # perform_initialization stays on even when the reference weights overwrite it: megatron-core
         # sets the tensor-parallel attributes (used by grad-norm and clipping) only in its init path
         self.tcfg = transformer_config(self.model_cfg, layout, aux_loss_coef=spec.train.aux_loss_coef,
-                                       perform_initialization=True)
+                                       perform_initialization=True,
+                                       overlap_moe_comm=bool(getattr(spec.train, "overlap_moe_comm", False)))
         model_parallel_cuda_manual_seed(spec.train.seed)
         chunks = build_model_chunks(self.model_cfg, self.tcfg, spec.train.seq_len)
         self.pieces = [chunk_pieces(self.model_cfg, chunk_coords(c, layout)) for c in chunks]
@@ -167,8 +168,13 @@ class MegatronEngine:
         count = torch.full((), per_token.numel(), device=per_token.device, dtype=torch.int)  # no host sync
         return total, count, {"lm": torch.stack([total.detach(), count.float()])}
 
-    def _forward_step(self, data_iterator, model):
+    def _forward_step(self, data_iterator, model, return_schedule_plan: bool = False):
+        """megatron's forward_step_func. With train.overlap_moe_comm, training steps run megatron's combined
+        1F1B schedule, which passes the unwrapped GPTModel and `return_schedule_plan=True` and runs the
+        returned per-layer plan itself (the loss function is the same); eval runs the plain forward."""
         tokens, labels = next(data_iterator)
+        if return_schedule_plan:
+            return model.build_schedule_plan(tokens, None, None, labels=labels), self._loss_func
         return model(tokens, None, None, labels=labels), self._loss_func
 
     def _run(self, micro_batches: list[torch.Tensor], forward_only: bool) -> list[dict]:

@@ -102,6 +102,11 @@ class _LinearMixer(MegatronModule):
             init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
             skip_bias_add=True, tp_group=self.tp_group)
 
+    def backward_dw(self) -> None:
+        """megatron's EP-overlap schedule (train.overlap_moe_comm, fine_grained_callables._BackwardDWWrapper)
+        takes this from every `self_attention` and calls it only under delay_wgrad_compute, which raytron
+        leaves off: the weight gradients are computed in the backward itself, nothing is deferred."""
+
     def _project_in(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[s/tp, b, dim] (sequence-parallel shard; [s, b, dim] without TP) -> [b, s, this rank's outputs]."""
         proj, _ = self.in_proj(hidden_states)

@@ -55,10 +55,11 @@ def check_supported(cfg) -> bool:
 
 
 def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool = True,
-                       perform_initialization: bool = True) -> TransformerConfig:
+                       perform_initialization: bool = True, overlap_moe_comm: bool = False) -> TransformerConfig:
     """megatron TransformerConfig of reference config `cfg` under `layout`: bf16 compute and the
     all-to-all token dispatcher on GPU; fp32 and the all-gather dispatcher (no CUDA streams) on CPU,
-    where megatron is only used by the single-process mapping tests."""
+    where megatron is only used by the single-process mapping tests. `overlap_moe_comm`: megatron's
+    EP all-to-all overlap (train.overlap_moe_comm; GPU only, megatron-core asserts bf16 and ep > 1)."""
     moe = check_supported(cfg)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     kwargs = dict(
@@ -88,6 +89,10 @@ def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool
     # silently wrong losses. The unbatched path keeps the two directions on separate communicators
     # (Megatron-LM's own interleaved default, overlap_p2p_comm, also avoids the batch). 1F1B is unaffected.
     kwargs["batch_p2p_comm"] = layout.vpp == 1
+    # the no-pipelining and interleaved schedules then run megatron's combined 1F1B (one micro-batch's
+    # forward beside another's backward, layer by layer, dispatch/combine on a second stream); the engine's
+    # forward step hands them GPTModel.build_schedule_plan instead of the forward output
+    kwargs["overlap_moe_expert_parallel_comm"] = overlap_moe_comm
     if moe:
         kwargs.update(
             num_moe_experts=cfg.num_experts, moe_router_topk=cfg.top_k, moe_ffn_hidden_size=cfg.moe_ffn_dim,
@@ -114,7 +119,7 @@ def layer_spec(moe: bool, self_attention: ModuleSpec | None = None, core_attenti
     if moe:
         mlp = ModuleSpec(module=MoELayer, submodules=MoESubmodules(
             experts=ModuleSpec(module=GroupedMLPExperts, submodules=_linear_mlp()),
-            shared_experts=ModuleSpec(module=SharedExpertMLP, params={"gate": False}, submodules=_linear_mlp()),
+            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_linear_mlp()),  # gate: config.moe_shared_expert_gate
             router=ReferenceRouter))
     else:
         mlp = ModuleSpec(module=MLP, submodules=_linear_mlp())

@@ -13,5 +13,5 @@ if ! python3 -P -c "import raytron.parallelism" 2>/dev/null; then
   for sub in launcher parallelism models data_pipeline ops; do ln -s "$root/$sub" "$pkg/$sub"; done
   export PYTHONPATH=/tmp/raytron_pkg${PYTHONPATH:+:$PYTHONPATH}
 fi
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 export PYTHONUNBUFFERED=1 RAY_TRAIN_ENABLE_PRINT_PATCH=0

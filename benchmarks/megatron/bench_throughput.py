@@ -113,10 +113,10 @@ def megatron_as_shipped():
          mlp.bias_swiglu_impl) = saved_kernels
 
 
-def make_spec(family, flavor, overrides, gbs, mbs, overlap: bool = False):
+def make_spec(family, flavor, overrides, gbs, mbs, overlap: bool = False, overlap_moe: bool = False):
     train = SimpleNamespace(seed=1234, seq_len=SEQ, lr=3e-4, min_lr=3e-4, warmup_steps=0, steps=10**6,
                             weight_decay=0.1, grad_clip=1.0, aux_loss_coef=0.01, global_batch_size=gbs,
-                            micro_batch_size=mbs, overlap_grad_reduce=overlap)
+                            micro_batch_size=mbs, overlap_grad_reduce=overlap, overlap_moe_comm=overlap_moe)
     return SimpleNamespace(model=SimpleNamespace(family=family, flavor=flavor, overrides=overrides), train=train,
                            resources=SimpleNamespace(use_gpu=True))
 
@@ -190,28 +190,48 @@ def _train_and_time(spec, layout, rank: int, warmup: int, timed: int, profile_pa
     return out
 
 
+def base_record(impl: str, workload: str, model: tuple[str, str, dict], world: int, fields: dict, mbs: int,
+                seq: int = SEQ) -> dict:
+    """The fields every record carries (bench_torchtitan.py writes the same): SEQS_PER_RANK sequences per DP rank
+    per step in micro-batches of `mbs`, parameter counts and FLOPs/token of the model (family, flavor, overrides)."""
+    family, flavor, overrides = model
+    ga = max(1, SEQS_PER_RANK // mbs)
+    cfg = models.get_config(family, flavor, **overrides)
+    total, active = models.param_counts(cfg)
+    return {"impl": impl, "workload": workload, "family": family, "flavor": flavor, "overrides": overrides,
+            "world": world, "layout": fields, "seq_len": seq, "micro_batch": mbs, "grad_accum": ga,
+            "global_batch": mbs * ga * fields["dp"], "params_total": total, "params_active": active,
+            "flops_per_token": models.flops_per_token(cfg, seq, "megatron")["total"]}
+
+
+def write_record(rec: dict, out: str) -> None:
+    """Rank 0: append the record to `out` (JSON lines) and print its one-line summary."""
+    rec["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    summary = rec.get("error") or (f"{rec['tokens_per_s_per_gpu']:.0f} tok/s/GPU, MFU {rec['mfu']:.1%}, "
+                                   f"{rec['step_s']:.3f} s/step, peak {rec['peak_mem_gib']:.1f} GiB")
+    print(f"[bench] world {rec['world']} {rec['workload']} {rec['impl']}: {summary}", flush=True)
+
+
 def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, timed: int,
-               batching: int | None = None, profile_dir: str | None = None, overlap: bool = False) -> dict:
+               batching: int | None = None, profile_dir: str | None = None, overlap: bool = False,
+               overlap_moe: bool = False) -> dict:
     from megatron.core import parallel_state
 
     family, flavor, overrides, by_world = WORKLOADS[workload]
     mbs = batching or MICRO_BATCH[(impl, workload)]
-    ga = max(1, SEQS_PER_RANK // mbs)
     warmup, timed = (warmup, timed) if warmup >= 0 else STEPS[impl]
     fields = {"dp": 1, **by_world[world]}
-    gbs = mbs * ga * fields["dp"]
-    cfg = models.get_config(family, flavor, **overrides)
-    total, active = models.param_counts(cfg)
-    flops = models.flops_per_token(cfg, SEQ, "megatron")["total"]
-    rec = {"impl": impl, "workload": workload, "family": family, "flavor": flavor, "overrides": overrides,
-           "world": world, "layout": fields, "seq_len": SEQ, "micro_batch": mbs, "grad_accum": ga,
-           "global_batch": gbs, "params_total": total, "params_active": active, "flops_per_token": flops,
-           "overlap_grad_reduce": overlap}
+    rec = base_record(impl, workload, (family, flavor, overrides), world, fields, mbs)
+    rec["overlap_grad_reduce"] = overlap
+    rec["overlap_moe_comm"] = overlap_moe = overlap_moe and fields.get("ep", 1) > 1  # the engine refuses it at ep 1
+    gbs, flops = rec["global_batch"], rec["flops_per_token"]
     try:
         with megatron_as_shipped() if impl == "mcore_local" else contextlib.nullcontext():
             layout = ParallelLayout(world_size=world, micro_batch_size=mbs, global_batch_size=gbs, **fields)
             path = profile_dir and f"{profile_dir}/profile_{impl}_{workload}_w{world}_mb{mbs}.txt"
-            spec = make_spec(family, flavor, overrides, gbs, mbs, overlap)
+            spec = make_spec(family, flavor, overrides, gbs, mbs, overlap, overlap_moe)
             rec.update(_train_and_time(spec, layout, rank, warmup, timed, path))
         rec["mfu"] = rec["tokens_per_s_per_gpu"] * flops / PEAK_FLOPS
     except Exception as exc:  # recorded (e.g. out of memory); the other configs still run
@@ -236,6 +256,9 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="directory for a torch.profiler table per config")
     parser.add_argument("--overlap-grad-reduce", action="store_true",
                         help="train.overlap_grad_reduce for raytron (DP gradient reduction during the last backward)")
+    parser.add_argument("--overlap-moe-comm", action="store_true",
+                        help="train.overlap_moe_comm for raytron where the layout has ep > 1 (EP all-to-all hidden "
+                             "behind another micro-batch's compute; set CUDA_DEVICE_MAX_CONNECTIONS > 1)")
     args = parser.parse_args()
     batching = args.micro_batch or None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -246,14 +269,10 @@ def main() -> None:
             continue  # e.g. the EP-1 MoE variant has no 1-GPU run of its own (it is moe-olmoe-4l there)
         for impl in args.impls.split(","):
             rec = run_config(impl, workload, rank, world, args.warmup, args.timed, batching, args.profile or None,
-                             args.overlap_grad_reduce and impl == "raytron")
+                             args.overlap_grad_reduce and impl == "raytron",
+                             overlap_moe=args.overlap_moe_comm and impl == "raytron")
             if rank == 0:
-                rec["gpu"] = torch.cuda.get_device_name()
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                summary = rec.get("error") or (f"{rec['tokens_per_s_per_gpu']:.0f} tok/s/GPU, MFU {rec['mfu']:.1%}, "
-                                               f"{rec['step_s']:.3f} s/step, peak {rec['peak_mem_gib']:.1f} GiB")
-                print(f"[bench] world {world} {workload} {impl}: {summary}", flush=True)
+                write_record(rec, args.out)
             dist.barrier()
     dist.destroy_process_group()
 

@@ -31,6 +31,24 @@ def test_runnable_validation_names_the_gap(config, overrides, field):
     assert err.value.path == field
 
 
+@pytest.mark.parametrize("config, overrides, reason", [
+    ("local_debug.yaml", [], "deepspeed engine"),
+    ("dense_1b_8gpu.yaml", [], "no MoE layers"),
+    ("gpu_megatron_2gpu.yaml", ["layout.ep=1"], "layout.ep is 1"),
+    ("hybrid_moe_32gpu.yaml", [], "interleaved pipeline schedule"),  # pp=2 without vpp
+    ("gpu_megatron_2gpu.yaml", ["model.overrides.pattern=*E*-"], "ends in a dense MLP"),  # final norm skipped
+    ("gpu_megatron_2gpu.yaml", ["model.overrides.num_experts=2"], "one expert per EP rank"),  # freed input
+])
+def test_overlap_moe_comm_refusals(config, overrides, reason):
+    """train.overlap_moe_comm where megatron-core 0.16.1 cannot run it, or runs it wrong (the last two:
+    proven on CPU by tests/parallelism/test_megatron_step.py's overlap cases and their history)."""
+    spec = load_spec(str(CONFIGS / config), ["train.overlap_moe_comm=true", *overrides])
+    validate_job(spec)
+    with pytest.raises(ConfigError) as err:
+        validate_job(spec, runnable=True)
+    assert err.value.path == "train.overlap_moe_comm" and reason in str(err.value), str(err.value)
+
+
 def test_plan_lists_gap_and_still_exits_zero(capsys):
     assert plan_main([str(CONFIGS / "hybrid_moe_32gpu.yaml"), "--set", "layout.cp=2", "--set", "layout.dp=4"]) == 0
     assert "NOT RUNNABLE YET on engine megatron: layout.cp" in capsys.readouterr().out
@@ -45,9 +63,12 @@ def test_plan_says_hybrid_megatron_job_is_runnable(capsys):
     ("gpu_megatron_2gpu.yaml", ["layout.ep=1", "layout.tp=2", "layout.dp=null"]),  # MoE TP, experts replicated
     ("dense_1b_8gpu.yaml", ["layout.pp=2", "layout.vpp=2", "layout.tp=2", "layout.dp=null"]),  # interleaved PP
     ("gpu_megatron_2gpu.yaml", ["train.overlap_grad_reduce=true"]),  # EP2 x DP2, pp = 1
+    ("gpu_megatron_2gpu.yaml", ["train.overlap_moe_comm=true", "train.overlap_grad_reduce=true"]),  # EP2 x DP2
+    ("moe_olmoe_8gpu.yaml", ["engine=megatron", "layout.zero_stage=1", "train.overlap_moe_comm=true",
+                             "layout.pp=2", "layout.vpp=2", "layout.dp=4", "layout.ep=4"]),  # interleaved PP
 ])
 def test_fixed_megatron_gaps_are_runnable(config, overrides):
-    """Issue #6 (b) and (c) fixed, and the gradient-reduction overlap: proven on CPU by
+    """Issue #6 (b) and (c) fixed, and the gradient-reduction and EP all-to-all overlaps: proven on CPU by
     tests/parallelism/test_megatron_step.py."""
     validate_job(load_spec(str(CONFIGS / config), overrides), runnable=True)
 

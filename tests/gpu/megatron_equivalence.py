@@ -121,16 +121,20 @@ def megatron_run(spec, layout: ParallelLayout, rank: int, world: int, steps: int
 
 _REFERENCES: dict[tuple[str, int], dict] = {}
 OVERLAP = os.environ.get("RAYTRON_GPU_OVERLAP_GRAD_REDUCE", "") == "1"  # run the engine with train.overlap_grad_reduce
+OVERLAP_MOE = os.environ.get("RAYTRON_GPU_OVERLAP_MOE_COMM", "") == "1"  # and/or with train.overlap_moe_comm
 
 
 def run_case(name: str, family: str, fields: dict, steps: int, rank: int, world: int) -> dict:
     spec = make_spec(family, steps)
     # train.overlap_grad_reduce (pp == 1 layouts only, the engine refuses it with pp > 1) when asked for
     spec.train.overlap_grad_reduce = OVERLAP and fields.get("pp", 1) == 1
+    # train.overlap_moe_comm on the EP layouts the engine runs it with (ep > 1, pp == 1 or vpp > 1)
+    spec.train.overlap_moe_comm = (OVERLAP_MOE and fields.get("ep", 1) > 1
+                                   and (fields.get("pp", 1) == 1 or fields.get("vpp", 1) > 1))
     layout = ParallelLayout(world_size=world, micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH,
                             **{"dp": 1, **fields})
     record = {"layout": name, "family": family, "world": world, "layout_fields": layout.describe(),
-              "overlap_grad_reduce": spec.train.overlap_grad_reduce}
+              "overlap_grad_reduce": spec.train.overlap_grad_reduce, "overlap_moe_comm": spec.train.overlap_moe_comm}
     try:
         record["megatron"] = megatron_run(spec, layout, rank, world, steps)
         if rank == 0:  # the reference depends on the family only: trained once per program and family

@@ -14,7 +14,9 @@ megatron's own partitioning and filters); the all-gather token dispatcher instea
 CPU shims, test-only, in the rank processes (`_cpu_shims`): `torch.cuda.current_device` -> "cpu",
 `torch.cuda.synchronize` -> no-op; megatron's schedules, clip_grads and utils modules see a `torch` whose `zeros`/`tensor` put
 device="cuda" scalars on the CPU; the CUDA RNG tracker's `fork` is a no-op (dropout is 0 here, so
-there is no randomness to track).
+there is no randomness to track). For train.overlap_moe_comm cases also `_cpu_stream_shims`: CUDA streams,
+events and NVTX ranges are no-ops (one CPU stream runs everything in program order, so this proves the
+schedule's arithmetic, not its stream synchronization) and the all-to-all dispatcher is used as on GPU.
 """
 
 from __future__ import annotations
@@ -62,10 +64,51 @@ def _cpu_shims() -> None:
     mrandom.get_cuda_rng_tracker().fork = lambda *args, **kwargs: contextlib.nullcontext()
 
 
-def cpu_engine(family: str, overrides: dict, layout, overlap: str = ""):
+class _OneStream:
+    """CUDA stream and event stand-in for megatron's EP-overlap schedule on CPU: there is one CPU "stream",
+    work runs in program order, so waits, records and synchronizations have nothing to do."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return self
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _cpu_stream_shims() -> None:
+    """For train.overlap_moe_comm (megatron's combined 1F1B schedule and the all-to-all dispatcher): CUDA
+    streams, events, stream contexts, record_stream and NVTX ranges become no-ops on CPU, and the
+    dispatcher's all-to-all split sizes become the host arrays its device-to-host copy makes on GPU."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def to_host(tensor, as_numpy=False, record_stream=False):
+        return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
+    one = _OneStream()
+    torch.cuda.Stream = lambda *args, **kwargs: one
+    torch.cuda.Event = lambda *args, **kwargs: one
+    torch.cuda.current_stream = lambda *args, **kwargs: one
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.nvtx.range_push = torch.cuda.nvtx.range_pop = lambda *args, **kwargs: None
+    torch.Tensor.record_stream = lambda self, stream: None
+
+
+def cpu_engine(family: str, overrides: dict, layout, overlap: str = "", overlap_moe: bool = False):
     """A MegatronEngine on CPU (see the module docstring): megatron's groups for `layout`, the reference's
     weights in this rank's chunks, chunks wrapped in megatron DDP; no optimizer. `overlap`: "" (off) or
-    "wired" (overlap_grad_reduce, with the engine's attach_grad_sync)."""
+    "wired" (overlap_grad_reduce, with the engine's attach_grad_sync). `overlap_moe`: train.overlap_moe_comm,
+    i.e. megatron's combined 1F1B schedule over the engine's schedule plans, with the GPU's all-to-all token
+    dispatcher (megatron-core's bf16 precondition is bypassed: set after the config's checks, fp32 here)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -89,6 +132,9 @@ def cpu_engine(family: str, overrides: dict, layout, overlap: str = ""):
                                   train=SimpleNamespace(seq_len=SEQ, aux_loss_coef=AUX_COEF))
     engine.model_cfg = models.get_config(family, "debug", **overrides)
     tcfg = transformer_config(engine.model_cfg, layout, aux_loss_coef=AUX_COEF, on_gpu=False)
+    if overlap_moe:
+        _cpu_stream_shims()
+        tcfg.moe_token_dispatcher_type, tcfg.overlap_moe_expert_parallel_comm = "alltoall", True
     chunks = build_model_chunks(engine.model_cfg, tcfg, SEQ)
     engine.pieces = [chunk_pieces(engine.model_cfg, chunk_coords(c, layout)) for c in chunks]
     torch.manual_seed(SEED)
@@ -177,15 +223,46 @@ def _record_launches(chunk, launched: list) -> None:
     chunk.finish_grad_sync = recording_finish
 
 
+@contextlib.contextmanager
+def _record_schedule_plans(plans: list, runs: list):
+    """Note what megatron's combined 1F1B schedule (train.overlap_moe_comm) gets from the engine: per
+    GPTModel.build_schedule_plan call, its arguments (shapes; None stays None); per plan run, whether a
+    forward and a backward micro-batch ran together (the overlap) or one alone (first and last)."""
+    from megatron.core.models.common.model_chunk_schedule_plan import TransformerModelChunkSchedulePlan
+    from megatron.core.models.gpt import GPTModel
+
+    build, run = GPTModel.build_schedule_plan, TransformerModelChunkSchedulePlan.run
+
+    def shape(t):
+        return None if t is None else list(t.shape)
+
+    def recording_build(model, input_ids, position_ids, attention_mask, *args, **kwargs):
+        plans.append({"input_ids": shape(input_ids), "position_ids": shape(position_ids),
+                      "attention_mask": shape(attention_mask), "labels": shape(kwargs.get("labels")),
+                      "others": len(args) + len(set(kwargs) - {"labels"})})  # decoder_input, loss_mask, ...
+        return build(model, input_ids, position_ids, attention_mask, *args, **kwargs)
+
+    def recording_run(f_plan, b_plan, *args, **kwargs):
+        runs.append([f_plan is not None, b_plan is not None])
+        return run(f_plan, b_plan, *args, **kwargs)
+
+    GPTModel.build_schedule_plan = recording_build
+    TransformerModelChunkSchedulePlan.run = staticmethod(recording_run)
+    try:
+        yield
+    finally:
+        GPTModel.build_schedule_plan, TransformerModelChunkSchedulePlan.run = build, staticmethod(run)
+
+
 def _one_case(rank: int, world: int, family: str, overrides: dict, fields: dict) -> dict:
     from raytron.parallelism.layout import ParallelLayout
     from raytron.parallelism.megatron_engine import chunk_coords
 
     fields = dict(fields)
-    overlap = fields.pop("overlap", "")
+    overlap, overlap_moe = fields.pop("overlap", ""), fields.pop("overlap_moe", False)
     dp = world // (fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1))
     layout = ParallelLayout(world_size=world, micro_batch_size=MICRO, global_batch_size=GLOBAL, **{"dp": dp, **fields})
-    engine = cpu_engine(family, overrides, layout, overlap)
+    engine = cpu_engine(family, overrides, layout, overlap, overlap_moe)
     ref = reference_step(family, overrides)
     micro = global_batch(engine.model_cfg.vocab_size).split(MICRO)
     dp_rank, ga = layout.coords(rank)["dp"], layout.grad_accum
@@ -196,7 +273,10 @@ def _one_case(rank: int, world: int, family: str, overrides: dict, fields: dict)
             chunk.zero_grad_buffer()
     for chunk in engine.chunks:
         _record_launches(chunk, launched)
-    loss = engine._mean_lm_loss(engine._run(list(micro[dp_rank * ga:(dp_rank + 1) * ga]), forward_only=False))
+    plans: list[dict] = []  # per schedule plan built for the combined 1F1B schedule: its arguments
+    runs: list[list[bool]] = []  # per plan run: [with a forward micro-batch, with a backward one]
+    with _record_schedule_plans(plans, runs) if overlap_moe else contextlib.nullcontext():
+        loss = engine._mean_lm_loss(engine._run(list(micro[dp_rank * ga:(dp_rank + 1) * ga]), forward_only=False))
     norm = distributed_optimizer_grad_norm(engine)
     errors = _gradient_errors(engine, ref["grads"])
     exported = engine.export_reference()
@@ -204,6 +284,7 @@ def _one_case(rank: int, world: int, family: str, overrides: dict, fields: dict)
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine)
     return {"loss": [loss, ref["loss"]], "grad_norm": [norm, ref["grad_norm"]], "launched_early": launched,
+            "schedule_plans": plans, "plan_runs": runs, "chunks": len(engine.chunks), "grad_accum": ga,
             "worst_grad_error": max(e for r in everyone for e in r["errors"].values()),
             "bad_grads": {r: sorted(n for n, e in got["errors"].items() if e > 1e-4) for r, got in enumerate(everyone)
                           if any(e > 1e-4 for e in got["errors"].values())},

@@ -3,7 +3,13 @@ schedules over gloo; tests/parallelism/megatron_cpu_schedule.py says what runs a
 LM loss, every rank's every reduced parameter gradient (1e-4 relative), the distributed optimizer's global
 gradient norm, and the weights exported back to reference names.
 
-Also the data-parallel overlap of gradient reduction (train.overlap_grad_reduce) against the same reference.
+Also the data-parallel overlap of gradient reduction (train.overlap_grad_reduce) against the same reference,
+and the expert-parallel all-to-all overlap (train.overlap_moe_comm): megatron-core's combined 1F1B schedule
+running the engine's schedule plans (GPTModel.build_schedule_plan, per-layer attention / dispatch / experts /
+combine nodes) with the GPU's all-to-all token dispatcher, CUDA streams and events no-ops on CPU.
+Two shapes it would get wrong are refused (parallelism/layout_rules.py, _moe_overlap_gaps), both seen here
+before the refusal: a pattern ending in a dense MLP trained without the final norm (loss 5.576 vs 5.599,
+final-norm gradient 0), and one expert per EP rank failed in backward on the freed dispatched tokens.
 
 Regression cases of issue #6, both silent on GPU except for a drifting loss curve:
 - MoE with TP and experts replicated over the TP ranks (tp=2, ep=etp=1, sequence parallel): megatron-core
@@ -42,9 +48,22 @@ CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     # train.overlap_grad_reduce: bucket reductions launched from the backward hooks (after a discarded
     # first step: megatron overlaps only from the second step on), gradients must not change
     "dense-DP2": ("dense", {}, {}),
+    "moe-shared-EP2": ("moe", {"shared_experts": 1}, {"ep": 2}),  # megatron's SharedExpertMLP beside the experts
     "dense-DP2-overlap": ("dense", {}, {"overlap": "wired"}),
     "moe-DP2-overlap": ("moe", {}, {"overlap": "wired"}),
+    # train.overlap_moe_comm at EP2 x DP2 (2 micro-batches a rank: one forward-and-backward overlapped step)
+    "moe-EP2-overlap-moe": ("moe", {}, {"ep": 2, "overlap_moe": True}),
+    "moe-EP2-overlap-both": ("moe", {}, {"ep": 2, "overlap_moe": True, "overlap": "wired"}),
+    "moe-dense-EP2-overlap-moe": ("moe", {"pattern": "*-*E"}, {"ep": 2, "overlap_moe": True}),  # a dense layer
+    # GDN, Mamba2 and sliding-window mixers in the per-layer plan (megatron_hybrid.py: backward_dw)
+    "hybrid-EP2-overlap-moe": ("hybrid", {"pattern": "GEMEWE*E", "num_experts": 4}, {"ep": 2, "overlap_moe": True}),
 }
+CASES_4 = {  # 4 ranks
+    "moe-TP2xEP2-overlap-moe": ("moe", {}, {"tp": 2, "ep": 2, "overlap_moe": True}),
+    # interleaved schedule, 4 micro-batches: 3 steady-state steps overlap a forward with a backward
+    "moe-PP2v2xTP2xEP2-overlap-moe": ("moe", {"num_layers": 4}, {"pp": 2, "vpp": 2, "tp": 2, "ep": 2, "overlap_moe": True}),
+}
+OVERLAP_MOE = [name for name, (_, _, fields) in {**CASES, **CASES_4}.items() if fields.get("overlap_moe")]
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +73,20 @@ def results(tmp_path_factory) -> dict:
     return dict(zip(CASES, json.loads(out.read_text())))
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_step_matches_reference(results, case):
-    r = results[case]
+@pytest.fixture(scope="module")
+def results_4(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("megatron_step_4") / "results.json"
+    spawn_ranks(megatron_cpu_schedule.step_matches_reference, 4, list(CASES_4.values()), str(out), timeout=500)
+    return dict(zip(CASES_4, json.loads(out.read_text())))
+
+
+def _result(request, case: str) -> dict:
+    return request.getfixturevalue("results_4" if case in CASES_4 else "results")[case]
+
+
+@pytest.mark.parametrize("case", list(CASES) + list(CASES_4))
+def test_step_matches_reference(request, case):
+    r = _result(request, case)
     assert r["bad_grads"] == {}, f"{case}: gradients off the reference by > 1e-4 relative, per rank: {r['bad_grads']}"
     assert r["worst_grad_error"] < 1e-4
     megatron_loss, ref_loss = r["loss"]
@@ -66,12 +96,31 @@ def test_step_matches_reference(results, case):
     assert r["export_mismatch"] == [], f"{case}: exported weights differ from the reference: {r['export_mismatch']}"
 
 
-@pytest.mark.parametrize("case", ["dense-DP2-overlap", "moe-DP2-overlap"])
+@pytest.mark.parametrize("case", ["dense-DP2-overlap", "moe-DP2-overlap", "moe-EP2-overlap-both"])
 def test_overlap_launches_every_reduction_from_the_backward(results, case):
     """The overlap cases really overlap: when finalize_model_grads comes to wait, every bucket group's
     reduction (dense and expert) is already in flight, launched from the backward hooks."""
     launched = results[case]["launched_early"]
     assert launched and all(launched), launched
+
+
+@pytest.mark.parametrize("case", OVERLAP_MOE)
+def test_overlap_moe_comm_runs_the_engines_schedule_plans(request, case):
+    """The overlap cases really ran megatron's combined 1F1B schedule on the engine's plans: one
+    GPTModel.build_schedule_plan per micro-batch and chunk, called by MegatronEngine._forward_step as the
+    plain path calls the model (tokens and labels [micro, seq], no position ids or mask, nothing else), and
+    at least one step ran a forward beside a backward (the first forward and last backward run alone)."""
+    r = _result(request, case)
+    micro = megatron_cpu_schedule.MICRO, megatron_cpu_schedule.SEQ
+    assert len(r["schedule_plans"]) == r["grad_accum"] * r["chunks"], r["schedule_plans"]
+    expected = {"input_ids": list(micro), "position_ids": None, "attention_mask": None, "labels": list(micro),
+                "others": 0}
+    assert all(plan == expected for plan in r["schedule_plans"]), r["schedule_plans"]
+    assert [True, True] in r["plan_runs"], r["plan_runs"]
+
+
+def test_plain_schedule_builds_no_schedule_plans(results):
+    assert results["moe-DP2-overlap"]["schedule_plans"] == [] and results["moe-DP2-overlap"]["plan_runs"] == []
 
 
 def test_without_overlap_reductions_start_at_finalize(results):
