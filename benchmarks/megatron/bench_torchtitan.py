@@ -136,7 +136,9 @@ def import_torchtitan(device: torch.device) -> list[str]:
 
         def compiled_create_block_mask(*args, separate_full_blocks: bool = True, **kwargs):
             if not separate_full_blocks:
-                raise NotImplementedError("separate_full_blocks=False (batch-invariant mode) needs a newer torch")
+                raise RuntimeError(f"TorchTitan asked for separate_full_blocks=False (its batch-invariant mode), which "
+                                   f"torch {torch.__version__}'s create_block_mask cannot do: leave that mode off or "
+                                   "use a torch whose create_block_mask takes the argument")
             return compiled(*args, **kwargs)
 
         attention._compiled_create_block_mask = compiled_create_block_mask
