@@ -79,10 +79,12 @@ def reap_dead_driver(run_uri: str, grace_s: float = 5.0) -> list[int]:
         for r in ranks.values():
             if r.get("hostname") == socket.gethostname() and r.get("status") == "running":
                 candidates.append((r["pid"], r.get("pid_create_time")))
-    alive = [p for p in (_proc(pid, ct) for pid, ct in candidates) if p is not None]
-    # Worker records carry no creation time when written by older code: only reap those that are
-    # Ray processes, never an unrelated process that reused the PID.
-    alive = [p for p in alive if _is_ray_process(p)]
+    # A PID recorded with its creation time names that very process. Worker records carry no creation
+    # time when written by older code: only reap those that are Ray processes, never an unrelated
+    # process that reused the PID. (Matching a recorded process by its command line instead raced with
+    # a process that had not yet exec'd its command: CI saw it.)
+    found = [(_proc(pid, ct), ct) for pid, ct in candidates]
+    alive = [p for p, ct in found if p is not None and (ct is not None or _is_ray_process(p))]
     for p in alive:
         try:
             p.send_signal(signal.SIGTERM)
