@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gpu_worlds import shard  # noqa: E402
 from megatron_equivalence import MICRO_BATCH, GLOBAL_BATCH, global_batch, make_spec  # noqa: E402
 
 from raytron.parallelism.layout import ParallelLayout  # noqa: E402
@@ -102,16 +103,17 @@ def run_case(name: str, rank: int, world: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--shard", default="", help="INDEX/COUNT: this program's share of this world's cases")
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
-    for name, (size, *_rest) in CASES.items():
-        if size != world:
-            continue
+    for name in shard([name for name, (size, *_rest) in CASES.items() if size == world], args.shard):
+        t0 = time.perf_counter()
         rec = run_case(name, rank, world)
         if rank == 0:
             rec["gpu"] = torch.cuda.get_device_name()
+            rec["case_s"] = time.perf_counter() - t0
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(f"[checkpoint] {name}: {rec.get('error') or rec.get('max_abs_dloss')}", flush=True)

@@ -8,7 +8,6 @@ within SAME_ATOL when the layout is unchanged, within RESHARD_ATOL (bf16 reducti
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from megatron_checkpoint import CASES, K  # noqa: E402
-from gpu_worlds import selected as _selected  # noqa: E402
+from gpu_worlds import gpu_count, load_records, records_dir, selected as _selected  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 SAME_ATOL, RESHARD_ATOL = 1e-3, 2e-2
@@ -28,6 +27,8 @@ PROGRAM = Path(__file__).with_name("megatron_checkpoint.py")
 
 @pytest.fixture(scope="module")
 def results() -> dict:
+    if records_dir():  # judge what the program already wrote there (scripts/gpu_suite.py ran it)
+        return load_records(records_dir(), "megatron_checkpoint_w*.jsonl", lambda r: r["case"])
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     out_dir = Path(os.environ.get("RAYTRON_GPU_RESULTS", Path(__file__).parent / "results" / "local"))
@@ -42,17 +43,14 @@ def results() -> dict:
                str(PROGRAM), "--out", str(path)]
         proc = subprocess.run(cmd, timeout=300, capture_output=True, text=True)
         (out_dir / f"megatron_checkpoint_w{world}.log").write_text(proc.stdout + proc.stderr)
-        if path.exists():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                out[rec["case"]] = rec
+        out.update(load_records(out_dir, path.name, lambda r: r["case"]))
     return out
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_resume_under_layout(results, name):
     world, _, fields_a, fields_b = CASES[name]
-    if world > torch.cuda.device_count():
+    if world > gpu_count():
         pytest.skip(f"{name} needs {world} GPUs")
     if not _selected(world):
         pytest.skip(f"world {world} not selected by RAYTRON_GPU_WORLDS")

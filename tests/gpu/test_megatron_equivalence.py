@@ -10,7 +10,6 @@ tests below read its JSON lines. Tolerances (bf16 compute vs the fp32 reference,
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from megatron_equivalence import LAYOUTS  # noqa: E402  (the torchrun program beside this file)
-from gpu_worlds import selected as _selected  # noqa: E402
+from gpu_worlds import gpu_count, load_records, records_dir, selected as _selected  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -51,6 +50,8 @@ def _world_groups(worlds: list[int], gpus: int) -> list[list[int]]:
 def results() -> dict:
     """{(layout, family): record} from one torchrun per world size that this machine can hold; world
     sizes that fit side by side run at once on disjoint GPUs (each program sees only its own)."""
+    if records_dir():  # judge what the programs already wrote there (scripts/gpu_suite.py ran them)
+        return load_records(records_dir(), "megatron_equivalence_w*.jsonl", lambda r: (r["layout"], r["family"]))
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
@@ -73,16 +74,13 @@ def results() -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
             log.close()
-            if path.exists():
-                for line in path.read_text().splitlines():
-                    rec = json.loads(line)
-                    out[(rec["layout"], rec["family"])] = rec
+            out.update(load_records(path.parent, path.name, lambda r: (r["layout"], r["family"])))
     return out
 
 
 def _record(results, name, family) -> dict:
     world = LAYOUTS[name][0]
-    if world > torch.cuda.device_count():
+    if world > gpu_count():
         pytest.skip(f"{name} needs {world} GPUs")
     if not _selected(world):
         pytest.skip(f"world {world} not selected by RAYTRON_GPU_WORLDS")

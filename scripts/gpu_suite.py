@@ -1,0 +1,218 @@
+"""Everything GPU-only of the megatron engine in one device call (4 GPUs, under the call's 600 s limit).
+
+Run through scripts/gpu_megatron_all.sh (it installs the wheelhouse and exports the GPU settings first):
+    run(command="bash scripts/gpu_megatron_all.sh", carry=[".whl"], kind="nvidia-h100-x4", timeout_s=600)
+
+Two phases, each a set of jobs (one subprocess each; `after` orders them, nothing else links them):
+1. benchmark, with the timed GPUs to itself: benchmarks/megatron/bench_throughput.py on all GPUs, then
+   TorchTitan's harness on all GPUs, then the three 1-GPU runs side by side on GPUs of their own
+   (raytron, megatron-core's local spec, TorchTitan: separate GPUs, one host). Every bench record says
+   which jobs ran beside it (`ran_beside`), read from the timeline.
+2. tests, all at once on shared GPUs (small debug models; timings not taken): the equivalence and
+   checkpoint programs split into shards (`--shard i/n`), `raytron submit` / `--resume`
+   (scripts/gpu_megatron_submit.sh), the kernel tests; then pytest judges the programs' records
+   (RAYTRON_GPU_RECORDS: tests/gpu/test_megatron_{equivalence,checkpoint}.py read them instead of
+   launching) and tests/gpu/summarize_results.py --check writes the verdict table.
+Every job has its own time limit and all end by --deadline (seconds from the start); a job cut short
+leaves its records missing, which the judge reports as failures. Results under --out (at most 8 files):
+suite.log, gpus.csv, bench.jsonl, timeline.json, summary.txt, junit.xml, results.tar.gz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = [sys.executable, "-P"]
+JUDGE_S = 40  # kept free at the end for the judge
+TEST_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "2"}  # ~15 programs compile at once: no worker pool each
+
+
+@dataclass
+class Job:
+    name: str
+    argv: list[str]
+    gpus: tuple[int, ...] = ()
+    after: tuple[str, ...] = ()
+    timeout: float = 600.0
+    env: dict = field(default_factory=dict)
+    phase: str = "tests"
+
+
+def torchrun(world: int, port: int, program: str, *args: str) -> list[str]:
+    return PY + ["-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}",
+                 str(ROOT / program), *args]
+
+
+def bench_jobs(ngpu: int, res: Path, titan: bool, wide_impls: str, wide_args: list[str]) -> list[Job]:
+    """The exclusive phase: the all-GPU runs one after the other, then the 1-GPU runs side by side.
+    CUDA_DEVICE_MAX_CONNECTIONS=32: train.overlap_moe_comm needs its 2nd stream to run concurrently."""
+    world = 4 if ngpu >= 4 else 2
+    every = tuple(range(world))
+    bench = "benchmarks/megatron/bench_throughput.py"
+    jobs = [Job(f"bench_raytron_w{world}", torchrun(world, 29540, bench, "--impls", wide_impls, "--out",
+                                                    str(res / f"bench_raytron_w{world}.jsonl"), *wide_args),
+                every, timeout=170, env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"}, phase="bench")]
+    if titan:
+        jobs.append(Job(f"bench_titan_w{world}", titan_argv(world, 29541, res / f"bench_titan_w{world}.jsonl"),
+                        every, after=(jobs[-1].name,), timeout=150, phase="bench"))
+    last, on_gpu = jobs[-1].name, {}  # 1-GPU runs: a GPU each while they last, then after one another
+    for i, impl in enumerate(["raytron", "mcore_local"] + (["titan"] if titan else [])):
+        gpu, out = i % world, res / f"bench_{impl}_w1.jsonl"
+        argv = (titan_argv(1, 29550 + i, out) if impl == "titan"
+                else torchrun(1, 29550 + i, bench, "--impls", impl, "--out", str(out)))
+        jobs.append(Job(f"bench_{impl}_w1", argv, (gpu,), after=(on_gpu.get(gpu, last),), timeout=170,
+                        env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"}, phase="bench"))
+        on_gpu[gpu] = jobs[-1].name
+    return jobs
+
+
+def titan_argv(world: int, port: int, out: Path) -> list[str]:
+    """TorchTitan's harness with its trainer's CUDA-graph capture, eager if that run fails."""
+    run = " ".join(torchrun(world, port, "benchmarks/megatron/bench_torchtitan.py", "--out", str(out)))
+    return ["bash", "-c", f"for mode in on off; do PYTHONPATH=/tmp/site_titan:$PYTHONPATH {run} "
+                          f"--cuda-graphs $mode && break; done"]
+
+
+def test_jobs(ngpu: int, res: Path, after: tuple[str, ...]) -> list[Job]:
+    """Every test program at once, in shards spread over the GPUs (pairs for the 2-GPU programs)."""
+    pairs = [(0, 1), (2, 3)] if ngpu >= 4 else [(0, 1)]
+    every = tuple(range(min(ngpu, 4)))
+    eq, ck = "tests/gpu/megatron_equivalence.py", "tests/gpu/megatron_checkpoint.py"
+    jobs, port = [], 29600
+    plan = [(eq, 1, 2), (eq, 2, 4), (ck, 2, 2)] + ([(eq, 4, 2), (ck, 4, 1)] if ngpu >= 4 else [])
+    for program, world, shards in plan:
+        kind = "equivalence" if program == eq else "checkpoint"
+        for i in range(shards):
+            gpus = ((every[-1 - i % len(every)],) if world == 1 else pairs[i % len(pairs)] if world == 2 else every)
+            out = res / f"megatron_{kind}_w{world}_s{i}.jsonl"
+            jobs.append(Job(f"{kind}_w{world}_s{i}", torchrun(world, port, program, "--out", str(out),
+                                                                "--shard", f"{i}/{shards}"),
+                            gpus, after, timeout=420, env=TEST_ENV))
+            port += 1
+    submit_env = {"SUBMIT_GPUS": ",".join(map(str, pairs[0])), "SUBMIT_GPUS_B": ",".join(map(str, pairs[-1])),
+                  "OUT": str(res / "submit"), "RUNS": "/tmp/suite_runs"}
+    jobs.append(Job("submit", ["bash", str(ROOT / "scripts/gpu_megatron_submit.sh")], pairs[0] + pairs[-1],
+                    after, timeout=420, env=submit_env))
+    jobs.append(Job("kernels", PY + ["-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rA",
+                                     f"--junitxml={res / 'junit_kernels.xml'}", "tests/gpu/test_megatron_kernels.py",
+                                     "tests/ops/test_gpu_kernels.py"], (every[min(1, len(every) - 1)],), after,
+                    timeout=300))
+    return jobs
+
+
+def judge_job(res: Path, after: tuple[str, ...], ngpu: int) -> Job:
+    """pytest over the programs' records (RAYTRON_GPU_RECORDS: the modules read them, launch nothing)."""
+    modules = " ".join(f"tests/gpu/test_megatron_{m}.py" for m in ("equivalence", "checkpoint", "submit"))
+    argv = ["bash", "-c", " ".join(PY) + f" -m pytest -m gpu -p no:cacheprovider -q -rA --junitxml={res}/junit.xml "
+            f"{modules}; rc=$?; " + " ".join(PY) + f" tests/gpu/summarize_results.py {res} --check > /dev/null; exit $rc"]
+    env = {"RAYTRON_GPU_RECORDS": str(res), "RAYTRON_GPU_RECORDS_GPUS": str(ngpu)}
+    return Job("judge", argv, (), after, timeout=JUDGE_S, env=env, phase="judge")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_jobs(jobs: list[Job], deadline: float, logs: Path, t0: float, reserve: dict[str, float]) -> list[dict]:
+    """Start each job once its `after` jobs have ended; stop it at its own limit or at the deadline
+    (minus `reserve[phase]`, time held back for later phases). Returns the timeline."""
+    pending, running, timeline = list(jobs), {}, []
+    ended: set[str] = set()
+    while pending or running:
+        now = time.monotonic() - t0
+        for job in [j for j in pending if set(j.after) <= ended]:
+            pending.remove(job)
+            env = dict(os.environ, **job.env)
+            if job.gpus:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, job.gpus))
+            log = open(logs / f"{job.name}.log", "w")
+            proc = subprocess.Popen(job.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            limit = min(now + job.timeout, deadline - reserve.get(job.phase, 0.0))
+            running[job.name] = (job, proc, log, now, limit)
+            print(f"[suite] {now:6.1f}s start {job.name} on GPUs {job.gpus or '-'}", flush=True)
+        time.sleep(0.5)
+        now = time.monotonic() - t0
+        for name, (job, proc, log, start, limit) in list(running.items()):
+            rc, why = proc.poll(), "exit"
+            if rc is None and now >= limit:
+                _stop(proc)
+                rc, why = 124, "time limit"
+            if rc is None:
+                continue
+            log.close()
+            del running[name]
+            ended.add(name)
+            timeline.append({"job": name, "phase": job.phase, "gpus": list(job.gpus), "start_s": round(start, 1),
+                             "end_s": round(now, 1), "rc": rc, "ended_by": why, "argv": job.argv})
+            print(f"[suite] {now:6.1f}s {name} rc={rc} ({why}) after {now - start:.0f}s", flush=True)
+    return timeline
+
+
+def merge_bench(res: Path, timeline: list[dict], out: Path) -> None:
+    """bench.jsonl: every bench record, with the jobs that ran at the same time (on other GPUs)."""
+    spans = {t["job"]: t for t in timeline}
+    with open(out, "w") as f:
+        for path in sorted(res.glob("bench_*.jsonl")):
+            job = spans.get(path.stem)
+            beside = [t["job"] for t in timeline if job and t["job"] != job["job"]
+                      and t["start_s"] < job["end_s"] and t["end_s"] > job["start_s"]]
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    f.write(json.dumps({**json.loads(line), "ran_beside": beside}) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--parts", default="bench,tests", help="comma-separated: bench, tests")
+    parser.add_argument("--deadline", type=float, default=570.0, help="seconds from the start")
+    parser.add_argument("--wide-impls", default="raytron", help="bench_throughput.py --impls of the all-GPU run")
+    parser.add_argument("--wide-args", default="--overlap-moe-comm", help="its extra bench_throughput.py flags")
+    args = parser.parse_args()
+    t0, out = time.monotonic(), Path(args.out)
+    res = Path("/tmp/gpu_suite")
+    (res / "logs").mkdir(parents=True, exist_ok=True)
+    if (out / "gpus.csv").exists():  # the results folder names its GPUs (summarize_results.py reads it)
+        (res / "gpus.csv").write_bytes((out / "gpus.csv").read_bytes())
+    ngpu = len(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.splitlines())
+    parts = set(args.parts.split(","))
+    if ngpu < 2 or not parts <= {"bench", "tests"}:
+        sys.exit(f"gpu_suite: needs 2 or 4 GPUs (found {ngpu}) and --parts from bench, tests (got {args.parts})")
+    titan = Path("/tmp/site_titan/torchtitan").exists()
+    if not titan:
+        print("[suite] TorchTitan not installed in /tmp/site_titan (wheels in .whl/titan/): not benchmarked")
+    jobs = bench_jobs(ngpu, res, titan, args.wide_impls, args.wide_args.split()) if "bench" in parts else []
+    if "tests" in parts:
+        jobs += test_jobs(ngpu, res, tuple(j.name for j in jobs))
+        jobs.append(judge_job(res, tuple(j.name for j in jobs), ngpu))
+    timeline = run_jobs(jobs, args.deadline, res / "logs", t0, {"bench": 0.0, "tests": JUDGE_S})
+    (out / "timeline.json").write_text(json.dumps(timeline, indent=1))
+    merge_bench(res, timeline, out / "bench.jsonl")
+    for name in ("summary.txt", "junit.xml"):
+        if (res / name).exists():
+            (out / name).write_bytes((res / name).read_bytes())
+    with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
+        tar.add(res, arcname="gpu_suite")
+    print(f"[suite] done at {time.monotonic() - t0:.0f}s: " + ", ".join(f"{t['job']} rc={t['rc']}" for t in timeline))
+
+
+if __name__ == "__main__":
+    main()

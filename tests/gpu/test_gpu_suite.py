@@ -1,0 +1,127 @@
+"""CPU checks of the one-call GPU suite (scripts/gpu_suite.py) and the case sharding it relies on:
+the schedule keeps the timed benchmark runs apart from everything else, every GPU test case lands in
+exactly one shard, and the job runner keeps order, time limits and the deadline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_worlds import load_records, parse_shard, shard  # noqa: E402
+
+_SPEC = importlib.util.spec_from_file_location("gpu_suite", Path(__file__).parents[2] / "scripts" / "gpu_suite.py")
+suite = importlib.util.module_from_spec(_SPEC)
+sys.modules["gpu_suite"] = suite  # dataclasses look their module up by name
+_SPEC.loader.exec_module(suite)
+
+
+def test_shards_partition_the_items_and_balance_their_weight():
+    items = [f"case{i}" for i in range(11)]
+    weight = lambda item: 3.0 if item in ("case0", "case5", "case9") else 1.0  # noqa: E731
+    parts = [shard(items, f"{i}/4", weight) for i in range(4)]
+    assert sorted(x for p in parts for x in p) == sorted(items)
+    assert all(p == [x for x in items if x in p] for p in parts)  # original order kept
+    loads = [sum(map(weight, p)) for p in parts]
+    assert max(loads) - min(loads) <= 1.0, loads
+    assert shard(items, "", weight) == items
+    for bad in ("2/2", "x", "1/0", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_every_gpu_case_runs_in_exactly_one_shard_of_the_suite(tmp_path):
+    import megatron_checkpoint as ck
+    import megatron_equivalence as eq
+
+    jobs = suite.test_jobs(4, tmp_path, ())
+    covered = {"equivalence": [], "checkpoint": []}
+    for job in jobs:
+        if "--shard" not in job.argv:
+            continue
+        kind, world = job.name.split("_")[0], int(job.name.split("_")[1][1:])
+        assert len(job.gpus) == world
+        shard_text = job.argv[job.argv.index("--shard") + 1]
+        if kind == "equivalence":
+            cases = [(n, f) for n, (w, _, fams) in eq.LAYOUTS.items() for f in fams if w == world]
+            covered[kind] += shard(cases, shard_text, eq.case_weight)
+        else:
+            covered[kind] += shard([n for n, (w, *_) in ck.CASES.items() if w == world], shard_text)
+    assert sorted(covered["equivalence"]) == sorted((n, f) for n, (_, _, fams) in eq.LAYOUTS.items() for f in fams)
+    assert sorted(covered["checkpoint"]) == sorted(ck.CASES)
+    ports = [a for j in jobs for a in j.argv if a.startswith("--master_port=")]
+    assert len(ports) == len(set(ports))
+    assert {g for j in jobs for g in j.gpus} <= {0, 1, 2, 3}
+
+
+def _ancestors(jobs: list) -> dict[str, set[str]]:
+    by_name, out = {j.name: j for j in jobs}, {}
+
+    def walk(name):
+        if name not in out:
+            out[name] = set()
+            for dep in by_name[name].after:
+                out[name] |= {dep} | walk(dep)
+        return out[name]
+
+    for j in jobs:
+        walk(j.name)
+    return out
+
+
+@pytest.mark.parametrize("ngpu,titan", [(4, True), (4, False), (2, True)])
+def test_timed_runs_never_share_the_machine_and_one_gpu_runs_get_their_own_gpu(tmp_path, ngpu, titan):
+    bench = suite.bench_jobs(ngpu, tmp_path, titan, "raytron", ["--overlap-moe-comm"])
+    jobs = bench + suite.test_jobs(ngpu, tmp_path, tuple(j.name for j in bench))
+    jobs.append(suite.judge_job(tmp_path, tuple(j.name for j in jobs), ngpu))
+    anc = _ancestors(jobs)
+    may_overlap = lambda a, b: a.name not in anc[b.name] and b.name not in anc[a.name]  # noqa: E731
+    wide = [j for j in bench if len(j.gpus) > 1]
+    assert [j.name for j in wide] == [f"bench_raytron_w{min(ngpu, 4)}"] + ([f"bench_titan_w{min(ngpu, 4)}"] * titan)
+    for j in wide:
+        assert [o.name for o in jobs if o is not j and may_overlap(j, o)] == []
+    narrow = [j for j in bench if len(j.gpus) == 1]
+    assert len(narrow) == 2 + titan
+    for j in narrow:  # beside the other 1-GPU bench runs only, each on a GPU of its own
+        beside = [o for o in jobs if o is not j and may_overlap(j, o)]
+        assert all(o in narrow and o.gpus != j.gpus for o in beside), [o.name for o in beside]
+    assert all(g < ngpu for j in jobs for g in j.gpus)
+
+
+def test_runner_keeps_order_stops_jobs_at_their_limit_and_holds_back_the_reserve(tmp_path):
+    jobs = [suite.Job("a", ["sleep", "0.2"], timeout=10),
+            suite.Job("slow", ["sleep", "30"], timeout=1.0),
+            suite.Job("b", ["bash", "-c", "echo hi"], after=("a",)),
+            suite.Job("late", ["sleep", "30"], after=("b",), timeout=60, phase="tests")]
+    import time
+
+    t0 = time.monotonic()
+    timeline = suite.run_jobs(jobs, deadline=4.0, logs=tmp_path, t0=t0, reserve={"tests": 1.5})
+    got = {t["job"]: t for t in timeline}
+    assert got["a"]["rc"] == 0 and got["b"]["rc"] == 0 and got["b"]["start_s"] >= got["a"]["end_s"]
+    assert (got["slow"]["rc"], got["slow"]["ended_by"]) == (124, "time limit") and got["slow"]["end_s"] < 3
+    assert got["late"]["rc"] == 124 and got["late"]["end_s"] <= 4.0 - 1.5 + 1.0  # stopped at deadline - reserve
+    assert (tmp_path / "b.log").read_text() == "hi\n"
+    assert time.monotonic() - t0 < 10
+
+
+def test_bench_records_say_what_ran_beside_them(tmp_path):
+    (tmp_path / "bench_raytron_w1.jsonl").write_text(json.dumps({"impl": "raytron", "world": 1}) + "\n")
+    (tmp_path / "bench_raytron_w4.jsonl").write_text(json.dumps({"impl": "raytron", "world": 4}) + "\n")
+    timeline = [{"job": "bench_raytron_w4", "start_s": 0, "end_s": 80},
+                {"job": "bench_raytron_w1", "start_s": 80, "end_s": 150},
+                {"job": "bench_mcore_local_w1", "start_s": 80.5, "end_s": 140}]
+    suite.merge_bench(tmp_path, timeline, tmp_path / "bench.jsonl")
+    recs = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert {r["world"]: r["ran_beside"] for r in recs} == {1: ["bench_mcore_local_w1"], 4: []}
+
+
+def test_records_of_shards_merge_by_key(tmp_path):
+    (tmp_path / "megatron_equivalence_w2_s0.jsonl").write_text(json.dumps({"layout": "TP2", "family": "dense"}) + "\n")
+    (tmp_path / "megatron_equivalence_w2_s1.jsonl").write_text(json.dumps({"layout": "EP2", "family": "moe"}) + "\n\n")
+    got = load_records(tmp_path, "megatron_equivalence_w*.jsonl", lambda r: (r["layout"], r["family"]))
+    assert set(got) == {("TP2", "dense"), ("EP2", "moe")}
