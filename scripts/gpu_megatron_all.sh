@@ -3,7 +3,7 @@
 #   run(command="bash scripts/gpu_megatron_all.sh", carry=[".whl"], kind="nvidia-h100-x4", timeout_s=600)
 # Installs the wheelhouse (.whl/) and TorchTitan's wheels (.whl/titan/, benchmarks/megatron/README.md), then
 # scripts/gpu_suite.py runs the throughput benchmark (GPUs to itself) and then every GPU test program side by
-# side, judged by pytest, all within SUITE_DEADLINE_S (default 570 s). Arguments go to gpu_suite.py
+# side, judged by pytest, all within SUITE_DEADLINE_S (default 580 s). Arguments go to gpu_suite.py
 # (e.g. --parts tests). Results under $OUT: suite.log, gpus.csv, bench.jsonl, timeline.json, summary.txt,
 # junit.xml, results.tar.gz (every raw record, log and JUnit file).
 set -uo pipefail
@@ -19,4 +19,4 @@ if ls .whl/titan/*.whl > /dev/null 2>&1; then
     .whl/titan/*.whl || echo "[all] TorchTitan wheels did not install: not benchmarked"
 fi
 # the deadline counts from this script's start (the installs above included)
-python3 -P scripts/gpu_suite.py --out "$out" --deadline "$(( ${SUITE_DEADLINE_S:-570} - SECONDS ))" "$@"
+python3 -P scripts/gpu_suite.py --out "$out" --deadline "$(( ${SUITE_DEADLINE_S:-580} - SECONDS ))" "$@"

@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = [sys.executable, "-P"]
-JUDGE_S = 40  # kept free at the end for the judge
+JUDGE_S = 30  # kept free at the end for the judge
 TEST_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "2"}  # ~15 programs compile at once: no worker pool each
 
 
@@ -83,8 +83,10 @@ def titan_argv(world: int, port: int, out: Path) -> list[str]:
                           f"--cuda-graphs $mode && break; done"]
 
 
-def test_jobs(ngpu: int, res: Path, after: tuple[str, ...]) -> list[Job]:
-    """Every test program at once, in shards spread over the GPUs (pairs for the 2-GPU programs)."""
+def test_jobs(ngpu: int, res: Path, after: tuple[str, ...], overlap: bool = False) -> list[Job]:
+    """Every test program at once, in shards spread over the GPUs (pairs for the 2-GPU programs);
+    `overlap`: also the EP layouts with train.overlap_moe_comm (two more programs: with them the submit
+    part no longer ended in time in one call, so they are asked for separately)."""
     pairs = [(0, 1), (2, 3)] if ngpu >= 4 else [(0, 1)]
     every = tuple(range(min(ngpu, 4)))
     eq, ck = "tests/gpu/megatron_equivalence.py", "tests/gpu/megatron_checkpoint.py"
@@ -99,6 +101,14 @@ def test_jobs(ngpu: int, res: Path, after: tuple[str, ...]) -> list[Job]:
                                                                 "--shard", f"{i}/{shards}"),
                             gpus, after, timeout=420, env=TEST_ENV))
             port += 1
+    # train.overlap_moe_comm (the benchmark's EP4 runs use it) on the layouts with ep > 1 and pp == 1
+    overlap_cases = ([(2, "EP2")] + ([(4, "TP2xEP2")] if ngpu >= 4 else [])) if overlap else []
+    for world, only in overlap_cases:
+        out = res / "overlap_moe_comm" / f"megatron_equivalence_w{world}.jsonl"
+        jobs.append(Job(f"overlap_moe_comm_w{world}", torchrun(world, port, eq, "--out", str(out), "--only", only),
+                        pairs[-1] if world == 2 else every, after, timeout=420,
+                        env={**TEST_ENV, "RAYTRON_GPU_OVERLAP_MOE_COMM": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "32"}))
+        port += 1
     submit_env = {"SUBMIT_GPUS": ",".join(map(str, pairs[0])), "SUBMIT_GPUS_B": ",".join(map(str, pairs[-1])),
                   "OUT": str(res / "submit"), "RUNS": "/tmp/suite_runs"}
     jobs.append(Job("submit", ["bash", str(ROOT / "scripts/gpu_megatron_submit.sh")], pairs[0] + pairs[-1],
@@ -110,11 +120,14 @@ def test_jobs(ngpu: int, res: Path, after: tuple[str, ...]) -> list[Job]:
     return jobs
 
 
-def judge_job(res: Path, after: tuple[str, ...], ngpu: int) -> Job:
+def judge_job(res: Path, after: tuple[str, ...], ngpu: int, overlap: bool = False) -> Job:
     """pytest over the programs' records (RAYTRON_GPU_RECORDS: the modules read them, launch nothing)."""
     modules = " ".join(f"tests/gpu/test_megatron_{m}.py" for m in ("equivalence", "checkpoint", "submit"))
-    argv = ["bash", "-c", " ".join(PY) + f" -m pytest -m gpu -p no:cacheprovider -q -rA --junitxml={res}/junit.xml "
-            f"{modules}; rc=$?; " + " ".join(PY) + f" tests/gpu/summarize_results.py {res} --check > /dev/null; exit $rc"]
+    py = " ".join(PY)
+    argv = ["bash", "-c", f"{py} -m pytest -m gpu -p no:cacheprovider -q -rA --junitxml={res}/junit.xml {modules}; "
+            f"rc=$?; {py} tests/gpu/summarize_results.py {res} --check > /dev/null; rc2=0; "
+            + (f"{py} tests/gpu/summarize_results.py {res}/overlap_moe_comm --check --only EP2,TP2xEP2 > /dev/null; "
+               f"rc2=$?; tail -9 {res}/overlap_moe_comm/summary.txt; " if overlap else "") + "exit $(( rc || rc2 ))"]
     env = {"RAYTRON_GPU_RECORDS": str(res), "RAYTRON_GPU_RECORDS_GPUS": str(ngpu)}
     return Job("judge", argv, (), after, timeout=JUDGE_S, env=env, phase="judge")
 
@@ -182,7 +195,8 @@ def merge_bench(res: Path, timeline: list[dict], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--parts", default="bench,tests", help="comma-separated: bench, tests")
+    parser.add_argument("--parts", default="bench,tests",
+                        help="comma-separated: bench, tests, overlap (the tests with train.overlap_moe_comm)")
     parser.add_argument("--deadline", type=float, default=570.0, help="seconds from the start")
     parser.add_argument("--wide-impls", default="raytron", help="bench_throughput.py --impls of the all-GPU run")
     parser.add_argument("--wide-args", default="--overlap-moe-comm", help="its extra bench_throughput.py flags")
@@ -190,19 +204,22 @@ def main() -> None:
     t0, out = time.monotonic(), Path(args.out)
     res = Path("/tmp/gpu_suite")
     (res / "logs").mkdir(parents=True, exist_ok=True)
+    (res / "overlap_moe_comm").mkdir(exist_ok=True)
     if (out / "gpus.csv").exists():  # the results folder names its GPUs (summarize_results.py reads it)
         (res / "gpus.csv").write_bytes((out / "gpus.csv").read_bytes())
     ngpu = len(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.splitlines())
     parts = set(args.parts.split(","))
-    if ngpu < 2 or not parts <= {"bench", "tests"}:
-        sys.exit(f"gpu_suite: needs 2 or 4 GPUs (found {ngpu}) and --parts from bench, tests (got {args.parts})")
+    if ngpu < 2 or not parts <= {"bench", "tests", "overlap"}:
+        sys.exit(f"gpu_suite: needs 2 or 4 GPUs (found {ngpu}) and --parts from bench, tests, overlap "
+                 f"(got {args.parts})")
     titan = Path("/tmp/site_titan/torchtitan").exists()
     if not titan:
         print("[suite] TorchTitan not installed in /tmp/site_titan (wheels in .whl/titan/): not benchmarked")
     jobs = bench_jobs(ngpu, res, titan, args.wide_impls, args.wide_args.split()) if "bench" in parts else []
+    overlap = "overlap" in parts
     if "tests" in parts:
-        jobs += test_jobs(ngpu, res, tuple(j.name for j in jobs))
-        jobs.append(judge_job(res, tuple(j.name for j in jobs), ngpu))
+        jobs += test_jobs(ngpu, res, tuple(j.name for j in jobs), overlap)
+        jobs.append(judge_job(res, tuple(j.name for j in jobs), ngpu, overlap))
     timeline = run_jobs(jobs, args.deadline, res / "logs", t0, {"bench": 0.0, "tests": JUDGE_S})
     (out / "timeline.json").write_text(json.dumps(timeline, indent=1))
     merge_bench(res, timeline, out / "bench.jsonl")

@@ -11,7 +11,7 @@ TopKRouter, megatron's local fallbacks, its own compiled SwiGLU). Weights are me
 (no reference load), tokens are random.
 
 Both sides train the same global batch: SEQS_PER_RANK sequences of 4096 tokens per DP rank per optimizer
-step (micro-batch per MICRO_BATCH, gradient accumulation for the rest), so the
+step (micro-batch per micro_batch(): MICRO_BATCH, MICRO_BATCH_AT_WORLD; gradient accumulation for the rest), so the
 optimizer's share of a step is the same for both. Reported per config: seconds per optimizer step
 (median of the timed steps, after warm-up), tokens/s/GPU = global tokens per step / step time / world, and MFU = tokens/s/GPU x FLOPs/token / 989e12,
 with FLOPs/token from models/flops.py in the Megatron convention (matmuls only, fwd + bwd = 3 x fwd,
@@ -54,6 +54,15 @@ MICRO_BATCH = {("raytron", "dense-1b"): 8, ("raytron", "moe-olmoe-4l"): 4,  # th
                ("raytron", "moe-olmoe-4l-ep1"): 4,
                ("mcore_local", "dense-1b"): 1, ("mcore_local", "moe-olmoe-4l"): 1,  # local spec OOMs at 2
                ("mcore_local", "moe-olmoe-4l-ep1"): 1}
+# EP4 holds a quarter of the experts per GPU: micro-batch 8 fits (32 GiB peak on H200) and is the fastest
+# there with train.overlap_moe_comm (4x H200, 2026-11-27: mb 2 126.4k, mb 4 ~134k, mb 8 139.8k tok/s/GPU;
+# mb 8 without the overlap 130.9k); at 1 GPU mb 8 needs ~100 GiB, over 80 GB.
+MICRO_BATCH_AT_WORLD = {("raytron", "moe-olmoe-4l", 4): 8}
+
+
+def micro_batch(impl: str, workload: str, world: int) -> int:
+    """The fastest micro-batch that fits an 80 GB GPU for this implementation, workload and world size."""
+    return MICRO_BATCH_AT_WORLD.get((impl, workload, world), MICRO_BATCH[(impl, workload)])
 STEPS = {"raytron": (2, 5), "mcore_local": (1, 1)}  # (warm-up, timed) optimizer steps; mcore_local: 32 micro-batches a step, slow
 
 
@@ -220,7 +229,7 @@ def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, tim
     from megatron.core import parallel_state
 
     family, flavor, overrides, by_world = WORKLOADS[workload]
-    mbs = batching or MICRO_BATCH[(impl, workload)]
+    mbs = batching or micro_batch(impl, workload, world)
     warmup, timed = (warmup, timed) if warmup >= 0 else STEPS[impl]
     fields = {"dp": 1, **by_world[world]}
     rec = base_record(impl, workload, (family, flavor, overrides), world, fields, mbs)

@@ -1,12 +1,13 @@
 """Write summary.txt of a GPU results folder (tests/gpu/results/<gpu>/) from its raw JSON lines.
 
-    python tests/gpu/summarize_results.py tests/gpu/results/h200x4 [--check]
+    python tests/gpu/summarize_results.py tests/gpu/results/h200x4 [--check] [--only EP2,TP2xEP2]
 
 --check also applies the GPU tests' own assertions (test_megatron_equivalence.py,
 test_megatron_checkpoint.py: same functions, same tolerances) to the raw records and appends a verdict per
 test: a way to re-verify committed results on any machine, and to judge raw results whose pytest run was
 cut short (device calls have a time limit) without spending device time again. A case without a record
-fails.
+fails. --only LAYOUTS judges the equivalence cases of those layouts alone (a folder that holds only them,
+e.g. the train.overlap_moe_comm runs).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def checkpoint_table(folder: Path) -> list[str]:
     return rows
 
 
-def check(folder: Path) -> tuple[list[str], int]:
+def check(folder: Path, only: set[str] | None = None) -> tuple[list[str], int]:
     """Verdicts of the GPU tests' assertions on this folder's records, as if run with 4 GPUs."""
     import torch
 
@@ -63,7 +64,10 @@ def check(folder: Path) -> tuple[list[str], int]:
     ck = {r["case"]: r for r in _records(folder, "megatron_checkpoint_w*.jsonl")}
     calls = [(f"{fn.__name__}[{name}-{fam}]", fn, (eq, name, fam)) for name, fam in te.CASES
              for fn in (te.test_matches_reference, te.test_loss_curve)]
-    calls += [(f"test_resume_under_layout[{name}]", tc.test_resume_under_layout, (ck, name)) for name in tc.CASES]
+    if only:
+        calls = [c for c in calls if c[2][1] in only]
+    else:
+        calls += [(f"test_resume_under_layout[{name}]", tc.test_resume_under_layout, (ck, name)) for name in tc.CASES]
     rows, failed, device_count = [], 0, torch.cuda.device_count
     torch.cuda.device_count = lambda: 4  # the tests skip layouts larger than the machine; judge them all
     try:
@@ -85,7 +89,9 @@ def main() -> None:
     gpus = (folder / "gpus.csv").read_text().strip().splitlines()[1:] if (folder / "gpus.csv").exists() else []
     lines = [f"GPUs: {len(gpus)} x {gpus[0] if gpus else '?'}", ""] + equivalence_table(folder) + [""]
     lines += checkpoint_table(folder)
-    verdicts, failed = check(folder) if "--check" in sys.argv[2:] else ([], 0)
+    args = sys.argv[2:]
+    only = set(args[args.index("--only") + 1].split(",")) if "--only" in args else None
+    verdicts, failed = check(folder, only) if "--check" in args else ([], 0)
     lines += [""] + verdicts if verdicts else []
     (folder / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -125,3 +125,16 @@ def test_records_of_shards_merge_by_key(tmp_path):
     (tmp_path / "megatron_equivalence_w2_s1.jsonl").write_text(json.dumps({"layout": "EP2", "family": "moe"}) + "\n\n")
     got = load_records(tmp_path, "megatron_equivalence_w*.jsonl", lambda r: (r["layout"], r["family"]))
     assert set(got) == {("TP2", "dense"), ("EP2", "moe")}
+
+
+@pytest.mark.parametrize("ngpu", [2, 4])
+def test_overlap_part_adds_the_ep_layouts_with_overlap_moe_comm_and_their_verdict(tmp_path, ngpu):
+    plain, both = suite.test_jobs(ngpu, tmp_path, ()), suite.test_jobs(ngpu, tmp_path, (), overlap=True)
+    added = [j for j in both if j.name not in {p.name for p in plain}]
+    assert [j.argv[j.argv.index("--only") + 1] for j in added] == ["EP2", "TP2xEP2"][:ngpu // 2]
+    assert all(j.env["RAYTRON_GPU_OVERLAP_MOE_COMM"] == "1" and "overlap_moe_comm" in j.argv[j.argv.index("--out") + 1]
+               for j in added)
+    ports = [a for j in both for a in j.argv if a.startswith("--master_port=")]
+    assert len(ports) == len(set(ports))
+    assert "--only EP2,TP2xEP2" in suite.judge_job(tmp_path, (), ngpu, overlap=True).argv[-1]
+    assert "overlap_moe_comm" not in suite.judge_job(tmp_path, (), ngpu).argv[-1]
