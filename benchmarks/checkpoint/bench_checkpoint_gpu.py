@@ -115,7 +115,7 @@ def _write(path: str, report: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -131,20 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     args.flavor = args.flavor or ("1b" if args.device == "cuda" else "debug")
     if args.device == "cpu" and args.flavor != "debug":
         parser.error("--device cpu runs the debug flavor only (the CPU engine stand-in)")
-    t_start = time.time()
-    tmp = tempfile.mkdtemp(prefix="raytron-bench-ckpt-gpu-", dir="/tmp")
-    uri = args.uri or f"file://{tmp}"
+    return args
 
+
+def _init_process_group(args) -> None:
     import torch
     import torch.distributed as dist
-    from raytron.data_pipeline import DataCursor
-    from raytron.launcher.checkpointing import CheckpointSaver, restore_checkpoint
-    from raytron.parallelism.checkpoint import CheckpointStore
 
-    from raytron import models
-
-    if args.write_latency_s:
-        _slow_storage(args.write_latency_s)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -154,15 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=0, world_size=1)
 
-    spec, layout = _spec(args, uri)
-    cfg = models.get_config(spec.model.family, spec.model.flavor, **spec.model.overrides)
-    params_total, _ = models.param_counts(cfg)
+
+def _report_head(args, spec, layout, cfg, params_total: int, tmp: str, uri: str) -> dict:
+    import torch
+
     try:
         import megatron.core as mcore
         mcore_version = getattr(mcore, "__version__", "?")
     except ImportError:
         mcore_version = None
-    report = {
+    return {
         "command": " ".join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "device": args.device,
@@ -183,24 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                    "and SHA-256-checked again, torch.load, load into a freshly built engine")],
     }
 
-    def phase(name: str) -> None:
-        report["phases_done"].append(name)
-        report["wall_s"] = round(time.time() - t_start, 1)
-        _write(args.out, report)
 
-    phase("setup")
-    _log(t_start, f"setup done: {report['gpu'] or 'cpu'}, torch {torch.__version__}, checkpoint under {uri}")
-
-    t0 = time.perf_counter()
-    engine = _build(args, spec, layout)
-    report["engine_build_s"] = round(time.perf_counter() - t0, 3)
-    _log(t_start, f"engine built in {report['engine_build_s']}s ({params_total / 1e9:.3f} B params)")
-    store = CheckpointStore(f"{spec.run_uri}/checkpoints", keep=2)
-    t0 = time.perf_counter()
-    _step(args, engine, spec, 0)
-    report["first_step_s"] = round(time.perf_counter() - t0, 3)
-    _log(t_start, f"first step {report['first_step_s']}s")
-    phase("step")
+def _time_saves(args, engine, spec, layout, store, report: dict, phase, t_start: float) -> dict:
+    """Sync then async saves, each followed by the train step an async save overlaps with."""
+    from raytron.data_pipeline import DataCursor
+    from raytron.launcher.checkpointing import CheckpointSaver
 
     raw = {"sync": [], "async": []}
     for mode in ("sync", "async"):
@@ -221,24 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             _log(t_start, f"{mode} save step {step}: {raw[mode][-1]}")
             report[mode] = raw[mode]
             phase(f"{mode}-{i}")
-    newest = store.committed_steps()[-1]
-    manifest = store.read_manifest(newest)
-    report["checkpoint"] = {"step": newest, "bytes": sum(f["size"] for f in manifest["files"].values()),
-                            "files": {n: f["size"] for n, f in manifest["files"].items()},
-                            "bytes_per_param": round(sum(f["size"] for f in manifest["files"].values())
-                                                     / params_total, 3)}
-    if args.device == "cuda":
-        report["peak_gpu_mem_gib_first_engine"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    trained_steps = engine.steps_done
-    del engine, saver
-    gc.collect()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
-    phase("size")
+    return raw
 
-    t0 = time.perf_counter()
-    fresh = _build(args, spec, layout)
-    report["fresh_engine_build_s"] = round(time.perf_counter() - t0, 3)
+
+def _time_loads(args, fresh, store, spec, report: dict, phase, t_start: float, trained_steps: int) -> list[float]:
+    from raytron.launcher.checkpointing import restore_checkpoint
+
     loads = []
     for i in range(args.repeats):
         gc.collect()
@@ -252,18 +221,80 @@ def main(argv: list[str] | None = None) -> int:
         report["restored"] = {"step": step, "engine_steps_done": fresh.steps_done,
                               "steps_done_when_saved": trained_steps - 1, "data_cursor": cursor.to_dict()}
         phase(f"load-{i}")
+    return loads
 
-    med = lambda xs: round(statistics.median(xs), 4)
-    report["summary"] = {
-        "params": params_total, "checkpoint_bytes": report["checkpoint"]["bytes"],
+
+def _summary(params_total: int, checkpoint_bytes: int, raw: dict, loads: list[float]) -> dict:
+    med = lambda xs: round(statistics.median(xs), 4)  # noqa: E731
+    return {
+        "params": params_total, "checkpoint_bytes": checkpoint_bytes,
         "sync_blocking_s": med([r["blocking_s"] for r in raw["sync"]]),
         "sync_total_save_s": med([r["total_save_s"] for r in raw["sync"]]),
         "async_blocking_s": med([r["blocking_s"] for r in raw["async"]]),
         "async_total_save_s": med([r["total_save_s"] for r in raw["async"]]),
         "load_s": med(loads),
-        "save_throughput_gb_s_sync": round(report["checkpoint"]["bytes"] / 1e9
-                                           / med([r["total_save_s"] for r in raw["sync"]]), 3),
+        "save_throughput_gb_s_sync": round(checkpoint_bytes / 1e9 / med([r["total_save_s"] for r in raw["sync"]]), 3),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    t_start = time.time()
+    tmp = tempfile.mkdtemp(prefix="raytron-bench-ckpt-gpu-", dir="/tmp")
+    uri = args.uri or f"file://{tmp}"
+
+    import torch
+    import torch.distributed as dist
+    from raytron.parallelism.checkpoint import CheckpointStore
+
+    from raytron import models
+
+    if args.write_latency_s:
+        _slow_storage(args.write_latency_s)
+    _init_process_group(args)
+    spec, layout = _spec(args, uri)
+    cfg = models.get_config(spec.model.family, spec.model.flavor, **spec.model.overrides)
+    params_total, _ = models.param_counts(cfg)
+    report = _report_head(args, spec, layout, cfg, params_total, tmp, uri)
+
+    def phase(name: str) -> None:
+        report["phases_done"].append(name)
+        report["wall_s"] = round(time.time() - t_start, 1)
+        _write(args.out, report)
+
+    phase("setup")
+    _log(t_start, f"setup done: {report['gpu'] or 'cpu'}, torch {torch.__version__}, checkpoint under {uri}")
+    t0 = time.perf_counter()
+    engine = _build(args, spec, layout)
+    report["engine_build_s"] = round(time.perf_counter() - t0, 3)
+    _log(t_start, f"engine built in {report['engine_build_s']}s ({params_total / 1e9:.3f} B params)")
+    store = CheckpointStore(f"{spec.run_uri}/checkpoints", keep=2)
+    t0 = time.perf_counter()
+    _step(args, engine, spec, 0)
+    report["first_step_s"] = round(time.perf_counter() - t0, 3)
+    _log(t_start, f"first step {report['first_step_s']}s")
+    phase("step")
+
+    raw = _time_saves(args, engine, spec, layout, store, report, phase, t_start)
+    newest = store.committed_steps()[-1]
+    files = store.read_manifest(newest)["files"]
+    total = sum(f["size"] for f in files.values())
+    report["checkpoint"] = {"step": newest, "bytes": total, "files": {n: f["size"] for n, f in files.items()},
+                            "bytes_per_param": round(total / params_total, 3)}
+    if args.device == "cuda":
+        report["peak_gpu_mem_gib_first_engine"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    trained_steps = engine.steps_done
+    del engine
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    phase("size")
+
+    t0 = time.perf_counter()
+    fresh = _build(args, spec, layout)
+    report["fresh_engine_build_s"] = round(time.perf_counter() - t0, 3)
+    loads = _time_loads(args, fresh, store, spec, report, phase, t_start, trained_steps)
+    report["summary"] = _summary(params_total, total, raw, loads)
     phase("done")
     print(json.dumps(report["summary"], indent=1), flush=True)
     dist.destroy_process_group()
