@@ -9,12 +9,12 @@
 # 1 and 3 run side by side, then 2 and 4 (each submit its own embedded Ray; 3 and 4 on SUBMIT_GPUS_B,
 # default the same GPUs: the debug model leaves room). Then scripts/compare_resume.py compares 2 and 4
 # with 3 (tests/gpu/test_megatron_submit.py judges them). To $OUT: resume_compare.json,
-# relayout_compare.json, the four submit logs, submit.tar.gz (logs, run directories without the data
-# cache and checkpoint tensors).
+# relayout_compare.json, the four submit logs (written there as they run), submit.tar.gz (the run
+# directories without the data cache and checkpoint tensors).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh
-out=${OUT:-$root/benchmarks/results/local}; mkdir -p "$out" /tmp/submit
+out=${OUT:-$root/benchmarks/results/local}; mkdir -p "$out"  # logs go there as they are written (a cut run keeps them)
 runs=${RUNS:-/tmp/runs}; cfg=$root/cluster_configs/gpu_megatron_2gpu.yaml
 t0=$(date +%s); budget=${SUBMIT_BUDGET_S:-400}
 gpus_a=${SUBMIT_GPUS:-0,1}; gpus_b=${SUBMIT_GPUS_B:-$gpus_a}
@@ -22,8 +22,8 @@ submit() {  # log name, GPUs, extra args
   local name=$1 gpus=$2; shift 2
   local left=$(( budget - ($(date +%s) - t0) )); [ "$left" -lt 170 ] || left=170; [ "$left" -gt 5 ] || left=5
   (cd /tmp && CUDA_VISIBLE_DEVICES=$gpus timeout "$left" python3 -P -m raytron.launcher.cli submit "$cfg" \
-     --set "checkpoint.uri=$runs" "$@" > "/tmp/submit/$name.log" 2>&1)
-  echo "[submit] $name rc=$? after $(( $(date +%s) - t0 ))s"; grep -E '^\[raytron\]|error' "/tmp/submit/$name.log" | tail -6
+     --set "checkpoint.uri=$runs" "$@" > "$out/$name.log" 2>&1)
+  echo "[submit] $name rc=$? after $(( $(date +%s) - t0 ))s"; grep -E '^\[raytron\]|error' "$out/$name.log" | tail -6
 }
 submit first "$gpus_a" &
 submit straight "$gpus_b" --name gpu-megatron-2gpu-straight --set train.steps=60 &
@@ -40,6 +40,5 @@ for f in resume relayout; do python3 -c "
 import json; r = json.load(open('$out/${f}_compare.json'))
 print('[submit] $f:', {k: r[k] for k in ('steps_logged', 'repeated_steps', 'missing_steps', 'loss_at', 'straight_loss_at',
       'max_abs_dloss_before_resume', 'max_abs_dloss_after_resume', 'steps_compared_after_resume', 'committed_checkpoints')})"; done
-grep -h "canary\|resumed from" /tmp/submit/*.log | sort | uniq
-cp /tmp/submit/*.log "$out/"
-(cd /tmp && tar czf "$out/submit.tar.gz" --exclude='_data_cache' --exclude='state-*.pt' submit "$(basename "$runs")")
+grep -h "canary\|resumed from" "$out"/{first,straight,resumed,relayout}.log | sort | uniq
+(cd "$(dirname "$runs")" && tar czf "$out/submit.tar.gz" --exclude='_data_cache' --exclude='state-*.pt' "$(basename "$runs")")
