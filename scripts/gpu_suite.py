@@ -15,7 +15,8 @@ Two phases, each a set of jobs (one subprocess each; `after` orders them, nothin
    launching) and tests/gpu/summarize_results.py --check writes the verdict table.
 Every job has its own time limit and all end by --deadline (seconds from the start); a job cut short
 leaves its records missing, which the judge reports as failures. Results under --out (at most 8 files):
-suite.log, gpus.csv, bench.jsonl, timeline.json, summary.txt, junit.xml, results.tar.gz.
+suite.log, gpus.csv, bench.jsonl, timeline.json, summary.txt, junit.xml, results.tar.gz. Optional parts
+(EXTRA_PARTS: the equivalence cases with an engine option on) are asked for by name in --parts.
 """
 
 from __future__ import annotations
@@ -83,12 +84,22 @@ def titan_argv(world: int, port: int, out: Path) -> list[str]:
                           f"--cuda-graphs $mode && break; done"]
 
 
-def test_jobs(ngpu: int, res: Path, after: tuple[str, ...], overlap: bool = False) -> list[Job]:
-    """Every test program at once, in shards spread over the GPUs (pairs for the 2-GPU programs);
-    `overlap`: also the EP layouts with train.overlap_moe_comm (two more programs: with them the submit
-    part no longer ended in time in one call, so they are asked for separately)."""
-    pairs = [(0, 1), (2, 3)] if ngpu >= 4 else [(0, 1)]
-    every = tuple(range(min(ngpu, 4)))
+# Optional parts: the equivalence program with an engine option turned on, on the layouts that take it, into
+# a folder of their own (the records' (layout, family) keys would clash with the plain runs). The default
+# parts leave them out: with them in the same call the submit part did not end by the deadline.
+EXTRA_PARTS = {  # part -> (environment switch of megatron_equivalence.py, folder, {world: --only layouts})
+    "overlap": ("RAYTRON_GPU_OVERLAP_MOE_COMM", "overlap_moe_comm", {2: "EP2", 4: "TP2xEP2"}),
+    "grad-overlap": ("RAYTRON_GPU_OVERLAP_GRAD_REDUCE", "overlap_grad_reduce", {2: "DP2,EP2", 4: "TP2xEP2"}),
+}
+
+
+def _gpu_groups(ngpu: int) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+    return ([(0, 1), (2, 3)] if ngpu >= 4 else [(0, 1)]), tuple(range(min(ngpu, 4)))
+
+
+def test_jobs(ngpu: int, res: Path, after: tuple[str, ...]) -> list[Job]:
+    """Every test program at once, in shards spread over the GPUs (pairs for the 2-GPU programs)."""
+    pairs, every = _gpu_groups(ngpu)
     eq, ck = "tests/gpu/megatron_equivalence.py", "tests/gpu/megatron_checkpoint.py"
     jobs, port = [], 29600
     plan = [(eq, 1, 2), (eq, 2, 4), (ck, 2, 2)] + ([(eq, 4, 2), (ck, 4, 1)] if ngpu >= 4 else [])
@@ -101,14 +112,6 @@ def test_jobs(ngpu: int, res: Path, after: tuple[str, ...], overlap: bool = Fals
                                                                 "--shard", f"{i}/{shards}"),
                             gpus, after, timeout=420, env=TEST_ENV))
             port += 1
-    # train.overlap_moe_comm (the benchmark's EP4 runs use it) on the layouts with ep > 1 and pp == 1
-    overlap_cases = ([(2, "EP2")] + ([(4, "TP2xEP2")] if ngpu >= 4 else [])) if overlap else []
-    for world, only in overlap_cases:
-        out = res / "overlap_moe_comm" / f"megatron_equivalence_w{world}.jsonl"
-        jobs.append(Job(f"overlap_moe_comm_w{world}", torchrun(world, port, eq, "--out", str(out), "--only", only),
-                        pairs[-1] if world == 2 else every, after, timeout=420,
-                        env={**TEST_ENV, "RAYTRON_GPU_OVERLAP_MOE_COMM": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "32"}))
-        port += 1
     submit_env = {"SUBMIT_GPUS": ",".join(map(str, pairs[0])), "SUBMIT_GPUS_B": ",".join(map(str, pairs[-1])),
                   "OUT": str(res / "submit"), "RUNS": "/tmp/suite_runs"}
     jobs.append(Job("submit", ["bash", str(ROOT / "scripts/gpu_megatron_submit.sh")], pairs[0] + pairs[-1],
@@ -120,14 +123,37 @@ def test_jobs(ngpu: int, res: Path, after: tuple[str, ...], overlap: bool = Fals
     return jobs
 
 
-def judge_job(res: Path, after: tuple[str, ...], ngpu: int, overlap: bool = False) -> Job:
-    """pytest over the programs' records (RAYTRON_GPU_RECORDS: the modules read them, launch nothing)."""
-    modules = " ".join(f"tests/gpu/test_megatron_{m}.py" for m in ("equivalence", "checkpoint", "submit"))
-    py = " ".join(PY)
-    argv = ["bash", "-c", f"{py} -m pytest -m gpu -p no:cacheprovider -q -rA --junitxml={res}/junit.xml {modules}; "
-            f"rc=$?; {py} tests/gpu/summarize_results.py {res} --check > /dev/null; rc2=0; "
-            + (f"{py} tests/gpu/summarize_results.py {res}/overlap_moe_comm --check --only EP2,TP2xEP2 > /dev/null; "
-               f"rc2=$?; tail -9 {res}/overlap_moe_comm/summary.txt; " if overlap else "") + "exit $(( rc || rc2 ))"]
+def extra_jobs(part: str, ngpu: int, res: Path, after: tuple[str, ...]) -> list[Job]:
+    """One equivalence program per world size with the part's engine option on (EXTRA_PARTS)."""
+    switch, folder, layouts = EXTRA_PARTS[part]
+    pairs, every = _gpu_groups(ngpu)
+    jobs = []
+    for i, (world, only) in enumerate(sorted(layouts.items())):
+        if world > ngpu:
+            continue
+        out = res / folder / f"megatron_equivalence_w{world}.jsonl"
+        port = 29650 + 10 * list(EXTRA_PARTS).index(part) + i
+        jobs.append(Job(f"{folder}_w{world}", torchrun(world, port, "tests/gpu/megatron_equivalence.py", "--out",
+                                                       str(out), "--only", only),
+                        pairs[-1] if world == 2 else every, after, timeout=420,
+                        env={**TEST_ENV, switch: "1", "CUDA_DEVICE_MAX_CONNECTIONS": "32"}))
+    return jobs
+
+
+def judge_job(res: Path, after: tuple[str, ...], ngpu: int, parts: set[str]) -> Job:
+    """pytest over the programs' records (RAYTRON_GPU_RECORDS: the modules read them, launch nothing), then
+    summarize_results.py --check per folder (summary.txt); exit status 1 if anything failed."""
+    py, steps = " ".join(PY), ["rc=0"]
+    if "tests" in parts:
+        modules = " ".join(f"tests/gpu/test_megatron_{m}.py" for m in ("equivalence", "checkpoint", "submit"))
+        steps += [f"{py} -m pytest -m gpu -p no:cacheprovider -q -rA --junitxml={res}/junit.xml {modules} || rc=1",
+                  f"{py} tests/gpu/summarize_results.py {res} --check > /dev/null"]
+    for part in sorted(parts & set(EXTRA_PARTS)):
+        _, folder, layouts = EXTRA_PARTS[part]
+        only = ",".join(v for w, v in sorted(layouts.items()) if w <= ngpu)
+        steps += [f"{py} tests/gpu/summarize_results.py {res}/{folder} --check --only {only} > /dev/null || rc=1",
+                  f"grep -E '^(--check|FAILED)' {res}/{folder}/summary.txt"]
+    argv = ["bash", "-c", "; ".join(steps + ["exit $rc"])]
     env = {"RAYTRON_GPU_RECORDS": str(res), "RAYTRON_GPU_RECORDS_GPUS": str(ngpu)}
     return Job("judge", argv, (), after, timeout=JUDGE_S, env=env, phase="judge")
 
@@ -196,7 +222,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default="bench,tests",
-                        help="comma-separated: bench, tests, overlap (the tests with train.overlap_moe_comm)")
+                        help="comma-separated: bench, tests, and the optional " + ", ".join(EXTRA_PARTS)
+                             + " (equivalence with train.overlap_moe_comm / train.overlap_grad_reduce)")
     parser.add_argument("--deadline", type=float, default=570.0, help="seconds from the start")
     parser.add_argument("--wide-impls", default="raytron", help="bench_throughput.py --impls of the all-GPU run")
     parser.add_argument("--wide-args", default="--overlap-moe-comm", help="its extra bench_throughput.py flags")
@@ -204,22 +231,26 @@ def main() -> None:
     t0, out = time.monotonic(), Path(args.out)
     res = Path("/tmp/gpu_suite")
     (res / "logs").mkdir(parents=True, exist_ok=True)
-    (res / "overlap_moe_comm").mkdir(exist_ok=True)
+    for _, folder, _ in EXTRA_PARTS.values():
+        (res / folder).mkdir(exist_ok=True)
     if (out / "gpus.csv").exists():  # the results folder names its GPUs (summarize_results.py reads it)
         (res / "gpus.csv").write_bytes((out / "gpus.csv").read_bytes())
     ngpu = len(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.splitlines())
     parts = set(args.parts.split(","))
-    if ngpu < 2 or not parts <= {"bench", "tests", "overlap"}:
-        sys.exit(f"gpu_suite: needs 2 or 4 GPUs (found {ngpu}) and --parts from bench, tests, overlap "
+    known = {"bench", "tests", *EXTRA_PARTS}
+    if ngpu < 2 or not parts <= known:
+        sys.exit(f"gpu_suite: needs 2 or 4 GPUs (found {ngpu}) and --parts from {', '.join(sorted(known))} "
                  f"(got {args.parts})")
     titan = Path("/tmp/site_titan/torchtitan").exists()
     if not titan:
         print("[suite] TorchTitan not installed in /tmp/site_titan (wheels in .whl/titan/): not benchmarked")
     jobs = bench_jobs(ngpu, res, titan, args.wide_impls, args.wide_args.split()) if "bench" in parts else []
-    overlap = "overlap" in parts
-    if "tests" in parts:
-        jobs += test_jobs(ngpu, res, tuple(j.name for j in jobs), overlap)
-        jobs.append(judge_job(res, tuple(j.name for j in jobs), ngpu, overlap))
+    bench = tuple(j.name for j in jobs)
+    jobs += test_jobs(ngpu, res, bench) if "tests" in parts else []
+    for part in sorted(parts & set(EXTRA_PARTS)):
+        jobs += extra_jobs(part, ngpu, res, bench)
+    if parts - {"bench"}:
+        jobs.append(judge_job(res, tuple(j.name for j in jobs), ngpu, parts))
     timeline = run_jobs(jobs, args.deadline, res / "logs", t0, {"bench": 0.0, "tests": JUDGE_S})
     (out / "timeline.json").write_text(json.dumps(timeline, indent=1))
     merge_bench(res, timeline, out / "bench.jsonl")

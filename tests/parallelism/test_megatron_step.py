@@ -55,6 +55,7 @@ CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     "moe-EP2-overlap-moe": ("moe", {}, {"ep": 2, "overlap_moe": True}),
     "moe-EP2-overlap-both": ("moe", {}, {"ep": 2, "overlap_moe": True, "overlap": "wired"}),
     "moe-dense-EP2-overlap-moe": ("moe", {"pattern": "*-*E"}, {"ep": 2, "overlap_moe": True}),  # a dense layer
+    "moe-shared-EP2-overlap-moe": ("moe", {"shared_experts": 1}, {"ep": 2, "overlap_moe": True}),  # + shared expert
     # GDN, Mamba2 and sliding-window mixers in the per-layer plan (megatron_hybrid.py: backward_dw)
     "hybrid-EP2-overlap-moe": ("hybrid", {"pattern": "GEMEWE*E", "num_experts": 4}, {"ep": 2, "overlap_moe": True}),
 }
