@@ -11,7 +11,7 @@ Two phases, each a set of jobs (one subprocess each; `after` orders them, nothin
 2. tests, all at once on shared GPUs (small debug models; timings not taken): the equivalence and
    checkpoint programs split into shards (`--shard i/n`), `raytron submit` / `--resume`
    (scripts/gpu_megatron_submit.sh), the kernel tests; then pytest judges the programs' records
-   (RAYTRON_GPU_RECORDS: tests/gpu/test_megatron_{equivalence,checkpoint}.py read them instead of
+   (RAYTRON_GPU_RECORDS: tests/gpu/test_megatron_{equivalence,checkpoint,submit}.py read them instead of
    launching) and tests/gpu/summarize_results.py --check writes the verdict table.
 Every job has its own time limit and all end by --deadline (seconds from the start); a job cut short
 leaves its records missing, which the judge reports as failures. Results under --out (at most 8 files):
