@@ -54,8 +54,10 @@ def torchrun(world: int, port: int, program: str, *args: str) -> list[str]:
                  str(ROOT / program), *args]
 
 
-def bench_jobs(ngpu: int, res: Path, titan: bool, wide_impls: str, wide_args: list[str]) -> list[Job]:
-    """The exclusive phase: the all-GPU runs one after the other, then the 1-GPU runs side by side.
+def bench_jobs(ngpu: int, res: Path, titan: bool, wide_impls: str, wide_args: list[str],
+               one_alone: bool = False) -> list[Job]:
+    """The exclusive phase: the all-GPU runs one after the other, then the 1-GPU runs side by side (or,
+    `one_alone`, one after another on GPU 0: every timed run alone on the machine; ~100 s longer).
     CUDA_DEVICE_MAX_CONNECTIONS=32: train.overlap_moe_comm needs its 2nd stream to run concurrently."""
     world = 4 if ngpu >= 4 else 2
     every = tuple(range(world))
@@ -68,7 +70,7 @@ def bench_jobs(ngpu: int, res: Path, titan: bool, wide_impls: str, wide_args: li
                         every, after=(jobs[-1].name,), timeout=150, phase="bench"))
     last, on_gpu = jobs[-1].name, {}  # 1-GPU runs: a GPU each while they last, then after one another
     for i, impl in enumerate(["raytron", "mcore_local"] + (["titan"] if titan else [])):
-        gpu, out = i % world, res / f"bench_{impl}_w1.jsonl"
+        gpu, out = (0 if one_alone else i % world), res / f"bench_{impl}_w1.jsonl"
         argv = (titan_argv(1, 29550 + i, out) if impl == "titan"
                 else torchrun(1, 29550 + i, bench, "--impls", impl, "--out", str(out)))
         jobs.append(Job(f"bench_{impl}_w1", argv, (gpu,), after=(on_gpu.get(gpu, last),), timeout=170,
@@ -227,6 +229,8 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=570.0, help="seconds from the start")
     parser.add_argument("--wide-impls", default="raytron", help="bench_throughput.py --impls of the all-GPU run")
     parser.add_argument("--wide-args", default="--overlap-moe-comm", help="its extra bench_throughput.py flags")
+    parser.add_argument("--one-gpu-alone", action="store_true",
+                        help="the 1-GPU bench runs one after another, each alone on the machine (not side by side)")
     args = parser.parse_args()
     t0, out = time.monotonic(), Path(args.out)
     res = Path("/tmp/gpu_suite")
@@ -244,7 +248,8 @@ def main() -> None:
     titan = Path("/tmp/site_titan/torchtitan").exists()
     if not titan:
         print("[suite] TorchTitan not installed in /tmp/site_titan (wheels in .whl/titan/): not benchmarked")
-    jobs = bench_jobs(ngpu, res, titan, args.wide_impls, args.wide_args.split()) if "bench" in parts else []
+    jobs = (bench_jobs(ngpu, res, titan, args.wide_impls, args.wide_args.split(), args.one_gpu_alone)
+            if "bench" in parts else [])
     bench = tuple(j.name for j in jobs)
     jobs += test_jobs(ngpu, res, bench) if "tests" in parts else []
     for part in sorted(parts & set(EXTRA_PARTS)):

@@ -149,3 +149,12 @@ def test_optional_parts_run_the_option_on_its_layouts_into_their_own_folder_and_
     assert "-m pytest" in judge and "exit $rc" in judge
     alone = suite.judge_job(tmp_path, (), ngpu, {"overlap"}).argv[-1]
     assert "-m pytest" not in alone and "overlap_grad_reduce" not in alone and "overlap_moe_comm" in alone
+
+
+def test_one_gpu_runs_alone_on_request_run_one_after_another(tmp_path):
+    bench = suite.bench_jobs(4, tmp_path, True, "raytron", [], one_alone=True)
+    anc = _ancestors(bench)
+    for j in bench:  # every pair of bench jobs is ordered: nothing runs beside a timed run
+        others = [o for o in bench if o is not j and j.name not in anc[o.name] and o.name not in anc[j.name]]
+        assert others == [], (j.name, [o.name for o in others])
+    assert {j.gpus for j in bench if len(j.gpus) == 1} == {(0,)}
