@@ -32,7 +32,9 @@ def submit_dir() -> Path:
     if records_dir():  # scripts/gpu_suite.py ran the script with OUT=<records>/submit
         return Path(records_dir()) / "submit"
     if not torch.cuda.is_available() or gpu_count() < 2:
-        pytest.skip("needs 2 GPUs")
+        found = gpu_count() if torch.cuda.is_available() else 0
+        pytest.skip(f"raytron submit with cluster_configs/gpu_megatron_2gpu.yaml (EP2 over NCCL) needs 2 CUDA GPUs, "
+                    f"found {found}; RAYTRON_GPU_RECORDS=<folder> judges the comparisons of an earlier GPU run")
     out = Path(os.environ.get("RAYTRON_GPU_RESULTS", Path(__file__).parent / "results" / "local")) / "submit"
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run(["bash", str(ROOT / "scripts" / "gpu_megatron_submit.sh")], env=dict(os.environ, OUT=str(out)),
