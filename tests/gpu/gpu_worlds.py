@@ -44,19 +44,19 @@ def records_dir() -> str:
     return os.environ.get("RAYTRON_GPU_RECORDS", "")
 
 
-def load_records(folder, pattern: str, key) -> dict:
-    """{key(record): record} over the JSON lines of every file in `folder` matching `pattern` (shards
-    of one program included; a later line for the same key wins)."""
+def read_records(folder, pattern: str) -> list[dict]:
+    """The JSON lines of every file in `folder` matching `pattern` (shards of one program included), in
+    file-name order."""
     import json
     from pathlib import Path
 
-    out: dict = {}
-    for path in sorted(Path(folder).glob(pattern)):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                out[key(rec)] = rec
-    return out
+    return [json.loads(line) for path in sorted(Path(folder).glob(pattern))
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_records(folder, pattern: str, key) -> dict:
+    """{key(record): record} over read_records (a later line for the same key wins)."""
+    return {key(rec): rec for rec in read_records(folder, pattern)}
 
 
 def gpu_count() -> int:

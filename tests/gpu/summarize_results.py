@@ -12,14 +12,11 @@ e.g. the train.overlap_moe_comm runs).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-
-def _records(folder: Path, pattern: str) -> list[dict]:
-    return [json.loads(line) for path in sorted(folder.glob(pattern)) for line in path.read_text().splitlines()
-            if line.strip()]
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_worlds import load_records, read_records as _records  # noqa: E402
 
 
 def equivalence_table(folder: Path) -> list[str]:
@@ -56,12 +53,11 @@ def check(folder: Path, only: set[str] | None = None, recorded_only: bool = Fals
     """Verdicts of the GPU tests' assertions on this folder's records, as if run with 4 GPUs."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parent))
     import test_megatron_checkpoint as tc
     import test_megatron_equivalence as te
 
-    eq = {(r["layout"], r["family"]): r for r in _records(folder, "megatron_equivalence_w*.jsonl")}
-    ck = {r["case"]: r for r in _records(folder, "megatron_checkpoint_w*.jsonl")}
+    eq = load_records(folder, "megatron_equivalence_w*.jsonl", lambda r: (r["layout"], r["family"]))
+    ck = load_records(folder, "megatron_checkpoint_w*.jsonl", lambda r: r["case"])
     calls = [(f"{fn.__name__}[{name}-{fam}]", fn, (eq, name, fam)) for name, fam in te.CASES
              for fn in (te.test_matches_reference, te.test_loss_curve)]
     if only:
