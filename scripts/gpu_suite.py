@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +87,8 @@ def titan_argv(world: int, port: int, out: Path) -> list[str]:
                           f"--cuda-graphs $mode && break; done"]
 
 
+SUBMIT_RUNS = Path("/tmp/suite_runs")  # the submit part's checkpoint folder, emptied by each call
+
 # Optional parts: the equivalence program with an engine option turned on, on the layouts that take it, into
 # a folder of their own (the records' (layout, family) keys would clash with the plain runs). The default
 # parts leave them out: with them in the same call the submit part did not end by the deadline.
@@ -115,13 +118,14 @@ def test_jobs(ngpu: int, res: Path, after: tuple[str, ...]) -> list[Job]:
                             gpus, after, timeout=420, env=TEST_ENV))
             port += 1
     submit_env = {"SUBMIT_GPUS": ",".join(map(str, pairs[0])), "SUBMIT_GPUS_B": ",".join(map(str, pairs[-1])),
-                  "OUT": str(res / "submit"), "RUNS": "/tmp/suite_runs"}
+                  "OUT": str(res / "submit"), "RUNS": str(SUBMIT_RUNS)}
     jobs.append(Job("submit", ["bash", str(ROOT / "scripts/gpu_megatron_submit.sh")], pairs[0] + pairs[-1],
                     after, timeout=420, env=submit_env))
-    jobs.append(Job("kernels", PY + ["-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rA",
-                                     f"--junitxml={res / 'junit_kernels.xml'}", "tests/gpu/test_megatron_kernels.py",
-                                     "tests/ops/test_gpu_kernels.py"], (every[min(1, len(every) - 1)],), after,
-                    timeout=300))
+    kernels = ["-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rA",
+               "--log-level=WARNING",  # -rA would print every captured DEBUG line of torch's compile tracing
+               f"--junitxml={res / 'junit_kernels.xml'}", "tests/gpu/test_megatron_kernels.py",
+               "tests/ops/test_gpu_kernels.py"]
+    jobs.append(Job("kernels", PY + kernels, (every[min(1, len(every) - 1)],), after, timeout=300))
     return jobs
 
 
@@ -158,6 +162,19 @@ def judge_job(res: Path, after: tuple[str, ...], ngpu: int, parts: set[str]) -> 
     argv = ["bash", "-c", "; ".join(steps + ["exit $rc"])]
     env = {"RAYTRON_GPU_RECORDS": str(res), "RAYTRON_GPU_RECORDS_GPUS": str(ngpu)}
     return Job("judge", argv, (), after, timeout=JUDGE_S, env=env, phase="judge")
+
+
+def fresh_records(res: Path, gpus_csv: Path) -> Path:
+    """The records folder, emptied first: a warm device machine keeps /tmp between calls, and a record an
+    earlier call left there would be judged and benchmarked as this call's. Every records folder gets the
+    GPU list (summarize_results.py names the GPUs from it)."""
+    shutil.rmtree(res, ignore_errors=True)
+    (res / "logs").mkdir(parents=True)
+    for folder in [res] + [res / f for _, f, _ in EXTRA_PARTS.values()]:
+        folder.mkdir(exist_ok=True)
+        if gpus_csv.exists():
+            (folder / "gpus.csv").write_bytes(gpus_csv.read_bytes())
+    return res
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -233,12 +250,8 @@ def main() -> None:
                         help="the 1-GPU bench runs one after another, each alone on the machine (not side by side)")
     args = parser.parse_args()
     t0, out = time.monotonic(), Path(args.out)
-    res = Path("/tmp/gpu_suite")
-    (res / "logs").mkdir(parents=True, exist_ok=True)
-    for _, folder, _ in EXTRA_PARTS.values():
-        (res / folder).mkdir(exist_ok=True)
-    if (out / "gpus.csv").exists():  # the results folder names its GPUs (summarize_results.py reads it)
-        (res / "gpus.csv").write_bytes((out / "gpus.csv").read_bytes())
+    res = fresh_records(Path("/tmp/gpu_suite"), out / "gpus.csv")
+    shutil.rmtree(SUBMIT_RUNS, ignore_errors=True)  # the submit part starts its runs fresh (it resumes them itself)
     ngpu = len(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.splitlines())
     parts = set(args.parts.split(","))
     known = {"bench", "tests", *EXTRA_PARTS}

@@ -11,18 +11,20 @@ import test_megatron_submit as ts
 from summarize_results import check
 
 RESULTS = Path(__file__).parent / "results"
+BENCH = Path(__file__).parents[2] / "benchmarks" / "results" / "megatron_throughput_NVIDIA_H200x4.json"
 # h200x4_suite: one call of scripts/gpu_megatron_all.sh (every GPU part); h200x4_suite_2: the next call,
-# with the overlap part too (its submit part was cut by the deadline); h200x4: the earlier run in parts
-FOLDERS = [RESULTS / "h200x4_suite", RESULTS / "h200x4_suite_2", RESULTS / "h200x4"]
+# with the overlap part too (its submit part was cut by the deadline); h200x4: the earlier run in parts;
+# h200x4_suite_3: the default parts at commit b4a5041, every case of today (62 equivalence + 5 checkpoint)
+FOLDERS = {"h200x4_suite": 61, "h200x4_suite_2": 61, "h200x4": 61, "h200x4_suite_3": 67}
 
 
-@pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f.name)
-def test_committed_gpu_results_pass_the_gpu_tests(folder):
-    """Every case these folders hold (61 verdicts: the cases of their day; ETP2xEP2 and moe-shared came
-    after them) still passes."""
-    rows, failed = check(folder, recorded_only=True)
+@pytest.mark.parametrize("folder,verdicts", FOLDERS.items())
+def test_committed_gpu_results_pass_the_gpu_tests(folder, verdicts):
+    """Every case these folders hold still passes (the first three: 61 verdicts, the cases of their day;
+    ETP2xEP2 and moe-shared came after them)."""
+    rows, failed = check(RESULTS / folder, recorded_only=True)
     assert failed == 0, "\n".join(r for r in rows if r.startswith("FAILED"))
-    assert len(rows) == 1 + 61
+    assert len(rows) == 1 + verdicts
 
 
 def test_committed_new_cases_pass_the_gpu_tests():
@@ -32,13 +34,14 @@ def test_committed_new_cases_pass_the_gpu_tests():
     assert failed == 0 and len(rows) == 1 + 6, "\n".join(rows)
 
 
-def test_committed_submit_resume_records_pass_the_gpu_tests():
-    folder = RESULTS / "h200x4_suite" / "submit"
+@pytest.mark.parametrize("suite", ["h200x4_suite", "h200x4_suite_3"])
+def test_committed_submit_resume_records_pass_the_gpu_tests(suite):
+    folder = RESULTS / suite / "submit"
     ts.test_resume_continues_the_run_without_a_jump(folder)
     ts.test_resume_under_pp2_passes_the_canary_and_follows_the_run(folder)
 
 
-@pytest.mark.parametrize("folder,cut", [("h200x4_suite", []), ("h200x4_suite_2", ["submit"])])
+@pytest.mark.parametrize("folder,cut", [("h200x4_suite", []), ("h200x4_suite_2", ["submit"]), ("h200x4_suite_3", [])])
 def test_committed_suite_ran_every_part_in_one_call(folder, cut):
     """timeline.json of the one-call runs: every job ended by itself (rc 0; in the 2nd call the submit part
     was stopped by the deadline, as its README entry says), all within the device call's 600 s, and the
@@ -69,3 +72,44 @@ def test_committed_overlap_moe_comm_records_pass_the_gpu_tests():
     assert len(ep2) == 4 and all(r.startswith("PASSED") for r in ep2), "\n".join(ep2)
     records = [json.loads(line) for line in (folder / "megatron_equivalence_w2.jsonl").read_text().splitlines()]
     assert {r["family"] for r in records} == {"moe", "hybrid-moe"} and all(r["overlap_moe_comm"] for r in records)
+
+
+@pytest.mark.parametrize("folder,option,only,verdicts", [
+    ("overlap_moe_comm", "overlap_moe_comm", {"EP2", "TP2xEP2"}, 10),
+    ("overlap_grad_reduce", "overlap_grad_reduce", {"DP2", "EP2", "TP2xEP2"}, 16)])
+def test_committed_optional_parts_pass_the_gpu_tests(folder, option, only, verdicts):
+    """h200x4_suite_4: `--parts overlap,grad-overlap` as one call; every record ran with its option on."""
+    path = RESULTS / "h200x4_suite_4" / folder
+    rows, failed = check(path, only=only, recorded_only=True)
+    assert failed == 0 and len(rows) == 1 + verdicts, "\n".join(rows)
+    records = [json.loads(line) for f in path.glob("megatron_equivalence_w*.jsonl") for line in f.read_text().splitlines()]
+    assert len(records) == verdicts // 2 and all(r[option] for r in records)
+
+
+def _bench_key(r: dict) -> str:
+    return f"{r['impl']} {r['workload']} w{r['world']}" + (" overlap_moe_comm" if r.get("overlap_moe_comm") else "")
+
+
+def test_committed_benchmark_is_the_raw_records_and_its_targets_follow_from_them():
+    """The bench JSON's main run is h200x4_bench_alone's raw records (every timed run alone on the machine,
+    per its timeline), and the percentages its targets state are computed from those records."""
+    bench = json.loads(BENCH.read_text())
+    folder = RESULTS / "h200x4_bench_alone"
+    raw = [json.loads(line) for f in sorted(folder.glob("bench_*.jsonl")) for line in f.read_text().splitlines()]
+
+    def strip(r: dict) -> str:
+        return json.dumps({k: v for k, v in r.items() if k != "ran_beside"}, sort_keys=True)
+
+    assert sorted(map(strip, bench["records"])) == sorted(map(strip, raw)) and len(raw) == 9
+    timeline = json.loads((folder / "timeline.json").read_text())
+    for job in timeline:
+        assert job["rc"] == 0 and not [t for t in timeline if t is not job and t["start_s"] < job["end_s"]
+                                       and t["end_s"] > job["start_s"]], job
+    tok = {_bench_key(r): r["tokens_per_s_per_gpu"] for r in raw}
+    w1d, w1m = tok["raytron dense-1b w1"], tok["raytron moe-olmoe-4l w1"]
+    expect = {"vs_mcore_local_dense_w1 (>= 5x)": f"{w1d / tok['mcore_local dense-1b w1']:.2f}x",
+              "scaling_dense_1_to_4 (>= 95%)": f"{tok['raytron dense-1b w4'] / w1d:.1%}",
+              "scaling_moe_ep4_overlap_mb8 (>= 95%)": f"{tok['raytron moe-olmoe-4l w4 overlap_moe_comm'] / w1m:.1%}",
+              "scaling_moe_ep1_dp4 (>= 95%)": f"{tok['raytron moe-olmoe-4l-ep1 w4'] / w1m:.1%}"}
+    for target, value in expect.items():
+        assert bench["targets"][target].startswith(value), (target, bench["targets"][target], value)

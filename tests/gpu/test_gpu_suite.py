@@ -158,3 +158,17 @@ def test_one_gpu_runs_alone_on_request_run_one_after_another(tmp_path):
         others = [o for o in bench if o is not j and j.name not in anc[o.name] and o.name not in anc[j.name]]
         assert others == [], (j.name, [o.name for o in others])
     assert {j.gpus for j in bench if len(j.gpus) == 1} == {(0,)}
+
+
+def test_each_call_starts_from_an_empty_records_folder(tmp_path):
+    """A warm device machine keeps /tmp between calls: records an earlier call left must not be judged or
+    benchmarked as this call's (they were, once: see tests/gpu/README.md, h200x4_suite_4)."""
+    res, gpus = tmp_path / "gpu_suite", tmp_path / "gpus.csv"
+    gpus.write_text("name\nNVIDIA H200\n")
+    (res / "overlap_moe_comm").mkdir(parents=True)
+    (res / "bench_raytron_w1.jsonl").write_text('{"impl": "raytron"}\n')
+    (res / "overlap_moe_comm" / "megatron_equivalence_w2.jsonl").write_text("{}\n")
+    assert suite.fresh_records(res, gpus) == res
+    assert sorted(p.relative_to(res).as_posix() for p in res.rglob("*.jsonl")) == []
+    folders = [res] + [res / f for _, f, _ in suite.EXTRA_PARTS.values()]
+    assert all((f / "gpus.csv").read_text() == gpus.read_text() for f in folders) and (res / "logs").is_dir()
