@@ -58,23 +58,27 @@ def torchrun(world: int, port: int, program: str, *args: str) -> list[str]:
 def bench_jobs(ngpu: int, res: Path, titan: bool, wide_impls: str, wide_args: list[str],
                one_alone: bool = False) -> list[Job]:
     """The exclusive phase: the all-GPU runs one after the other, then the 1-GPU runs side by side (or,
-    `one_alone`, one after another on GPU 0: every timed run alone on the machine; ~100 s longer).
+    `one_alone` or on a 1-GPU machine, one after another on GPU 0: every timed run alone on the machine).
     CUDA_DEVICE_MAX_CONNECTIONS=32: train.overlap_moe_comm needs its 2nd stream to run concurrently."""
     world = 4 if ngpu >= 4 else 2
     every = tuple(range(world))
     bench = "benchmarks/megatron/bench_throughput.py"
-    jobs = [Job(f"bench_raytron_w{world}", torchrun(world, 29540, bench, "--impls", wide_impls, "--out",
-                                                    str(res / f"bench_raytron_w{world}.jsonl"), *wide_args),
-                every, timeout=170, env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"}, phase="bench")]
-    if titan:
+    jobs = []
+    if ngpu > 1:
+        jobs.append(Job(f"bench_raytron_w{world}", torchrun(world, 29540, bench, "--impls", wide_impls, "--out",
+                                                            str(res / f"bench_raytron_w{world}.jsonl"), *wide_args),
+                        every, timeout=170, env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"}, phase="bench"))
+    if titan and ngpu > 1:
         jobs.append(Job(f"bench_titan_w{world}", titan_argv(world, 29541, res / f"bench_titan_w{world}.jsonl"),
                         every, after=(jobs[-1].name,), timeout=150, phase="bench"))
-    last, on_gpu = jobs[-1].name, {}  # 1-GPU runs: a GPU each while they last, then after one another
+    one_alone = one_alone or ngpu == 1
+    last, on_gpu = (jobs[-1].name if jobs else None), {}  # 1-GPU runs: a GPU each while they last, or in turn
     for i, impl in enumerate(["raytron", "mcore_local"] + (["titan"] if titan else [])):
         gpu, out = (0 if one_alone else i % world), res / f"bench_{impl}_w1.jsonl"
         argv = (titan_argv(1, 29550 + i, out) if impl == "titan"
                 else torchrun(1, 29550 + i, bench, "--impls", impl, "--out", str(out)))
-        jobs.append(Job(f"bench_{impl}_w1", argv, (gpu,), after=(on_gpu.get(gpu, last),), timeout=170,
+        before = on_gpu.get(gpu, last)
+        jobs.append(Job(f"bench_{impl}_w1", argv, (gpu,), after=(before,) if before else (), timeout=170,
                         env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"}, phase="bench"))
         on_gpu[gpu] = jobs[-1].name
     return jobs
@@ -255,9 +259,9 @@ def main() -> None:
     ngpu = len(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.splitlines())
     parts = set(args.parts.split(","))
     known = {"bench", "tests", *EXTRA_PARTS}
-    if ngpu < 2 or not parts <= known:
-        sys.exit(f"gpu_suite: needs 2 or 4 GPUs (found {ngpu}) and --parts from {', '.join(sorted(known))} "
-                 f"(got {args.parts})")
+    if not parts <= known or ngpu < (1 if parts == {"bench"} else 2):
+        sys.exit(f"gpu_suite: needs 2 or 4 GPUs (1 for --parts bench; found {ngpu}) and --parts from "
+                 f"{', '.join(sorted(known))} (got {args.parts})")
     titan = Path("/tmp/site_titan/torchtitan").exists()
     if not titan:
         print("[suite] TorchTitan not installed in /tmp/site_titan (wheels in .whl/titan/): not benchmarked")

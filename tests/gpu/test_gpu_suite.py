@@ -160,6 +160,13 @@ def test_one_gpu_runs_alone_on_request_run_one_after_another(tmp_path):
     assert {j.gpus for j in bench if len(j.gpus) == 1} == {(0,)}
 
 
+def test_on_one_gpu_the_bench_part_runs_the_one_gpu_runs_in_turn(tmp_path):
+    bench = suite.bench_jobs(1, tmp_path, True, "raytron", [])
+    assert [(j.name, j.gpus, j.after) for j in bench] == [
+        ("bench_raytron_w1", (0,), ()), ("bench_mcore_local_w1", (0,), ("bench_raytron_w1",)),
+        ("bench_titan_w1", (0,), ("bench_mcore_local_w1",))]
+
+
 def test_each_call_starts_from_an_empty_records_folder(tmp_path):
     """A warm device machine keeps /tmp between calls: records an earlier call left must not be judged or
     benchmarked as this call's (they were, once: see tests/gpu/README.md, h200x4_suite_4)."""
