@@ -15,8 +15,9 @@ Two phases, each a set of jobs (one subprocess each; `after` orders them, nothin
    launching) and tests/gpu/summarize_results.py --check writes the verdict table.
 Every job has its own time limit and all end by --deadline (seconds from the start); a job cut short
 leaves its records missing, which the judge reports as failures. Results under --out (at most 8 files):
-suite.log, gpus.csv, bench.jsonl, timeline.json, summary.txt, junit.xml, results.tar.gz. Optional parts
-(EXTRA_PARTS: the equivalence cases with an engine option on) are asked for by name in --parts.
+suite.log, gpus.csv, bench.jsonl, timeline.json, summary.txt, junit.xml, results.tar.gz. The engine
+options with a GPU proof of their own (train.overlap_moe_comm, train.overlap_grad_reduce) are cases of the
+equivalence program (its VARIANTS), so they run in its shards.
 """
 
 from __future__ import annotations
@@ -93,15 +94,6 @@ def titan_argv(world: int, port: int, out: Path) -> list[str]:
 
 SUBMIT_RUNS = Path("/tmp/suite_runs")  # the submit part's checkpoint folder, emptied by each call
 
-# Optional parts: the equivalence program with an engine option turned on, on the layouts that take it, into
-# a folder of their own (the records' (layout, family) keys would clash with the plain runs). The default
-# parts leave them out: with them in the same call the submit part did not end by the deadline.
-EXTRA_PARTS = {  # part -> (environment switch of megatron_equivalence.py, folder, {world: --only layouts})
-    "overlap": ("RAYTRON_GPU_OVERLAP_MOE_COMM", "overlap_moe_comm", {2: "EP2", 4: "TP2xEP2"}),
-    "grad-overlap": ("RAYTRON_GPU_OVERLAP_GRAD_REDUCE", "overlap_grad_reduce", {2: "DP2,EP2", 4: "TP2xEP2"}),
-}
-
-
 def _gpu_groups(ngpu: int) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
     return ([(0, 1), (2, 3)] if ngpu >= 4 else [(0, 1)]), tuple(range(min(ngpu, 4)))
 
@@ -133,51 +125,25 @@ def test_jobs(ngpu: int, res: Path, after: tuple[str, ...]) -> list[Job]:
     return jobs
 
 
-def extra_jobs(part: str, ngpu: int, res: Path, after: tuple[str, ...]) -> list[Job]:
-    """One equivalence program per world size with the part's engine option on (EXTRA_PARTS)."""
-    switch, folder, layouts = EXTRA_PARTS[part]
-    pairs, every = _gpu_groups(ngpu)
-    jobs = []
-    for i, (world, only) in enumerate(sorted(layouts.items())):
-        if world > ngpu:
-            continue
-        out = res / folder / f"megatron_equivalence_w{world}.jsonl"
-        port = 29650 + 10 * list(EXTRA_PARTS).index(part) + i
-        jobs.append(Job(f"{folder}_w{world}", torchrun(world, port, "tests/gpu/megatron_equivalence.py", "--out",
-                                                       str(out), "--only", only),
-                        pairs[-1] if world == 2 else every, after, timeout=420,
-                        env={**TEST_ENV, switch: "1", "CUDA_DEVICE_MAX_CONNECTIONS": "32"}))
-    return jobs
-
-
-def judge_job(res: Path, after: tuple[str, ...], ngpu: int, parts: set[str]) -> Job:
+def judge_job(res: Path, after: tuple[str, ...], ngpu: int) -> Job:
     """pytest over the programs' records (RAYTRON_GPU_RECORDS: the modules read them, launch nothing), then
-    summarize_results.py --check per folder (summary.txt); exit status 1 if anything failed."""
-    py, steps = " ".join(PY), ["rc=0"]
-    if "tests" in parts:
-        modules = " ".join(f"tests/gpu/test_megatron_{m}.py" for m in ("equivalence", "checkpoint", "submit"))
-        steps += [f"{py} -m pytest -m gpu -p no:cacheprovider -q -rA --junitxml={res}/junit.xml {modules} || rc=1",
-                  f"{py} tests/gpu/summarize_results.py {res} --check > /dev/null"]
-    for part in sorted(parts & set(EXTRA_PARTS)):
-        _, folder, layouts = EXTRA_PARTS[part]
-        only = ",".join(v for w, v in sorted(layouts.items()) if w <= ngpu)
-        steps += [f"{py} tests/gpu/summarize_results.py {res}/{folder} --check --only {only} > /dev/null || rc=1",
-                  f"grep -E '^(--check|FAILED)' {res}/{folder}/summary.txt"]
-    argv = ["bash", "-c", "; ".join(steps + ["exit $rc"])]
+    summarize_results.py --check (summary.txt); exit status 1 if pytest failed."""
+    py = " ".join(PY)
+    modules = " ".join(f"tests/gpu/test_megatron_{m}.py" for m in ("equivalence", "checkpoint", "submit"))
+    argv = ["bash", "-c", f"{py} -m pytest -m gpu -p no:cacheprovider -q -rA --junitxml={res}/junit.xml {modules}; "
+                          f"rc=$?; {py} tests/gpu/summarize_results.py {res} --check > /dev/null; exit $rc"]
     env = {"RAYTRON_GPU_RECORDS": str(res), "RAYTRON_GPU_RECORDS_GPUS": str(ngpu)}
     return Job("judge", argv, (), after, timeout=JUDGE_S, env=env, phase="judge")
 
 
 def fresh_records(res: Path, gpus_csv: Path) -> Path:
     """The records folder, emptied first: a warm device machine keeps /tmp between calls, and a record an
-    earlier call left there would be judged and benchmarked as this call's. Every records folder gets the
-    GPU list (summarize_results.py names the GPUs from it)."""
+    earlier call left there would be judged and benchmarked as this call's. It gets the GPU list
+    (summarize_results.py names the GPUs from it)."""
     shutil.rmtree(res, ignore_errors=True)
     (res / "logs").mkdir(parents=True)
-    for folder in [res] + [res / f for _, f, _ in EXTRA_PARTS.values()]:
-        folder.mkdir(exist_ok=True)
-        if gpus_csv.exists():
-            (folder / "gpus.csv").write_bytes(gpus_csv.read_bytes())
+    if gpus_csv.exists():
+        (res / "gpus.csv").write_bytes(gpus_csv.read_bytes())
     return res
 
 
@@ -244,9 +210,7 @@ def merge_bench(res: Path, timeline: list[dict], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--parts", default="bench,tests",
-                        help="comma-separated: bench, tests, and the optional " + ", ".join(EXTRA_PARTS)
-                             + " (equivalence with train.overlap_moe_comm / train.overlap_grad_reduce)")
+    parser.add_argument("--parts", default="bench,tests", help="comma-separated: bench, tests")
     parser.add_argument("--deadline", type=float, default=570.0, help="seconds from the start")
     parser.add_argument("--wide-impls", default="raytron", help="bench_throughput.py --impls of the all-GPU run")
     parser.add_argument("--wide-args", default="--overlap-moe-comm", help="its extra bench_throughput.py flags")
@@ -258,7 +222,7 @@ def main() -> None:
     shutil.rmtree(SUBMIT_RUNS, ignore_errors=True)  # the submit part starts its runs fresh (it resumes them itself)
     ngpu = len(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.splitlines())
     parts = set(args.parts.split(","))
-    known = {"bench", "tests", *EXTRA_PARTS}
+    known = {"bench", "tests"}
     if not parts <= known or ngpu < (1 if parts == {"bench"} else 2):
         sys.exit(f"gpu_suite: needs 2 or 4 GPUs (1 for --parts bench; found {ngpu}) and --parts from "
                  f"{', '.join(sorted(known))} (got {args.parts})")
@@ -269,10 +233,8 @@ def main() -> None:
             if "bench" in parts else [])
     bench = tuple(j.name for j in jobs)
     jobs += test_jobs(ngpu, res, bench) if "tests" in parts else []
-    for part in sorted(parts & set(EXTRA_PARTS)):
-        jobs += extra_jobs(part, ngpu, res, bench)
-    if parts - {"bench"}:
-        jobs.append(judge_job(res, tuple(j.name for j in jobs), ngpu, parts))
+    if "tests" in parts:
+        jobs.append(judge_job(res, tuple(j.name for j in jobs), ngpu))
     timeline = run_jobs(jobs, args.deadline, res / "logs", t0, {"bench": 0.0, "tests": JUDGE_S})
     (out / "timeline.json").write_text(json.dumps(timeline, indent=1))
     merge_bench(res, timeline, out / "bench.jsonl")

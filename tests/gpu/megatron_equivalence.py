@@ -44,6 +44,16 @@ LAYOUTS = {  # name -> (world, layout fields, families)
     "PP2v2": (2, {"pp": 2, "vpp": 2}, ("dense-4l", "moe-4l")),  # interleaved, 4 micro-batches: issue #6
     "ETP2xEP2": (4, {"dp": 4, "ep": 2, "etp": 2}, ("moe",)),  # expert-TP: each expert's FFN split over 2 ranks
 }
+# Engine options on GPU: a layout run again with a train option on, as cases of their own (each record says
+# which options ran): "<layout>+<option>" -> (layout, train options, families)
+VARIANTS = {
+    "EP2+moe-comm": ("EP2", ("overlap_moe_comm",), ("moe", "hybrid-moe", "moe-shared")),
+    "TP2xEP2+moe-comm": ("TP2xEP2", ("overlap_moe_comm",), ("moe", "hybrid-moe")),
+    "DP2+grad-overlap": ("DP2", ("overlap_grad_reduce",), ("dense", "moe", "hybrid")),
+    "EP2+grad-overlap": ("EP2", ("overlap_grad_reduce",), ("moe", "hybrid-moe")),
+    "TP2xEP2+grad-overlap": ("TP2xEP2", ("overlap_grad_reduce",), ("moe",)),
+}
+LAYOUTS.update({name: (*LAYOUTS[base][:2], families) for name, (base, _, families) in VARIANTS.items()})
 FAMILIES = {"dense": ("dense", "debug", {}), "moe": ("moe", "debug", {}),
             "hybrid": ("hybrid", "debug", {}),  # "G-*-M-W-": Gated DeltaNet, attention, Mamba2, sliding window
             "hybrid-moe": ("hybrid", "debug-moe", {}),  # "GEBE|GE*E": + block-sparse attention, MoE, '|' stages
@@ -145,10 +155,12 @@ OVERLAP_MOE = os.environ.get("RAYTRON_GPU_OVERLAP_MOE_COMM", "") == "1"  # and/o
 
 def run_case(name: str, family: str, fields: dict, steps: int, rank: int, world: int) -> dict:
     spec = make_spec(family, steps)
-    # train.overlap_grad_reduce (pp == 1 layouts only, the engine refuses it with pp > 1) when asked for
-    spec.train.overlap_grad_reduce = OVERLAP and fields.get("pp", 1) == 1
+    options = VARIANTS[name][1] if name in VARIANTS else ()
+    # train.overlap_grad_reduce (pp == 1 layouts only, the engine refuses it with pp > 1): a variant's, or
+    # every layout's when the environment asks for it
+    spec.train.overlap_grad_reduce = ("overlap_grad_reduce" in options or OVERLAP) and fields.get("pp", 1) == 1
     # train.overlap_moe_comm on the EP layouts the engine runs it with (ep > 1, pp == 1 or vpp > 1)
-    spec.train.overlap_moe_comm = (OVERLAP_MOE and fields.get("ep", 1) > 1
+    spec.train.overlap_moe_comm = (("overlap_moe_comm" in options or OVERLAP_MOE) and fields.get("ep", 1) > 1
                                    and (fields.get("pp", 1) == 1 or fields.get("vpp", 1) > 1))
     layout = ParallelLayout(world_size=world, micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH,
                             **{"dp": 1, **fields})

@@ -118,3 +118,26 @@ def test_committed_benchmark_is_the_raw_records_and_its_targets_follow_from_them
                    "scaling_moe_ep1_dp4 (>= 95%)": f"{tok['raytron moe-olmoe-4l-ep1 w4'] / w1m:.1%}"}
     for target, value in expect.items():
         assert bench["targets"][target].startswith(value), (target, bench["targets"][target], value)
+
+
+VARIANTS_W2 = {"EP2+moe-comm", "DP2+grad-overlap", "EP2+grad-overlap"}
+
+
+def test_committed_variant_cases_pass_the_gpu_tests():
+    """h200x2_variants: the engine-option variants at 2 GPUs (megatron_equivalence.VARIANTS), one torchrun
+    on 2x H200 (8 cases, 16 verdicts)."""
+    rows, failed = check(RESULTS / "h200x2_variants", only=VARIANTS_W2, recorded_only=True)
+    assert failed == 0 and len(rows) == 1 + 16, "\n".join(rows)
+
+
+def test_a_variant_that_ran_without_its_option_fails(tmp_path):
+    """The verdict reads the option off the record: the same numbers recorded without the option fail."""
+    lines = (RESULTS / "h200x2_variants" / "megatron_equivalence_w2.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for r in records:
+        if r["layout"] == "EP2+moe-comm" and r["family"] == "moe":
+            r["overlap_moe_comm"] = False
+    (tmp_path / "megatron_equivalence_w2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows, failed = check(tmp_path, only=VARIANTS_W2, recorded_only=True)
+    assert failed == 1 and [r for r in rows if r.startswith("FAILED")][0].startswith(
+        "FAILED test_matches_reference[EP2+moe-comm-moe]: EP2+moe-comm/moe ran without train.overlap_moe_comm"), rows

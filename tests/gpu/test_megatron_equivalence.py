@@ -25,7 +25,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from megatron_equivalence import LAYOUTS  # noqa: E402  (the torchrun program beside this file)
+from megatron_equivalence import LAYOUTS, VARIANTS  # noqa: E402  (the torchrun program beside this file)
 from gpu_worlds import gpu_count, load_records, records_dir, selected as _selected  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -101,6 +101,8 @@ def test_matches_reference(results, name, family):
     rec = _record(results, name, family)
     meg, ref = rec["megatron"], rec["reference"]
     assert meg["mapping_max_abs_err"] == 0.0
+    for option in VARIANTS.get(name, (None, ()))[1]:  # a variant's case ran with its engine option on
+        assert rec[option] is True, f"{name}/{family} ran without train.{option}"
     assert abs(meg["loss"][0] - ref["loss"][0]) <= LOSS_ATOL, (meg["loss"][0], ref["loss"][0])
     assert abs(meg["grad_norm"][0] / ref["grad_norm"][0] - 1) <= GRAD_RTOL, (meg["grad_norm"][0], ref["grad_norm"][0])
     if "moe" in family:
