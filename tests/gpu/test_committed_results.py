@@ -78,7 +78,8 @@ def test_committed_overlap_moe_comm_records_pass_the_gpu_tests():
     ("overlap_moe_comm", "overlap_moe_comm", {"EP2", "TP2xEP2"}, 10),
     ("overlap_grad_reduce", "overlap_grad_reduce", {"DP2", "EP2", "TP2xEP2"}, 16)])
 def test_committed_optional_parts_pass_the_gpu_tests(folder, option, only, verdicts):
-    """h200x4_suite_4: `--parts overlap,grad-overlap` as one call; every record ran with its option on."""
+    """h200x4_suite_4: the suite's former optional parts (`--parts overlap,grad-overlap`) as one call; every
+    record ran with its option on."""
     path = RESULTS / "h200x4_suite_4" / folder
     rows, failed = check(path, only=only, recorded_only=True)
     assert failed == 0 and len(rows) == 1 + verdicts, "\n".join(rows)
