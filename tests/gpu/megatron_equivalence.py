@@ -210,7 +210,8 @@ def main() -> None:
             record["shard"] = args.shard or "0/1"
             with open(args.out, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            status = record.get("error") or f"loss0 {record['megatron']['loss'][0]:.5f} vs ref {record['reference']['loss'][0]:.5f}"
+            status = record.get("error") or (f"loss0 {record['megatron']['loss'][0]:.5f} "
+                                             f"vs ref {record['reference']['loss'][0]:.5f}")
             print(f"[equivalence] {name} {family}: {status} ({record['case_s']:.1f} s)", flush=True)
     dist.barrier()
     dist.destroy_process_group()
