@@ -7,10 +7,12 @@ test needs (losses, digests, errors) as JSON under the test's directory.
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing as mp
 import os
 import socket
+import sys
 import traceback
 from pathlib import Path
 
@@ -52,7 +54,14 @@ def _rank_main(fn, rank: int, world: int, port: int, args: tuple) -> None:
         traceback.print_exc()
         raise
     finally:
+        # megatron-core's module globals keep its process groups alive; left to interpreter finalization,
+        # a gloo group's worker threads can be torn down there and abort the rank after its work is done
+        # (SIGABRT, "terminate called without an active exception": seen once in CI). Release them first.
+        ps = sys.modules.get("megatron.core.parallel_state")
+        if ps is not None and ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def spawn_ranks(fn, world: int, *args, timeout: float = 240.0) -> None:
