@@ -149,19 +149,13 @@ def case_weight(case: tuple[str, str]) -> float:
 
 
 _REFERENCES: dict[tuple[str, int], dict] = {}
-OVERLAP = os.environ.get("RAYTRON_GPU_OVERLAP_GRAD_REDUCE", "") == "1"  # run the engine with train.overlap_grad_reduce
-OVERLAP_MOE = os.environ.get("RAYTRON_GPU_OVERLAP_MOE_COMM", "") == "1"  # and/or with train.overlap_moe_comm
 
 
 def run_case(name: str, family: str, fields: dict, steps: int, rank: int, world: int) -> dict:
     spec = make_spec(family, steps)
-    options = VARIANTS[name][1] if name in VARIANTS else ()
-    # train.overlap_grad_reduce (pp == 1 layouts only, the engine refuses it with pp > 1): a variant's, or
-    # every layout's when the environment asks for it
-    spec.train.overlap_grad_reduce = ("overlap_grad_reduce" in options or OVERLAP) and fields.get("pp", 1) == 1
-    # train.overlap_moe_comm on the EP layouts the engine runs it with (ep > 1, pp == 1 or vpp > 1)
-    spec.train.overlap_moe_comm = (("overlap_moe_comm" in options or OVERLAP_MOE) and fields.get("ep", 1) > 1
-                                   and (fields.get("pp", 1) == 1 or fields.get("vpp", 1) > 1))
+    options = VARIANTS[name][1] if name in VARIANTS else ()  # a variant's train options, on
+    spec.train.overlap_grad_reduce = "overlap_grad_reduce" in options
+    spec.train.overlap_moe_comm = "overlap_moe_comm" in options
     layout = ParallelLayout(world_size=world, micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH,
                             **{"dp": 1, **fields})
     record = {"layout": name, "family": family, "world": world, "layout_fields": layout.describe(),
