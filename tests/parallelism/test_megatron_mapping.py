@@ -13,7 +13,8 @@ megatron-core 0.16.1 (the MoE uses the all-gather dispatcher on CPU: the all-to-
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,9 @@ import torch.nn.functional as F
 from raytron import models
 from raytron.parallelism.layout import ParallelLayout
 from raytron.parallelism.megatron_mapping import ChunkCoords, chunk_pieces, from_megatron, tied_aliases, to_megatron
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "checkpoint"))
+from ckpt_helpers import free_port  # noqa: E402
 
 pytest.importorskip("megatron.core")
 
@@ -85,9 +89,10 @@ def cpu_megatron():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29561")
     mp = pytest.MonkeyPatch()
+    if not dist.is_initialized():  # a port free now, not a fixed one another process may hold (EADDRINUSE in CI)
+        mp.setenv("MASTER_ADDR", "127.0.0.1")
+        mp.setenv("MASTER_PORT", str(free_port()))
     mp.setattr(torch.cuda, "current_device", lambda: "cpu")  # RotaryEmbedding's device (see module doc)
     created = not dist.is_initialized()
     if created:
