@@ -14,8 +14,9 @@ RESULTS = Path(__file__).parent / "results"
 BENCH = Path(__file__).parents[2] / "benchmarks" / "results"
 # h200x4_suite: one call of scripts/gpu_megatron_all.sh (every GPU part); h200x4_suite_2: the next call,
 # with the overlap part too (its submit part was cut by the deadline); h200x4: the earlier run in parts;
-# h200x4_suite_3: the default parts at commit b4a5041, every case of today (62 equivalence + 5 checkpoint)
-FOLDERS = {"h200x4_suite": 61, "h200x4_suite_2": 61, "h200x4": 61, "h200x4_suite_3": 67}
+# h200x4_suite_3: the default parts at commit b4a5041 (62 equivalence + 5 checkpoint); h200x4_suite_5: the
+# default parts at ae4139b, with the 11 engine-option VARIANTS (84 equivalence incl. 22 variant verdicts + 5)
+FOLDERS = {"h200x4_suite": 61, "h200x4_suite_2": 61, "h200x4": 61, "h200x4_suite_3": 67, "h200x4_suite_5": 89}
 
 
 @pytest.mark.parametrize("folder,verdicts", FOLDERS.items())
@@ -27,6 +28,18 @@ def test_committed_gpu_results_pass_the_gpu_tests(folder, verdicts):
     assert len(rows) == 1 + verdicts
 
 
+LATEST_SUITE = "h200x4_suite_5"
+
+
+def test_latest_one_call_suite_covers_every_case_of_today():
+    """The newest one-call folder has a passing record for every equivalence case (VARIANTS included) and
+    every checkpoint case the GPU tests list now: a case added later fails here until the suite is rerun on
+    GPUs (`bash scripts/gpu_megatron_all.sh`) and its folder committed as LATEST_SUITE."""
+    rows, failed = check(RESULTS / LATEST_SUITE)
+    assert failed == 0, "\n".join(r for r in rows if r.startswith("FAILED"))
+    assert len(rows) == 1 + FOLDERS[LATEST_SUITE]
+
+
 def test_committed_new_cases_pass_the_gpu_tests():
     """h200x4_new_cases: the cases added after the one-call runs (shared experts single and EP2, expert-TP
     ETP2xEP2), run alone on 4x H200."""
@@ -34,15 +47,16 @@ def test_committed_new_cases_pass_the_gpu_tests():
     assert failed == 0 and len(rows) == 1 + 6, "\n".join(rows)
 
 
-@pytest.mark.parametrize("suite", ["h200x4_suite", "h200x4_suite_3"])
+@pytest.mark.parametrize("suite", ["h200x4_suite", "h200x4_suite_3", "h200x4_suite_5"])
 def test_committed_submit_resume_records_pass_the_gpu_tests(suite):
     folder = RESULTS / suite / "submit"
     ts.test_resume_continues_the_run_without_a_jump(folder)
     ts.test_resume_under_pp2_passes_the_canary_and_follows_the_run(folder)
 
 
-@pytest.mark.parametrize("folder,cut", [("h200x4_suite", []), ("h200x4_suite_2", ["submit"]), ("h200x4_suite_3", [])])
-def test_committed_suite_ran_every_part_in_one_call(folder, cut):
+@pytest.mark.parametrize("folder,cut,shards", [("h200x4_suite", [], 8), ("h200x4_suite_2", ["submit"], 8),
+                                              ("h200x4_suite_3", [], 8), ("h200x4_suite_5", [], 11)])
+def test_committed_suite_ran_every_part_in_one_call(folder, cut, shards):
     """timeline.json of the one-call runs: every job ended by itself (rc 0; in the 2nd call the submit part
     was stopped by the deadline, as its README entry says), all within the device call's 600 s, and the
     timed all-GPU benchmark runs had the machine to themselves."""
@@ -54,7 +68,7 @@ def test_committed_suite_ran_every_part_in_one_call(folder, cut):
                   and t["start_s"] < wide["end_s"] and t["end_s"] > wide["start_s"]]
         assert beside == [], (wide["job"], beside)
     names = {t["job"] for t in timeline}
-    assert {"submit", "kernels", "judge"} <= names and sum(n.startswith("equivalence_") for n in names) == 8
+    assert {"submit", "kernels", "judge"} <= names and sum(n.startswith("equivalence_") for n in names) == shards
 
 
 def test_committed_suite_overlap_moe_comm_records_pass_the_gpu_tests():
