@@ -58,17 +58,18 @@ def torchrun(world: int, port: int, program: str, *args: str) -> list[str]:
 
 def bench_jobs(ngpu: int, res: Path, titan: bool, wide_impls: str, wide_args: list[str],
                one_alone: bool = False) -> list[Job]:
-    """The exclusive phase: the all-GPU runs one after the other, then the 1-GPU runs side by side (or,
-    `one_alone` or on a 1-GPU machine, one after another on GPU 0: every timed run alone on the machine).
+    """The exclusive phase: the all-GPU runs one after the other (bench_throughput.py with `wide_impls` in one
+    launch, then TorchTitan), then the 1-GPU runs side by side (or, `one_alone` or on a 1-GPU machine,
+    one after another on GPU 0: every timed run alone on the machine).
     CUDA_DEVICE_MAX_CONNECTIONS=32: train.overlap_moe_comm needs its 2nd stream to run concurrently."""
     world = 4 if ngpu >= 4 else 2
     every = tuple(range(world))
     bench = "benchmarks/megatron/bench_throughput.py"
     jobs = []
     if ngpu > 1:
-        jobs.append(Job(f"bench_raytron_w{world}", torchrun(world, 29540, bench, "--impls", wide_impls, "--out",
-                                                            str(res / f"bench_raytron_w{world}.jsonl"), *wide_args),
-                        every, timeout=170, env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"}, phase="bench"))
+        jobs.append(Job(f"bench_megatron_w{world}", torchrun(world, 29540, bench, "--impls", wide_impls, "--out",
+                                                             str(res / f"bench_megatron_w{world}.jsonl"), *wide_args),
+                        every, timeout=240, env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"}, phase="bench"))
     if titan and ngpu > 1:
         jobs.append(Job(f"bench_titan_w{world}", titan_argv(world, 29541, res / f"bench_titan_w{world}.jsonl"),
                         every, after=(jobs[-1].name,), timeout=150, phase="bench"))
@@ -83,6 +84,12 @@ def bench_jobs(ngpu: int, res: Path, titan: bool, wide_impls: str, wide_args: li
                         env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"}, phase="bench"))
         on_gpu[gpu] = jobs[-1].name
     return jobs
+
+
+def default_wide_impls(parts: set[str]) -> str:
+    """megatron-core's local spec beside raytron at all GPUs too, unless the tests share the call: its
+    all-GPU runs take ~60 s more (153 s instead of ~90 s on 2x H200), which the one-call suite has not got."""
+    return "raytron,mcore_local" if parts == {"bench"} else "raytron"
 
 
 def titan_argv(world: int, port: int, out: Path) -> list[str]:
@@ -214,7 +221,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default="bench,tests", help="comma-separated: bench, tests")
     parser.add_argument("--deadline", type=float, default=570.0, help="seconds from the start")
-    parser.add_argument("--wide-impls", default="raytron", help="bench_throughput.py --impls of the all-GPU run")
+    parser.add_argument("--wide-impls", default="",
+                        help="bench_throughput.py --impls of the all-GPU run (default: raytron,mcore_local with "
+                             "--parts bench; raytron alone when the tests share the call: the local spec's all-GPU "
+                             "runs take ~60 s more, past the call's 600 s)")
     parser.add_argument("--wide-args", default="--overlap-moe-comm", help="its extra bench_throughput.py flags")
     parser.add_argument("--one-gpu-alone", action="store_true",
                         help="the 1-GPU bench runs one after another, each alone on the machine (not side by side)")
@@ -231,7 +241,8 @@ def main() -> None:
     titan = Path("/tmp/site_titan/torchtitan").exists()
     if not titan:
         print("[suite] TorchTitan not installed in /tmp/site_titan (wheels in .whl/titan/): not benchmarked")
-    jobs = (bench_jobs(ngpu, res, titan, args.wide_impls, args.wide_args.split(), args.one_gpu_alone)
+    wide_impls = args.wide_impls or default_wide_impls(parts)
+    jobs = (bench_jobs(ngpu, res, titan, wide_impls, args.wide_args.split(), args.one_gpu_alone)
             if "bench" in parts else [])
     bench = tuple(j.name for j in jobs)
     jobs += test_jobs(ngpu, res, bench) if "tests" in parts else []

@@ -49,6 +49,7 @@ WORKLOADS = {
     # the same model with experts replicated (EP 1): data parallelism only, for the scaling comparison
     "moe-olmoe-4l-ep1": ("moe", "olmoe", MOE_OVERRIDES, {2: {"dp": 2}, 4: {"dp": 4}}),
 }
+ONLY_FOR = {"moe-olmoe-4l-ep1": ("raytron",)}  # raytron's own scaling comparison; no mcore_local run of it
 SEQS_PER_RANK = 32  # sequences per DP rank per optimizer step (131k tokens; 524k on 4 GPUs)
 MICRO_BATCH = {("raytron", "dense-1b"): 8, ("raytron", "moe-olmoe-4l"): 4,  # the fastest that fit 80 GB
                ("raytron", "moe-olmoe-4l-ep1"): 4,
@@ -253,6 +254,13 @@ def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, tim
     return rec
 
 
+def planned_runs(impls: list[str], workloads: list[str], world: int) -> list[tuple[str, str]]:
+    """(workload, impl) in run order: each workload that has a layout at this world size (the EP-1 MoE
+    variant has no 1-GPU run of its own: it is moe-olmoe-4l there), for the impls it is meant for."""
+    return [(w, impl) for w in workloads if world in WORKLOADS[w][3]
+            for impl in impls if impl in ONLY_FOR.get(w, (impl,))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -269,20 +277,20 @@ def main() -> None:
                         help="train.overlap_moe_comm for raytron where the layout has ep > 1 (EP all-to-all hidden "
                              "behind another micro-batch's compute; set CUDA_DEVICE_MAX_CONNECTIONS > 1)")
     args = parser.parse_args()
+    unknown = sorted(set(args.workloads.split(",")) - set(WORKLOADS)) + sorted(set(args.impls.split(",")) - set(STEPS))
+    if unknown:
+        parser.error(f"unknown --workloads/--impls {unknown}: workloads are {list(WORKLOADS)}, impls {list(STEPS)}")
     batching = args.micro_batch or None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
-    for workload in args.workloads.split(","):
-        if world not in WORKLOADS[workload][3]:
-            continue  # e.g. the EP-1 MoE variant has no 1-GPU run of its own (it is moe-olmoe-4l there)
-        for impl in args.impls.split(","):
-            rec = run_config(impl, workload, rank, world, args.warmup, args.timed, batching, args.profile or None,
-                             args.overlap_grad_reduce and impl == "raytron",
-                             overlap_moe=args.overlap_moe_comm and impl == "raytron")
-            if rank == 0:
-                write_record(rec, args.out)
-            dist.barrier()
+    for workload, impl in planned_runs(args.impls.split(","), args.workloads.split(","), world):
+        rec = run_config(impl, workload, rank, world, args.warmup, args.timed, batching, args.profile or None,
+                         args.overlap_grad_reduce and impl == "raytron",
+                         overlap_moe=args.overlap_moe_comm and impl == "raytron")
+        if rank == 0:
+            write_record(rec, args.out)
+        dist.barrier()
     dist.destroy_process_group()
 
 

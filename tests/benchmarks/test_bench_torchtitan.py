@@ -69,3 +69,13 @@ def test_record_fields_match_bench_throughput():
     assert rec["global_batch"] * rec["seq_len"] / rec["world"] == bench.bt.SEQS_PER_RANK * 4096
     assert rec["micro_batch"] * rec["grad_accum"] == bench.bt.SEQS_PER_RANK
     assert rec["flops_per_token"] == models.flops_per_token(models.get_config("dense", "1b"), 4096, "megatron")["total"]
+
+
+def test_megatron_bench_runs_mcore_local_at_every_world_but_not_raytrons_ep1_variant():
+    """bench_throughput.planned_runs: megatron-core's local spec runs beside raytron at 1 and at 2-4 GPUs (the
+    side-by-side comparison issue 6 asks for); the EP-1 MoE variant is raytron's own scaling check only."""
+    plan = bench.bt.planned_runs(["raytron", "mcore_local"], list(bench.bt.WORKLOADS), 4)
+    assert plan == [("dense-1b", "raytron"), ("dense-1b", "mcore_local"), ("moe-olmoe-4l", "raytron"),
+                    ("moe-olmoe-4l", "mcore_local"), ("moe-olmoe-4l-ep1", "raytron")]
+    assert bench.bt.planned_runs(["mcore_local"], list(bench.bt.WORKLOADS), 1) == [
+        ("dense-1b", "mcore_local"), ("moe-olmoe-4l", "mcore_local")]

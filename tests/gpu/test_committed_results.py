@@ -106,8 +106,10 @@ def _bench_key(r: dict) -> str:
     return f"{r['impl']} {r['workload']} w{r['world']}" + (" overlap_moe_comm" if r.get("overlap_moe_comm") else "")
 
 
-@pytest.mark.parametrize("bench_json,folder,n", [("megatron_throughput_NVIDIA_H200x4.json", "h200x4_bench_alone", 9),
-                                                   ("megatron_throughput_NVIDIA_H100.json", "h100x1_bench", 5)])
+@pytest.mark.parametrize("bench_json,folder,n", [
+    ("megatron_throughput_NVIDIA_H200x4.json", "h200x4_bench_alone", 9),
+    ("megatron_throughput_NVIDIA_H100.json", "h100x1_bench", 5),
+    ("megatron_throughput_NVIDIA_H200x2.json", "h200x2_bench_alone", 11)])
 def test_committed_benchmark_is_the_raw_records_and_its_targets_follow_from_them(bench_json, folder, n):
     """A bench JSON's main run is a results folder's raw records (every timed run alone on the machine, per
     its timeline), and the ratios its targets state are computed from those records."""
@@ -131,6 +133,11 @@ def test_committed_benchmark_is_the_raw_records_and_its_targets_follow_from_them
         expect |= {"scaling_dense_1_to_4 (>= 95%)": f"{tok['raytron dense-1b w4'] / w1d:.1%}",
                    "scaling_moe_ep4_overlap_mb8 (>= 95%)": f"{ep4 / w1m:.1%}",
                    "scaling_moe_ep1_dp4 (>= 95%)": f"{tok['raytron moe-olmoe-4l-ep1 w4'] / w1m:.1%}"}
+    if "mcore_local dense-1b w2" in tok:  # megatron-core's local spec beside raytron at 2 GPUs too
+        moe2 = tok["raytron moe-olmoe-4l w2 overlap_moe_comm"]
+        expect |= {"vs_mcore_local_dense_w2": f"{tok['raytron dense-1b w2'] / tok['mcore_local dense-1b w2']:.2f}x",
+                   "vs_mcore_local_moe_w2": f"{moe2 / tok['mcore_local moe-olmoe-4l w2']:.2f}x",
+                   "scaling_dense_1_to_2": f"{tok['raytron dense-1b w2'] / w1d:.1%}"}
     for target, value in expect.items():
         assert bench["targets"][target].startswith(value), (target, bench["targets"][target], value)
 

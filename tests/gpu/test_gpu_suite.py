@@ -75,13 +75,13 @@ def _ancestors(jobs: list) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("ngpu,titan", [(4, True), (4, False), (2, True)])
 def test_timed_runs_never_share_the_machine_and_one_gpu_runs_get_their_own_gpu(tmp_path, ngpu, titan):
-    bench = suite.bench_jobs(ngpu, tmp_path, titan, "raytron", ["--overlap-moe-comm"])
+    bench = suite.bench_jobs(ngpu, tmp_path, titan, "raytron,mcore_local", ["--overlap-moe-comm"])
     jobs = bench + suite.test_jobs(ngpu, tmp_path, tuple(j.name for j in bench))
     jobs.append(suite.judge_job(tmp_path, tuple(j.name for j in jobs), ngpu))
     anc = _ancestors(jobs)
     may_overlap = lambda a, b: a.name not in anc[b.name] and b.name not in anc[a.name]  # noqa: E731
     wide = [j for j in bench if len(j.gpus) > 1]
-    assert [j.name for j in wide] == [f"bench_raytron_w{min(ngpu, 4)}"] + ([f"bench_titan_w{min(ngpu, 4)}"] * titan)
+    assert [j.name for j in wide] == [f"bench_megatron_w{min(ngpu, 4)}"] + ([f"bench_titan_w{min(ngpu, 4)}"] * titan)
     for j in wide:
         assert [o.name for o in jobs if o is not j and may_overlap(j, o)] == []
     narrow = [j for j in bench if len(j.gpus) == 1]
@@ -90,6 +90,11 @@ def test_timed_runs_never_share_the_machine_and_one_gpu_runs_get_their_own_gpu(t
         beside = [o for o in jobs if o is not j and may_overlap(j, o)]
         assert all(o in narrow and o.gpus != j.gpus for o in beside), [o.name for o in beside]
     assert all(g < ngpu for j in jobs for g in j.gpus)
+
+
+def test_local_spec_runs_at_all_gpus_in_benchmark_calls_and_not_beside_the_tests():
+    assert suite.default_wide_impls({"bench"}) == "raytron,mcore_local"
+    assert suite.default_wide_impls({"bench", "tests"}) == "raytron"
 
 
 def test_runner_keeps_order_stops_jobs_at_their_limit_and_holds_back_the_reserve(tmp_path):
