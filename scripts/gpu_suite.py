@@ -101,6 +101,7 @@ def titan_argv(world: int, port: int, out: Path) -> list[str]:
 
 SUBMIT_RUNS = Path("/tmp/suite_runs")  # the submit part's checkpoint folder, emptied by each call
 
+
 def _gpu_groups(ngpu: int) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
     return ([(0, 1), (2, 3)] if ngpu >= 4 else [(0, 1)]), tuple(range(min(ngpu, 4)))
 

@@ -3,6 +3,7 @@ tests' own assertions (summarize_results.check, test_megatron_submit's functions
 tolerance or a changed layout list cannot silently leave the committed results behind."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,30 @@ def _bench_key(r: dict) -> str:
     return f"{r['impl']} {r['workload']} w{r['world']}" + (" overlap_moe_comm" if r.get("overlap_moe_comm") else "")
 
 
+def _raw_bench(folder: str) -> list[dict]:
+    return [json.loads(line) for f in sorted((RESULTS / folder).glob("bench_*.jsonl"))
+            for line in f.read_text().splitlines() if line.strip()]
+
+
+def _same_records(a: list[dict], b: list[dict]) -> bool:
+    """Equal but for ran_beside (the suite adds it when it merges the raw files)."""
+    def strip(r: dict) -> str:
+        return json.dumps({k: v for k, v in r.items() if k != "ran_beside"}, sort_keys=True)
+    return sorted(map(strip, a)) == sorted(map(strip, b))
+
+
+@pytest.mark.parametrize("bench_json", sorted(p.name for p in BENCH.glob("megatron_throughput_*.json")))
+def test_committed_benchmark_other_runs_are_their_raw_records(bench_json):
+    """Each other_runs entry that names a results folder holds exactly that folder's raw records."""
+    named = 0
+    for run in json.loads((BENCH / bench_json).read_text()).get("other_runs", []):
+        folder = re.search(r"tests/gpu/results/(\w+)", run.get("what", ""))
+        if folder:
+            named += 1
+            assert _same_records(run["records"], _raw_bench(folder.group(1))), (bench_json, folder.group(1))
+    assert named or bench_json == "megatron_throughput_NVIDIA_H100.json"
+
+
 @pytest.mark.parametrize("bench_json,folder,n", [
     ("megatron_throughput_NVIDIA_H200x4.json", "h200x4_bench_alone", 9),
     ("megatron_throughput_NVIDIA_H100.json", "h100x1_bench", 5),
@@ -114,13 +139,8 @@ def test_committed_benchmark_is_the_raw_records_and_its_targets_follow_from_them
     """A bench JSON's main run is a results folder's raw records (every timed run alone on the machine, per
     its timeline), and the ratios its targets state are computed from those records."""
     bench = json.loads((BENCH / bench_json).read_text())
-    raw = [json.loads(line) for f in sorted((RESULTS / folder).glob("bench_*.jsonl"))
-           for line in f.read_text().splitlines()]
-
-    def strip(r: dict) -> str:
-        return json.dumps({k: v for k, v in r.items() if k != "ran_beside"}, sort_keys=True)
-
-    assert sorted(map(strip, bench["records"])) == sorted(map(strip, raw)) and len(raw) == n
+    raw = _raw_bench(folder)
+    assert _same_records(bench["records"], raw) and len(raw) == n
     timeline = json.loads((RESULTS / folder / "timeline.json").read_text())
     for job in timeline:
         assert job["rc"] == 0 and not [t for t in timeline if t is not job and t["start_s"] < job["end_s"]
