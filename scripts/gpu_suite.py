@@ -56,11 +56,11 @@ def torchrun(world: int, port: int, program: str, *args: str) -> list[str]:
                  str(ROOT / program), *args]
 
 
-def bench_jobs(ngpu: int, res: Path, titan: bool, wide_impls: str, wide_args: list[str],
+def bench_jobs(ngpu: int, res: Path, titan: str, wide_impls: str, wide_args: list[str],
                one_alone: bool = False) -> list[Job]:
     """The exclusive phase: the all-GPU runs one after the other (bench_throughput.py with `wide_impls` in one
-    launch, then TorchTitan), then the 1-GPU runs side by side (or, `one_alone` or on a 1-GPU machine,
-    one after another on GPU 0: every timed run alone on the machine).
+    launch, then TorchTitan on its workloads `titan`, none when empty), then the 1-GPU runs side by side (or,
+    `one_alone` or on a 1-GPU machine, one after another on GPU 0: every timed run alone on the machine).
     CUDA_DEVICE_MAX_CONNECTIONS=32: train.overlap_moe_comm needs its 2nd stream to run concurrently."""
     world = 4 if ngpu >= 4 else 2
     every = tuple(range(world))
@@ -71,16 +71,17 @@ def bench_jobs(ngpu: int, res: Path, titan: bool, wide_impls: str, wide_args: li
                                                              str(res / f"bench_megatron_w{world}.jsonl"), *wide_args),
                         every, timeout=240, env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"}, phase="bench"))
     if titan and ngpu > 1:
-        jobs.append(Job(f"bench_titan_w{world}", titan_argv(world, 29541, res / f"bench_titan_w{world}.jsonl"),
-                        every, after=(jobs[-1].name,), timeout=150, phase="bench"))
+        jobs.append(Job(f"bench_titan_w{world}", titan_argv(world, 29541, res / f"bench_titan_w{world}.jsonl", titan),
+                        every, after=(jobs[-1].name,), timeout=titan_timeout(titan, 150), phase="bench"))
     one_alone = one_alone or ngpu == 1
     last, on_gpu = (jobs[-1].name if jobs else None), {}  # 1-GPU runs: a GPU each while they last, or in turn
     for i, impl in enumerate(["raytron", "mcore_local"] + (["titan"] if titan else [])):
         gpu, out = (0 if one_alone else i % world), res / f"bench_{impl}_w1.jsonl"
-        argv = (titan_argv(1, 29550 + i, out) if impl == "titan"
+        argv = (titan_argv(1, 29550 + i, out, titan) if impl == "titan"
                 else torchrun(1, 29550 + i, bench, "--impls", impl, "--out", str(out)))
         before = on_gpu.get(gpu, last)
-        jobs.append(Job(f"bench_{impl}_w1", argv, (gpu,), after=(before,) if before else (), timeout=170,
+        limit = titan_timeout(titan, 170) if impl == "titan" else 170
+        jobs.append(Job(f"bench_{impl}_w1", argv, (gpu,), after=(before,) if before else (), timeout=limit,
                         env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"}, phase="bench"))
         on_gpu[gpu] = jobs[-1].name
     return jobs
@@ -92,11 +93,22 @@ def default_wide_impls(parts: set[str]) -> str:
     return "raytron,mcore_local" if parts == {"bench"} else "raytron"
 
 
-def titan_argv(world: int, port: int, out: Path) -> list[str]:
-    """TorchTitan's harness with its trainer's CUDA-graph capture, eager if that run fails."""
-    run = " ".join(torchrun(world, port, "benchmarks/megatron/bench_torchtitan.py", "--out", str(out)))
-    return ["bash", "-c", f"for mode in on off; do PYTHONPATH=/tmp/site_titan:$PYTHONPATH {run} "
-                          f"--cuda-graphs $mode && break; done"]
+def default_titan_workloads(parts: set[str]) -> str:
+    """TorchTitan's MoE (its Qwen3-MoE at moe-olmoe-4l's shape; at 2-4 GPUs under EP where the installed torch
+    can, else experts sharded by FSDP: bench_torchtitan.why_not) in benchmark calls only: ~100 s more a call."""
+    return "dense-1b,moe-olmoe-4l,moe-olmoe-4l-ep1" if parts == {"bench"} else "dense-1b"
+
+
+def titan_timeout(workloads: str, dense_s: float) -> float:
+    return dense_s + 100 * any(w.startswith("moe-") for w in workloads.split(","))
+
+
+def titan_argv(world: int, port: int, out: Path, workloads: str) -> list[str]:
+    """TorchTitan's harness with its trainer's CUDA-graph capture; the harness itself reruns eagerly a workload
+    whose graph run fails (once the whole launch was rerun: a MoE error then repeated every workload)."""
+    run = " ".join(torchrun(world, port, "benchmarks/megatron/bench_torchtitan.py", "--workloads", workloads,
+                            "--out", str(out)))
+    return ["bash", "-c", f"PYTHONPATH=/tmp/site_titan:$PYTHONPATH {run}"]
 
 
 SUBMIT_RUNS = Path("/tmp/suite_runs")  # the submit part's checkpoint folder, emptied by each call
@@ -227,6 +239,9 @@ def main() -> None:
                              "--parts bench; raytron alone when the tests share the call: the local spec's all-GPU "
                              "runs take ~60 s more, past the call's 600 s)")
     parser.add_argument("--wide-args", default="--overlap-moe-comm", help="its extra bench_throughput.py flags")
+    parser.add_argument("--titan-workloads", default="",
+                        help="bench_torchtitan.py --workloads (default: dense-1b,moe-olmoe-4l,moe-olmoe-4l-ep1 with "
+                             "--parts bench, ~100 s more than dense-1b alone, which is the default beside the tests)")
     parser.add_argument("--one-gpu-alone", action="store_true",
                         help="the 1-GPU bench runs one after another, each alone on the machine (not side by side)")
     args = parser.parse_args()
@@ -239,7 +254,7 @@ def main() -> None:
     if not parts <= known or ngpu < (1 if parts == {"bench"} else 2):
         sys.exit(f"gpu_suite: needs 2 or 4 GPUs (1 for --parts bench; found {ngpu}) and --parts from "
                  f"{', '.join(sorted(known))} (got {args.parts})")
-    titan = Path("/tmp/site_titan/torchtitan").exists()
+    titan = (args.titan_workloads or default_titan_workloads(parts)) if Path("/tmp/site_titan/torchtitan").exists() else ""
     if not titan:
         print("[suite] TorchTitan not installed in /tmp/site_titan (wheels in .whl/titan/): not benchmarked")
     wide_impls = args.wide_impls or default_wide_impls(parts)

@@ -1,6 +1,6 @@
-"""The TorchTitan comparison (benchmarks/megatron/bench_torchtitan.py) builds TorchTitan's Llama 3 at our model's
-shape: these check the mapping from our ModelConfig to its llama3 arguments without TorchTitan (not a CI
-dependency). The GPU run builds the model with TorchTitan's own code and refuses a parameter count that differs
+"""The TorchTitan comparison (benchmarks/megatron/bench_torchtitan.py) builds TorchTitan's Llama 3 and Qwen3-MoE at
+our models' shapes: these check the mapping from our ModelConfig to their arguments (titan_shapes.py) without
+TorchTitan (not a CI dependency). The GPU run builds the model with TorchTitan's own code and refuses a parameter count that differs
 from ours; llama3_param_count is checked here against models.param_counts, computed independently."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def test_non_dense_models_are_refused(family, flavor):
 
 def test_record_fields_match_bench_throughput():
     rec = bench.bt.base_record("torchtitan", "dense-1b", ("dense", "1b", {}), 4, {"dp": 4, "fsdp": 4},
-                               bench.MICRO_BATCH["dense-1b"])
+                               bench.layout_of("dense-1b", 4)[0])
     # the same tokens per optimizer step per GPU as raytron's records: SEQS_PER_RANK sequences of 4096
     assert rec["global_batch"] * rec["seq_len"] / rec["world"] == bench.bt.SEQS_PER_RANK * 4096
     assert rec["micro_batch"] * rec["grad_accum"] == bench.bt.SEQS_PER_RANK
@@ -79,3 +79,57 @@ def test_megatron_bench_runs_mcore_local_at_every_world_but_not_raytrons_ep1_var
                     ("moe-olmoe-4l", "mcore_local"), ("moe-olmoe-4l-ep1", "raytron")]
     assert bench.bt.planned_runs(["mcore_local"], list(bench.bt.WORKLOADS), 1) == [
         ("dense-1b", "mcore_local"), ("moe-olmoe-4l", "mcore_local")]
+
+
+def test_moe_olmoe_4l_maps_to_qwen3_moe_arguments():
+    shape = bench.qwen3_moe_shape(models.get_config("moe", "olmoe", **bench.bt.MOE_OVERRIDES))
+    assert shape == {"dim": 2048, "n_layers": 4, "n_heads": 16, "n_kv_heads": 16, "head_dim": 128,
+                     "moe_hidden_dim": 1024, "num_experts": 64, "top_k": 8, "vocab_size": 50304, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("flavor, overrides", [("olmoe", {"num_layers": 4}), ("debug", {})])
+def test_qwen3_moe_parameter_count_is_ours_plus_its_qk_norms(flavor, overrides):
+    """Its q and k RMSNorms (head size each, per layer) are the only parameters ours has not."""
+    cfg = models.get_config("moe", flavor, **overrides)
+    shape = bench.qwen3_moe_shape(cfg)
+    assert bench.qwen3_moe_param_count(shape) == models.param_counts(cfg)[0] + 2 * cfg.attn_head_dim * shape["n_layers"]
+
+
+@pytest.mark.parametrize("flavor, overrides, problem", [
+    ("deepseek-small", {}, "shared experts"),
+    ("debug-sigmoid", {}, "router 'sigmoid'"),
+    ("debug-capacity", {}, "capacity_factor"),
+    ("debug", {"norm_topk": False}, "norm_topk=False"),
+    ("debug", {"tie_embeddings": True}, "tied embeddings"),
+])
+def test_unexpressible_moe_configs_are_refused(flavor, overrides, problem):
+    with pytest.raises(ValueError, match=problem):
+        bench.qwen3_moe_shape(models.get_config("moe", flavor, **overrides))
+
+
+@pytest.mark.parametrize("family, flavor", [("dense", "1b"), ("hybrid", "debug-moe")])
+def test_non_moe_models_are_refused_by_qwen3_moe(family, flavor):
+    with pytest.raises(ValueError, match="layer pattern"):
+        bench.qwen3_moe_shape(models.get_config(family, flavor))
+
+
+@pytest.mark.parametrize("workload, world, expect", [
+    ("dense-1b", 1, (8, 1)), ("dense-1b", 4, (8, 1)), ("moe-olmoe-4l", 1, (4, 1)), ("moe-olmoe-4l", 2, (4, 2)),
+    ("moe-olmoe-4l", 4, (8, 4)), ("moe-olmoe-4l-ep1", 4, (4, 1)), ("moe-debug", 2, (2, 2)), ("dense-debug", 2, (2, 1))])
+def test_torchtitan_runs_at_raytrons_micro_batch_and_expert_parallel_degree(workload, world, expect):
+    assert bench.layout_of(workload, world) == expect
+    if workload in bench.bt.WORKLOADS:
+        assert expect == (bench.bt.micro_batch("raytron", workload, world),
+                          bench.bt.WORKLOADS[workload][3][world].get("ep", 1))
+
+
+def test_runs_raytron_has_no_layout_for_or_torch_cannot_do_are_skipped_with_the_reason(monkeypatch):
+    from torch.distributed.fsdp._fully_shard import _fsdp_common
+
+    assert bench.why_not("moe-olmoe-4l-ep1", 1) == "no raytron layout at 1 GPU(s)"
+    monkeypatch.setattr(_fsdp_common, "ShardPlacementResult", object(), raising=False)
+    assert bench.why_not("moe-olmoe-4l", 4) is None and bench.why_not("moe-olmoe-4l-ep1", 4) is None
+    monkeypatch.delattr(_fsdp_common, "ShardPlacementResult")  # as torch 2.11 on the GPU image
+    assert "per-parameter meshes" in bench.why_not("moe-olmoe-4l", 4)
+    assert bench.why_not("moe-olmoe-4l", 1) is None and bench.why_not("moe-olmoe-4l-ep1", 4) is None
+    assert bench.why_not("dense-1b", 4) is None

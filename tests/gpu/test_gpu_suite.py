@@ -73,7 +73,7 @@ def _ancestors(jobs: list) -> dict[str, set[str]]:
     return out
 
 
-@pytest.mark.parametrize("ngpu,titan", [(4, True), (4, False), (2, True)])
+@pytest.mark.parametrize("ngpu,titan", [(4, "dense-1b,moe-olmoe-4l"), (4, ""), (2, "dense-1b")])
 def test_timed_runs_never_share_the_machine_and_one_gpu_runs_get_their_own_gpu(tmp_path, ngpu, titan):
     bench = suite.bench_jobs(ngpu, tmp_path, titan, "raytron,mcore_local", ["--overlap-moe-comm"])
     jobs = bench + suite.test_jobs(ngpu, tmp_path, tuple(j.name for j in bench))
@@ -81,11 +81,11 @@ def test_timed_runs_never_share_the_machine_and_one_gpu_runs_get_their_own_gpu(t
     anc = _ancestors(jobs)
     may_overlap = lambda a, b: a.name not in anc[b.name] and b.name not in anc[a.name]  # noqa: E731
     wide = [j for j in bench if len(j.gpus) > 1]
-    assert [j.name for j in wide] == [f"bench_megatron_w{min(ngpu, 4)}"] + ([f"bench_titan_w{min(ngpu, 4)}"] * titan)
+    assert [j.name for j in wide] == [f"bench_megatron_w{min(ngpu, 4)}"] + ([f"bench_titan_w{min(ngpu, 4)}"] * bool(titan))
     for j in wide:
         assert [o.name for o in jobs if o is not j and may_overlap(j, o)] == []
     narrow = [j for j in bench if len(j.gpus) == 1]
-    assert len(narrow) == 2 + titan
+    assert len(narrow) == 2 + bool(titan)
     for j in narrow:  # beside the other 1-GPU bench runs only, each on a GPU of its own
         beside = [o for o in jobs if o is not j and may_overlap(j, o)]
         assert all(o in narrow and o.gpus != j.gpus for o in beside), [o.name for o in beside]
@@ -95,6 +95,16 @@ def test_timed_runs_never_share_the_machine_and_one_gpu_runs_get_their_own_gpu(t
 def test_local_spec_runs_at_all_gpus_in_benchmark_calls_and_not_beside_the_tests():
     assert suite.default_wide_impls({"bench"}) == "raytron,mcore_local"
     assert suite.default_wide_impls({"bench", "tests"}) == "raytron"
+
+
+def test_torchtitan_moe_runs_in_benchmark_calls_with_the_time_it_needs(tmp_path):
+    assert suite.default_titan_workloads({"bench"}) == "dense-1b,moe-olmoe-4l,moe-olmoe-4l-ep1"
+    assert suite.default_titan_workloads({"bench", "tests"}) == "dense-1b"
+    for titan, extra in (("dense-1b", 0), ("dense-1b,moe-olmoe-4l,moe-olmoe-4l-ep1", 100)):
+        jobs = {j.name: j for j in suite.bench_jobs(4, tmp_path, titan, "raytron", [], one_alone=True)}
+        for name, base in (("bench_titan_w4", 150), ("bench_titan_w1", 170)):
+            assert jobs[name].timeout == base + extra
+            assert f"--workloads {titan} " in jobs[name].argv[-1] and "--cuda-graphs" not in jobs[name].argv[-1]
 
 
 def test_runner_keeps_order_stops_jobs_at_their_limit_and_holds_back_the_reserve(tmp_path):
@@ -149,7 +159,7 @@ def test_engine_option_variants_are_equivalence_cases_of_their_base_layout_and_g
 
 
 def test_one_gpu_runs_alone_on_request_run_one_after_another(tmp_path):
-    bench = suite.bench_jobs(4, tmp_path, True, "raytron", [], one_alone=True)
+    bench = suite.bench_jobs(4, tmp_path, "dense-1b", "raytron", [], one_alone=True)
     anc = _ancestors(bench)
     for j in bench:  # every pair of bench jobs is ordered: nothing runs beside a timed run
         others = [o for o in bench if o is not j and j.name not in anc[o.name] and o.name not in anc[j.name]]
@@ -158,7 +168,7 @@ def test_one_gpu_runs_alone_on_request_run_one_after_another(tmp_path):
 
 
 def test_on_one_gpu_the_bench_part_runs_the_one_gpu_runs_in_turn(tmp_path):
-    bench = suite.bench_jobs(1, tmp_path, True, "raytron", [])
+    bench = suite.bench_jobs(1, tmp_path, "dense-1b", "raytron", [])
     assert [(j.name, j.gpus, j.after) for j in bench] == [
         ("bench_raytron_w1", (0,), ()), ("bench_mcore_local_w1", (0,), ("bench_raytron_w1",)),
         ("bench_titan_w1", (0,), ("bench_mcore_local_w1",))]
