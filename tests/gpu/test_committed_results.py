@@ -120,23 +120,23 @@ def _same_records(a: list[dict], b: list[dict]) -> bool:
 
 
 def _ratios(raw: list[dict]) -> dict[str, str]:
-    """The ratios a bench JSON states (targets, or an other_runs entry's `ratios`), from raw records."""
-    tok = {_bench_key(r): r["tokens_per_s_per_gpu"] for r in raw}
-    w1d = tok["raytron dense-1b w1"]
-    out = {"vs_mcore_local_dense_w1": f"{w1d / tok['mcore_local dense-1b w1']:.2f}x"}
-    if "raytron dense-1b w4" in tok:
-        w1m, ep4 = tok["raytron moe-olmoe-4l w1"], tok["raytron moe-olmoe-4l w4 overlap_moe_comm"]
-        out |= {"scaling_dense_1_to_4": f"{tok['raytron dense-1b w4'] / w1d:.1%}",
-                "scaling_moe_ep4_overlap_mb8": f"{ep4 / w1m:.1%}",
-                "scaling_moe_ep1_dp4": f"{tok['raytron moe-olmoe-4l-ep1 w4'] / w1m:.1%}"}
-    if "mcore_local dense-1b w2" in tok:
-        out |= {"scaling_dense_1_to_2": f"{tok['raytron dense-1b w2'] / w1d:.1%}"}
+    """The ratios a bench JSON states (targets, or an other_runs entry's `ratios`), from raw records: each one
+    whose two records are there."""
+    tok = {_bench_key(r): r["tokens_per_s_per_gpu"] for r in raw if "error" not in r}
+    ep4 = "raytron moe-olmoe-4l w4 overlap_moe_comm"
+    pairs = {"vs_mcore_local_dense_w1": ("raytron dense-1b w1", "mcore_local dense-1b w1", "x"),
+             "scaling_dense_1_to_4": ("raytron dense-1b w4", "raytron dense-1b w1", "%"),
+             "scaling_moe_ep4_overlap_mb8": (ep4, "raytron moe-olmoe-4l w1", "%"),
+             "scaling_moe_ep1_dp4": ("raytron moe-olmoe-4l-ep1 w4", "raytron moe-olmoe-4l w1", "%"),
+             "scaling_dense_1_to_2": ("raytron dense-1b w2", "raytron dense-1b w1", "%"),
+             "vs_torchtitan_moe_w1": ("raytron moe-olmoe-4l w1", "torchtitan moe-olmoe-4l w1", "x"),
+             "vs_torchtitan_moe_ep1_w4": ("raytron moe-olmoe-4l-ep1 w4", "torchtitan moe-olmoe-4l-ep1 w4", "x")}
     for w in (2, 4):  # megatron-core's local spec beside raytron at all GPUs too
-        if f"mcore_local dense-1b w{w}" in tok:
-            moe = tok[f"raytron moe-olmoe-4l w{w} overlap_moe_comm"]
-            out |= {f"vs_mcore_local_dense_w{w}": f"{tok[f'raytron dense-1b w{w}'] / tok[f'mcore_local dense-1b w{w}']:.2f}x",
-                    f"vs_mcore_local_moe_w{w}": f"{moe / tok[f'mcore_local moe-olmoe-4l w{w}']:.2f}x"}
-    return out
+        pairs |= {f"vs_mcore_local_dense_w{w}": (f"raytron dense-1b w{w}", f"mcore_local dense-1b w{w}", "x"),
+                  f"vs_mcore_local_moe_w{w}": (f"raytron moe-olmoe-4l w{w} overlap_moe_comm",
+                                               f"mcore_local moe-olmoe-4l w{w}", "x")}
+    return {name: f"{tok[a] / tok[b]:.2f}x" if kind == "x" else f"{tok[a] / tok[b]:.1%}"
+            for name, (a, b, kind) in pairs.items() if a in tok and b in tok}
 
 
 def _check_stated(stated: dict[str, str], raw: list[dict]) -> int:
