@@ -351,8 +351,12 @@ def train_and_time(setup: Setup, rank: int, steps: tuple[int, int]) -> dict:
         gc.enable()  # GarbageCollection turned automatic collection off
     step_s = statistics.median(times)
     tokens = setup.train.global_batch_size * setup.seq
-    return {"step_times_s": times, "step_s": step_s, "tokens_per_s_per_gpu": tokens / step_s / setup.world,
-            "losses": losses, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
+    out = {"step_times_s": times, "step_s": step_s, "tokens_per_s_per_gpu": tokens / step_s / setup.world,
+           "losses": losses, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
+    biases = [b.detach().abs().mean() for name, b in run.model.named_buffers() if name.endswith("expert_bias_E")]
+    if biases:  # its balancing ran: the routing biases moved off their zero init (0.0 here would mean it did not)
+        out["expert_bias_mean_abs"] = float(torch.stack(biases).mean())
+    return out
 
 
 def layout_of(workload: str, world: int) -> tuple[int, int]:
