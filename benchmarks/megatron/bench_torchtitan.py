@@ -441,9 +441,10 @@ def main() -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     failed = False
     for workload in args.workloads.split(","):
-        if why_not(workload, world):
+        reason = why_not(workload, world)
+        if reason:
             if rank == 0:
-                print(f"[bench] world {world} {workload} torchtitan: not run: {why_not(workload, world)}", flush=True)
+                print(f"[bench] world {world} {workload} torchtitan: not run: {reason}", flush=True)
             continue
         rec = run_config(workload, rank, world, device, args)
         if "error" in rec and rec["titan"]["cuda_graphs"]:  # the same workload eager, as --cuda-graphs off would
