@@ -2,7 +2,8 @@
 
 The launcher's CLI mounts this with `add_subparser(subparsers)` and calls `run(args)` (also set
 as the `func` default on the parsed namespace). Exit codes: 0 done, 1 done but inputs were skipped
-and --strict was given, 2 a DataError (bad path, unknown tokenizer...), printed without a trace.
+and --strict was given, 2 a DataError (bad path or flag, an existing output without --force, no
+usable document: nothing is written then), printed without a trace.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import json
 import sys
 
 from .errors import DataError
-from .prepare import SourceSpecLike, prepare, resolve_all
+from .prepare import SourceSpecLike, check_counts, output_prefix, prepare, resolve_all
 from .sources import FORMATS
+from .storage import exists
 from .tokenizer import TOKENIZERS
 
 
@@ -35,9 +37,10 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    help="thread (default: best for I/O and the byte tokenizer) or spawned processes")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="auto: by file extension")
     p.add_argument("--field", default="text", help="jsonl/parquet field holding the text")
-    p.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
+    p.add_argument("--force", action="store_true", help="overwrite an existing URI.bin/.idx")
+    p.add_argument("--max-documents", type=int, default=None, help="stop after this many documents (>= 1)")
     p.add_argument("--seq-len", type=int, default=None,
-                   help="also count documents longer than one sample of this length")
+                   help="also count documents longer than one sample of this length (>= 1)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -58,8 +61,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    if args.workers < 1:
-        raise DataError(f"--workers must be >= 1, got {args.workers}")
+    check_counts({"--workers": (args.workers, 1), "--max-documents": (args.max_documents, 1),
+                  "--seq-len": (args.seq_len, 1)})
+    out = output_prefix(args.out)
+    existing = [out + ext for ext in (".bin", ".idx") if exists(out + ext)]
+    if existing and not args.force:
+        raise DataError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
+                        f"pass --force to overwrite, or give another --out prefix")
     files = resolve_all([SourceSpecLike(uri, args.format, args.field) for uri in args.sources])
     bar = None
     if not args.no_progress:
@@ -76,8 +84,8 @@ def _prepare(args: argparse.Namespace) -> int:
             bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
 
     try:
-        summary = prepare(files, args.out, args.tokenizer, args.workers, pool=args.pool,
-                          max_documents=args.max_documents, seq_len=args.seq_len, progress=progress)
+        summary = prepare(files, out, args.tokenizer, args.workers, pool=args.pool, max_documents=args.max_documents,
+                          seq_len=args.seq_len, progress=progress, label=" ".join(args.sources))
     finally:
         if bar is not None:
             bar.close()

@@ -10,5 +10,6 @@ class DataError(ValueError):
 
     Bad *content* (empty files, invalid UTF-8, malformed jsonl lines) is not an error: it is counted
     in `ReadStats` and reported in the prepare summary, because one bad line in a terabyte corpus
-    should not stop a job.
+    should not stop a job. A source left with no usable document (too few for a job) is an error,
+    and its message explains the skips from those counts (see `skips.describe_skips`).
     """

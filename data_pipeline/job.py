@@ -32,6 +32,7 @@ from .errors import DataError
 from .indexed import IndexedTokens
 from .packing import PackedDataset, hashed_permutation, sample_starts
 from .prepare import prepare
+from .skips import FixOptions, describe_skips
 from .sources import BUILTIN_STDLIB
 from .storage import fs_and_path, is_local, join, local_scratch_root
 from .tokenizer import ByteTokenizer, get_tokenizer
@@ -135,12 +136,14 @@ def _build_source(spec, i, seq_len, seed, tokenizer, staging: Path, workers) -> 
     """Prepare source i, split its documents into train/valid, pack both; return its manifest entry."""
     src = spec.sources[i]
     prefix = str(staging / f"source-{i}")
-    summary = prepare([src], prefix, tokenizer.name, workers, max_documents=spec.max_documents, seq_len=seq_len)
+    options = FixOptions.job_source(i)
+    summary = prepare([src], prefix, tokenizer.name, workers, max_documents=spec.max_documents, seq_len=seq_len,
+                      label=f"data source {src.uri} (data.sources[{i}])", options=options)
     tokens = IndexedTokens(prefix)
     n = len(tokens)
     if n < 2:
-        raise DataError(f"data source {src.uri} has {n} usable document(s) (skipped: "
-                        f"{summary.stats.skipped}); need >= 2 for a train/valid split")
+        raise DataError(f"data source {src.uri} (data.sources[{i}]) has {n} usable document(s); need >= 2 for "
+                        f"a train/valid split; {describe_skips(summary.stats, options)}")
     perm = hashed_permutation(n, seed, "split", i)
     # valid_fraction of the documents, grown if needed so valid holds at least one full sample
     need = int(np.searchsorted(np.cumsum(tokens.lengths[perm]), seq_len + 1)) + 1

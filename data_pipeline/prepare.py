@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import json
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,8 +26,9 @@ import numpy as np
 
 from .errors import DataError
 from .indexed import IndexedDatasetWriter
+from .skips import FixOptions, describe_skips
 from .sources import ReadStats, SourceFile, read_documents, resolve_source
-from .storage import write_bytes_atomic
+from .storage import fs_and_path, join, write_bytes_atomic
 from .tokenizer import get_tokenizer
 
 
@@ -82,6 +84,8 @@ class PrepareSummary:
         skipped = {k: getattr(self.stats, k) for k in ReadStats.SKIP_KINDS if getattr(self.stats, k)}
         lines.append("  skipped: " + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "nothing"))
         lines += [f"    {e}" for e in self.stats.examples]
+        if skipped:
+            lines.append(f"  why: {describe_skips(self.stats)}")
         if self.long_document_threshold:
             lines.append(f"  documents longer than one sample ({self.long_document_threshold} tokens): "
                          f"{self.long_documents} (kept; split across consecutive samples when packed)")
@@ -147,19 +151,44 @@ def resolve_all(sources: Iterable) -> list[SourceFile]:
     return files
 
 
+def output_prefix(out_uri: str) -> str:
+    """`out_uri` without a `.bin`/`.idx` suffix. A directory is refused: `prep/` would write the
+    hidden files `prep/.bin` and `prep/.idx`."""
+    prefix = out_uri
+    for suffix in (".bin", ".idx"):
+        prefix = prefix[: -len(suffix)] if prefix.endswith(suffix) else prefix
+    fs, path = fs_and_path(prefix) if prefix else (None, "")
+    if not prefix or prefix.endswith(("/", os.sep)) or os.path.basename(path) in ("", ".", "..") \
+            or fs.isdir(path):
+        raise DataError(f"output prefix {out_uri!r} is a directory, not a file prefix: give a prefix inside "
+                        f"it, like {join(prefix or '.', 'corpus')} (writes corpus.bin, corpus.idx, "
+                        f"corpus.summary.json there)")
+    return prefix
+
+
+def check_counts(values: dict[str, tuple[int | None, int]]) -> None:
+    """Refuse counts below their minimum: {name: (value, minimum)}; a None value means 'not given'."""
+    for name, (value, minimum) in values.items():
+        if value is not None and value < minimum:
+            raise DataError(f"{name} must be >= {minimum}, got {value}")
+
+
 def prepare(sources: Sequence, out_uri: str, tokenizer: str = "byte", workers: int = 1, *,
             pool: str = "thread", max_documents: int | None = None, seq_len: int | None = None,
-            progress: Callable[[int, FileTokens], None] | None = None) -> PrepareSummary:
+            progress: Callable[[int, FileTokens], None] | None = None, label: str | None = None,
+            options: FixOptions = FixOptions()) -> PrepareSummary:
     """Tokenize `sources` (URIs or SourceSpecs) into `<out_uri>.bin/.idx` (+ `.summary.json`).
 
     `max_documents` stops after that many documents (files are read in sorted order, so the
     result is deterministic). `seq_len`, when given, only counts documents longer than one sample
     (seq_len + 1 tokens) for the summary. `progress(files_done, file_tokens)` is called per file.
+    No usable document at all is a DataError that says why (`label` names the sources in it,
+    `options` the settings its fix names) and leaves no output behind.
     """
     if pool not in ("thread", "process"):
         raise DataError(f"pool must be 'thread' or 'process', got {pool!r}")
-    for suffix in (".bin", ".idx"):
-        out_uri = out_uri[: -len(suffix)] if out_uri.endswith(suffix) else out_uri
+    check_counts({"workers": (workers, 1), "max_documents": (max_documents, 1), "seq_len": (seq_len, 1)})
+    out_uri = output_prefix(out_uri)
     tok = get_tokenizer(tokenizer)
     files = resolve_all(sources)
     summary = PrepareSummary(out_uri=out_uri, workers=workers, pool=pool,
@@ -179,6 +208,9 @@ def prepare(sources: Sequence, out_uri: str, tokenizer: str = "byte", workers: i
                 progress(done, ft)
             if max_documents is not None and writer.documents >= max_documents:
                 break
+        if writer.documents == 0:  # raised inside the writer: its .bin is discarded, no .idx written
+            raise DataError(f"no usable documents found in {label or f'{len(files)} file(s)'} "
+                            f"({summary.stats.files} file(s) read): {describe_skips(summary.stats, options)}")
     summary.seconds = time.perf_counter() - start
     summary.files, summary.bytes_read = summary.stats.files, summary.stats.bytes_read
     summary.documents = writer.documents

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import DataError
-from .storage import fs_and_path
+from .limits import check_local_file, human_bytes, max_file_bytes, read_bounded, too_large
+from .storage import fs_and_path, is_local
 
 BUILTIN_STDLIB = "builtin://python-stdlib"
 FORMATS = ("text", "jsonl", "parquet")
@@ -48,12 +49,17 @@ class ReadStats:
     missing_field: int = 0
     unreadable_files: int = 0
     examples: list[str] = field(default_factory=list)
+    first_examples: dict[str, str] = field(default_factory=dict)
+    """The first example of each skip kind (`examples` may be all of one kind)."""
+    string_fields: dict[str, int] = field(default_factory=dict)
+    """Characters per string field in jsonl records that lack the text field: names the fix."""
 
     SKIP_KINDS = ("empty_files", "empty_documents", "invalid_utf8", "malformed_lines",
                   "missing_field", "unreadable_files")
 
     def skip(self, kind: str, where: str) -> None:
         setattr(self, kind, getattr(self, kind) + 1)
+        self.first_examples.setdefault(kind, where)
         if len(self.examples) < _MAX_EXAMPLES:
             self.examples.append(f"{kind}: {where}")
 
@@ -66,6 +72,11 @@ class ReadStats:
             if f.name == "examples":
                 room = _MAX_EXAMPLES - len(self.examples)
                 self.examples.extend(other.examples[:max(room, 0)])
+            elif f.name == "first_examples":
+                self.first_examples = {**other.first_examples, **self.first_examples}
+            elif f.name == "string_fields":
+                for name, chars in other.string_fields.items():
+                    self.string_fields[name] = self.string_fields.get(name, 0) + chars
             else:
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
@@ -117,8 +128,13 @@ def resolve_source(uri: str, format: str = "auto", field: str = "text") -> list[
         raise DataError(f"no permission to read data source {uri}: {exc}") from exc
     if not paths:
         raise DataError(f"data source matched no files: {uri}")
-    return [SourceFile(fs.unstrip_protocol(p), format if format != "auto" else infer_format(p), field)
-            for p in paths]
+    files = [SourceFile(fs.unstrip_protocol(p), format if format != "auto" else infer_format(p), field)
+             for p in paths]
+    if is_local(fs):  # devices, FIFOs, oversized files: refused here, before anything is read
+        limit = max_file_bytes()
+        for p, f in zip(paths, files):
+            check_local_file(uri, p, f.format, limit)
+    return files
 
 
 def read_documents(src: SourceFile, stats: ReadStats) -> Iterator[str]:
@@ -126,7 +142,7 @@ def read_documents(src: SourceFile, stats: ReadStats) -> Iterator[str]:
     fs, path = fs_and_path(src.uri)
     try:
         with fs.open(path, "rb", compression="infer") as f:
-            data = f.read() if src.format != "parquet" else None
+            data = read_bounded(f, src.uri, max_file_bytes()) if src.format != "parquet" else None
             table = _read_parquet(f, src) if src.format == "parquet" else None
     except FileNotFoundError as exc:
         raise DataError(f"data file disappeared while reading: {src.uri}") from exc
@@ -179,6 +195,7 @@ def _jsonl_documents(data: bytes, src: SourceFile, stats: ReadStats) -> Iterator
         text = record.get(src.field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             stats.skip("missing_field", f"{where} (no string field {src.field!r})")
+            _count_string_fields(record, stats)
         elif not text:
             stats.skip("empty_documents", where)
         else:
@@ -186,14 +203,26 @@ def _jsonl_documents(data: bytes, src: SourceFile, stats: ReadStats) -> Iterator
             yield text
 
 
+def _count_string_fields(record, stats: ReadStats) -> None:
+    if isinstance(record, dict):
+        for name, value in record.items():
+            if isinstance(value, str) and value:
+                stats.string_fields[name] = stats.string_fields.get(name, 0) + len(value)
+
+
 def _read_parquet(f, src: SourceFile):
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(f)
-    if src.field not in schema.names:
-        raise DataError(f"parquet file {src.uri} has no column {src.field!r} (columns: {schema.names})")
-    f.seek(0)
-    return pq.read_table(f, columns=[src.field])
+    pf = pq.ParquetFile(f)
+    names = pf.schema_arrow.names
+    if src.field not in names:
+        raise DataError(f"parquet file {src.uri} has no column {src.field!r} (columns: {names})")
+    md, limit = pf.metadata, max_file_bytes()
+    size = sum(rg.column(c).total_uncompressed_size for rg in map(md.row_group, range(md.num_row_groups))
+               for c in range(rg.num_columns) if rg.column(c).path_in_schema == src.field)
+    if size > limit:
+        raise too_large(src.uri, f"holds {human_bytes(size)} of {src.field!r} text (uncompressed)", limit)
+    return pf.read(columns=[src.field])
 
 
 def _parquet_documents(table, src: SourceFile, stats: ReadStats) -> Iterator[str]:

@@ -54,8 +54,13 @@ def open_atomic(uri: str) -> Iterator[IO[bytes]]:
     """Open `uri` for binary writing; the file appears under its name only if the block succeeds."""
     fs, path = fs_and_path(uri)
     if not is_local(fs):
-        with fs.open(path, "wb") as f:
+        f = fs.open(path, "wb")
+        try:
             yield f
+        except BaseException:
+            _abandon(f)
+            raise
+        f.close()
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -66,6 +71,16 @@ def open_atomic(uri: str) -> Iterator[IO[bytes]]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _abandon(f) -> None:
+    """Drop an object-store write without committing it: closing would upload what was written."""
+    discard = getattr(f, "discard", None)
+    if discard is None:  # cannot abort this kind of file
+        f.close()
+        return
+    discard()  # fsspec buffered files: drops the buffer, aborts a multipart upload
+    f.closed = True  # so that neither we nor __del__ close (= upload) it
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

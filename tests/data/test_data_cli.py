@@ -34,7 +34,7 @@ def test_bad_inputs_reported_and_strict_exit(tmp_path, capsys):
     assert "documents 2" in cap.out and "malformed_lines 1" in cap.out and "empty_files 1" in cap.out
     assert "a.jsonl:2" in cap.out
     assert "prepare" in cap.err  # the progress bar
-    assert main(argv + ["--strict", "--no-progress"]) == 1
+    assert main(argv + ["--strict", "--no-progress", "--force"]) == 1
 
 
 def test_missing_path_exit_2_names_it(tmp_path, capsys):

@@ -64,3 +64,12 @@ def test_missing_s3_source_named(bucket):
     fs, name, _ = bucket
     with pytest.raises(DataError, match=f"data source not found: s3://{name}/nope"):
         prepare([f"s3://{name}/nope"], f"s3://{name}/out/x")
+
+
+def test_zero_documents_to_s3_leave_no_object(bucket):
+    """A refused prepare must not upload the (empty) .bin it had opened: closing an s3 file uploads it."""
+    fs, name, _ = bucket
+    fs.pipe(f"{name}/junk/blob.txt", bytes(range(256)))
+    with pytest.raises(DataError, match=f"no usable documents found .*s3://{name}/junk/blob.txt \\(byte 128\\)"):
+        prepare([f"s3://{name}/junk"], f"s3://{name}/out/none")
+    assert fs.find(f"{name}/out") == []
