@@ -7,15 +7,24 @@ are stacked back to [experts, ffn, dim] (w_down to [experts, dim, ffn]); DeepSpe
 saved as `<layer>.mixer.router.weight`; the router's `expert_bias` buffer, which DeepSpeed-MoE lacks
 (the engine refuses aux-loss-free balancing), is exported as zeros. Only verified, committed steps are
 read, and only with `weights_only` loading. Exit 0 on success, 2 when the checkpoint cannot be exported.
+
+Paths are checked before the checkpoint is read: RUN_URI must be a directory; --out must name a file
+(not a directory) in an existing directory, must not exist unless --force is given, and never lies
+inside the run's checkpoints/ (not even with --force). The file is written under a temporary name
+beside --out and then renamed, so an interrupted export never leaves a truncated file under that name.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import posixpath
 import re
 import sys
+import uuid
 from typing import Any
 
+import fsspec
 import torch
 
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
@@ -36,7 +45,10 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_uri", help="run directory <checkpoint.uri>/<name> (or its checkpoints/ folder)")
     p.add_argument("--step", type=int, default=None, help="step to export (default: newest that verifies)")
-    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--out", required=True,
+                   help="output .safetensors file (local path or fsspec URI; its directory must exist; "
+                        "never inside the run's checkpoints/)")
+    p.add_argument("--force", action="store_true", help="replace --out if it already exists")
 
 
 def checkpoints_uri(run_uri: str) -> str:
@@ -46,18 +58,19 @@ def checkpoints_uri(run_uri: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        step, count = export_checkpoint(args.run_uri, args.step, args.out)
-    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        step, count = export_checkpoint(args.run_uri, args.step, args.out, force=args.force)
+    except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"raytron export: error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     print(f"[raytron] exported step {step} of {args.run_uri}: {count} tensors -> {args.out}")
     return 0
 
 
-def export_checkpoint(run_uri: str, step: int | None, out: str) -> tuple[int, int]:
-    """Write the reference state dict of `step` (newest verified if None) to `out`; (step, tensors)."""
-    from safetensors.torch import save_file
-
+def export_checkpoint(run_uri: str, step: int | None, out: str, force: bool = False) -> tuple[int, int]:
+    """Write the reference state dict of `step` (newest verified if None) to `out`; (step, tensors).
+    `out` is refused (ValueError, before anything is read) if it exists and not `force`, and always if
+    it lies inside the run's checkpoints/."""
+    out_fs, out_path = check_paths(run_uri, out, force)
     store = CheckpointStore(checkpoints_uri(run_uri))
     if step is None:
         chosen, skipped = store.latest(deep=True)
@@ -70,9 +83,87 @@ def export_checkpoint(run_uri: str, step: int | None, out: str) -> tuple[int, in
                                   f"(committed: {store.committed_steps()})")
         manifest = store.verify(step, deep=True)
     state = reference_state(store, step, manifest)
-    save_file({k: v.contiguous() for k, v in state.items()}, out,
-              metadata={"step": str(step), "engine": manifest.get("engine", ""), "source": store.uri})
+    write_atomic(out_fs, out_path, {k: v.contiguous() for k, v in state.items()},
+                 {"step": str(step), "engine": manifest.get("engine", ""), "source": store.uri}, force)
     return step, len(state)
+
+
+def _is_local(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def _location(fs: Any, path: str) -> tuple[str, str]:
+    """(protocol, normalized absolute path) to compare locations: symlinks and `..` resolved locally."""
+    if _is_local(fs):
+        return "file", os.path.realpath(path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, posixpath.normpath("/" + fs._strip_protocol(path).lstrip("/"))
+
+
+def _inside(child: tuple[str, str], parent: tuple[str, str]) -> bool:
+    if child[0] != parent[0]:
+        return False
+    return child[1] == parent[1] or child[1].startswith(parent[1].rstrip("/") + "/")
+
+
+def check_paths(run_uri: str, out: str, force: bool) -> tuple[Any, str]:
+    """Refuse (ValueError) a RUN_URI that is a file and an --out that cannot or must not be written,
+    before any checkpoint is read; (fs, path) of --out."""
+    run_fs, run_path = fsspec.core.url_to_fs(run_uri)
+    if run_fs.isfile(run_path):
+        raise ValueError(f"RUN_URI {run_uri} is a file, not a run directory: pass the run directory "
+                         f"<checkpoint.uri>/<name> (the folder that holds checkpoints/)")
+    ck_fs, ck_path = fsspec.core.url_to_fs(checkpoints_uri(run_uri))
+    out_fs, out_path = fsspec.core.url_to_fs(out)
+    if _inside(_location(out_fs, out_path), _location(ck_fs, ck_path)):
+        raise ValueError(f"--out {out} is inside the run's checkpoints directory {checkpoints_uri(run_uri)}; "
+                         f"it would damage committed checkpoints (refused even with --force): "
+                         f"choose an --out outside it")
+    if out.endswith("/") or out_fs.isdir(out_path):
+        raise ValueError(f"--out {out} is a directory: give a file name, e.g. "
+                         f"{out.rstrip('/')}/weights.safetensors")
+    if out_fs.exists(out_path) and not force:
+        raise ValueError(f"--out {out} already exists: pass --force to replace it, or choose another --out")
+    parent = posixpath.dirname(out_path.rstrip("/"))
+    if _is_local(out_fs) and parent:
+        if out_fs.isfile(parent):
+            raise ValueError(f"--out {out}: {parent} is a file, not a directory: choose an --out in a directory")
+        if not out_fs.isdir(parent):
+            raise ValueError(f"--out {out}: directory {parent} does not exist: create it first "
+                             f"(mkdir -p {parent}) or choose an --out in an existing directory")
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(f"--out {out}: directory {parent} is not writable: choose another --out")
+    return out_fs, out_path
+
+
+def write_atomic(fs: Any, path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                 force: bool) -> None:
+    """Write safetensors under a temporary name beside `path`, then rename it to `path` (one atomic
+    rename locally; a server-side copy of a finished object on object storage), so an interrupted
+    export leaves no truncated file under `path`; the temporary is removed on any failure."""
+    import safetensors.torch
+
+    parent, name = posixpath.split(path.rstrip("/"))
+    tmp = f"{parent}/.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        if _is_local(fs):
+            safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        else:
+            fs.pipe_file(tmp, safetensors.torch.save(tensors, metadata=metadata))
+        if not force and fs.exists(path):  # created by someone else while this export ran
+            raise ValueError(f"--out {path} appeared while exporting: pass --force to replace it")
+        if _is_local(fs):
+            os.replace(tmp, path)
+        else:
+            fs.mv(tmp, path)
+    except BaseException:
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def reference_state(store: CheckpointStore, step: int, manifest: dict) -> dict[str, torch.Tensor]:
