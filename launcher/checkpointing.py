@@ -217,17 +217,32 @@ def _report(report, metrics: dict, committed_step: int | None) -> None:
            checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
+def choose_resume_step(store: CheckpointStore) -> tuple[int, dict] | str | None:
+    """Rank 0's choice for a resume: (step, manifest) of the newest committed step that verifies, None for a
+    run with no committed step, or the reason to stop when committed steps exist and none verifies (those
+    are left as they are). Committed steps newer than the chosen one failed verification: they are set
+    aside (CheckpointStore.set_aside), since training from the chosen step commits those numbers again."""
+    committed, skipped = store.latest(deep=True)
+    for reason in skipped:
+        print(f"[raytron] skipped checkpoint: {reason}", flush=True)
+    if committed is None:
+        return None if not skipped else (
+            f"no committed checkpoint under {store.uri} verifies ({'; '.join(skipped)}); they are left as they "
+            f"are: restore the damaged files, or move {store.uri} aside to train this run from step 0")
+    for step in store.committed_steps():
+        if step > committed.step:
+            print(f"[raytron] set aside step {step}, which failed verification: {store.set_aside(step)}", flush=True)
+    return committed.step, committed.manifest
+
+
 def restore_checkpoint(engine, store: CheckpointStore, spec, rank: int,
                        canary: str = "auto") -> tuple[int, DataCursor]:
     """(start step, data cursor): from the newest valid committed checkpoint, or (0, 0) for a new run.
     canary: "auto" checks digests after a layout change, "always" after every load, "never" skips."""
-    choice = [None]
-    if rank == 0:
-        committed, skipped = store.latest(deep=True)
-        for reason in skipped:
-            print(f"[raytron] skipped checkpoint: {reason}", flush=True)
-        choice = [None if committed is None else (committed.step, committed.manifest)]
+    choice = [choose_resume_step(store) if rank == 0 else None]
     dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], str):
+        raise CheckpointError(choice[0])
     if choice[0] is None:
         return 0, DataCursor(0)
     step, manifest = choice[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 
 import fsspec
@@ -24,13 +25,64 @@ from .validate import validate_job
 from .worker import data_cache_uri, train_worker
 
 
+CLAIM = ".claim"  # created exclusively by the submit that starts a new run, until config.yaml exists
+
+
 def _run_exists(spec: JobSpec) -> bool:
     fs, root = fsspec.core.url_to_fs(spec.run_uri)
-    return fs.exists(f"{root}/config.yaml") or fs.exists(f"{root}/checkpoints")
+    return any(fs.exists(f"{root}/{name}") for name in ("config.yaml", "checkpoints", CLAIM))
+
+
+def claim_new_run(spec: JobSpec) -> None:
+    """Create `<run>/.claim` exclusively, so that of two submits starting the same new run, one is refused.
+    (Exclusive create is atomic on local and shared filesystems; an object store without conditional
+    writes falls back to check-then-write.)"""
+    fs, root = fsspec.core.url_to_fs(spec.run_uri)
+    fs.makedirs(root, exist_ok=True)
+    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
+    taken = ConfigError("name", f"another submit is starting a run named {spec.name!r} at {spec.run_uri}; "
+                                "choose another --name")
+    try:
+        with fs.open(f"{root}/{CLAIM}", "xb") as f:
+            f.write(body)
+    except FileExistsError:
+        raise taken from None
+    except (ValueError, NotImplementedError):  # no exclusive create on this filesystem
+        if fs.exists(f"{root}/{CLAIM}"):
+            raise taken from None
+        fs.pipe_file(f"{root}/{CLAIM}", body)
+
+
+def release_claim(spec: JobSpec, started: bool) -> None:
+    """Drop the claim: once config.yaml marks the run (`started`), or, when the submit was refused before
+    that, together with the run directory if nothing else is in it."""
+    fs, root = fsspec.core.url_to_fs(spec.run_uri)
+    if fs.exists(f"{root}/{CLAIM}"):
+        fs.rm(f"{root}/{CLAIM}")
+    if not started and fs.exists(root) and not fs.ls(root, detail=False):
+        fs.rmdir(root)
+
+
+def check_resumable(spec: JobSpec) -> None:
+    """--resume: the run's newest usable checkpoint loads under this config and leaves steps to train;
+    refused here, before any record is rewritten, instead of in every worker (`raytron plan CONFIG
+    --resume-from RUN` gives the same answer)."""
+    from .resume_plan import plan_resume
+
+    if not CheckpointStore(f"{spec.run_uri}/checkpoints").committed_steps():
+        return  # nothing committed yet: the run trains from step 0
+    plan = plan_resume(spec, spec.run_uri)
+    if not plan.ok:
+        raise ConfigError("--resume", f"run {spec.name!r} cannot resume under this config: {'; '.join(plan.reasons)}; "
+                                      f"resume with the run's own config ({spec.run_uri}/config.yaml), or start a "
+                                      "new run under another --name")
+    if spec.train.steps < plan.step:
+        raise ConfigError("train.steps", f"got {spec.train.steps}, but run {spec.name!r} is at step {plan.step} "
+                                         f"already; set train.steps above {plan.step} to train on")
 
 
 def preflight(spec: JobSpec, resume: bool):
-    """All checks that need no Ray: config and layout, paths, run-name policy, data preparation."""
+    """The checks that need neither Ray nor data: config and layout, paths, run-name policy, resumability."""
     layout = validate_job(spec, check_paths=True, runnable=True)
     exists = _run_exists(spec)
     if exists and not resume:
@@ -38,12 +90,22 @@ def preflight(spec: JobSpec, resume: bool):
                           "to continue it, or choose another --name")
     if resume and not exists:
         raise ConfigError("name", f"--resume: no run named {spec.name!r} at {spec.run_uri} to resume")
+    if resume:
+        check_resumable(spec)
+    return layout
+
+
+def prepare_data(spec: JobSpec) -> None:
     t0 = time.monotonic()
     data = prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed,
                            cache_uri=data_cache_uri(spec))
     print(f"[raytron] data ready in {time.monotonic() - t0:.1f}s: {len(data.train)} train / "
           f"{len(data.valid)} valid samples of {spec.train.seq_len} tokens at {data.cache_uri}", flush=True)
-    return layout
+
+
+def _started(spec: JobSpec) -> bool:
+    fs, root = fsspec.core.url_to_fs(spec.run_uri)
+    return fs.exists(f"{root}/config.yaml")
 
 
 def write_run_record(spec: JobSpec, layout, resume: bool) -> None:
@@ -118,11 +180,21 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
     """Run `spec` to completion under Ray Train; returns the outcome (never hangs on a failed group)."""
     spec = resolve_local_paths(spec)
     layout = preflight(spec, resume)
-    if resume:
-        reap_dead_driver(spec.run_uri)  # what a crashed driver of this run left on this host (launcher/leftovers.py)
-    _init_ray(spec, address)
-    placement = _place(spec, layout)  # refuses a layout the cluster cannot place, before any record or worker
-    write_run_record(spec, layout, resume)
+    if not resume:
+        claim_new_run(spec)  # held until config.yaml marks the run, dropped if the submit is refused first
+    try:
+        prepare_data(spec)
+        if resume:
+            reap_dead_driver(spec.run_uri)  # what a crashed driver of this run left on this host (launcher/leftovers.py)
+        _init_ray(spec, address)
+        placement = _place(spec, layout)  # refuses a layout the cluster cannot place, before any record or worker
+        write_run_record(spec, layout, resume)
+    except BaseException:
+        if not resume:
+            release_claim(spec, started=_started(spec))
+        raise
+    if not resume:
+        release_claim(spec, started=True)
     record_driver(spec.run_uri, embedded=not (address or os.environ.get("RAY_ADDRESS")))
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

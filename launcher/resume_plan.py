@@ -53,6 +53,11 @@ def _pick(store: CheckpointStore, step: int | None, plan: ResumePlan) -> dict | 
         plan.reasons.append(f"no committed checkpoint with all its files under {store.uri}")
         return None
     plan.step, plan.source = chosen.step, chosen.path
+    committed = store.committed_steps()
+    plan.notes += [f"step {s} has no COMMITTED marker (an interrupted save): not used"
+                   for s in store.listed_steps() if s > chosen.step and s not in committed]
+    plan.notes.append("files are checked by name and size here; their SHA-256 at load, where a corrupted newest "
+                      "step is skipped (and set aside if newer than the step resumed from)")
     return chosen.manifest
 
 

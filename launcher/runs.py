@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from .jobs import RUN_KEY, TERMINAL, URI_KEY, find_jobs, follow, jobs_client, report_end, wait_terminal
+from .jobs import RUN_KEY, TERMINAL, URI_KEY, find_jobs, follow, is_jobs_address, jobs_client, report_end, wait_terminal
 
 
 @dataclass
@@ -139,6 +139,16 @@ def format_table(runs: list[RunSummary]) -> str:
 # ---- commands ------------------------------------------------------------------------------------------
 
 
+def _local_run_uri(root: str, name: str) -> str:
+    """<root>/<name> for a valid run name (never a path that leaves the root, such as '..')."""
+    from .spec import run_name_problem
+
+    problem = run_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{name!r} is not a run name: {problem}")
+    return f"{root.rstrip('/')}/{name}"
+
+
 def _job_for(client, ref: str):
     """The job a NAME|JOB argument means: a submission id, else the newest job of run NAME."""
     jobs = find_jobs(client, ref)
@@ -179,7 +189,7 @@ def run_status(args: argparse.Namespace) -> int:
             print(f"ended:      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(job.end_time / 1000))}")
         print(f"entrypoint: {job.entrypoint}")
     else:
-        summary = read_run(f"{args.root.rstrip('/')}/{args.ref}")
+        summary = read_run(_local_run_uri(args.root, args.ref))
         if summary is None:
             print(f"raytron: error: no run named {args.ref!r} under {args.root}", file=sys.stderr)
             return 2
@@ -192,7 +202,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_logs(args: argparse.Namespace) -> int:
     if not args.address:
-        summary = read_run(f"{args.root.rstrip('/')}/{args.name}")
+        summary = read_run(_local_run_uri(args.root, args.name))
         if summary is None:
             print(f"raytron: error: no run named {args.name!r} under {args.root}", file=sys.stderr)
             return 2
@@ -235,11 +245,16 @@ def run_stop(args: argparse.Namespace) -> int:
 
 
 def _refusals_exit_2(func):
-    """An unreachable cluster or a refused token: say why, exit 2, no traceback."""
+    """A malformed address or run name, an unreachable cluster or a refused token: say why, exit 2, no
+    traceback."""
     def run(args: argparse.Namespace) -> int:
+        if args.address and not is_jobs_address(args.address):
+            print(f"raytron: error: --address {args.address!r}: give the Ray dashboard's address, "
+                  "http://HOST:8265", file=sys.stderr)
+            return 2
         try:
             return func(args)
-        except (PermissionError, ConnectionError) as exc:
+        except (PermissionError, ConnectionError, ValueError) as exc:
             print(f"raytron: error: {exc}", file=sys.stderr)
             return 2
     return run

@@ -83,6 +83,9 @@ class ResourcesSpec:
         check(self.torch_threads >= 1, f"{path}.torch_threads", f"got {self.torch_threads}; must be >= 1")
 
 
+SEED_MAX = 2**31 - 1  # torch/megatron seed offsets (step, rank, TP rank) are added to it and must stay in int64
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     steps: int
@@ -131,6 +134,27 @@ class TrainSpec:
         check(self.warmup_steps >= 0, f"{path}.warmup_steps", f"got {self.warmup_steps}; must be >= 0")
         check(self.eval_every >= 0, f"{path}.eval_every", f"got {self.eval_every}; must be >= 0")
         check(self.grad_clip >= 0, f"{path}.grad_clip", f"got {self.grad_clip}; must be >= 0 (0 disables)")
+        check(0 <= self.seed <= SEED_MAX, f"{path}.seed", f"got {self.seed}; must be in [0, {SEED_MAX}]")
+
+
+RUN_NAME_MAX = 100
+_RUN_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def run_name_problem(name) -> str | None:
+    """Why `name` cannot name a run directory `<checkpoint.uri>/<name>/` (None when it can): ASCII letters,
+    digits, '-', '_' and '.', starting with a letter or digit (so never '.', '..' or a reserved '_' folder
+    such as the data cache), at most RUN_NAME_MAX characters."""
+    if not isinstance(name, str) or not name:
+        return "set a non-empty name"
+    if not set(name) <= _RUN_NAME_CHARS:
+        return "use ASCII letters, digits, '-', '_' and '.' only"
+    if not name[0].isalnum():
+        return ("it must start with a letter or digit (names starting with '.', '_' or '-' are reserved: "
+                "'..' would leave the run root, '_data_cache' is the data cache)")
+    if len(name) > RUN_NAME_MAX:
+        return f"{len(name)} characters; use at most {RUN_NAME_MAX}"
+    return None
 
 
 def check_uri(uri: str, path: str) -> None:
@@ -171,7 +195,11 @@ class DataSpec:
     """Read at most this many documents per source (for quick runs)."""
 
     def validate(self, path: str) -> None:
+        from ..data_pipeline.tokenizer import TOKENIZERS
+
         check(len(self.sources) >= 1, f"{path}.sources", "got an empty list; at least one source is required")
+        check(self.tokenizer in TOKENIZERS, f"{path}.tokenizer",
+              f"got {self.tokenizer!r}; known offline: {', '.join(sorted(TOKENIZERS))} (no downloads at run time)")
         if self.cache_uri is not None:
             check_uri(self.cache_uri, f"{path}.cache_uri")
         check(self.max_documents is None or self.max_documents >= 1, f"{path}.max_documents",
@@ -180,6 +208,8 @@ class DataSpec:
         for i, src in enumerate(self.sources):
             check(src.weight > 0, f"{path}.sources[{i}].weight", f"got {src.weight}; must be > 0")
             check_uri(src.uri, f"{path}.sources[{i}].uri")
+            check(bool(src.field.strip()), f"{path}.sources[{i}].field",
+                  "got an empty field name; set the jsonl/parquet field that holds the text (default: text)")
 
 
 @dataclass(frozen=True)
@@ -289,8 +319,8 @@ class JobSpec:
     fault: FaultSpec = field(default_factory=FaultSpec)
 
     def validate(self, path: str) -> None:
-        check(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), "name",
-              f"got {self.name!r}; use letters, digits, '-', '_' and '.' only")
+        problem = run_name_problem(self.name)
+        check(problem is None, "name", f"got {self.name!r}; {problem}")
 
     @property
     def run_uri(self) -> str:
@@ -368,7 +398,7 @@ def load_spec(path: str, overrides: list[str] = (), name: str | None = None) -> 
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("", f"cannot read config {path}: {exc}") from None
     raw = load_yaml(text, str(path))
-    overrides = list(overrides) + ([f"name={name}"] if name else [])
+    overrides = list(overrides) + ([f"name={name}"] if name is not None else [])
     spec = spec_from_dict(raw, overrides)
     return spec
 

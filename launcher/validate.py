@@ -39,7 +39,12 @@ def check_storage(spec: JobSpec) -> None:
         path = f"data.sources[{i}].uri"
         try:
             fs, root = fsspec.core.url_to_fs(src.uri)
+            if not root.strip("/"):
+                raise ConfigError(path, f"got {src.uri!r}, the root of a whole store; set a bucket and path, "
+                                        "e.g. s3://bucket/corpus/")
             found = fs.glob(root) if any(c in root for c in "*?[") else ([root] if fs.exists(root) else [])
+        except ConfigError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any storage failure makes the source unreadable
             raise ConfigError(path, f"cannot read {src.uri!r}: {type(exc).__name__}: {exc}") from None
         if not found:
@@ -49,6 +54,11 @@ def check_storage(spec: JobSpec) -> None:
 
 def _check_local_writable(uri: str, path: str) -> None:
     if "://" in uri and not uri.startswith("file://"):
+        try:  # an unknown scheme, or one whose fsspec package is not installed
+            fsspec.core.url_to_fs(uri)
+        except (ValueError, ImportError) as exc:
+            raise ConfigError(path, f"got {uri!r}: {exc}; use a local path or the URI of an installed fsspec "
+                                    "filesystem (s3:// needs s3fs, gs:// gcsfs)") from None
         return  # object stores: writability is only known by writing; the first save reports it
     local = uri.removeprefix("file://")
     probe = os.path.abspath(local)
@@ -58,7 +68,11 @@ def _check_local_writable(uri: str, path: str) -> None:
             break
         probe = parent
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(path, f"got {uri!r}; {probe} is not a writable directory")
+        raise ConfigError(path, f"got {uri!r}; {probe} is not a writable directory: use one that is")
+    try:  # access() says yes to root in places no directory can be made (/proc, read-only mounts)
+        os.makedirs(local, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(path, f"got {uri!r}; cannot create it ({exc.strerror}): use a writable directory") from None
 
 
 __all__ = ["validate_job", "check_storage"]

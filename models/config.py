@@ -80,6 +80,12 @@ class ModelConfig:
     """Leading key blocks every query block attends (attention sinks)."""
 
     def __post_init__(self) -> None:
+        small = [f"{name}={getattr(self, name)}" for name in ("vocab_size", "dim", "num_heads", "num_kv_heads")
+                 if getattr(self, name) < 1]
+        if small:
+            raise ValueError(f"got {', '.join(small)}; each must be >= 1")
+        if not self.layer_pattern():
+            raise ValueError(f"got no layers (num_layers={self.num_layers}, pattern={self.pattern!r}); set num_layers >= 1")
         bad = sorted(set(self.layer_pattern()) - set(LAYER_CHARS))
         if bad:
             raise ValueError(f"pattern {self.pattern!r}: unknown layer kinds {bad}; allowed {LAYER_CHARS!r} and '|'")

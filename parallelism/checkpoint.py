@@ -7,7 +7,8 @@ Protocol (../shared/DESIGN.md §4):
    SHA-256, data cursor (RNG states live in each rank's shard);
 4. `COMMITTED` is written last (temp + rename on local disk, one PUT on object storage); there is no
    mutable `latest` pointer: the newest committed step is found by listing;
-5. resume takes the newest step whose marker exists and whose manifest verifies; others are reported;
+5. resume takes the newest step whose marker exists and whose manifest verifies; others are reported,
+   and newer committed steps that fail are set aside (`rejected/`) so the run can commit them anew;
 6. the last `keep` committed steps are kept, older ones deleted only after the newer marker exists;
 7. loading never unpickles code: shards are read with `torch.load(weights_only=True)`.
 """
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 MANIFEST = "manifest.json"
+REJECTED = "rejected"  # committed steps that failed verification, set aside by a resume (never deleted)
 _STEP_RE = re.compile(r"step-(\d{9})$")
 
 
@@ -58,7 +60,7 @@ class CheckpointStore:
     def step_path(self, step: int) -> str:
         return f"{self.root}/step-{step:09d}"
 
-    def _list_steps(self) -> list[int]:
+    def listed_steps(self) -> list[int]:
         self.fs.invalidate_cache()  # other processes write steps: never trust a cached listing
         try:
             entries = self.fs.ls(self.root, detail=False)
@@ -72,7 +74,7 @@ class CheckpointStore:
         return sorted(steps)
 
     def committed_steps(self) -> list[int]:
-        return [s for s in self._list_steps() if self.fs.exists(f"{self.step_path(s)}/{MARKER}")]
+        return [s for s in self.listed_steps() if self.fs.exists(f"{self.step_path(s)}/{MARKER}")]
 
     # ---- writing ------------------------------------------------------------------------
     def write_shard(self, step: int, name: str, state: dict) -> dict:
@@ -120,7 +122,7 @@ class CheckpointStore:
             return []
         keep = set(committed[-self.keep:])
         newest = committed[-1]
-        doomed = [s for s in self._list_steps() if s not in keep and (s in committed or s < newest)]
+        doomed = [s for s in self.listed_steps() if s not in keep and (s in committed or s < newest)]
         for s in doomed:
             self.fs.rm(self.step_path(s), recursive=True)
         return doomed
@@ -161,6 +163,23 @@ class CheckpointStore:
                 continue
             return CommittedStep(step, self.step_path(step), manifest), skipped
         return None, skipped
+
+    def set_aside(self, step: int) -> str:
+        """Move step `step` out of the listing to `rejected/step-N-<time>/` (nothing is deleted), so that the
+        run can commit that step number again. For a committed step that failed verification and that a
+        resume from an older step will write anew (write-once would otherwise refuse it). Returns the path."""
+        src = self.step_path(step)
+        dest = f"{self.root}/{REJECTED}/step-{step:09d}-{time.strftime('%Y%m%dT%H%M%S')}"
+        self.fs.makedirs(f"{self.root}/{REJECTED}", exist_ok=True)
+        if self._local:
+            self.fs.mv(src, dest, recursive=True)  # one rename
+        else:  # object storage: copy every object, then drop the marker first so the step stops counting
+            for path in self.fs.find(src):
+                self.fs.copy(path, f"{dest}/{path[len(src):].lstrip('/')}")
+            self.fs.rm(f"{src}/{MARKER}")
+            self.fs.rm(src, recursive=True)
+        self.fs.invalidate_cache()
+        return dest
 
     def read_shard(self, step: int, name: str, manifest: dict | None = None) -> dict:
         """Load one shard (weights_only) after checking it against the manifest's SHA-256."""

@@ -91,3 +91,14 @@ def test_plan_cli_flag(tmp_path, capsys):
     sets[sets.index("train.global_batch_size=8")] = "train.global_batch_size=12"
     assert main(["plan", CONFIG, "--name", "new", "--resume-from", run, *sets]) == 2
     assert "answer: NO" in capsys.readouterr().err
+
+
+def test_plan_names_a_newer_uncommitted_step_it_passes_over(tmp_path):
+    run = fake_checkpoint(tmp_path, "src", workers=2, ep=2)
+    store = CheckpointStore(f"{run}/checkpoints")
+    store.write_shard(STEP + 2, "state-00000.pt", {"x": torch.zeros(1)})  # an interrupted save
+    plan = plan_resume(load_job(tmp_path, "src", 2, 2, 10), run)
+    assert plan.ok and plan.step == STEP
+    text = format_plan(plan)
+    assert f"note: step {STEP + 2} has no COMMITTED marker (an interrupted save): not used" in text
+    assert "SHA-256 at load" in text

@@ -94,7 +94,7 @@ def test_retention_keeps_exactly_k_committed(ckpt_uri, keep):
     for step in range(2, 8):
         save(store, step)
         assert store.committed_steps() == list(range(max(2, step - keep + 1), step + 1))
-    assert store._list_steps() == list(range(8 - keep, 8)), "old and interrupted steps are deleted"
+    assert store.listed_steps() == list(range(8 - keep, 8)), "old and interrupted steps are deleted"
 
 
 def test_committed_step_is_write_once(ckpt_uri):
@@ -124,3 +124,42 @@ def test_loading_never_unpickles_code(ckpt_uri):
 class _Evil:
     def __reduce__(self):
         return (print, ("unpickled code ran",))
+
+
+def test_resume_sets_aside_a_newer_damaged_step_so_it_can_be_committed_again(ckpt_uri, capsys):
+    """Steps 2 and 4 committed, step 4 corrupted: resume picks 2 and moves 4 to rejected/ (kept, not deleted),
+    so training on from 2 can commit step 4 again (write-once refused it before)."""
+    from raytron.launcher.checkpointing import choose_resume_step
+
+    store = CheckpointStore(ckpt_uri, keep=3)
+    for step in (2, 4):
+        save(store, step)
+    bit_flip(store, shard_path(store, 4))
+    step, manifest = choose_resume_step(store)
+    assert step == 2 and manifest["step"] == 2
+    assert store.committed_steps() == [2]
+    rejected = store.fs.ls(f"{store.root}/rejected", detail=False)
+    assert len(rejected) == 1 and "step-000000004-" in rejected[0]
+    assert store.fs.exists(f"{rejected[0]}/{MARKER}") and store.fs.exists(f"{rejected[0]}/state-00001.pt")
+    save(store, 4)  # the run commits step 4 anew
+    assert store.latest(deep=True)[0].step == 4 and store.apply_retention() == []
+    out = capsys.readouterr().out
+    assert "skipped checkpoint: step 4" in out and "set aside step 4" in out
+
+
+def test_resume_refuses_when_no_committed_step_verifies_and_moves_nothing(ckpt_uri):
+    from raytron.launcher.checkpointing import choose_resume_step
+
+    store = CheckpointStore(ckpt_uri, keep=3)
+    for step in (2, 4):
+        save(store, step)
+        bit_flip(store, shard_path(store, step))
+    reason = choose_resume_step(store)
+    assert isinstance(reason, str) and "no committed checkpoint" in reason and "step 2" in reason
+    assert "move" in reason and store.committed_steps() == [2, 4]
+
+
+def test_resume_of_a_run_without_checkpoints_starts_at_step_0(ckpt_uri):
+    from raytron.launcher.checkpointing import choose_resume_step
+
+    assert choose_resume_step(CheckpointStore(ckpt_uri)) is None

@@ -55,6 +55,20 @@ CASES = [
     ("keep-too-small", job(DS, checkpoint__keep=1), "checkpoint.keep"),
     ("secret-in-uri", job(DS, checkpoint__uri="s3://AKIA:s3cr3t@bucket/runs"), "checkpoint.uri"),
     ("bad-name", job(DS, name="my run/1"), "name"),
+    ("name-dotdot", job(DS, name=".."), "name"),  # would leave the run root
+    ("name-dot", job(DS, name="."), "name"),
+    ("name-reserved", job(DS, name="_data_cache"), "name"),  # the data cache's folder
+    ("name-dash", job(DS, name="-x"), "name"),
+    ("name-non-ascii", job(DS, name="café"), "name"),  # isalnum() is true for it; Ray's metrics are ASCII
+    ("name-too-long", job(DS, name="x" * 101), "name"),
+    ("name-empty", job(DS, name=""), "name"),
+    ("seed-too-big", job(DS, train__seed=2**31), "train.seed"),
+    ("seed-negative", job(DS, train__seed=-1), "train.seed"),
+    ("no-layers", job(DS, model__overrides={"num_layers": 0}), "model.overrides"),
+    ("zero-dim", job(DS, model__overrides={"dim": 0}), "model.overrides"),
+    ("unknown-tokenizer", job(DS, data__tokenizer="gpt2"), "data.tokenizer"),
+    ("empty-field", job(DS, data__sources=[{"uri": "builtin://python-stdlib", "field": " "}]),
+     "data.sources[0].field"),
     ("negative-tp", job(DS, layout__tp=0), "layout.tp"),
     ("zero-stage-range", job(DS, layout__zero_stage=5), "layout.zero_stage"),
     ("uneven-nodes", job(DS, resources__nodes=3), "resources.workers"),
@@ -148,6 +162,22 @@ def test_storage_checks(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     spec, _ = validate_raw(DS, [f"data.sources[0].uri={tmp_path}/*.txt", f"checkpoint.uri={tmp_path}/runs"])
     validate_job(spec, check_paths=True)
+
+
+@pytest.mark.parametrize("override, path, words", [
+    ("checkpoint.uri=/proc/raytron-runs", "checkpoint.uri", "cannot create it"),  # access() says yes to root
+    ("checkpoint.uri=foo://runs", "checkpoint.uri", "Protocol not known: foo"),
+    ("data.sources[0].uri=s3://", "data.sources[0].uri", "the root of a whole store"),
+])
+def test_storage_errors_name_the_field(override, path, words):
+    """Storage failures that used to surface as bare fsspec/OS messages name the setting and the fix."""
+    from raytron.launcher.validate import validate_job
+
+    spec, _ = validate_raw(DS, [override, "checkpoint.uri=memory://runs"] if path != "checkpoint.uri" else [override])
+    with pytest.raises(ConfigError) as exc:
+        validate_job(spec, check_paths=True)
+    message = exc.value.message
+    assert exc.value.path == path and words in message and ("use" in message or "set" in message), str(exc.value)
 
 
 def test_yaml_merge_keys_and_12_scalars(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,43 @@ def test_tensorboard_scalars_match_metrics(runs):
     assert all(v > 0 for v in scalars["tokens_per_sec"].values())
     resumed = tb_scalars(root / "split")["loss"]
     assert sorted(resumed) == list(range(1, 2 * n + 1)), "resumed run's TensorBoard steps never repeat"
+
+
+def copy_run(root: Path, name: str) -> Path:
+    """A copy of the finished 'straight' run (committed steps 4 and 6) under another name."""
+    shutil.copytree(root / "straight", root / name)
+    return root / name
+
+
+def test_resume_past_a_corrupted_newest_checkpoint(runs, capsys):
+    """Step 6 corrupted: the resume trains on from step 4, sets step 6 aside (kept under rejected/) and
+    commits a new step 6 and 8; before, re-committing step 6 failed on every rank (write-once)."""
+    root, n, _ = runs
+    run = copy_run(root, "damaged")
+    shard = run / "checkpoints" / "step-000000006" / "state-00000.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert submit(root, "damaged", 2 * n + 2, "--resume") == 0
+    out = capsys.readouterr().out
+    assert "fails its SHA-256 check" in out and "set aside step 6" in out and "resumed from step 4" in out
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000000006", "step-000000008"]
+    [rejected] = (run / "checkpoints" / "rejected").iterdir()
+    assert rejected.name.startswith("step-000000006-") and (rejected / "state-00000.pt").read_bytes() == data
+
+
+@pytest.mark.parametrize("change, field", [(["--set", "train.seq_len=32"], "--resume"),
+                                           (["--set", "train.steps=4"], "train.steps")])
+def test_resume_that_cannot_continue_is_refused_before_any_record_changes(runs, capsys, change, field):
+    """A changed model/data config, or train.steps below the run's step: exit 2 at once, config.yaml and
+    attempts.jsonl untouched (before, the workers failed after Ray started and config.yaml was rewritten)."""
+    root, n, _ = runs
+    run = copy_run(root, f"refused-{field.strip('-').replace('.', '-')}")
+    before = {f: (run / f).read_bytes() for f in ("config.yaml", "attempts.jsonl")}
+    assert submit(root, run.name, 2 * n, "--resume", *change) == 2
+    err = capsys.readouterr().err
+    assert field in err and ("seq_len: 64 -> 32" in err or "at step 6 already" in err), err
+    assert {f: (run / f).read_bytes() for f in before} == before
 
 
 def test_existing_run_name_is_refused_without_resume(runs, capsys):

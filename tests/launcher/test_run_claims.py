@@ -1,0 +1,114 @@
+"""Run directories belong to one run: names cannot leave the run root, a new run is claimed exclusively by
+one submit, and a submit refused before it starts leaves no run behind (so the name stays free)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raytron.launcher import driver
+from raytron.launcher.cli import main
+from raytron.launcher.spec import load_spec
+from raytron.launcher.strict_yaml import ConfigError
+
+CONFIG = str(Path(__file__).resolve().parents[2] / "cluster_configs" / "local_debug.yaml")
+
+
+def spec_at(root: Path, name: str = "claimed", *extra: str):
+    return load_spec(CONFIG, [f"checkpoint.uri={root}", *extra], name)
+
+
+def test_second_claim_of_a_new_run_is_refused(tmp_path):
+    spec = spec_at(tmp_path)
+    driver.claim_new_run(spec)
+    assert driver._run_exists(spec)  # a submit arriving now sees the run as taken
+    with pytest.raises(ConfigError, match="another submit is starting a run named 'claimed'"):
+        driver.claim_new_run(spec)
+    with pytest.raises(ConfigError, match="already exists"):
+        driver.preflight(spec, resume=False)
+
+
+def test_refused_submit_releases_its_claim_and_the_empty_run_directory(tmp_path, monkeypatch):
+    """Data too small to train on is refused after the claim (data preparation comes after it): the name
+    must stay free for the next try."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("one short document\n")
+    spec = spec_at(tmp_path, "claimed", f"data.sources[0].uri={corpus}")
+    claims = []
+    monkeypatch.setattr(driver, "claim_new_run", lambda s, real=driver.claim_new_run: claims.append(real(s)))
+    with pytest.raises((ConfigError, ValueError)):
+        driver.run_job(spec)
+    assert len(claims) == 1 and not (tmp_path / "claimed").exists()
+
+
+def test_release_after_start_keeps_the_run(tmp_path):
+    spec = spec_at(tmp_path)
+    driver.claim_new_run(spec)
+    (tmp_path / "claimed" / "config.yaml").write_text("name: claimed\n")
+    driver.release_claim(spec, started=True)
+    assert sorted(p.name for p in (tmp_path / "claimed").iterdir()) == ["config.yaml"]
+
+
+def test_release_never_removes_a_directory_with_other_files(tmp_path):
+    spec = spec_at(tmp_path)
+    driver.claim_new_run(spec)
+    (tmp_path / "claimed" / "keep.txt").write_text("x")
+    driver.release_claim(spec, started=False)
+    assert (tmp_path / "claimed" / "keep.txt").exists() and not (tmp_path / "claimed" / ".claim").exists()
+
+
+@pytest.mark.parametrize("name", ["", "..", ".", "_data_cache", "café", "x" * 101])
+def test_submit_refuses_bad_run_names_before_anything_starts(tmp_path, capsys, name):
+    assert main(["submit", CONFIG, "--name", name, "--set", f"checkpoint.uri={tmp_path}"]) == 2
+    assert "name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["status", "logs"])
+@pytest.mark.parametrize("name", ["..", "../runs/x", "_data_cache"])
+def test_status_and_logs_stay_inside_the_root(tmp_path, capsys, command, name):
+    root = tmp_path / "runs"
+    root.mkdir()
+    (tmp_path / "config.yaml").write_text("train: {steps: 1}\n")  # what '..' would find
+    assert main([command, name, "--root", str(root)]) == 2
+    assert "is not a run name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["runs"], ["status", "x"], ["logs", "x"], ["stop", "x"]])
+def test_malformed_address_is_refused_without_a_traceback(capsys, command):
+    assert main([*command, "--address", "notaurl"]) == 2
+    assert "http://HOST:8265" in capsys.readouterr().err
+
+
+def test_seed_and_layer_limits_are_refused_by_plan_too(capsys):
+    assert main(["plan", CONFIG, "--set", "train.seed=99999999999999999999999"]) == 2
+    assert "train.seed" in capsys.readouterr().err
+    assert main(["plan", CONFIG, "--set", "model.overrides.num_layers=0"]) == 2
+    assert "num_layers" in capsys.readouterr().err
+
+
+@pytest.fixture(params=["memory", "s3"])
+def remote_root(request) -> str:
+    import uuid
+
+    import fsspec
+
+    if request.param == "memory":
+        return f"memory://claims-{uuid.uuid4().hex[:8]}/runs"
+    request.getfixturevalue("s3_server")
+    bucket = f"raytron-claims-{uuid.uuid4().hex[:8]}"
+    fsspec.filesystem("s3").mkdir(bucket)
+    return f"s3://{bucket}/runs"
+
+
+def test_claim_on_object_storage(remote_root):
+    """Exclusive create where the filesystem has it, check-then-write where not: a second claim is refused
+    either way, and a refused submit leaves nothing behind."""
+    spec = load_spec(CONFIG, [f"checkpoint.uri={remote_root}"], "claimed")
+    driver.claim_new_run(spec)
+    with pytest.raises(ConfigError, match="another submit is starting"):
+        driver.claim_new_run(spec)
+    driver.release_claim(spec, started=False)
+    assert not driver._run_exists(spec)
+    driver.claim_new_run(spec)  # free again
