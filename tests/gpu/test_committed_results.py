@@ -48,11 +48,18 @@ def test_committed_new_cases_pass_the_gpu_tests():
     assert failed == 0 and len(rows) == 1 + 6, "\n".join(rows)
 
 
-@pytest.mark.parametrize("suite", ["h200x4_suite", "h200x4_suite_3", "h200x4_suite_5"])
+@pytest.mark.parametrize("suite", ["h200x4_suite", "h200x4_suite_3", "h200x4_suite_5", "h200x2_submit_seq"])
 def test_committed_submit_resume_records_pass_the_gpu_tests(suite):
     folder = RESULTS / suite / "submit"
     ts.test_resume_continues_the_run_without_a_jump(folder)
     ts.test_resume_under_pp2_passes_the_canary_and_follows_the_run(folder)
+
+
+def test_committed_submit_records_of_runs_sharing_gpus_fail_the_bar():
+    """h200x2_submit_shared: the baseline pair run side by side on one GPU pair drifted apart (the reason the
+    script now runs them in turn there): the judged bar catches it."""
+    with pytest.raises(AssertionError):
+        ts.test_resume_continues_the_run_without_a_jump(RESULTS / "h200x2_submit_shared" / "submit")
 
 
 @pytest.mark.parametrize("folder,cut,shards", [("h200x4_suite", [], 8), ("h200x4_suite_2", ["submit"], 8),
