@@ -37,7 +37,9 @@ def _run_submit(args: argparse.Namespace) -> int:
 
     try:
         spec = load_spec(args.config, args.overrides, args.name)
-        from .jobs import is_jobs_address
+        from .jobs import check_address, is_jobs_address
+
+        check_address(args.address)
 
         if is_jobs_address(args.address):
             from .jobs import submit_remote

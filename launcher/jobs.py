@@ -42,6 +42,17 @@ def is_jobs_address(address: str | None) -> bool:
     return bool(address) and address.startswith(("http://", "https://"))
 
 
+_RAY_ADDRESS = re.compile(r"^(auto|ray://\S+|\[?[\w.:-]+\]?:\d+)$")
+
+
+def check_address(address: str | None) -> None:
+    """Refuse, before any data is prepared, an --address that is neither a dashboard URL (http[s]://) nor a
+    Ray address (HOST:PORT, ray://HOST:PORT or auto)."""
+    if address and not is_jobs_address(address) and not _RAY_ADDRESS.match(address):
+        raise ConfigError("--address", f"got {address!r}; use the dashboard's http://HOST:8265 (a Ray Job) or a "
+                                       "Ray address HOST:PORT / ray://HOST:10001 (drive the cluster from here)")
+
+
 def auth_headers() -> dict[str, str]:
     """`Authorization: Bearer <token>` when a Ray auth token is found ($RAY_AUTH_TOKEN,
     $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token): the header Ray's dashboard checks in token mode."""

@@ -112,3 +112,22 @@ def test_claim_on_object_storage(remote_root):
     driver.release_claim(spec, started=False)
     assert not driver._run_exists(spec)
     driver.claim_new_run(spec)  # free again
+
+
+@pytest.mark.parametrize("address, ok", [("notaurl", False), ("http://127.0.0.1:8265", True), ("10.0.0.1:6379", True),
+                                         ("ray://head:10001", True), ("auto", True), ("head 6379", False)])
+def test_submit_address_forms(address, ok):
+    from raytron.launcher.jobs import check_address
+
+    if ok:
+        check_address(address)
+    else:
+        with pytest.raises(ConfigError, match="--address"):
+            check_address(address)
+
+
+def test_submit_with_a_malformed_address_is_refused_before_data_preparation(tmp_path, capsys):
+    assert main(["submit", CONFIG, "--address", "notaurl", "--set", f"checkpoint.uri={tmp_path}"]) == 2
+    captured = capsys.readouterr()
+    assert "--address" in captured.err and "data ready" not in captured.out
+    assert list(tmp_path.iterdir()) == []
