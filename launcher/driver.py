@@ -39,7 +39,8 @@ def claim_new_run(spec: JobSpec) -> None:
     writes falls back to check-then-write.)"""
     fs, root = fsspec.core.url_to_fs(spec.run_uri)
     fs.makedirs(root, exist_ok=True)
-    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
+    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "create_time": _create_time(),
+                       "time": time.time()}).encode()
     taken = ConfigError("name", f"another submit is starting a run named {spec.name!r} at {spec.run_uri}; "
                                 "choose another --name")
     try:
@@ -51,6 +52,36 @@ def claim_new_run(spec: JobSpec) -> None:
         if fs.exists(f"{root}/{CLAIM}"):
             raise taken from None
         fs.pipe_file(f"{root}/{CLAIM}", body)
+
+
+def _create_time(pid: int | None = None) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def clear_stale_claim(spec: JobSpec) -> None:
+    """A claim with no config.yaml beside it, left by a submit that died on this host (its process is gone),
+    is removed: a killed submit must not keep the name. A live claimant, or one on another host, is named."""
+    fs, root = fsspec.core.url_to_fs(spec.run_uri)
+    if not fs.exists(f"{root}/{CLAIM}") or fs.exists(f"{root}/config.yaml"):
+        return
+    try:
+        rec = json.loads(fs.cat_file(f"{root}/{CLAIM}"))
+    except (ValueError, FileNotFoundError):
+        rec = {}
+    here = rec.get("host") == socket.gethostname()
+    if here and isinstance(rec.get("pid"), int) and _create_time(rec["pid"]) != rec.get("create_time"):
+        fs.rm(f"{root}/{CLAIM}")
+        print(f"[raytron] removed the claim on run {spec.name!r} left by a submit that died (pid {rec['pid']})")
+        return
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["time"])) if "time" in rec else "?"
+    raise ConfigError("name", f"run {spec.name!r} is being started by another submit (host {rec.get('host', '?')}, "
+                              f"pid {rec.get('pid', '?')}, since {since}); if that submit is gone, delete "
+                              f"{spec.run_uri}/{CLAIM} and submit again")
 
 
 def release_claim(spec: JobSpec, started: bool) -> None:
@@ -84,6 +115,7 @@ def check_resumable(spec: JobSpec) -> None:
 def preflight(spec: JobSpec, resume: bool):
     """The checks that need neither Ray nor data: config and layout, paths, run-name policy, resumability."""
     layout = validate_job(spec, check_paths=True, runnable=True)
+    clear_stale_claim(spec)
     exists = _run_exists(spec)
     if exists and not resume:
         raise ConfigError("name", f"a run named {spec.name!r} already exists at {spec.run_uri}; pass --resume "

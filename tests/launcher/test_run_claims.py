@@ -25,8 +25,33 @@ def test_second_claim_of_a_new_run_is_refused(tmp_path):
     assert driver._run_exists(spec)  # a submit arriving now sees the run as taken
     with pytest.raises(ConfigError, match="another submit is starting a run named 'claimed'"):
         driver.claim_new_run(spec)
-    with pytest.raises(ConfigError, match="already exists"):
-        driver.preflight(spec, resume=False)
+    with pytest.raises(ConfigError, match=r"being started by another submit \(host .*, pid \d+.*delete .*\.claim"):
+        driver.preflight(spec, resume=False)  # this process is alive: its claim is not stale
+
+
+def test_claim_of_a_dead_submit_is_cleared(tmp_path):
+    """A submit killed between its claim and config.yaml: the next submit of that name takes it over."""
+    import json
+    import subprocess
+    import sys
+
+    spec = spec_at(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "claimed").mkdir()
+    (tmp_path / "claimed" / ".claim").write_text(json.dumps(
+        {"host": driver.socket.gethostname(), "pid": int(dead.stdout), "create_time": 1.0, "time": 0}))
+    driver.clear_stale_claim(spec)
+    assert not driver._run_exists(spec)
+    driver.claim_new_run(spec)
+
+
+def test_claim_from_another_host_is_reported_not_cleared(tmp_path):
+    spec = spec_at(tmp_path)
+    (tmp_path / "claimed").mkdir()
+    (tmp_path / "claimed" / ".claim").write_text('{"host": "node-7", "pid": 4242, "time": 0}')
+    with pytest.raises(ConfigError, match="host node-7, pid 4242"):
+        driver.preflight(spec, resume=True)
+    assert (tmp_path / "claimed" / ".claim").exists()
 
 
 def test_refused_submit_releases_its_claim_and_the_empty_run_directory(tmp_path, monkeypatch):
