@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an output location that cannot be written (/proc, a read-only mount...)
+        print(f"error: cannot write --out {args.out}: {exc}; choose a writable location", file=sys.stderr)
+        return 2
 
 
 def _prepare(args: argparse.Namespace) -> int:

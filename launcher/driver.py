@@ -33,16 +33,20 @@ def _run_exists(spec: JobSpec) -> bool:
     return any(fs.exists(f"{root}/{name}") for name in ("config.yaml", "checkpoints", CLAIM))
 
 
-def claim_new_run(spec: JobSpec) -> None:
-    """Create `<run>/.claim` exclusively, so that of two submits starting the same new run, one is refused.
+def claim_run(spec: JobSpec) -> None:
+    """Create `<run>/.claim` exclusively, so that of two submits starting the same run (new, or resumed),
+    one is refused; held until the driver's record (driver.json, which later resumes check) is written.
     (Exclusive create is atomic on local and shared filesystems; an object store without conditional
     writes falls back to check-then-write.)"""
     fs, root = fsspec.core.url_to_fs(spec.run_uri)
-    fs.makedirs(root, exist_ok=True)
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError("name", f"{spec.run_uri} is a file, not a run directory; choose another --name") from None
     body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "create_time": _create_time(),
                        "time": time.time()}).encode()
-    taken = ConfigError("name", f"another submit is starting a run named {spec.name!r} at {spec.run_uri}; "
-                                "choose another --name")
+    taken = ConfigError("name", f"another submit is starting run {spec.name!r} at {spec.run_uri}; wait for it "
+                                "to start, or choose another --name")
     try:
         with fs.open(f"{root}/{CLAIM}", "xb") as f:
             f.write(body)
@@ -64,22 +68,23 @@ def _create_time(pid: int | None = None) -> float | None:
 
 
 def clear_stale_claim(spec: JobSpec) -> None:
-    """A claim with no config.yaml beside it, left by a submit that died on this host (its process is gone),
-    is removed: a killed submit must not keep the name. A live claimant, or one on another host, is named."""
+    """A claim left by a submit that died on this host (its process is gone) is removed: a killed submit
+    must not keep the run. A live claimant, or one on another host, is named with the file to delete."""
     fs, root = fsspec.core.url_to_fs(spec.run_uri)
-    if not fs.exists(f"{root}/{CLAIM}") or fs.exists(f"{root}/config.yaml"):
+    if not fs.exists(f"{root}/{CLAIM}"):
         return
     try:
         rec = json.loads(fs.cat_file(f"{root}/{CLAIM}"))
     except (ValueError, FileNotFoundError):
         rec = {}
+    rec = rec if isinstance(rec, dict) else {}
     here = rec.get("host") == socket.gethostname()
     if here and isinstance(rec.get("pid"), int) and _create_time(rec["pid"]) != rec.get("create_time"):
         fs.rm(f"{root}/{CLAIM}")
         print(f"[raytron] removed the claim on run {spec.name!r} left by a submit that died (pid {rec['pid']})")
         return
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["time"])) if "time" in rec else "?"
-    raise ConfigError("name", f"run {spec.name!r} is being started by another submit (host {rec.get('host', '?')}, "
+    raise ConfigError("name", f"run {spec.name!r} is being started or resumed by another submit (host {rec.get('host', '?')}, "
                               f"pid {rec.get('pid', '?')}, since {since}); if that submit is gone, delete "
                               f"{spec.run_uri}/{CLAIM} and submit again")
 
@@ -105,11 +110,8 @@ def check_resumable(spec: JobSpec) -> None:
     plan = plan_resume(spec, spec.run_uri)
     if not plan.ok:
         raise ConfigError("--resume", f"run {spec.name!r} cannot resume under this config: {'; '.join(plan.reasons)}; "
-                                      f"resume with the run's own config ({spec.run_uri}/config.yaml), or start a "
-                                      "new run under another --name")
-    if spec.train.steps < plan.step:
-        raise ConfigError("train.steps", f"got {spec.train.steps}, but run {spec.name!r} is at step {plan.step} "
-                                         f"already; set train.steps above {plan.step} to train on")
+                                      f"resume with the run's own config ({spec.run_uri}/config.yaml) and train.steps "
+                                      "above its step, or start a new run under another --name")
 
 
 def preflight(spec: JobSpec, resume: bool):
@@ -212,8 +214,7 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
     """Run `spec` to completion under Ray Train; returns the outcome (never hangs on a failed group)."""
     spec = resolve_local_paths(spec)
     layout = preflight(spec, resume)
-    if not resume:
-        claim_new_run(spec)  # held until config.yaml marks the run, dropped if the submit is refused first
+    claim_run(spec)  # held until this driver's record is written; dropped (with an empty new run) if refused first
     try:
         prepare_data(spec)
         if resume:
@@ -221,13 +222,11 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
         _init_ray(spec, address)
         placement = _place(spec, layout)  # refuses a layout the cluster cannot place, before any record or worker
         write_run_record(spec, layout, resume)
+        record_driver(spec.run_uri, embedded=not (address or os.environ.get("RAY_ADDRESS")))
     except BaseException:
-        if not resume:
-            release_claim(spec, started=_started(spec))
+        release_claim(spec, started=_started(spec))
         raise
-    if not resume:
-        release_claim(spec, started=True)
-    record_driver(spec.run_uri, embedded=not (address or os.environ.get("RAY_ADDRESS")))
+    release_claim(spec, started=True)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -59,8 +59,14 @@ def checkpoints_uri(run_uri: str) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         step, count = export_checkpoint(args.run_uri, args.step, args.out, force=args.force)
-    except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as exc:
+    except (CheckpointError, ValueError, OSError) as exc:
         print(f"raytron export: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError (e.g. --out under /proc)
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        print(f"raytron export: error: cannot write --out {args.out}: {exc}; choose a writable location",
+              file=sys.stderr)
         return EXIT_INVALID
     print(f"[raytron] exported step {step} of {args.run_uri}: {count} tensors -> {args.out}")
     return 0
@@ -120,6 +126,9 @@ def check_paths(run_uri: str, out: str, force: bool) -> tuple[Any, str]:
         raise ValueError(f"--out {out} is inside the run's checkpoints directory {checkpoints_uri(run_uri)}; "
                          f"it would damage committed checkpoints (refused even with --force): "
                          f"choose an --out outside it")
+    if any(re.fullmatch(r"step-\d{9}", part) for part in out_path.replace(os.sep, "/").split("/")[:-1]):
+        raise ValueError(f"--out {out} is inside a checkpoint step folder; it would damage a committed "
+                         f"checkpoint (refused even with --force): choose an --out outside it")
     if out.endswith("/") or out_fs.isdir(out_path):
         raise ValueError(f"--out {out} is a directory: give a file name, e.g. "
                          f"{out.rstrip('/')}/weights.safetensors")
@@ -135,6 +144,16 @@ def check_paths(run_uri: str, out: str, force: bool) -> tuple[Any, str]:
         if not os.access(parent, os.W_OK):
             raise PermissionError(f"--out {out}: directory {parent} is not writable: choose another --out")
     return out_fs, out_path
+
+
+def _file_mode(path: str) -> int:
+    """The mode of the file `path` replaces, else what a new file gets under this process's umask."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_atomic(fs: Any, path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
@@ -154,6 +173,7 @@ def write_atomic(fs: Any, path: str, tensors: dict[str, torch.Tensor], metadata:
         if not force and fs.exists(path):  # created by someone else while this export ran
             raise ValueError(f"--out {path} appeared while exporting: pass --force to replace it")
         if _is_local(fs):
+            os.chmod(tmp, _file_mode(path))  # safetensors writes 0600; keep the replaced file's or umask's
             os.replace(tmp, path)
         else:
             fs.mv(tmp, path)

@@ -108,7 +108,11 @@ def plan_resume(spec, uri: str) -> ResumePlan:
     """Decide, without loading tensors, whether `uri` resumes under `spec` (its layout validated here)."""
     from .validate import validate_job
 
-    store, step = locate(uri)
+    try:
+        store, step = locate(uri)
+        store.committed_steps()
+    except (ValueError, ImportError, OSError) as exc:  # an unknown scheme, a file, /proc...
+        return ResumePlan(ok=False, source=uri, reasons=[f"cannot read {uri} as a run or checkpoint folder: {exc}"])
     plan = ResumePlan(ok=False, source=store.step_path(step) if step is not None else store.uri, step=step)
     manifest = _pick(store, step, plan)
     try:
@@ -119,6 +123,9 @@ def plan_resume(spec, uri: str) -> ResumePlan:
     if manifest is None:
         return plan
     _compatibility(manifest, spec, plan)
+    if spec.train.steps < plan.step:
+        plan.reasons.append(f"train.steps={spec.train.steps} is below the checkpoint's step {plan.step}: set "
+                            f"train.steps above {plan.step} to train on")
     if layout is not None and not plan.reasons:
         plan.reshard = _reshard(manifest, layout, manifest.get("model", {}).get("num_experts", 0))
         cursor = manifest.get("data_cursor", {}).get("samples_consumed")

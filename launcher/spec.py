@@ -398,7 +398,8 @@ def load_spec(path: str, overrides: list[str] = (), name: str | None = None) -> 
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("", f"cannot read config {path}: {exc}") from None
     raw = load_yaml(text, str(path))
-    overrides = list(overrides) + ([f"name={name}"] if name is not None else [])
+    if name is not None and isinstance(raw, dict):
+        raw = {**raw, "name": name}  # --name is text as given (YAML would read 123 as a number)
     spec = spec_from_dict(raw, overrides)
     return spec
 

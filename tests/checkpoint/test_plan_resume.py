@@ -102,3 +102,18 @@ def test_plan_names_a_newer_uncommitted_step_it_passes_over(tmp_path):
     text = format_plan(plan)
     assert f"note: step {STEP + 2} has no COMMITTED marker (an interrupted save): not used" in text
     assert "SHA-256 at load" in text
+
+
+def test_plan_refuses_train_steps_below_the_checkpoint_as_submit_does(tmp_path):
+    run = fake_checkpoint(tmp_path, "src", workers=2, ep=2)
+    plan = plan_resume(load_job(tmp_path, "src", 2, 2, STEP - 1), run)
+    assert not plan.ok and f"train.steps={STEP - 1} is below the checkpoint's step {STEP}" in plan.reasons[0]
+
+
+@pytest.mark.parametrize("where", ["file", "foo://x"])
+def test_plan_of_something_that_is_no_folder_is_a_reason_not_a_traceback(tmp_path, where):
+    target = tmp_path / "config.yaml"
+    target.write_text("x: 1\n")
+    uri = str(target) if where == "file" else where
+    plan = plan_resume(load_job(tmp_path, "src", 2, 2, 10), uri)
+    assert not plan.ok and ("cannot read" in plan.reasons[0] or "no committed checkpoint" in plan.reasons[0])

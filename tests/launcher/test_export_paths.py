@@ -174,3 +174,38 @@ def test_interrupted_export_leaves_no_partial_file(run, tmp_path, monkeypatch):
         main([str(run), "--out", str(out), "--force"])
     assert out.read_bytes() == b"previous export", "an interrupted --force export keeps the old file"
     assert os.listdir(out.parent) == ["w.safetensors"]
+
+
+def test_out_inside_another_runs_step_folder_is_refused_even_with_force(tmp_path):
+    """The inside-checkpoints guard covered only the exported run: any step folder is refused now."""
+    from raytron.launcher.export import check_paths
+
+    victim = tmp_path / "victim" / "checkpoints" / "step-000000004"
+    victim.mkdir(parents=True)
+    (victim / "state-00000.pt").write_bytes(b"shard")
+    (tmp_path / "base").mkdir()
+    for force in (False, True):
+        with pytest.raises(ValueError, match="inside a checkpoint step folder"):
+            check_paths(str(tmp_path / "base"), str(victim / "state-00000.pt"), force)
+    assert (victim / "state-00000.pt").read_bytes() == b"shard"
+
+
+def test_atomic_write_keeps_the_usual_file_mode(tmp_path):
+    """safetensors' own writer leaves 0600: a weights file meant to be shared kept only its owner."""
+    import os
+    import stat
+
+    import fsspec
+    import torch
+
+    from raytron.launcher.export import write_atomic
+
+    fs = fsspec.filesystem("file")
+    new = tmp_path / "new.safetensors"
+    write_atomic(fs, str(new), {"w": torch.zeros(2)}, {}, force=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask
+    new.chmod(0o640)
+    write_atomic(fs, str(new), {"w": torch.ones(2)}, {}, force=True)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o640

@@ -21,11 +21,11 @@ def spec_at(root: Path, name: str = "claimed", *extra: str):
 
 def test_second_claim_of_a_new_run_is_refused(tmp_path):
     spec = spec_at(tmp_path)
-    driver.claim_new_run(spec)
+    driver.claim_run(spec)
     assert driver._run_exists(spec)  # a submit arriving now sees the run as taken
-    with pytest.raises(ConfigError, match="another submit is starting a run named 'claimed'"):
-        driver.claim_new_run(spec)
-    with pytest.raises(ConfigError, match=r"being started by another submit \(host .*, pid \d+.*delete .*\.claim"):
+    with pytest.raises(ConfigError, match="another submit is starting run 'claimed'"):
+        driver.claim_run(spec)
+    with pytest.raises(ConfigError, match=r"being started or resumed by another submit \(host .*, pid \d+.*delete .*\.claim"):
         driver.preflight(spec, resume=False)  # this process is alive: its claim is not stale
 
 
@@ -42,7 +42,7 @@ def test_claim_of_a_dead_submit_is_cleared(tmp_path):
         {"host": driver.socket.gethostname(), "pid": int(dead.stdout), "create_time": 1.0, "time": 0}))
     driver.clear_stale_claim(spec)
     assert not driver._run_exists(spec)
-    driver.claim_new_run(spec)
+    driver.claim_run(spec)
 
 
 def test_claim_from_another_host_is_reported_not_cleared(tmp_path):
@@ -61,7 +61,7 @@ def test_refused_submit_releases_its_claim_and_the_empty_run_directory(tmp_path,
     corpus.write_text("one short document\n")
     spec = spec_at(tmp_path, "claimed", f"data.sources[0].uri={corpus}")
     claims = []
-    monkeypatch.setattr(driver, "claim_new_run", lambda s, real=driver.claim_new_run: claims.append(real(s)))
+    monkeypatch.setattr(driver, "claim_run", lambda s, real=driver.claim_run: claims.append(real(s)))
     with pytest.raises((ConfigError, ValueError)):
         driver.run_job(spec)
     assert len(claims) == 1 and not (tmp_path / "claimed").exists()
@@ -69,7 +69,7 @@ def test_refused_submit_releases_its_claim_and_the_empty_run_directory(tmp_path,
 
 def test_release_after_start_keeps_the_run(tmp_path):
     spec = spec_at(tmp_path)
-    driver.claim_new_run(spec)
+    driver.claim_run(spec)
     (tmp_path / "claimed" / "config.yaml").write_text("name: claimed\n")
     driver.release_claim(spec, started=True)
     assert sorted(p.name for p in (tmp_path / "claimed").iterdir()) == ["config.yaml"]
@@ -77,7 +77,7 @@ def test_release_after_start_keeps_the_run(tmp_path):
 
 def test_release_never_removes_a_directory_with_other_files(tmp_path):
     spec = spec_at(tmp_path)
-    driver.claim_new_run(spec)
+    driver.claim_run(spec)
     (tmp_path / "claimed" / "keep.txt").write_text("x")
     driver.release_claim(spec, started=False)
     assert (tmp_path / "claimed" / "keep.txt").exists() and not (tmp_path / "claimed" / ".claim").exists()
@@ -131,12 +131,12 @@ def test_claim_on_object_storage(remote_root):
     """Exclusive create where the filesystem has it, check-then-write where not: a second claim is refused
     either way, and a refused submit leaves nothing behind."""
     spec = load_spec(CONFIG, [f"checkpoint.uri={remote_root}"], "claimed")
-    driver.claim_new_run(spec)
+    driver.claim_run(spec)
     with pytest.raises(ConfigError, match="another submit is starting"):
-        driver.claim_new_run(spec)
+        driver.claim_run(spec)
     driver.release_claim(spec, started=False)
     assert not driver._run_exists(spec)
-    driver.claim_new_run(spec)  # free again
+    driver.claim_run(spec)  # free again
 
 
 @pytest.mark.parametrize("address, ok", [("notaurl", False), ("http://127.0.0.1:8265", True), ("10.0.0.1:6379", True),
@@ -156,3 +156,38 @@ def test_submit_with_a_malformed_address_is_refused_before_data_preparation(tmp_
     captured = capsys.readouterr()
     assert "--address" in captured.err and "data ready" not in captured.out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_is_refused_while_another_submit_starts_the_run(tmp_path):
+    """Two `--resume` of one run a second apart: the second sees the first's claim (before, both trained and
+    mixed two histories in one checkpoint folder)."""
+    spec = spec_at(tmp_path)
+    (tmp_path / "claimed").mkdir()
+    (tmp_path / "claimed" / "config.yaml").write_text("name: claimed\n")
+    driver.claim_run(spec)  # the first resume, alive (this process)
+    with pytest.raises(ConfigError, match="being started or resumed by another submit"):
+        driver.preflight(spec, resume=True)
+    driver.release_claim(spec, started=True)
+    assert sorted(p.name for p in (tmp_path / "claimed").iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.parametrize("body", ["[1, 2]", "", "not json"])
+def test_a_malformed_claim_is_named_not_a_traceback(tmp_path, body):
+    spec = spec_at(tmp_path)
+    (tmp_path / "claimed").mkdir()
+    (tmp_path / "claimed" / ".claim").write_text(body)
+    with pytest.raises(ConfigError, match=r"delete .*\.claim"):
+        driver.clear_stale_claim(spec)
+
+
+def test_a_file_where_the_run_directory_would_be_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file, not a run directory"):
+        driver.claim_run(spec_at(tmp_path, "notes.txt"))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["123", "2024-01-01", "1e3", "true"])
+def test_name_flag_is_text_as_given(tmp_path, name):
+    """--name used to go through YAML: 123 became an int and was refused as 'expected a string'."""
+    assert spec_at(tmp_path, name).name == name
