@@ -25,7 +25,7 @@ from .validate import validate_job
 from .worker import data_cache_uri, train_worker
 
 
-CLAIM = ".claim"  # created exclusively by the submit that starts a new run, until config.yaml exists
+CLAIM = ".claim"  # created exclusively by the submit starting a run (new or resumed), until driver.json exists
 
 
 def _run_exists(spec: JobSpec) -> bool:
@@ -84,14 +84,14 @@ def clear_stale_claim(spec: JobSpec) -> None:
         print(f"[raytron] removed the claim on run {spec.name!r} left by a submit that died (pid {rec['pid']})")
         return
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["time"])) if "time" in rec else "?"
-    raise ConfigError("name", f"run {spec.name!r} is being started or resumed by another submit (host {rec.get('host', '?')}, "
-                              f"pid {rec.get('pid', '?')}, since {since}); if that submit is gone, delete "
-                              f"{spec.run_uri}/{CLAIM} and submit again")
+    raise ConfigError("name", f"run {spec.name!r} is being started or resumed by another submit (host "
+                              f"{rec.get('host', '?')}, pid {rec.get('pid', '?')}, since {since}); if that submit "
+                              f"is gone, delete {spec.run_uri}/{CLAIM} and submit again")
 
 
 def release_claim(spec: JobSpec, started: bool) -> None:
-    """Drop the claim: once config.yaml marks the run (`started`), or, when the submit was refused before
-    that, together with the run directory if nothing else is in it."""
+    """Drop the claim: once the run's records are written (`started`: config.yaml exists), or, when the
+    submit was refused before that, together with the run directory if nothing else is in it."""
     fs, root = fsspec.core.url_to_fs(spec.run_uri)
     if fs.exists(f"{root}/{CLAIM}"):
         fs.rm(f"{root}/{CLAIM}")
@@ -218,7 +218,7 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
     try:
         prepare_data(spec)
         if resume:
-            reap_dead_driver(spec.run_uri)  # what a crashed driver of this run left on this host (launcher/leftovers.py)
+            reap_dead_driver(spec.run_uri)  # what a crashed driver of this run left here (launcher/leftovers.py)
         _init_ray(spec, address)
         placement = _place(spec, layout)  # refuses a layout the cluster cannot place, before any record or worker
         write_run_record(spec, layout, resume)
