@@ -16,7 +16,7 @@ import fsspec
 
 from ..data_pipeline import prepare_for_job
 from ..parallelism.checkpoint import CheckpointStore
-from .leftovers import reap_dead_driver, record_driver
+from .leftovers import live_process, reap_dead_driver, record_driver
 from .outcome import JobOutcome, supervise
 from .preemption import PreemptibleTorchConfig
 from .spec import JobSpec, resolve_local_paths, spec_to_yaml
@@ -43,7 +43,9 @@ def claim_run(spec: JobSpec) -> None:
         fs.makedirs(root, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ConfigError("name", f"{spec.run_uri} is a file, not a run directory; choose another --name") from None
-    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "create_time": _create_time(),
+    import psutil
+
+    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "create_time": psutil.Process().create_time(),
                        "time": time.time()}).encode()
     taken = ConfigError("name", f"another submit is starting run {spec.name!r} at {spec.run_uri}; wait for it "
                                 "to start, or choose another --name")
@@ -52,19 +54,12 @@ def claim_run(spec: JobSpec) -> None:
             f.write(body)
     except FileExistsError:
         raise taken from None
-    except (ValueError, NotImplementedError):  # no exclusive create on this filesystem
+    except (ValueError, NotImplementedError):
+        # A filesystem whose open() rejects mode "x" (local, memory and s3fs accept it: s3fs by a conditional
+        # PUT): claim by check-then-write, which narrows the window to one round trip instead of closing it.
         if fs.exists(f"{root}/{CLAIM}"):
             raise taken from None
         fs.pipe_file(f"{root}/{CLAIM}", body)
-
-
-def _create_time(pid: int | None = None) -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
 
 
 def clear_stale_claim(spec: JobSpec) -> None:
@@ -79,7 +74,7 @@ def clear_stale_claim(spec: JobSpec) -> None:
         rec = {}
     rec = rec if isinstance(rec, dict) else {}
     here = rec.get("host") == socket.gethostname()
-    if here and isinstance(rec.get("pid"), int) and _create_time(rec["pid"]) != rec.get("create_time"):
+    if here and isinstance(rec.get("pid"), int) and live_process(rec["pid"], rec.get("create_time")) is None:
         fs.rm(f"{root}/{CLAIM}")
         print(f"[raytron] removed the claim on run {spec.name!r} left by a submit that died (pid {rec['pid']})")
         return

@@ -27,6 +27,7 @@ from typing import Any
 import fsspec
 import torch
 
+from ..data_pipeline.storage import is_local
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
 
 EXIT_INVALID = 2
@@ -94,14 +95,9 @@ def export_checkpoint(run_uri: str, step: int | None, out: str, force: bool = Fa
     return step, len(state)
 
 
-def _is_local(fs: Any) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
 def _location(fs: Any, path: str) -> tuple[str, str]:
     """(protocol, normalized absolute path) to compare locations: symlinks and `..` resolved locally."""
-    if _is_local(fs):
+    if is_local(fs):
         return "file", os.path.realpath(path)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol, posixpath.normpath("/" + fs._strip_protocol(path).lstrip("/"))
@@ -135,7 +131,7 @@ def check_paths(run_uri: str, out: str, force: bool) -> tuple[Any, str]:
     if out_fs.exists(out_path) and not force:
         raise ValueError(f"--out {out} already exists: pass --force to replace it, or choose another --out")
     parent = posixpath.dirname(out_path.rstrip("/"))
-    if _is_local(out_fs) and parent:
+    if is_local(out_fs) and parent:
         if out_fs.isfile(parent):
             raise ValueError(f"--out {out}: {parent} is a file, not a directory: choose an --out in a directory")
         if not out_fs.isdir(parent):
@@ -166,13 +162,13 @@ def write_atomic(fs: Any, path: str, tensors: dict[str, torch.Tensor], metadata:
     parent, name = posixpath.split(path.rstrip("/"))
     tmp = f"{parent}/.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        if _is_local(fs):
+        if is_local(fs):
             safetensors.torch.save_file(tensors, tmp, metadata=metadata)
         else:
             fs.pipe_file(tmp, safetensors.torch.save(tensors, metadata=metadata))
         if not force and fs.exists(path):  # created by someone else while this export ran
             raise ValueError(f"--out {path} appeared while exporting: pass --force to replace it")
-        if _is_local(fs):
+        if is_local(fs):
             os.chmod(tmp, _file_mode(path))  # safetensors writes 0600; keep the replaced file's or umask's
             os.replace(tmp, path)
         else:

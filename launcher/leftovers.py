@@ -33,7 +33,7 @@ def _record_uri(run_uri: str) -> str:
     return f"{run_uri.rstrip('/')}/driver.json"
 
 
-def _proc(pid: int, create_time: float | None) -> psutil.Process | None:
+def live_process(pid: int, create_time: float | None) -> psutil.Process | None:
     """The process `pid` if it is alive and is the one recorded (same creation time)."""
     try:
         proc = psutil.Process(pid)
@@ -71,7 +71,7 @@ def reap_dead_driver(run_uri: str, grace_s: float = 5.0) -> list[int]:
     rec = json.loads(fs.cat_file(path))
     if rec.get("hostname") != socket.gethostname() or rec.get("pid") == os.getpid():
         return []
-    if _proc(rec["pid"], rec.get("create_time")) is not None:
+    if live_process(rec["pid"], rec.get("create_time")) is not None:
         raise ConfigError("name", f"run at {run_uri} is still driven by pid {rec['pid']} on this host; stop it "
                                   "before resuming")
     candidates = [(p["pid"], p.get("create_time")) for p in rec.get("processes", [])]
@@ -83,7 +83,7 @@ def reap_dead_driver(run_uri: str, grace_s: float = 5.0) -> list[int]:
     # time when written by older code: only reap those that are Ray processes, never an unrelated
     # process that reused the PID. (Matching a recorded process by its command line instead raced with
     # a process that had not yet exec'd its command: CI saw it.)
-    found = [(_proc(pid, ct), ct) for pid, ct in candidates]
+    found = [(live_process(pid, ct), ct) for pid, ct in candidates]
     alive = [p for p, ct in found if p is not None and (ct is not None or _is_ray_process(p))]
     for p in alive:
         try:

@@ -191,3 +191,22 @@ def test_a_file_where_the_run_directory_would_be_is_refused(tmp_path):
 def test_name_flag_is_text_as_given(tmp_path, name):
     """--name used to go through YAML: 123 became an int and was refused as 'expected a string'."""
     assert spec_at(tmp_path, name).name == name
+
+
+def test_claim_on_a_filesystem_without_exclusive_create_falls_back_to_check_then_write(tmp_path, monkeypatch):
+    """Storage whose open() refuses mode "x": the claim is still written, and a second claim still refused."""
+    import fsspec.implementations.local as local
+
+    real_open = local.LocalFileSystem._open
+
+    def no_exclusive(self, path, mode="rb", *args, **kwargs):
+        if "x" in mode:
+            raise ValueError(f"mode {mode!r} not supported")
+        return real_open(self, path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(local.LocalFileSystem, "_open", no_exclusive)
+    spec = spec_at(tmp_path)
+    driver.claim_run(spec)
+    assert (tmp_path / "claimed" / ".claim").exists()
+    with pytest.raises(ConfigError, match="another submit is starting run 'claimed'"):
+        driver.claim_run(spec)
