@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from ..parallelism.checkpoint import CheckpointError
-from ..parallelism.ds_state import gather_state
 
 SECTIONS = ("params", "exp_avg", "exp_avg_sq", "buffers")
 
@@ -45,11 +44,9 @@ def _describe(layout: dict, world: int) -> str:
 def canary_restore(engine, source_state: dict, step: int, manifest: dict, world: int) -> int:
     """Collective. Raises CheckpointError naming the first tensor whose digest differs from the source
     checkpoint's after resharding. Returns the number of tensors compared."""
-    if getattr(getattr(engine, "spec", None), "engine", None) == "megatron":
-        from ..parallelism.megatron_state import gather_state as gather
-    else:
-        gather = gather_state
-    tensors, _ = gather(engine)
+    from .checkpointing import state_ops  # checkpointing imports this module
+
+    tensors, _ = state_ops(engine).gather(engine)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, state_digests(tensors))
     got: dict[str, str] = {}

@@ -23,6 +23,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,14 +36,28 @@ from ..parallelism.ds_state import gather_state, load_state, merge_shards
 from .canary import canary_restore, layout_changed
 
 
-def state_ops(engine):
-    """(gather_state, load_state, merge_shards) of the engine's layout-independent state: parallelism/
-    megatron_state.py for the megatron engine, else parallelism/ds_state.py (the names imported here)."""
-    if getattr(getattr(engine, "spec", None), "engine", None) == "megatron":
-        from ..parallelism import megatron_state
+@dataclasses.dataclass(frozen=True)
+class StateOps:
+    """How an engine's layout-independent state is saved and loaded (parallelism/megatron_state.py for the
+    megatron engine, parallelism/ds_state.py otherwise). A save is `snapshot` (blocking, collective over the
+    default group) then `assemble` (collective over the group it is given; may run on a background thread)."""
 
-        return megatron_state.gather_state, megatron_state.load_state, megatron_state.merge_shards
-    return gather_state, load_state, merge_shards
+    snapshot: Callable
+    assemble: Callable
+    load: Callable
+    merge: Callable
+
+    def gather(self, engine, group=None) -> tuple[dict, bool]:
+        return self.assemble(engine, self.snapshot(engine), group)
+
+
+def state_ops(engine) -> StateOps:
+    """The StateOps of `engine`."""
+    if getattr(getattr(engine, "spec", None), "engine", None) == "megatron":
+        from ..parallelism import megatron_state as ms
+
+        return StateOps(ms.snapshot_state, ms.assemble_state, ms.load_state, ms.merge_shards)
+    return StateOps(gather_state, lambda engine, snapshot, group=None: snapshot, load_state, merge_shards)
 
 
 def code_version() -> str:
@@ -136,26 +151,29 @@ class CheckpointSaver:
         """Collective. Returns the seconds training was blocked by this save."""
         t0 = time.perf_counter()
         self.wait()
-        tensors, writes = state_ops(engine)[0](engine)
-        shards = {f"state-{self.rank:05d}.pt": tensors} if writes else {}
-        shards[f"rng-{self.rank:05d}.pt"] = _rng_state()
+        ops = state_ops(engine)
+        snapshot = ops.snapshot(engine)
+        rng = _rng_state()
         manifest = (build_manifest(self.spec, self.layout, self.world, engine.model_cfg, cursor, metrics)
                     if self.rank == 0 else None)
         job = {"step": step, "t0": t0, "metrics": metrics or {}, "error": None, "end": None}
         self._pending = job
+        args = (job, engine, ops, snapshot, rng, manifest)
         if self.async_save:
-            self._thread = threading.Thread(target=self._write, args=(job, shards, manifest),
-                                            name=f"raytron-ckpt-{step}", daemon=True)
+            self._thread = threading.Thread(target=self._write, args=args, name=f"raytron-ckpt-{step}", daemon=True)
             self._thread.start()
         else:
-            self._write(job, shards, manifest)
+            self._write(*args)
         job["blocking_s"] = time.perf_counter() - t0
         if not self.async_save:
             self.wait()
         return job["blocking_s"]
 
-    def _write(self, job: dict, shards: dict, manifest: dict | None) -> None:
+    def _write(self, job: dict, engine, ops: StateOps, snapshot, rng: dict, manifest: dict | None) -> None:
         try:
+            tensors, writes = ops.assemble(engine, snapshot, self.group)
+            shards = {f"state-{self.rank:05d}.pt": tensors} if writes else {}
+            shards[f"rng-{self.rank:05d}.pt"] = rng
             write_and_commit(self.store, job["step"], self.rank, self.world, shards, manifest, self.group)
         except Exception as exc:  # noqa: BLE001 - re-raised on the training thread by wait()
             job["error"] = exc
@@ -252,9 +270,9 @@ def restore_checkpoint(engine, store: CheckpointStore, spec, rank: int,
             f"(hash {manifest['config_hash']} != {resume_hash(spec)}); resume with the run's own config")
     shards = [store.read_shard(step, name, manifest) for name in sorted(manifest["files"])
               if name.startswith("state-")]
-    _, load, merge = state_ops(engine)
-    state = merge(shards)
-    load(engine, state)
+    ops = state_ops(engine)
+    state = ops.merge(shards)
+    ops.load(engine, state)
     world = dist.get_world_size()
     if canary == "always" or (canary == "auto" and layout_changed(manifest, engine.layout, world)):
         canary_restore(engine, state, step, manifest, world)

@@ -22,6 +22,12 @@ and routers, other PP/EP copies) add zeros. Adding zeros is exact in fp32, so th
 masters bit for bit (a stored -0.0 would read back as +0.0). Rank 0 writes everything; its host memory
 holds the full fp32 state (12 bytes per parameter): fine from debug scale to a few billion parameters,
 a sharded writer is the next step beyond that.
+
+A save is split so training blocks only for copies: `snapshot_state` (collective, blocking) copies
+each rank's own optimizer ranges into reusable host buffers (pinned on GPUs, so the copies run
+asynchronously at full bandwidth) and returns; `assemble_state` builds and reduces the full tensors
+from those buffers over a group of the caller's choice, so the checkpoint saver runs it on its
+background thread over its own gloo group while the next steps train. `gather_state` is both in one.
 """
 
 from __future__ import annotations
@@ -120,15 +126,60 @@ def _contributions(engine) -> set:
     return out
 
 
+def _contributions_cached(engine) -> set:
+    """`_contributions` once per engine: the layout and the optimizer's ranges never change in a run."""
+    cached = getattr(engine, "_ckpt_contributions", None)
+    if cached is None:
+        cached = engine._ckpt_contributions = _contributions(engine)
+    return cached
+
+
+def _host_buffer(engine, key, shape) -> torch.Tensor:
+    """A reusable host buffer for the snapshot of one parameter's range: pinned when the engine is on a
+    GPU, so the device-to-host copies run at full bandwidth and asynchronously. Kept on the engine, so
+    only the first save pays for pinning; the saver's wait() before each snapshot keeps them free."""
+    pool = engine.__dict__.setdefault("_ckpt_host_buffers", {})
+    buf = pool.get(key)
+    if buf is None or buf.shape != shape:
+        buf = pool[key] = torch.empty(shape, dtype=torch.float32, pin_memory=engine.device.type == "cuda")
+    return buf
+
+
 @torch.no_grad()
-def gather_state(engine) -> tuple[dict, bool]:
-    """Full reference-named fp32 state on rank 0 (empty sections elsewhere), and whether this rank
-    writes it (rank 0 only). Collective: every rank must call it."""
+def snapshot_state(engine) -> dict:
+    """The blocking half of a save: this rank's optimizer-owned ranges of the fp32 masters (and Adam
+    moments) copied into host buffers, plus the counters. Collective over the default group. Nothing
+    is assembled here: `assemble_state` does that later, possibly on a background thread."""
     ranges = _param_ranges(engine)
     has_moments = _has_moments(engine)
     step = _optimizer_step(engine) if has_moments else 0
-    contribute = _contributions(engine)
-    # This rank's local values laid out as full megatron tensors (zeros outside its optimizer range).
+    contribute = _contributions_cached(engine)
+    sections = 1 + len(MOMENTS) if has_moments else 1
+    local: dict = {}  # (chunk, megatron name) -> (range start, host [sections, range length])
+    for i, name, param, pieces in _named_params(engine):
+        if param not in ranges or not any((i, name, j) in contribute for j in range(len(pieces))):
+            continue
+        opt, rng = ranges[param]
+        values = opt._get_main_param_and_optimizer_states(param)
+        host = _host_buffer(engine, (i, name), (sections, rng.end - rng.start))
+        host[0].copy_(values["param"].detach().view(-1), non_blocking=True)
+        for k, m in enumerate(MOMENTS[:sections - 1], start=1):
+            host[k].copy_(values[m].detach().view(-1), non_blocking=True)
+        local[(i, name)] = (rng.start, host)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    return {"local": local, "contribute": contribute, "has_moments": has_moments, "optimizer_step": step,
+            "steps_done": engine.steps_done}
+
+
+@torch.no_grad()
+def assemble_state(engine, snapshot: dict, group=None) -> tuple[dict, bool]:
+    """Full reference-named fp32 state on rank 0 (empty sections elsewhere) from every rank's snapshot,
+    and whether this rank writes it (rank 0 only). Collective over `group` (one reduce per reference
+    tensor); reads only the engine's structure, never its values, so it may run while training goes on.
+    A gloo group reduces host tensors; any other backend reduces on the engine's device."""
+    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else engine.device
+    has_moments, contribute = snapshot["has_moments"], snapshot["contribute"]
     by_ref: dict[str, list] = {}
     uses: dict = {}  # (chunk, name) -> pieces still to place; its full tensor is freed after the last
     for i, name, param, pieces in _named_params(engine):
@@ -137,35 +188,22 @@ def gather_state(engine) -> tuple[dict, bool]:
                 by_ref.setdefault(p.ref_name, []).append((i, name, param, pieces, j))
                 uses[(i, name)] = uses.get((i, name), 0) + 1
     local_full: dict = {}
-
-    def full_of(i, name, param):
-        if (i, name) not in local_full:
-            buf = torch.zeros((3, param.numel()), dtype=torch.float32, device=engine.device)
-            if param in ranges:
-                opt, rng = ranges[param]
-                tensors = opt._get_main_param_and_optimizer_states(param)
-                buf[0, rng.start:rng.end] = tensors["param"].detach().float().view(-1)
-                if has_moments:
-                    for k, m in enumerate(MOMENTS, start=1):
-                        buf[k, rng.start:rng.end] = tensors[m].detach().float().view(-1)
-            local_full[(i, name)] = buf.view(3, *param.shape)
-        return local_full[(i, name)]
-
     tensors: dict[str, dict[str, torch.Tensor]] = {s: {} for s in SECTIONS}
     for ref_name, shape in sorted(_reference_shapes(engine).items()):
-        out = torch.zeros((3, *shape), dtype=torch.float32, device=engine.device)
+        out = torch.zeros((3, *shape), dtype=torch.float32, device=device)
         for i, name, param, pieces, j in by_ref.get(ref_name, []):
-            full = full_of(i, name, param)
-            dim = pieces[0].dim
+            if (i, name) not in local_full:  # zeros outside this rank's range
+                local_full[(i, name)] = _full_local(snapshot, i, name, param, device)
+            full = local_full[(i, name)]
             offset = sum(q.length for q in pieces[:j])
             p: Piece = pieces[j]
-            value = full.narrow(1 + dim, offset, p.length)
+            value = full.narrow(1 + pieces[0].dim, offset, p.length)
             target = out if p.index is None else out[:, p.index]
             target.narrow(1 + p.dim, p.start, p.length).add_(value)
             uses[(i, name)] -= 1
             if not uses[(i, name)]:
                 del local_full[(i, name)]
-        dist.reduce(out, dst=0)
+        dist.reduce(out, dst=0, group=group)
         if dist.get_rank() == 0:
             host = out.cpu()
             tensors["params"][ref_name] = host[0].clone()
@@ -175,9 +213,23 @@ def gather_state(engine) -> tuple[dict, bool]:
     if dist.get_rank() != 0:
         return {}, False
     tensors["buffers"] = {}
-    tensors["meta"] = {"engine": "megatron", "optimizer_step": step, "has_moments": has_moments,
-                       "steps_done": engine.steps_done}
+    tensors["meta"] = {"engine": "megatron", "optimizer_step": snapshot["optimizer_step"],
+                       "has_moments": has_moments, "steps_done": snapshot["steps_done"]}
     return tensors, True
+
+
+def _full_local(snapshot: dict, i: int, name: str, param, device) -> torch.Tensor:
+    """[3, *param.shape] of this rank's snapshot of one parameter, zeros outside its optimizer range."""
+    full = torch.zeros((3, param.numel()), dtype=torch.float32, device=device)
+    if (i, name) in snapshot["local"]:
+        start, host = snapshot["local"][(i, name)]
+        full[:host.shape[0], start:start + host.shape[1]] = host.to(device)
+    return full.view(3, *param.shape)
+
+
+def gather_state(engine, group=None) -> tuple[dict, bool]:
+    """`snapshot_state` then `assemble_state` in one go (collective): the synchronous form."""
+    return assemble_state(engine, snapshot_state(engine), group)
 
 
 @torch.no_grad()

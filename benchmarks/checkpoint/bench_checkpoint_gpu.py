@@ -8,7 +8,7 @@ fp32 masters, Adam in megatron's distributed optimizer) shrunk to world 1 (tp = 
 seq_len 2048 (--seq-len). One process, torch.distributed over NCCL. The engine takes one optimizer step on
 random tokens (so Adam moments exist), then, with the checkpoint on local disk (a fresh dir under /tmp):
   * sync save (`CheckpointSaver`, async off): blocking == total (gather + serialize + SHA-256 + write + commit);
-  * async save (`async_save`): blocking = gather to host; total = until COMMITTED, measured while the next
+  * async save (`async_save`): blocking = snapshot of the optimizer ranges to (pinned) host memory; total = until COMMITTED, measured while the next
     training step runs (what a real loop overlaps with the writes);
   * load: `restore_checkpoint` into a freshly built engine (pick the newest committed step and verify the
     SHA-256 of every file, read and check each shard again, torch.load, load the fp32 masters, Adam moments
