@@ -174,7 +174,9 @@ class CheckpointSaver:
             tensors, writes = ops.assemble(engine, snapshot, self.group)
             shards = {f"state-{self.rank:05d}.pt": tensors} if writes else {}
             shards[f"rng-{self.rank:05d}.pt"] = rng
+            del tensors  # `shards` holds the state alone: freed below, inside the timed save
             write_and_commit(self.store, job["step"], self.rank, self.world, shards, manifest, self.group)
+            shards.clear()
         except Exception as exc:  # noqa: BLE001 - re-raised on the training thread by wait()
             job["error"] = exc
         job["end"] = time.perf_counter()
