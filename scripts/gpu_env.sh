@@ -1,7 +1,8 @@
 # Sourced by the GPU scripts (run from the repo root on the device machine): installs the wheelhouse
-# (.whl/, ../shared/device/make_wheelhouse.sh) into /tmp/site, exposes the raytron package through a
-# symlink tree (its subpackages are top-level folders of the checkout), and exports the NCCL settings of
-# ../shared/device/README.md. Sets $root.
+# (.whl/, scripts/make_wheelhouse.sh) into /tmp/site, exposes the raytron package through a
+# symlink tree (its subpackages are top-level folders of the checkout), and keeps NVLink multicast off
+# (the shared device machines require it) with CUDA_DEVICE_MAX_CONNECTIONS=1 unless given (megatron-core's
+# setting for its TP layers and grad-reduce overlap). Sets $root.
 root=$PWD
 if ! python3 -c "import megatron.core, ray" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
