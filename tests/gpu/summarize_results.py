@@ -1,13 +1,13 @@
 """Write summary.txt of a GPU results folder (tests/gpu/results/<gpu>/) from its raw JSON lines.
 
-    python tests/gpu/summarize_results.py tests/gpu/results/h200x4 [--check] [--only EP2,TP2xEP2]
+    python tests/gpu/summarize_results.py tests/gpu/results/h200x4_suite_5 [--check] [--only EP2,TP2xEP2]
 
 --check also applies the GPU tests' own assertions (test_megatron_equivalence.py,
 test_megatron_checkpoint.py: same functions, same tolerances) to the raw records and appends a verdict per
 test: a way to re-verify committed results on any machine, and to judge raw results whose pytest run was
 cut short (device calls have a time limit) without spending device time again. A case without a record
 fails. --only LAYOUTS judges the equivalence cases of those layouts alone (a folder that holds only them,
-e.g. the train.overlap_moe_comm runs).
+e.g. runs of one engine option).
 """
 
 from __future__ import annotations
