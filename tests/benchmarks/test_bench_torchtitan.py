@@ -73,7 +73,7 @@ def test_record_fields_match_bench_throughput():
 
 def test_megatron_bench_runs_mcore_local_at_every_world_but_not_raytrons_ep1_variant():
     """bench_throughput.planned_runs: megatron-core's local spec runs beside raytron at 1 and at 2-4 GPUs (the
-    side-by-side comparison issue 6 asks for); the EP-1 MoE variant is raytron's own scaling check only."""
+    comparison of benchmarks/megatron/README.md); the EP-1 MoE variant is raytron's own scaling check only."""
     plan = bench.bt.planned_runs(["raytron", "mcore_local"], list(bench.bt.WORKLOADS), 4)
     assert plan == [("dense-1b", "raytron"), ("dense-1b", "mcore_local"), ("moe-olmoe-4l", "raytron"),
                     ("moe-olmoe-4l", "mcore_local"), ("moe-olmoe-4l-ep1", "raytron")]

@@ -1,4 +1,4 @@
-"""benchmarks/megatron/kernel_budget.py and bench_gemm_shapes.py (the arithmetic behind issue 6's ">= 5x the
+"""benchmarks/megatron/kernel_budget.py and bench_gemm_shapes.py (the arithmetic behind the ">= 5x the
 local spec" verdict): the kernel table parser against the committed H100 profile, and the GEMM shape list
 against models.flops_per_token, computed independently."""
 

@@ -176,7 +176,7 @@ def test_on_one_gpu_the_bench_part_runs_the_one_gpu_runs_in_turn(tmp_path):
 
 def test_each_call_starts_from_an_empty_records_folder(tmp_path):
     """A warm device machine keeps /tmp between calls: records an earlier call left must not be judged or
-    benchmarked as this call's (they were, once: see tests/gpu/README.md, h200x4_suite_4)."""
+    benchmarked as this call's."""
     res, gpus = tmp_path / "gpu_suite", tmp_path / "gpus.csv"
     gpus.write_text("name\nNVIDIA H200\n")
     (res / "overlap_moe_comm").mkdir(parents=True)

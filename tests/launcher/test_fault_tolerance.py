@@ -1,4 +1,4 @@
-"""Fault tolerance end to end (issue 8) through the CLI on the session's embedded Ray.
+"""Fault tolerance end to end through the CLI on the session's embedded Ray.
 
 Each test injects one fault through the `fault.inject` test hook or kills a worker by PID, checks
 what the job did about it (restart, commit, rollback, typed outcome, exit message), and checks that
