@@ -5,15 +5,11 @@ from ours; llama3_param_count is checked here against models.param_counts, compu
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "megatron"))
-import bench_torchtitan as bench  # noqa: E402
-
-from raytron import models  # noqa: E402
+from benchmarks.megatron import bench_torchtitan as bench
+from raytron import models
 
 
 def test_dense_1b_maps_to_llama3_arguments():

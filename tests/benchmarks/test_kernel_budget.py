@@ -5,17 +5,14 @@ against models.flops_per_token, computed independently."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks" / "megatron"))
-import bench_gemm_shapes as gemm  # noqa: E402
-import kernel_budget as kb  # noqa: E402
+from benchmarks.megatron import bench_gemm_shapes as gemm, kernel_budget as kb
+from raytron import models
 
-from raytron import models  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 PROFILE = ROOT / "benchmarks/results/megatron_profiles_NVIDIA_H100/profile_raytron_dense-1b_w1_mb8.txt"
 BENCH = ROOT / "benchmarks/results/megatron_throughput_NVIDIA_H100.json"

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from raytron import models
 from raytron.parallelism.layout import ParallelLayout
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gpu_worlds import shard  # noqa: E402
+if __package__ in (None, ""):  # run by path (torchrun, python FILE): the repository root holds `tests`
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
+from tests.gpu.gpu_worlds import shard  # noqa: E402
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 2, 64
 LAYOUTS = {  # name -> (world, layout fields, families)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import test_megatron_submit as ts
-from summarize_results import check
+from tests.gpu import test_megatron_submit as ts
+from tests.gpu.summarize_results import check
 
 RESULTS = Path(__file__).parent / "results"
 BENCH = Path(__file__).parents[2] / "benchmarks" / "results"

@@ -24,9 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from megatron_equivalence import LAYOUTS, VARIANTS  # noqa: E402  (the torchrun program beside this file)
-from gpu_worlds import gpu_count, load_records, records_dir, selected as _selected  # noqa: E402
+from tests.gpu.gpu_worlds import gpu_count, load_records, records_dir, selected as _selected
+from tests.gpu.megatron_equivalence import LAYOUTS, VARIANTS  # the torchrun program beside this file
 
 pytestmark = pytest.mark.gpu
 

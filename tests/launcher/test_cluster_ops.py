@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster_helpers import REPO, cli_env, raytron  # noqa: E402
+from tests.launcher.cluster_helpers import REPO, cli_env, raytron
 
 pytestmark = pytest.mark.slow
 

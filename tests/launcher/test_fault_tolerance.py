@@ -20,7 +20,7 @@ import pytest
 
 from raytron.launcher.attempts import read_attempts
 
-from ft_helpers import (KillOnMarker, assert_gone, inject, losses, processes_of, submit, submit_args, time_limit,
+from tests.launcher.ft_helpers import (KillOnMarker, assert_gone, inject, losses, processes_of, submit, submit_args, time_limit,
                         wait_for)
 
 HERE = Path(__file__).resolve().parent

@@ -24,19 +24,14 @@ Regression cases, both silent on GPU except for a drifting loss curve:
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "checkpoint"))
 
-from ckpt_helpers import spawn_ranks  # noqa: E402
-import megatron_cpu_schedule  # noqa: E402
+from tests.checkpoint.ckpt_helpers import spawn_ranks  # noqa: E402
+from tests.parallelism import megatron_cpu_schedule  # noqa: E402
 
 CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     "moe-TP2": ("moe", {}, {"tp": 2}),
