@@ -1,6 +1,6 @@
 """CheckpointStore: write-once, verified, committed checkpoints on any fsspec storage.
 
-Protocol (../shared/DESIGN.md §4):
+Protocol:
 1. each save writes a new `step-{N:09d}/`; nothing is overwritten in place;
 2. every rank writes its shards (`write_shard`), then the ranks meet at a barrier;
 3. rank 0 writes `manifest.json`: step, layout, config hash, code version, each file's size and

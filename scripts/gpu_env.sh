@@ -1,7 +1,8 @@
 # Sourced by the GPU scripts (run from the repo root on the device machine): installs the wheelhouse
-# (.whl/, ../shared/device/make_wheelhouse.sh) into /tmp/site, exposes the raytron package through a
-# symlink tree (its subpackages are top-level folders of the checkout), and exports the NCCL settings of
-# ../shared/device/README.md. Sets $root.
+# (.whl/, scripts/make_wheelhouse.sh) into /tmp/site, exposes the raytron package by linking its
+# subpackages (top-level folders of the checkout) into raytron/, and keeps NVLink multicast off
+# (the shared device machines require it) with CUDA_DEVICE_MAX_CONNECTIONS=1 unless given (megatron-core's
+# setting for its TP layers and grad-reduce overlap). Sets $root.
 root=$PWD
 if ! python3 -c "import megatron.core, ray" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -9,9 +10,11 @@ if ! python3 -c "import megatron.core, ray" 2>/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ! python3 -P -c "import raytron.parallelism" 2>/dev/null; then
-  pkg=/tmp/raytron_pkg/raytron; rm -rf /tmp/raytron_pkg; mkdir -p "$pkg"; cp raytron/*.py "$pkg/"
-  for sub in launcher parallelism models data_pipeline ops; do ln -s "$root/$sub" "$pkg/$sub"; done
-  export PYTHONPATH=/tmp/raytron_pkg${PYTHONPATH:+:$PYTHONPATH}
+  # The checkout's raytron/ is the package once its subpackages are linked in: a separate package tree would
+  # be shadowed by the bare raytron/ wherever the repository root comes first on sys.path (pytest puts it
+  # there for the tests package). The root on PYTHONPATH also makes `tests` importable for programs run by path.
+  for sub in launcher parallelism models data_pipeline ops; do ln -sfn "../$sub" "raytron/$sub"; done
+  export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 export PYTHONUNBUFFERED=1 RAY_TRAIN_ENABLE_PRINT_PATCH=0

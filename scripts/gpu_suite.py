@@ -124,7 +124,7 @@ def test_jobs(ngpu: int, res: Path, after: tuple[str, ...]) -> list[Job]:
     eq, ck = "tests/gpu/megatron_equivalence.py", "tests/gpu/megatron_checkpoint.py"
     jobs, port = [], 29600
     # shard counts: the longest shard about as long as the submit part (estimated from the case times of
-    # results/h200x4_suite_3 and h200x2_variants, with the engine-option VARIANTS included)
+    # a 4x H200 suite run, the engine-option VARIANTS included)
     plan = [(eq, 1, 2), (eq, 2, 6), (ck, 2, 2)] + ([(eq, 4, 3), (ck, 4, 1)] if ngpu >= 4 else [])
     for program, world, shards in plan:
         kind = "equivalence" if program == eq else "checkpoint"

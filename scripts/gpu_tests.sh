@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # All GPU-only tests in one command, meant for the device tool (tests/gpu/README.md):
 #   run(command="bash scripts/gpu_tests.sh", carry=[".whl"], kind="nvidia-h100-x4")
-# Installs the wheelhouse (.whl/, built by ../shared/device/make_wheelhouse.sh), exposes the raytron
-# package without pip (its subpackages are top-level folders; -P keeps the bare raytron/ folder of the
-# checkout off sys.path), runs `pytest -m gpu` and writes the
+# Installs the wheelhouse (.whl/, built by scripts/make_wheelhouse.sh), exposes the raytron
+# package without pip (scripts/gpu_env.sh), runs `pytest -m gpu` and writes the
 # results (JSON lines, JUnit XML, full log) under $OUT (or tests/gpu/results/local when $OUT is unset).
 set -uo pipefail
 cd "$(dirname "$0")/.."

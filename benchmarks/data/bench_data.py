@@ -2,7 +2,7 @@
 
     python benchmarks/data/bench_data.py [--out benchmarks/results/data_pipeline_cpu.json]
 
-Measures (issue 5, acceptance 4):
+Measures:
   * `prepare` tokens/s over the Python stdlib corpus read 4 times (~48 M byte tokens, page-cached
     local files), 1 and 2 thread workers and 2 spawned processes;
   * `prepare_for_job` cold build and warm (cache hit) load time for the demo corpus;

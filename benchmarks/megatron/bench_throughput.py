@@ -56,7 +56,7 @@ MICRO_BATCH = {("raytron", "dense-1b"): 8, ("raytron", "moe-olmoe-4l"): 4,  # th
                ("mcore_local", "dense-1b"): 1, ("mcore_local", "moe-olmoe-4l"): 1,  # local spec OOMs at 2
                ("mcore_local", "moe-olmoe-4l-ep1"): 1}
 # EP4 holds a quarter of the experts per GPU: micro-batch 8 fits (32 GiB peak on H200) and is the fastest
-# there with train.overlap_moe_comm (4x H200, 2026-11-27: mb 2 126.4k, mb 4 ~134k, mb 8 139.8k tok/s/GPU;
+# there with train.overlap_moe_comm (4x H200: mb 2 126.4k, mb 4 ~134k, mb 8 139.8k tok/s/GPU;
 # mb 8 without the overlap 130.9k); at 1 GPU mb 8 needs ~100 GiB, over 80 GB.
 MICRO_BATCH_AT_WORLD = {("raytron", "moe-olmoe-4l", 4): 8}
 

@@ -1,6 +1,6 @@
 """How much of the dense step megatron-core's local spec x N leaves for everything but the GEMMs and attention.
 
-Issue 6 asks the megatron engine to be >= 5x megatron-core's local spec (dense-1b, one GPU). This reads the
+The throughput target asks the megatron engine for >= 5x megatron-core's local spec (dense-1b, one GPU). This reads the
 kernel table of one profiled optimizer step (`bench_throughput.py --profile DIR`, "by self CUDA time") and the
 local spec's measured rate from a bench JSON, and answers: at N x that rate, what step time is allowed; how
 much of it the GEMMs and the attention kernels already take; and whether the kernels that remain, grouped by

@@ -5,15 +5,11 @@ from ours; llama3_param_count is checked here against models.param_counts, compu
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "megatron"))
-import bench_torchtitan as bench  # noqa: E402
-
-from raytron import models  # noqa: E402
+from benchmarks.megatron import bench_torchtitan as bench
+from raytron import models
 
 
 def test_dense_1b_maps_to_llama3_arguments():
@@ -73,7 +69,7 @@ def test_record_fields_match_bench_throughput():
 
 def test_megatron_bench_runs_mcore_local_at_every_world_but_not_raytrons_ep1_variant():
     """bench_throughput.planned_runs: megatron-core's local spec runs beside raytron at 1 and at 2-4 GPUs (the
-    side-by-side comparison issue 6 asks for); the EP-1 MoE variant is raytron's own scaling check only."""
+    comparison of benchmarks/megatron/README.md); the EP-1 MoE variant is raytron's own scaling check only."""
     plan = bench.bt.planned_runs(["raytron", "mcore_local"], list(bench.bt.WORKLOADS), 4)
     assert plan == [("dense-1b", "raytron"), ("dense-1b", "mcore_local"), ("moe-olmoe-4l", "raytron"),
                     ("moe-olmoe-4l", "mcore_local"), ("moe-olmoe-4l-ep1", "raytron")]

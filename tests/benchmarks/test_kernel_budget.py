@@ -1,21 +1,18 @@
-"""benchmarks/megatron/kernel_budget.py and bench_gemm_shapes.py (the arithmetic behind issue 6's ">= 5x the
+"""benchmarks/megatron/kernel_budget.py and bench_gemm_shapes.py (the arithmetic behind the ">= 5x the
 local spec" verdict): the kernel table parser against the committed H100 profile, and the GEMM shape list
 against models.flops_per_token, computed independently."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks" / "megatron"))
-import bench_gemm_shapes as gemm  # noqa: E402
-import kernel_budget as kb  # noqa: E402
+from benchmarks.megatron import bench_gemm_shapes as gemm, kernel_budget as kb
+from raytron import models
 
-from raytron import models  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 PROFILE = ROOT / "benchmarks/results/megatron_profiles_NVIDIA_H100/profile_raytron_dense-1b_w1_mb8.txt"
 BENCH = ROOT / "benchmarks/results/megatron_throughput_NVIDIA_H100.json"

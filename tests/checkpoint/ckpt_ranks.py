@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ckpt_helpers import load_job, write_json
+from tests.checkpoint.ckpt_helpers import load_job, write_json
 
 LOGIT_TOKENS = (2, 32)  # [batch, seq] of the fixed probe batch for logits comparisons
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckpt_helpers import load_job, losses, metrics, spawn_ranks
-from ckpt_ranks import train_rank
+from tests.checkpoint.ckpt_helpers import load_job, losses, metrics, spawn_ranks
+from tests.checkpoint.ckpt_ranks import train_rank
 from raytron.data_pipeline import prepare_for_job
 from raytron.parallelism.checkpoint import CheckpointStore
 

@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from ckpt_helpers import _rank_main, free_port
-from kill_ranks import rank_state, saving_rank
+from tests.checkpoint.ckpt_helpers import _rank_main, free_port
+from tests.checkpoint.kill_ranks import rank_state, saving_rank
 from raytron.parallelism.checkpoint import MARKER, MANIFEST, CheckpointStore
 
 pytestmark = pytest.mark.slow
@@ -64,8 +64,8 @@ def test_sigkill_during_shard_write_leaves_no_marker(shared_ckpt_uri, tmp_path):
 
 
 def test_write_error_on_one_rank_fails_the_save_on_every_rank(tmp_path):
-    from ckpt_helpers import spawn_ranks
-    from kill_ranks import failing_write_rank
+    from tests.checkpoint.ckpt_helpers import spawn_ranks
+    from tests.checkpoint.kill_ranks import failing_write_rank
 
     uri, out = f"file://{tmp_path}/ckpt", str(tmp_path / "error")
     spawn_ranks(failing_write_rank, 2, uri, out, timeout=120)

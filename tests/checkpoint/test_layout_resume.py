@@ -14,8 +14,8 @@ import shutil
 import pytest
 import torch
 
-from ckpt_helpers import load_job, losses, read_json, spawn_ranks
-from ckpt_ranks import corrupt_restore_rank, probe_tokens, train_rank
+from tests.checkpoint.ckpt_helpers import load_job, losses, read_json, spawn_ranks
+from tests.checkpoint.ckpt_ranks import corrupt_restore_rank, probe_tokens, train_rank
 from raytron.data_pipeline import prepare_for_job
 
 pytestmark = pytest.mark.slow

@@ -68,8 +68,8 @@ def test_plan_says_hybrid_megatron_job_is_runnable(capsys):
     ("moe_olmoe_8gpu.yaml", ["layout.pp=2", "layout.vpp=2", "layout.dp=4", "layout.ep=4"]),  # interleaved PP
 ])
 def test_fixed_megatron_gaps_are_runnable(config, overrides):
-    """Issue #6 (b) and (c) fixed, and the gradient-reduction and EP all-to-all overlaps: proven on CPU by
-    tests/parallelism/test_megatron_step.py."""
+    """MoE with experts replicated over TP, interleaved PP, and the gradient-reduction and EP all-to-all
+    overlaps: proven on CPU by tests/parallelism/test_megatron_step.py."""
     validate_job(load_spec(str(CONFIGS / config), overrides), runnable=True)
 
 

@@ -1,4 +1,4 @@
-"""The planner's numbers against measurements of the reference model on CPU (issue 3, acceptance 2).
+"""The planner's numbers against measurements of the reference model on CPU.
 
 Memory: the peak of live tensor storage bytes over two training steps (model build, forward, backward,
 AdamW step), measured by a dispatch mode that sees every tensor any aten op creates and notices when its

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from config_helpers import DEEPSPEED_JOB, DEEPSPEED_YAML, MEGATRON_JOB, job, validate_raw
+from tests.config.config_helpers import DEEPSPEED_JOB, DEEPSPEED_YAML, MEGATRON_JOB, job, validate_raw
 
 from raytron.launcher.spec import load_spec
 from raytron.launcher.strict_yaml import ConfigError

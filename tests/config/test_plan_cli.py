@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from config_helpers import DEEPSPEED_JOB, job
+from tests.config.config_helpers import DEEPSPEED_JOB, job
 
 from raytron.launcher import plan
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from datapipe_helpers import make_text_corpus
+from tests.data.datapipe_helpers import make_text_corpus
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from raytron.data_pipeline.cli import main
 from raytron.data_pipeline.limits import MAX_FILE_BYTES_ENV, max_file_bytes
 from raytron.data_pipeline.prepare import resolve_all
 
-from datapipe_helpers import data_spec, write_jsonl
+from tests.data.datapipe_helpers import data_spec, write_jsonl
 
 JUNK = bytes(range(256)) * 4  # first invalid UTF-8 byte: 0x80 at offset 128
 

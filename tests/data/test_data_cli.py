@@ -8,7 +8,7 @@ import json
 from raytron.data_pipeline import IndexedTokens
 from raytron.data_pipeline.cli import add_subparser, main, run
 
-from datapipe_helpers import write_jsonl
+from tests.data.datapipe_helpers import write_jsonl
 
 
 def test_mounts_under_a_foreign_parser(tmp_path, capsys, text_corpus):

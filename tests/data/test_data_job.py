@@ -14,7 +14,7 @@ from raytron.data_pipeline import BlendedDataset, ByteTokenizer, DataError, Pack
 from raytron.data_pipeline import job as job_mod
 from raytron.launcher.spec import DataSpec, SourceSpec
 
-from datapipe_helpers import data_spec, load_job_data, make_text_corpus, write_jsonl
+from tests.data.datapipe_helpers import data_spec, load_job_data, make_text_corpus, write_jsonl
 
 SEQ = 32
 

@@ -14,7 +14,7 @@ import torch
 
 from raytron.data_pipeline import DataCursor, prepare_for_job
 
-from datapipe_helpers import data_spec
+from tests.data.datapipe_helpers import data_spec
 
 GBS, MBS, SEQ = 8, 2, 32
 
@@ -22,7 +22,7 @@ GBS, MBS, SEQ = 8, 2, 32
 @pytest.fixture(scope="module")
 def train(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    from datapipe_helpers import make_text_corpus
+    from tests.data.datapipe_helpers import make_text_corpus
 
     make_text_corpus(root / "corpus", n_docs=10)
     data = prepare_for_job(data_spec(str(root / "corpus")), SEQ, 99, cache_uri=str(root / "cache"))

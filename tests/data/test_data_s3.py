@@ -10,7 +10,7 @@ import pytest
 
 from raytron.data_pipeline import ByteTokenizer, DataError, prepare, prepare_for_job
 
-from datapipe_helpers import data_spec, make_text_corpus
+from tests.data.datapipe_helpers import data_spec, make_text_corpus
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -15,7 +15,7 @@ from raytron.data_pipeline import BUILTIN_STDLIB, DataError, ReadStats, resolve_
 from raytron.data_pipeline.prepare import resolve_all
 from raytron.data_pipeline.sources import read_documents, stdlib_files
 
-from datapipe_helpers import write_jsonl
+from tests.data.datapipe_helpers import write_jsonl
 
 
 def read_all(uri, fmt="auto", field="text"):

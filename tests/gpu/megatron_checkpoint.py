@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gpu_worlds import shard  # noqa: E402
-from megatron_equivalence import MICRO_BATCH, GLOBAL_BATCH, global_batch, make_spec  # noqa: E402
+if __package__ in (None, ""):  # run by path (torchrun, python FILE): the repository root holds `tests`
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
+from tests.gpu.gpu_worlds import shard  # noqa: E402
+from tests.gpu.megatron_equivalence import MICRO_BATCH, GLOBAL_BATCH, global_batch, make_spec  # noqa: E402
 
 from raytron.parallelism.layout import ParallelLayout  # noqa: E402
 

@@ -27,13 +27,14 @@ import torch.nn.functional as F
 from raytron import models
 from raytron.parallelism.layout import ParallelLayout
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gpu_worlds import shard  # noqa: E402
+if __package__ in (None, ""):  # run by path (torchrun, python FILE): the repository root holds `tests`
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
+from tests.gpu.gpu_worlds import shard  # noqa: E402
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 2, 64
 LAYOUTS = {  # name -> (world, layout fields, families)
     "single": (1, {}, ("dense", "moe", "hybrid", "hybrid-moe", "dense-4l", "moe-4l", "moe-shared")),
-    "TP2": (2, {"tp": 2}, ("dense", "moe", "hybrid")),  # moe: experts replicated over TP (ep=etp=1), issue #6
+    "TP2": (2, {"tp": 2}, ("dense", "moe", "hybrid")),  # moe: experts replicated over TP (ep=etp=1)
     "PP2": (2, {"pp": 2}, ("dense", "moe", "hybrid", "hybrid-moe")),
     "EP2": (2, {"dp": 2, "ep": 2}, ("moe", "hybrid-moe", "moe-shared")),
     "CP2": (2, {"cp": 2}, ("dense", "moe")),  # hybrid: refused (linear-sequence / windowed layers)
@@ -41,7 +42,7 @@ LAYOUTS = {  # name -> (world, layout fields, families)
     "TP2xEP2": (4, {"tp": 2, "dp": 2, "ep": 2}, ("moe", "hybrid-moe")),
     "PP2xEP2": (4, {"pp": 2, "dp": 2, "ep": 2}, ("moe",)),
     "TP2xPP2": (4, {"tp": 2, "pp": 2}, ("dense", "moe", "hybrid")),
-    "PP2v2": (2, {"pp": 2, "vpp": 2}, ("dense-4l", "moe-4l")),  # interleaved, 4 micro-batches: issue #6
+    "PP2v2": (2, {"pp": 2, "vpp": 2}, ("dense-4l", "moe-4l")),  # interleaved, 4 micro-batches
     "ETP2xEP2": (4, {"dp": 4, "ep": 2, "etp": 2}, ("moe",)),  # expert-TP: each expert's FFN split over 2 ranks
 }
 # Engine options on GPU: a layout run again with a train option on, as cases of their own (each record says

@@ -1,13 +1,13 @@
 """Write summary.txt of a GPU results folder (tests/gpu/results/<gpu>/) from its raw JSON lines.
 
-    python tests/gpu/summarize_results.py tests/gpu/results/h200x4 [--check] [--only EP2,TP2xEP2]
+    python tests/gpu/summarize_results.py tests/gpu/results/h200x4_suite_5 [--check] [--only EP2,TP2xEP2]
 
 --check also applies the GPU tests' own assertions (test_megatron_equivalence.py,
 test_megatron_checkpoint.py: same functions, same tolerances) to the raw records and appends a verdict per
 test: a way to re-verify committed results on any machine, and to judge raw results whose pytest run was
 cut short (device calls have a time limit) without spending device time again. A case without a record
 fails. --only LAYOUTS judges the equivalence cases of those layouts alone (a folder that holds only them,
-e.g. the train.overlap_moe_comm runs).
+e.g. runs of one engine option).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gpu_worlds import load_records, read_records as _records  # noqa: E402
+if __package__ in (None, ""):  # run by path (torchrun, python FILE): the repository root holds `tests`
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
+from tests.gpu.gpu_worlds import load_records, read_records as _records  # noqa: E402
 
 
 def equivalence_table(folder: Path) -> list[str]:
@@ -53,8 +54,8 @@ def check(folder: Path, only: set[str] | None = None, recorded_only: bool = Fals
     """Verdicts of the GPU tests' assertions on this folder's records, as if run with 4 GPUs."""
     import torch
 
-    import test_megatron_checkpoint as tc
-    import test_megatron_equivalence as te
+    from tests.gpu import test_megatron_checkpoint as tc
+    from tests.gpu import test_megatron_equivalence as te
 
     eq = load_records(folder, "megatron_equivalence_w*.jsonl", lambda r: (r["layout"], r["family"]))
     ck = load_records(folder, "megatron_checkpoint_w*.jsonl", lambda r: r["case"])

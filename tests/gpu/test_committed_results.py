@@ -4,32 +4,19 @@ tolerance or a changed layout list cannot silently leave the committed results b
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-import test_megatron_submit as ts
-from summarize_results import check
+from tests.gpu import test_megatron_submit as ts
+from tests.gpu.summarize_results import check
 
 RESULTS = Path(__file__).parent / "results"
 BENCH = Path(__file__).parents[2] / "benchmarks" / "results"
-# h200x4_suite: one call of scripts/gpu_megatron_all.sh (every GPU part); h200x4_suite_2: the next call,
-# with the overlap part too (its submit part was cut by the deadline); h200x4: the earlier run in parts;
-# h200x4_suite_3: the default parts at commit b4a5041 (62 equivalence + 5 checkpoint); h200x4_suite_5: the
-# default parts at ae4139b, with the 11 engine-option VARIANTS (84 equivalence incl. 22 variant verdicts + 5)
-FOLDERS = {"h200x4_suite": 61, "h200x4_suite_2": 61, "h200x4": 61, "h200x4_suite_3": 67, "h200x4_suite_5": 89}
-
-
-@pytest.mark.parametrize("folder,verdicts", FOLDERS.items())
-def test_committed_gpu_results_pass_the_gpu_tests(folder, verdicts):
-    """Every case these folders hold still passes (the first three: 61 verdicts, the cases of their day;
-    ETP2xEP2 and moe-shared came after them)."""
-    rows, failed = check(RESULTS / folder, recorded_only=True)
-    assert failed == 0, "\n".join(r for r in rows if r.startswith("FAILED"))
-    assert len(rows) == 1 + verdicts
-
-
-LATEST_SUITE = "h200x4_suite_5"
+# The newest one-call run of scripts/gpu_megatron_all.sh (every GPU part): 84 equivalence verdicts (the
+# engine-option VARIANTS included) + 5 checkpoint cases.
+LATEST_SUITE, LATEST_VERDICTS, LATEST_SHARDS = "h200x4_suite_5", 89, 11
 
 
 def test_latest_one_call_suite_covers_every_case_of_today():
@@ -38,76 +25,40 @@ def test_latest_one_call_suite_covers_every_case_of_today():
     GPUs (`bash scripts/gpu_megatron_all.sh`) and its folder committed as LATEST_SUITE."""
     rows, failed = check(RESULTS / LATEST_SUITE)
     assert failed == 0, "\n".join(r for r in rows if r.startswith("FAILED"))
-    assert len(rows) == 1 + FOLDERS[LATEST_SUITE]
+    assert len(rows) == 1 + LATEST_VERDICTS
 
 
-def test_committed_new_cases_pass_the_gpu_tests():
-    """h200x4_new_cases: the cases added after the one-call runs (shared experts single and EP2, expert-TP
-    ETP2xEP2), run alone on 4x H200."""
-    rows, failed = check(RESULTS / "h200x4_new_cases", recorded_only=True)
-    assert failed == 0 and len(rows) == 1 + 6, "\n".join(rows)
+@pytest.mark.parametrize("folder", [LATEST_SUITE, "h200x2_submit_seq"])
+def test_committed_submit_resume_records_pass_the_gpu_tests(folder):
+    """The suite's submit part, and scripts/gpu_megatron_submit.sh alone on a 2-GPU machine (its runs in turn)."""
+    ts.test_resume_continues_the_run_without_a_jump(RESULTS / folder / "submit")
+    ts.test_resume_under_pp2_passes_the_canary_and_follows_the_run(RESULTS / folder / "submit")
 
 
-@pytest.mark.parametrize("suite", ["h200x4_suite", "h200x4_suite_3", "h200x4_suite_5", "h200x2_submit_seq"])
-def test_committed_submit_resume_records_pass_the_gpu_tests(suite):
-    folder = RESULTS / suite / "submit"
-    ts.test_resume_continues_the_run_without_a_jump(folder)
-    ts.test_resume_under_pp2_passes_the_canary_and_follows_the_run(folder)
-
-
-def test_committed_submit_records_of_runs_sharing_gpus_fail_the_bar():
-    """h200x2_submit_shared: the baseline pair run side by side on one GPU pair drifted apart (the reason the
-    script now runs them in turn there): the judged bar catches it."""
+def test_a_resume_that_drifts_from_the_uninterrupted_run_fails(tmp_path):
+    """The committed comparison with the resumed run off by more than the bar (SAME_ATOL) fails it."""
+    shutil.copytree(RESULTS / LATEST_SUITE / "submit", tmp_path / "submit")
+    path = tmp_path / "submit" / "resume_compare.json"
+    rec = json.loads(path.read_text())
+    rec["max_abs_dloss_after_resume"] = 2 * ts.SAME_ATOL
+    path.write_text(json.dumps(rec))
     with pytest.raises(AssertionError):
-        ts.test_resume_continues_the_run_without_a_jump(RESULTS / "h200x2_submit_shared" / "submit")
+        ts.test_resume_continues_the_run_without_a_jump(tmp_path / "submit")
 
 
-@pytest.mark.parametrize("folder,cut,shards", [("h200x4_suite", [], 8), ("h200x4_suite_2", ["submit"], 8),
-                                              ("h200x4_suite_3", [], 8), ("h200x4_suite_5", [], 11)])
-def test_committed_suite_ran_every_part_in_one_call(folder, cut, shards):
-    """timeline.json of the one-call runs: every job ended by itself (rc 0; in the 2nd call the submit part
-    was stopped by the deadline, as its README entry says), all within the device call's 600 s, and the
-    timed all-GPU benchmark runs had the machine to themselves."""
-    timeline = json.loads((RESULTS / folder / "timeline.json").read_text())
-    assert [t["job"] for t in timeline if t["rc"] != 0 and t["job"] != "judge"] == cut
+def test_committed_suite_ran_every_part_in_one_call():
+    """timeline.json of the newest one-call run: every job ended by itself (rc 0), all within the device
+    call's 600 s, and the timed all-GPU benchmark runs had the machine to themselves."""
+    timeline = json.loads((RESULTS / LATEST_SUITE / "timeline.json").read_text())
+    assert [t["job"] for t in timeline if t["rc"] != 0 and t["job"] != "judge"] == []
     assert max(t["end_s"] for t in timeline) < 600
     for wide in (t for t in timeline if t["phase"] == "bench" and len(t["gpus"]) > 1):
         beside = [t["job"] for t in timeline if t is not wide
                   and t["start_s"] < wide["end_s"] and t["end_s"] > wide["start_s"]]
         assert beside == [], (wide["job"], beside)
     names = {t["job"] for t in timeline}
-    assert {"submit", "kernels", "judge"} <= names and sum(n.startswith("equivalence_") for n in names) == shards
-
-
-def test_committed_suite_overlap_moe_comm_records_pass_the_gpu_tests():
-    """The one-call run's overlap part: EP2 and TP2xEP2 with train.overlap_moe_comm, moe and hybrid-moe."""
-    rows, failed = check(RESULTS / "h200x4_suite_2" / "overlap_moe_comm", only={"EP2", "TP2xEP2"}, recorded_only=True)
-    assert failed == 0 and len(rows) == 9, "\n".join(rows)
-
-
-def test_committed_overlap_moe_comm_records_pass_the_gpu_tests():
-    """results/h200x4/overlap_moe_comm: the EP2 cases (moe, hybrid-moe) run with train.overlap_moe_comm
-    (megatron-core's combined-1F1B all-to-all overlap); only those cases were run there."""
-    folder = RESULTS / "h200x4" / "overlap_moe_comm"
-    rows, _ = check(folder)
-    ep2 = [r for r in rows if "[EP2-moe]" in r or "[EP2-hybrid-moe]" in r]
-    assert len(ep2) == 4 and all(r.startswith("PASSED") for r in ep2), "\n".join(ep2)
-    records = [json.loads(line) for line in (folder / "megatron_equivalence_w2.jsonl").read_text().splitlines()]
-    assert {r["family"] for r in records} == {"moe", "hybrid-moe"} and all(r["overlap_moe_comm"] for r in records)
-
-
-@pytest.mark.parametrize("folder,option,only,verdicts", [
-    ("overlap_moe_comm", "overlap_moe_comm", {"EP2", "TP2xEP2"}, 10),
-    ("overlap_grad_reduce", "overlap_grad_reduce", {"DP2", "EP2", "TP2xEP2"}, 16)])
-def test_committed_optional_parts_pass_the_gpu_tests(folder, option, only, verdicts):
-    """h200x4_suite_4: the suite's former optional parts (`--parts overlap,grad-overlap`) as one call; every
-    record ran with its option on."""
-    path = RESULTS / "h200x4_suite_4" / folder
-    rows, failed = check(path, only=only, recorded_only=True)
-    assert failed == 0 and len(rows) == 1 + verdicts, "\n".join(rows)
-    records = [json.loads(line) for f in path.glob("megatron_equivalence_w*.jsonl")
-               for line in f.read_text().splitlines()]
-    assert len(records) == verdicts // 2 and all(r[option] for r in records)
+    assert {"submit", "kernels", "judge"} <= names
+    assert sum(n.startswith("equivalence_") for n in names) == LATEST_SHARDS
 
 
 def _bench_key(r: dict) -> str:
@@ -157,30 +108,42 @@ def _check_stated(stated: dict[str, str], raw: list[dict]) -> int:
     return checked
 
 
-@pytest.mark.parametrize("bench_json", sorted(p.name for p in BENCH.glob("megatron_throughput_*.json")))
-def test_committed_benchmark_other_runs_are_their_raw_records(bench_json):
-    """Each other_runs entry that names a results folder holds exactly that folder's raw records, and the
+def _named_folder(run: dict) -> str | None:
+    """The results folder an other_runs entry names (in its `what`), if any."""
+    found = re.search(r"tests/gpu/results/(\w+)", run.get("what", ""))
+    return found.group(1) if found else None
+
+
+OTHER_RUNS = [(p.name, i) for p in sorted(BENCH.glob("megatron_throughput_*.json"))
+              for i, run in enumerate(json.loads(p.read_text()).get("other_runs", [])) if _named_folder(run)]
+
+
+@pytest.mark.parametrize("bench_json,index", OTHER_RUNS)
+def test_committed_benchmark_other_runs_are_their_raw_records(bench_json, index):
+    """An other_runs entry that names a results folder holds exactly that folder's raw records, and the
     ratios it states follow from them."""
-    named = 0
-    for run in json.loads((BENCH / bench_json).read_text()).get("other_runs", []):
-        folder = re.search(r"tests/gpu/results/(\w+)", run.get("what", ""))
-        if folder:
-            named += 1
-            assert _same_records(run["records"], _raw_bench(folder.group(1))), (bench_json, folder.group(1))
-            assert _check_stated(run.get("ratios", {}), run["records"]) == len(run.get("ratios", {}))
-    assert named
+    run = json.loads((BENCH / bench_json).read_text())["other_runs"][index]
+    assert _same_records(run["records"], _raw_bench(_named_folder(run))), (bench_json, _named_folder(run))
+    assert _check_stated(run.get("ratios", {}), run["records"]) == len(run.get("ratios", {}))
 
 
-@pytest.mark.parametrize("bench_json,folder,n,checked", [
-    ("megatron_throughput_NVIDIA_H200x4.json", "h200x4_bench_alone_2", 11, 6),
-    ("megatron_throughput_NVIDIA_H100.json", "h100x1_bench_2", 6, 2),
-    ("megatron_throughput_NVIDIA_H200x2.json", "h200x2_bench_alone", 11, 4)])
-def test_committed_benchmark_is_the_raw_records_and_its_targets_follow_from_them(bench_json, folder, n, checked):
-    """A bench JSON's main run is a results folder's raw records (every timed run alone on the machine, per
-    its timeline), and the ratios its targets state are computed from those records."""
-    bench = json.loads((BENCH / bench_json).read_text())
+def test_every_results_folder_the_benchmarks_name_is_committed():
+    """Pruning superseded raw folders must not leave a benchmark record or README pointing at nothing."""
+    root = BENCH.parents[1]
+    texts = [p.read_text() for p in (*BENCH.glob("*.json"), *root.glob("benchmarks/*/README.md"),
+                                     root / "tests/gpu/README.md")]
+    named = {m for text in texts for m in re.findall(r"tests/gpu/results/(\w+)", text)} - {"local"}
+    assert named and {n for n in named if not (RESULTS / n).is_dir()} == set()
+
+
+MAIN_RUNS = {"megatron_throughput_NVIDIA_H200x4.json": ("h200x4_bench_alone_2", 11, 6),
+             "megatron_throughput_NVIDIA_H100.json": ("h100x1_bench_2", 6, 2),
+             "megatron_throughput_NVIDIA_H200x2.json": ("h200x2_bench_alone", 11, 4)}
+
+
+def _check_main_run(bench: dict, folder: str, n: int, checked: int) -> None:
     raw = _raw_bench(folder)
-    assert _same_records(bench["records"], raw) and len(raw) == n
+    assert _same_records(bench["records"], raw) and len(raw) == n, f"{folder}: records differ from the JSON's"
     timeline = json.loads((RESULTS / folder / "timeline.json").read_text())
     for job in timeline:
         assert job["rc"] == 0 and not [t for t in timeline if t is not job and t["start_s"] < job["end_s"]
@@ -188,24 +151,35 @@ def test_committed_benchmark_is_the_raw_records_and_its_targets_follow_from_them
     assert _check_stated(bench["targets"], raw) == checked
 
 
-VARIANTS_W2 = {"EP2+moe-comm", "DP2+grad-overlap", "EP2+grad-overlap"}
+@pytest.mark.parametrize("bench_json", MAIN_RUNS)
+def test_committed_benchmark_is_the_raw_records_and_its_targets_follow_from_them(bench_json):
+    """A bench JSON's main run is a results folder's raw records (every timed run alone on the machine, per
+    its timeline), and the ratios its targets state are computed from those records."""
+    _check_main_run(json.loads((BENCH / bench_json).read_text()), *MAIN_RUNS[bench_json])
 
 
-def test_committed_variant_cases_pass_the_gpu_tests():
-    """h200x2_variants: the engine-option variants at 2 GPUs (megatron_equivalence.VARIANTS), one torchrun
-    on 2x H200 (8 cases, 16 verdicts)."""
-    rows, failed = check(RESULTS / "h200x2_variants", only=VARIANTS_W2, recorded_only=True)
-    assert failed == 0 and len(rows) == 1 + 16, "\n".join(rows)
+@pytest.mark.parametrize("field", ["records", "targets"])
+def test_a_main_run_that_disagrees_with_its_raw_records_fails(field):
+    """One tokens/s changed in the JSON's records, or one stated ratio, fails the main-run check."""
+    name = "megatron_throughput_NVIDIA_H200x4.json"
+    bench = json.loads((BENCH / name).read_text())
+    if field == "records":
+        bench["records"][0]["tokens_per_s_per_gpu"] *= 1.01
+    else:
+        bench["targets"]["vs_mcore_local_dense_w4"] = "4.50x"
+    with pytest.raises(AssertionError):
+        _check_main_run(bench, *MAIN_RUNS[name])
 
 
 def test_a_variant_that_ran_without_its_option_fails(tmp_path):
     """The verdict reads the option off the record: the same numbers recorded without the option fail."""
-    lines = (RESULTS / "h200x2_variants" / "megatron_equivalence_w2.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
+    records = [json.loads(line) for f in sorted((RESULTS / LATEST_SUITE).glob("megatron_equivalence_w2_s*.jsonl"))
+               for line in f.read_text().splitlines() if line.strip()]
+    assert any(r["layout"] == "EP2+moe-comm" for r in records)
     for r in records:
         if r["layout"] == "EP2+moe-comm" and r["family"] == "moe":
             r["overlap_moe_comm"] = False
     (tmp_path / "megatron_equivalence_w2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    rows, failed = check(tmp_path, only=VARIANTS_W2, recorded_only=True)
+    rows, failed = check(tmp_path, only={"EP2+moe-comm"}, recorded_only=True)
     assert failed == 1 and [r for r in rows if r.startswith("FAILED")][0].startswith(
         "FAILED test_matches_reference[EP2+moe-comm-moe]: EP2+moe-comm/moe ran without train.overlap_moe_comm"), rows

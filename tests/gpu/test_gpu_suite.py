@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gpu_worlds import load_records, parse_shard, shard  # noqa: E402
+from tests.gpu.gpu_worlds import load_records, parse_shard, shard
 
 _SPEC = importlib.util.spec_from_file_location("gpu_suite", Path(__file__).parents[2] / "scripts" / "gpu_suite.py")
 suite = importlib.util.module_from_spec(_SPEC)
@@ -35,8 +34,8 @@ def test_shards_partition_the_items_and_balance_their_weight():
 
 
 def test_every_gpu_case_runs_in_exactly_one_shard_of_the_suite(tmp_path):
-    import megatron_checkpoint as ck
-    import megatron_equivalence as eq
+    from tests.gpu import megatron_checkpoint as ck
+    from tests.gpu import megatron_equivalence as eq
 
     jobs = suite.test_jobs(4, tmp_path, ())
     covered = {"equivalence": [], "checkpoint": []}
@@ -144,7 +143,7 @@ def test_records_of_shards_merge_by_key(tmp_path):
 
 @pytest.mark.parametrize("ngpu", [2, 4])
 def test_engine_option_variants_are_equivalence_cases_of_their_base_layout_and_get_judged(tmp_path, ngpu):
-    import megatron_equivalence as eq
+    from tests.gpu import megatron_equivalence as eq
 
     for name, (base, options, families) in eq.VARIANTS.items():
         assert name.startswith(base + "+") and options and set(families) <= set(eq.LAYOUTS[base][2])
@@ -176,7 +175,7 @@ def test_on_one_gpu_the_bench_part_runs_the_one_gpu_runs_in_turn(tmp_path):
 
 def test_each_call_starts_from_an_empty_records_folder(tmp_path):
     """A warm device machine keeps /tmp between calls: records an earlier call left must not be judged or
-    benchmarked as this call's (they were, once: see tests/gpu/README.md, h200x4_suite_4)."""
+    benchmarked as this call's."""
     res, gpus = tmp_path / "gpu_suite", tmp_path / "gpus.csv"
     gpus.write_text("name\nNVIDIA H200\n")
     (res / "overlap_moe_comm").mkdir(parents=True)

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from megatron_checkpoint import CASES, K  # noqa: E402
-from gpu_worlds import gpu_count, load_records, records_dir, selected as _selected  # noqa: E402
+from tests.gpu.gpu_worlds import gpu_count, load_records, records_dir, selected as _selected
+from tests.gpu.megatron_checkpoint import CASES, K
 
 pytestmark = pytest.mark.gpu
 SAME_ATOL, RESHARD_ATOL = 1e-3, 2e-2

@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gpu_worlds import gpu_count, records_dir  # noqa: E402
+from tests.gpu.gpu_worlds import gpu_count, records_dir
 
 pytestmark = pytest.mark.gpu
 SAME_ATOL, RESHARD_ATOL = 1e-3, 2e-2

@@ -15,9 +15,10 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run by path (python FILE): the repository root holds `tests`
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
 
-from ft_helpers import inject, processes_of, submit_args, wait_for  # noqa: E402
+from tests.launcher.ft_helpers import inject, processes_of, submit_args, wait_for  # noqa: E402
 
 
 def _free_port() -> int:

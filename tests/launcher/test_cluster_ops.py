@@ -1,4 +1,4 @@
-"""Cluster operations against a real Ray cluster on loopback (issue 9 acceptance 1-3).
+"""Cluster operations (start, submit, stop) against a real Ray cluster on loopback.
 
 One cluster for the module, started the way `raytron cluster start` starts nodes (`ray start --block`,
 token auth, dashboard on 127.0.0.1): a head with 1 CPU and two worker nodes with 2 CPUs and 2
@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster_helpers import REPO, cli_env, raytron  # noqa: E402
+from tests.launcher.cluster_helpers import REPO, cli_env, raytron
 
 pytestmark = pytest.mark.slow
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from raytron.launcher.cluster import ClusterSecurityError, check_bind, find_token, is_loopback
@@ -12,8 +9,7 @@ from raytron.launcher.jobs import check_no_secrets, check_remote_paths, secret_v
 from raytron.launcher.spec import spec_from_dict
 from raytron.launcher.strict_yaml import ConfigError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster_helpers import cli_env, raytron  # noqa: E402
+from tests.launcher.cluster_helpers import cli_env, raytron
 
 
 def test_loopback_detection():

@@ -1,4 +1,4 @@
-"""Fault tolerance end to end (issue 8) through the CLI on the session's embedded Ray.
+"""Fault tolerance end to end through the CLI on the session's embedded Ray.
 
 Each test injects one fault through the `fault.inject` test hook or kills a worker by PID, checks
 what the job did about it (restart, commit, rollback, typed outcome, exit message), and checks that
@@ -20,7 +20,7 @@ import pytest
 
 from raytron.launcher.attempts import read_attempts
 
-from ft_helpers import (KillOnMarker, assert_gone, inject, losses, processes_of, submit, submit_args, time_limit,
+from tests.launcher.ft_helpers import (KillOnMarker, assert_gone, inject, losses, processes_of, submit, submit_args, time_limit,
                         wait_for)
 
 HERE = Path(__file__).resolve().parent

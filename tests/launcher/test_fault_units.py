@@ -18,7 +18,7 @@ from raytron.launcher.health import LossSpikeError, NumericsGuard, SkipLog
 from raytron.launcher.outcome import classify, culprit
 from raytron.launcher.spec import ConfigError, FaultSpec, load_spec
 
-from ft_helpers import CONFIG
+from tests.launcher.ft_helpers import CONFIG
 
 
 def test_fault_fields_are_validated():

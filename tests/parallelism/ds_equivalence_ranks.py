@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ckpt_helpers import write_json
+from tests.checkpoint.ckpt_helpers import write_json
 
 STEPS, GBS, MBS, SEQ = 3, 8, 2, 32
 

@@ -182,7 +182,7 @@ def distributed_optimizer_grad_norm(engine) -> float:
     from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
-    from megatron_cpu_ranks import ShardedOptimizer
+    from tests.parallelism.megatron_cpu_ranks import ShardedOptimizer
 
     params = [p for c in engine.chunks for _, p in engine._master_params(c)]
     grads = []

@@ -5,19 +5,14 @@ plain single-process PyTorch loop over `raytron.models` with AdamW, step after s
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "checkpoint"))
 
-import ds_equivalence_ranks as ranks  # noqa: E402
-from ckpt_helpers import read_json, spawn_ranks  # noqa: E402
+from tests.checkpoint.ckpt_helpers import read_json, spawn_ranks
+from tests.parallelism import ds_equivalence_ranks as ranks
 
 pytestmark = pytest.mark.slow
 # fp32 on CPU; the engines differ from the reference only in summation order (all-reduce, all-to-all)

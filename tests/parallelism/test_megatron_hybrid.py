@@ -11,8 +11,6 @@ rules (parallelism/megatron_blocks.py): which patterns and layouts map, and the 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,10 +18,6 @@ import pytest
 from raytron import models
 from raytron.parallelism.megatron_blocks import (UnsupportedArchitecture, blocks, megatron_pattern_gaps,
                                                  pipeline_split)
-
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "checkpoint"))
 
 
 def _layout(tp=1, pp=1, vpp=1, cp=1):
@@ -41,8 +35,8 @@ def _layout(tp=1, pp=1, vpp=1, cp=1):
 def test_hybrid_tp_pp_match_reference(tmp_path, flavor, overrides, layouts, layers):
     """`layers`: per layout, the megatron layer numbers (1-based, global) each rank must hold."""
     pytest.importorskip("megatron.core")
-    from ckpt_helpers import spawn_ranks
-    import megatron_hybrid_ranks
+    from tests.checkpoint.ckpt_helpers import spawn_ranks
+    from tests.parallelism import megatron_hybrid_ranks
 
     out = tmp_path / "result.json"
     spawn_ranks(megatron_hybrid_ranks.equivalence, 2, "hybrid", flavor, overrides, layouts, str(out), timeout=240)

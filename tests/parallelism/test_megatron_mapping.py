@@ -13,8 +13,6 @@ megatron-core 0.16.1 (the MoE uses the all-gather dispatcher on CPU: the all-to-
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +22,7 @@ from raytron import models
 from raytron.parallelism.layout import ParallelLayout
 from raytron.parallelism.megatron_mapping import ChunkCoords, chunk_pieces, from_megatron, tied_aliases, to_megatron
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "checkpoint"))
-from ckpt_helpers import free_port  # noqa: E402
+from tests.checkpoint.ckpt_helpers import free_port
 
 pytest.importorskip("megatron.core")
 

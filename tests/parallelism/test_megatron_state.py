@@ -8,19 +8,14 @@ tests/gpu/megatron_checkpoint.py."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "checkpoint"))
 
-from ckpt_helpers import spawn_ranks  # noqa: E402
-import megatron_cpu_ranks  # noqa: E402
+from tests.checkpoint.ckpt_helpers import spawn_ranks  # noqa: E402
+from tests.parallelism import megatron_cpu_ranks  # noqa: E402
 
 
 @pytest.mark.parametrize("family,world,layouts", [

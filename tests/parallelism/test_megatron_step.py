@@ -11,7 +11,7 @@ Two shapes it would get wrong are refused (parallelism/layout_rules.py, _moe_ove
 before the refusal: a pattern ending in a dense MLP trained without the final norm (loss 5.576 vs 5.599,
 final-norm gradient 0), and one expert per EP rank failed in backward on the freed dispatched tokens.
 
-Regression cases of issue #6, both silent on GPU except for a drifting loss curve:
+Regression cases, both silent on GPU except for a drifting loss curve:
 - MoE with TP and experts replicated over the TP ranks (tp=2, ep=etp=1, sequence parallel): megatron-core
   marks expert weights as expert parameters only when ep > 1, so their gradients were reduced over the
   dense DP group and missed the other TP rank's tokens (parallelism/megatron_spec.py,
@@ -24,19 +24,14 @@ Regression cases of issue #6, both silent on GPU except for a drifting loss curv
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "checkpoint"))
 
-from ckpt_helpers import spawn_ranks  # noqa: E402
-import megatron_cpu_schedule  # noqa: E402
+from tests.checkpoint.ckpt_helpers import spawn_ranks  # noqa: E402
+from tests.parallelism import megatron_cpu_schedule  # noqa: E402
 
 CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     "moe-TP2": ("moe", {}, {"tp": 2}),
