@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import fsspec
 
-from .strict_yaml import ConfigError, load_yaml, parse_scalar
+from .strict_yaml import MAX_DEPTH, MAX_DOCUMENT_BYTES, ConfigError, load_yaml, parse_scalar
 from ..typed import build, check, to_dict
 
 
@@ -339,6 +339,9 @@ class JobSpec:
 
 def _split_key(key: str) -> list[str | int]:
     """`data.sources[0].uri` -> ['data', 'sources', 0, 'uri']."""
+    if key.count(".") + key.count("[") >= MAX_DEPTH:
+        raise ConfigError("--set", f"got a key {len(key)} characters long nested more than {MAX_DEPTH} levels "
+                          f"({key[:80]}...); no config field is that deep: check the key")
     parts: list[str | int] = []
     for part in key.split("."):
         name, *indices = part.split("[")
@@ -377,7 +380,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ConfigError(key.strip(), f"--set {key}: no list item [{last}] here")
         elif not isinstance(node, dict):
             raise ConfigError(key.strip(), f"--set {key}: {type(node).__name__} has no field {last!r}")
-        node[last] = parse_scalar(text)
+        try:
+            node[last] = parse_scalar(text)
+        except ConfigError as exc:
+            raise ConfigError(key.strip() + (f".{exc.path}" if exc.path else ""), exc.message) from None
     return raw
 
 
@@ -392,7 +398,7 @@ def load_spec(path: str, overrides: list[str] = (), name: str | None = None) -> 
     """Read a job YAML (local path or fsspec URI), apply overrides, validate."""
     try:
         with fsspec.open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_DOCUMENT_BYTES + 1)  # load_yaml refuses anything longer
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
