@@ -101,7 +101,9 @@ def check_resumable(spec: JobSpec) -> None:
     from .resume_plan import plan_resume
 
     if not CheckpointStore(f"{spec.run_uri}/checkpoints").committed_steps():
-        return  # nothing committed yet: the run trains from step 0
+        raise ConfigError("--resume", f"run {spec.name!r} has no committed checkpoint under {spec.run_uri}/checkpoints "
+                          "(it stopped before its first save), so --resume would start it at step 0: start it "
+                          f"anew under another --name, or delete {spec.run_uri} and submit it without --resume")
     plan = plan_resume(spec, spec.run_uri)
     if not plan.ok:
         raise ConfigError("--resume", f"run {spec.name!r} cannot resume under this config: {'; '.join(plan.reasons)}; "
