@@ -94,10 +94,11 @@ def release_claim(spec: JobSpec, started: bool) -> None:
         fs.rmdir(root)
 
 
-def check_resumable(spec: JobSpec) -> None:
+def check_resumable(spec: JobSpec) -> JobSpec:
     """--resume: the run's newest usable checkpoint loads under this config and leaves steps to train;
     refused here, before any record is rewritten, instead of in every worker (`raytron plan CONFIG
-    --resume-from RUN` gives the same answer)."""
+    --resume-from RUN` gives the same answer). Returns the job as the resume trains it (the LR schedule
+    the checkpoint records, unless train.schedule_steps is set)."""
     from .resume_plan import plan_resume
 
     if not CheckpointStore(f"{spec.run_uri}/checkpoints").committed_steps():
@@ -109,10 +110,12 @@ def check_resumable(spec: JobSpec) -> None:
         raise ConfigError("--resume", f"run {spec.name!r} cannot resume under this config: {'; '.join(plan.reasons)}; "
                                       f"resume with the run's own config ({spec.run_uri}/config.yaml) and train.steps "
                                       "above its step, or start a new run under another --name")
+    return plan.spec
 
 
 def preflight(spec: JobSpec, resume: bool):
-    """The checks that need neither Ray nor data: config and layout, paths, run-name policy, resumability."""
+    """The checks that need neither Ray nor data: config and layout, paths, run-name policy, resumability.
+    Returns the layout and the job as it will train (a resume keeps the checkpoint's LR schedule)."""
     layout = validate_job(spec, check_paths=True, runnable=True)
     clear_stale_claim(spec)
     exists = _run_exists(spec)
@@ -122,8 +125,8 @@ def preflight(spec: JobSpec, resume: bool):
     if resume and not exists:
         raise ConfigError("name", f"--resume: no run named {spec.name!r} at {spec.run_uri} to resume")
     if resume:
-        check_resumable(spec)
-    return layout
+        spec = check_resumable(spec)
+    return layout, spec
 
 
 def prepare_data(spec: JobSpec) -> None:
@@ -210,7 +213,7 @@ def _drop_ray_checkpoint_snapshot(spec: JobSpec) -> None:
 def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> JobOutcome:
     """Run `spec` to completion under Ray Train; returns the outcome (never hangs on a failed group)."""
     spec = resolve_local_paths(spec)
-    layout = preflight(spec, resume)
+    layout, spec = preflight(spec, resume)
     claim_run(spec)  # held until this driver's record is written; dropped (with an empty new run) if refused first
     try:
         prepare_data(spec)

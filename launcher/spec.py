@@ -104,6 +104,10 @@ class TrainSpec:
     """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
+    schedule_steps: int | None = None
+    """Steps the warm-up + cosine decay spans (the LR is min_lr past it). null: `steps` of a new run; on
+    `--resume`, the span recorded in the checkpoint, so training on with more `steps` keeps the LR curve
+    continuous. Set it on a resume to re-plan the decay (the LR then changes at the resumed step)."""
     weight_decay: float = 0.1
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -132,6 +136,8 @@ class TrainSpec:
         check(self.lr > 0, f"{path}.lr", f"got {self.lr}; must be > 0")
         check(0 <= self.min_lr <= self.lr, f"{path}.min_lr", f"got {self.min_lr}; must be in [0, lr]")
         check(self.warmup_steps >= 0, f"{path}.warmup_steps", f"got {self.warmup_steps}; must be >= 0")
+        check(self.schedule_steps is None or self.schedule_steps >= 1, f"{path}.schedule_steps",
+              f"got {self.schedule_steps}; must be >= 1, or null (train.steps, or the resumed checkpoint's)")
         check(self.eval_every >= 0, f"{path}.eval_every", f"got {self.eval_every}; must be >= 0")
         check(self.grad_clip >= 0, f"{path}.grad_clip", f"got {self.grad_clip}; must be >= 0 (0 disables)")
         check(0 <= self.seed <= SEED_MAX, f"{path}.seed", f"got {self.seed}; must be in [0, {SEED_MAX}]")
@@ -333,7 +339,7 @@ class JobSpec:
         """Hash of everything that defines the model and data order (not steps, names or resources)."""
         d = self.to_dict()
         keep = {k: d[k] for k in ("engine", "model", "data")}
-        keep["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "log_every", "eval_every")}
+        keep["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "schedule_steps", "log_every", "eval_every")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
