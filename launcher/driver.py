@@ -21,7 +21,7 @@ from .outcome import JobOutcome, supervise
 from .preemption import PreemptibleTorchConfig
 from .spec import JobSpec, resolve_local_paths, spec_to_yaml
 from .strict_yaml import ConfigError
-from .validate import validate_job
+from .validate import check_local_gpus, validate_job
 from .worker import data_cache_uri, train_worker
 
 
@@ -213,6 +213,7 @@ def _drop_ray_checkpoint_snapshot(spec: JobSpec) -> None:
 def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> JobOutcome:
     """Run `spec` to completion under Ray Train; returns the outcome (never hangs on a failed group)."""
     spec = resolve_local_paths(spec)
+    check_local_gpus(spec, address)
     layout, spec = preflight(spec, resume)
     claim_run(spec)  # held until this driver's record is written; dropped (with an empty new run) if refused first
     try:

@@ -81,6 +81,19 @@ class ResourcesSpec:
               "(every node runs the same number of workers)")
         check(self.cpus_per_worker >= 1, f"{path}.cpus_per_worker", f"got {self.cpus_per_worker}; must be >= 1")
         check(self.torch_threads >= 1, f"{path}.torch_threads", f"got {self.torch_threads}; must be >= 1")
+        for name in ("workers", "nodes", "cpus_per_worker", "torch_threads"):
+            check(getattr(self, name) <= COUNT_MAX, f"{path}.{name}",
+                  f"got {getattr(self, name)}; must be at most {COUNT_MAX}")
+
+
+TIMEOUT_MAX_S = 7 * 24 * 3600  # timeouts past a week are a typo; larger values overflow timedelta/sleep
+COUNT_MAX = 1_000_000  # restarts, rollbacks, workers, threads: beyond any real job
+
+
+def check_timeout(value: float, path: str, allow_zero: bool = False) -> None:
+    low = "0 (off)" if allow_zero else "> 0"
+    check((value >= 0 if allow_zero else value > 0) and value <= TIMEOUT_MAX_S, path,
+          f"got {value}; must be {low} and at most {TIMEOUT_MAX_S} seconds (7 days)")
 
 
 SEED_MAX = 2**31 - 1  # torch/megatron seed offsets (step, rank, TP rank) are added to it and must stay in int64
@@ -208,6 +221,9 @@ class DataSpec:
               f"got {self.tokenizer!r}; known offline: {', '.join(sorted(TOKENIZERS))} (no downloads at run time)")
         if self.cache_uri is not None:
             check_uri(self.cache_uri, f"{path}.cache_uri")
+            check(not self.cache_uri.startswith("memory://"), f"{path}.cache_uri",
+                  f"got {self.cache_uri!r}; memory:// lives inside one process and the workers read the prepared "
+                  "data from their own: use a local directory or shared storage, or leave it null")
         check(self.max_documents is None or self.max_documents >= 1, f"{path}.max_documents",
               f"got {self.max_documents}; must be >= 1 or null")
         check(0.0 < self.valid_fraction < 0.5, f"{path}.valid_fraction", f"got {self.valid_fraction}; must be in (0, 0.5)")
@@ -233,6 +249,10 @@ class CheckpointSpec:
         check_uri(self.uri, f"{path}.uri")
         check(self.every >= 0, f"{path}.every", f"got {self.every}; must be >= 0 (0: only at the end)")
         check(self.keep >= 2, f"{path}.keep", f"got {self.keep}; must be >= 2 so a bad newest step has a fallback")
+        check(self.keep <= COUNT_MAX, f"{path}.keep", f"got {self.keep}; must be at most {COUNT_MAX}")
+        check(not self.uri.startswith("memory://"), f"{path}.uri",
+              f"got {self.uri!r}; memory:// lives inside one process, and every worker is a process of its own "
+              "(their shards would never meet): use a local directory or shared storage such as s3://")
 
 
 @dataclass(frozen=True)
@@ -257,6 +277,7 @@ class FaultInjectSpec:
         check(self.step >= 1, f"{path}.step", f"got {self.step}; must be >= 1")
         check(self.rank >= 0, f"{path}.rank", f"got {self.rank}; must be >= 0")
         check(self.attempt >= -1, f"{path}.attempt", f"got {self.attempt}; must be >= 0, or -1 for every attempt")
+        check_timeout(self.seconds, f"{path}.seconds")
 
 
 @dataclass(frozen=True)
@@ -298,10 +319,12 @@ class FaultSpec:
         check(self.max_failures >= -1, f"{path}.max_failures", f"got {self.max_failures}; must be >= 0, or -1")
         check(self.max_preemptions >= -1, f"{path}.max_preemptions",
               f"got {self.max_preemptions}; must be >= 0, or -1")
-        check(self.preemption_grace_s > 0, f"{path}.preemption_grace_s", f"got {self.preemption_grace_s}; must be > 0")
-        check(self.collective_timeout_s >= 1, f"{path}.collective_timeout_s",
-              f"got {self.collective_timeout_s}; must be >= 1")
-        check(self.step_timeout_s >= 0, f"{path}.step_timeout_s", f"got {self.step_timeout_s}; must be >= 0 (0: off)")
+        check_timeout(self.preemption_grace_s, f"{path}.preemption_grace_s")
+        check_timeout(self.collective_timeout_s, f"{path}.collective_timeout_s")
+        check_timeout(self.step_timeout_s, f"{path}.step_timeout_s", allow_zero=True)
+        for name in ("max_failures", "max_preemptions", "max_rollbacks", "skip_batches", "spike_warmup_steps"):
+            check(getattr(self, name) <= COUNT_MAX, f"{path}.{name}",
+                  f"got {getattr(self, name)}; must be at most {COUNT_MAX}")
         check(self.spike_factor == 0 or self.spike_factor > 1, f"{path}.spike_factor",
               f"got {self.spike_factor}; must be 0 (off) or > 1")
         check(self.spike_warmup_steps >= 1, f"{path}.spike_warmup_steps",

@@ -34,6 +34,7 @@ class ConfigError(ValueError):
 
 
 EXCERPT_MAX = 200
+INT_MAX = 2**53  # exact in float64 and JSON, far inside int64: no field needs more
 
 
 def excerpt(value: Any, limit: int = EXCERPT_MAX) -> str:
@@ -122,8 +123,11 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and value is not None:  # `X | None`: X's own error, with its nested field path
+            return convert(options[0], value, path)
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in options:
             try:
                 return convert(arg, value, path)
             except ConfigError as exc:
@@ -146,6 +150,9 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         raise ConfigError(path, f"got {excerpt(value)}; expected true or false (YAML 'yes'/'no' are not booleans here)")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > INT_MAX:
+                raise ConfigError(path, f"got {excerpt(value)}; integers in a config are at most 2**53 "
+                                  f"({INT_MAX}): use a value in the field's range")
             return value
         raise ConfigError(path, f"got {excerpt(value)} ({type(value).__name__}); expected an integer")
     if tp is float:

@@ -130,7 +130,10 @@ def remote_root(request) -> str:
 def test_claim_on_object_storage(remote_root):
     """Exclusive create where the filesystem has it, check-then-write where not: a second claim is refused
     either way, and a refused submit leaves nothing behind."""
-    spec = load_spec(CONFIG, [f"checkpoint.uri={remote_root}"], "claimed")
+    import dataclasses
+
+    spec = load_spec(CONFIG, [], "claimed")  # memory:// is refused as a run root; the claim itself works on it
+    spec = dataclasses.replace(spec, checkpoint=dataclasses.replace(spec.checkpoint, uri=remote_root))
     driver.claim_run(spec)
     with pytest.raises(ConfigError, match="another submit is starting"):
         driver.claim_run(spec)
