@@ -21,7 +21,7 @@ from .outcome import JobOutcome, supervise
 from .preemption import PreemptibleTorchConfig
 from .spec import JobSpec, resolve_local_paths, spec_to_yaml
 from .strict_yaml import ConfigError
-from .validate import check_local_gpus, validate_job
+from .validate import check_eval_split, check_local_gpus, validate_job
 from .worker import data_cache_uri, train_worker
 
 
@@ -135,6 +135,7 @@ def prepare_data(spec: JobSpec) -> None:
                            cache_uri=data_cache_uri(spec))
     print(f"[raytron] data ready in {time.monotonic() - t0:.1f}s: {len(data.train)} train / "
           f"{len(data.valid)} valid samples of {spec.train.seq_len} tokens at {data.cache_uri}", flush=True)
+    check_eval_split(spec, len(data.valid))  # refused here, before any worker starts
 
 
 def _started(spec: JobSpec) -> bool:

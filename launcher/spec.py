@@ -72,6 +72,9 @@ class ResourcesSpec:
     """CPU slots Ray reserves per worker."""
     torch_threads: int = 1
     """torch intra-op threads per CPU worker (keeps local CPU runs from oversubscribing cores)."""
+    allow_oversubscribe: bool = False
+    """CPU workers: run even when the plan's memory estimate for the workers of one node exceeds this
+    machine's RAM (refused otherwise, with the numbers)."""
 
     def validate(self, path: str) -> None:
         check(self.workers >= 1, f"{path}.workers", f"got {self.workers}; must be >= 1")

@@ -76,3 +76,51 @@ def test_local_gpu_run_needs_gpus(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "resources.use_gpu" in err and "0 GPUs" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("sets, field, words", [
+    (["train.micro_batch_size=1000000000000", "train.global_batch_size=2000000000000"], "train.micro_batch_size",
+     "micro_batch_size 1000000000000 x seq_len 128"),
+    (["train.seq_len=1048576"], "train.micro_batch_size", "seq_len 1048576"),
+])
+def test_plan_refuses_cpu_jobs_past_host_memory(capsys, sets, field, words):
+    argv = [a for kv in sets for a in ("--set", kv)]
+    assert main(["plan", CONFIG, *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"{field}: the memory estimate is" in err and words in err and "GiB of RAM" in err, err
+    assert "resources.allow_oversubscribe: true" in err
+    assert main(["plan", CONFIG, *argv[-2:], "--set", "resources.allow_oversubscribe=true"]) == 0
+
+
+def test_host_memory_is_the_estimate_times_workers_per_node(monkeypatch):
+    """Held against psutil's total RAM: the same job fits a machine with room for both workers and is
+    refused on one with room for a single worker, naming the numbers."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from raytron.launcher.validate import host_memory
+
+    spec, layout = validate_raw(DS)
+    need, _, memory = host_memory(spec, layout)
+    assert need == 4 * memory.worst.total  # 4 workers on 1 node
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=need))
+    validate_raw(DS)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=need * 0.3))
+    with pytest.raises(ConfigError, match=r"4 workers per node need .* of RAM") as exc:
+        validate_raw(DS)
+    assert exc.value.path in ("model", "train.micro_batch_size")
+    validate_raw(job(DS, resources__allow_oversubscribe=True))
+
+
+def test_submit_refuses_eval_batches_past_the_validation_split(tmp_path, capsys):
+    argv = ["submit", CONFIG, "--name", "evalsplit", "--set", f"checkpoint.uri={tmp_path}/runs",
+            "--set", f"data.cache_uri={tmp_path}/cache", "--set", "data.max_documents=40",
+            "--set", "train.eval_batches=100000"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "data ready" in captured.out  # refused once the data is prepared, before Ray and the workers
+    err = captured.err
+    assert "train.eval_batches: got 100000 global batches" in err and "validation split has" in err, err
+    assert "set train.eval_batches to at most" in err
+    assert not (tmp_path / "runs" / "evalsplit").exists()
