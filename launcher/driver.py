@@ -18,7 +18,7 @@ from ..data_pipeline import prepare_for_job
 from ..parallelism.checkpoint import CheckpointStore
 from .leftovers import live_process, reap_dead_driver, record_driver
 from .outcome import JobOutcome, supervise
-from .preemption import PreemptibleTorchConfig
+from .preemption import DriverInterrupt, PreemptibleTorchConfig
 from .spec import JobSpec, resolve_local_paths, spec_to_yaml
 from .strict_yaml import ConfigError
 from .validate import check_eval_split, check_local_gpus, validate_job
@@ -234,9 +234,14 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
 
     storage_path, storage_fs = _storage(spec)
 
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller) -> None:
+            """Ray Train's fit() would take SIGINT over to abort the run outright; the driver keeps its
+            own (DriverInterrupt below): Ctrl-C preempts the run with a committed checkpoint."""
+
     def make_trainer(max_failures: int, max_preemptions: int) -> TorchTrainer:
         _drop_ray_checkpoint_snapshot(spec)
-        return TorchTrainer(
+        return Trainer(
             train_worker,
             train_loop_config={"spec": spec.to_dict(), "layout": layout.to_dict()},
             torch_config=PreemptibleTorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo",
@@ -251,5 +256,7 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
         )
 
     store = CheckpointStore(f"{spec.run_uri}/checkpoints", keep=spec.checkpoint.keep)
-    # Failure and preemption budgets, the relaunch after a preemption, outcome.json: launcher/outcome.py
-    return supervise(spec, make_trainer, store)
+    # Failure and preemption budgets, the relaunch after a preemption, outcome.json: launcher/outcome.py.
+    # Ctrl-C / SIGTERM to this process preempts the whole run (launcher/preemption.py DriverInterrupt).
+    with DriverInterrupt(spec.run_uri, spec.fault.preemption_grace_s) as interrupt:
+        return supervise(spec, make_trainer, store, interrupt)
