@@ -176,8 +176,10 @@ def _init_ray(spec: JobSpec, address: str | None) -> None:
     missing = get_dashboard_dependency_error()
     if missing is not None:
         print(f"[raytron] Ray dashboard off ({missing}); Ray Train's state-API watchdog will warn", flush=True)
-    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=missing is None, dashboard_host="127.0.0.1",
-             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    # address="local": always a fresh instance of this process's own. Without it ray.init() joins the
+    # newest cluster it finds on the host (`ray start`, or a stale /tmp/ray/ray_current_cluster).
+    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=missing is None,
+             dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
 def _place(spec: JobSpec, layout):

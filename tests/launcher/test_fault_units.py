@@ -256,3 +256,24 @@ def test_driver_interrupt_forwards_sigterm_and_supervise_stops_without_relaunch(
             sleeper.wait()
     assert len(calls) == 1 and out.status == "preempted" and out.preemptions_used == 1
     assert "stopped by SIGINT to the driver" in out.error and f"--name {spec.name} --resume" in out.error
+
+
+def test_embedded_ray_never_joins_another_instance_on_the_host(tmp_path, monkeypatch):
+    """No --address and no RAY_ADDRESS: the driver asks Ray for a fresh local instance, so a `ray start`
+    cluster (or a stale /tmp/ray/ray_current_cluster) on the machine changes nothing."""
+    import ray
+    from ray._private import services
+
+    from raytron.launcher import driver
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    driver._init_ray(load_spec(CONFIG, [f"checkpoint.uri={tmp_path}"]), None)
+    [kwargs] = calls
+    assert kwargs["dashboard_host"] == "127.0.0.1"
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: "127.0.0.1:6379")  # stale file
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: ["127.0.0.1:6379"])
+    assert services.canonicalize_bootstrap_address(None) is not None, "a bare ray.init() would join it"
+    assert services.canonicalize_bootstrap_address(kwargs.get("address")) is None, "a fresh instance is started"
