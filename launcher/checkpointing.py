@@ -33,6 +33,7 @@ from .. import __version__
 from ..data_pipeline import DataCursor
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
 from ..parallelism.ds_state import gather_state, load_state, merge_shards
+from ..parallelism.schedule import schedule_of
 from .canary import canary_restore, layout_changed
 
 
@@ -87,7 +88,7 @@ def build_manifest(spec, layout, world: int, model_cfg, cursor: DataCursor, metr
     return {"engine": spec.engine, "layout": layout.to_dict(), "world_size": world,
             "config_hash": resume_hash(spec), "resume_fields": resume_fields(spec),
             "code_version": code_version(), "model": dataclasses.asdict(model_cfg),
-            "data_cursor": cursor.to_dict(),
+            "data_cursor": cursor.to_dict(), "schedule": schedule_of(spec.train),
             "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}}
 
 

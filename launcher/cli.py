@@ -1,7 +1,8 @@
 """`raytron` command line: submit, plan, data prepare, runs/status/logs/stop, cluster.
 
 Exit codes: 0 success; 1 the job ran and failed; 2 the config, data or command line was refused
-before anything started; 3 the job was preempted more often than fault.max_preemptions (resumable).
+before anything started; 3 the job was preempted more often than fault.max_preemptions, or the driver
+got Ctrl-C / SIGTERM and the workers committed a checkpoint (resumable); 130 a second Ctrl-C aborted it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 EXIT_FAILED = 1
 EXIT_INVALID = 2
 EXIT_PREEMPTED = 3
+EXIT_ABORTED = 130  # a second Ctrl-C: the shell's convention for SIGINT
 
 
 def _add_submit(subparsers) -> None:
@@ -51,6 +53,10 @@ def _run_submit(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, FileNotFoundError, PermissionError, ConnectionError) as exc:
         print(f"raytron: error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    except KeyboardInterrupt as exc:
+        print(f"raytron: {exc or 'interrupted'}; the run keeps its last committed checkpoint "
+              f"(`raytron submit CONFIG --name NAME --resume` continues)", file=sys.stderr)
+        return EXIT_ABORTED
     print(f"\n[raytron] job {outcome.status}: {spec.name}")
     print(f"[raytron]   run directory:  {outcome.run_uri}")
     print(f"[raytron]   checkpoints:    {outcome.run_uri}/checkpoints (last committed step: "

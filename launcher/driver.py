@@ -18,10 +18,10 @@ from ..data_pipeline import prepare_for_job
 from ..parallelism.checkpoint import CheckpointStore
 from .leftovers import live_process, reap_dead_driver, record_driver
 from .outcome import JobOutcome, supervise
-from .preemption import PreemptibleTorchConfig
+from .preemption import DriverInterrupt, PreemptibleTorchConfig
 from .spec import JobSpec, resolve_local_paths, spec_to_yaml
 from .strict_yaml import ConfigError
-from .validate import validate_job
+from .validate import check_eval_split, check_local_gpus, validate_job
 from .worker import data_cache_uri, train_worker
 
 
@@ -94,23 +94,28 @@ def release_claim(spec: JobSpec, started: bool) -> None:
         fs.rmdir(root)
 
 
-def check_resumable(spec: JobSpec) -> None:
+def check_resumable(spec: JobSpec) -> JobSpec:
     """--resume: the run's newest usable checkpoint loads under this config and leaves steps to train;
     refused here, before any record is rewritten, instead of in every worker (`raytron plan CONFIG
-    --resume-from RUN` gives the same answer)."""
+    --resume-from RUN` gives the same answer). Returns the job as the resume trains it (the LR schedule
+    the checkpoint records, unless train.schedule_steps is set)."""
     from .resume_plan import plan_resume
 
     if not CheckpointStore(f"{spec.run_uri}/checkpoints").committed_steps():
-        return  # nothing committed yet: the run trains from step 0
+        raise ConfigError("--resume", f"run {spec.name!r} has no committed checkpoint under {spec.run_uri}/checkpoints "
+                          "(it stopped before its first save), so --resume would start it at step 0: start it "
+                          f"anew under another --name, or delete {spec.run_uri} and submit it without --resume")
     plan = plan_resume(spec, spec.run_uri)
     if not plan.ok:
         raise ConfigError("--resume", f"run {spec.name!r} cannot resume under this config: {'; '.join(plan.reasons)}; "
                                       f"resume with the run's own config ({spec.run_uri}/config.yaml) and train.steps "
                                       "above its step, or start a new run under another --name")
+    return plan.spec
 
 
 def preflight(spec: JobSpec, resume: bool):
-    """The checks that need neither Ray nor data: config and layout, paths, run-name policy, resumability."""
+    """The checks that need neither Ray nor data: config and layout, paths, run-name policy, resumability.
+    Returns the layout and the job as it will train (a resume keeps the checkpoint's LR schedule)."""
     layout = validate_job(spec, check_paths=True, runnable=True)
     clear_stale_claim(spec)
     exists = _run_exists(spec)
@@ -120,8 +125,8 @@ def preflight(spec: JobSpec, resume: bool):
     if resume and not exists:
         raise ConfigError("name", f"--resume: no run named {spec.name!r} at {spec.run_uri} to resume")
     if resume:
-        check_resumable(spec)
-    return layout
+        spec = check_resumable(spec)
+    return layout, spec
 
 
 def prepare_data(spec: JobSpec) -> None:
@@ -130,6 +135,7 @@ def prepare_data(spec: JobSpec) -> None:
                            cache_uri=data_cache_uri(spec))
     print(f"[raytron] data ready in {time.monotonic() - t0:.1f}s: {len(data.train)} train / "
           f"{len(data.valid)} valid samples of {spec.train.seq_len} tokens at {data.cache_uri}", flush=True)
+    check_eval_split(spec, len(data.valid))  # refused here, before any worker starts
 
 
 def _started(spec: JobSpec) -> bool:
@@ -170,8 +176,10 @@ def _init_ray(spec: JobSpec, address: str | None) -> None:
     missing = get_dashboard_dependency_error()
     if missing is not None:
         print(f"[raytron] Ray dashboard off ({missing}); Ray Train's state-API watchdog will warn", flush=True)
-    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=missing is None, dashboard_host="127.0.0.1",
-             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    # address="local": always a fresh instance of this process's own. Without it ray.init() joins the
+    # newest cluster it finds on the host (`ray start`, or a stale /tmp/ray/ray_current_cluster).
+    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=missing is None,
+             dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
 def _place(spec: JobSpec, layout):
@@ -208,7 +216,8 @@ def _drop_ray_checkpoint_snapshot(spec: JobSpec) -> None:
 def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> JobOutcome:
     """Run `spec` to completion under Ray Train; returns the outcome (never hangs on a failed group)."""
     spec = resolve_local_paths(spec)
-    layout = preflight(spec, resume)
+    check_local_gpus(spec, address)
+    layout, spec = preflight(spec, resume)
     claim_run(spec)  # held until this driver's record is written; dropped (with an empty new run) if refused first
     try:
         prepare_data(spec)
@@ -227,9 +236,14 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
 
     storage_path, storage_fs = _storage(spec)
 
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller) -> None:
+            """Ray Train's fit() would take SIGINT over to abort the run outright; the driver keeps its
+            own (DriverInterrupt below): Ctrl-C preempts the run with a committed checkpoint."""
+
     def make_trainer(max_failures: int, max_preemptions: int) -> TorchTrainer:
         _drop_ray_checkpoint_snapshot(spec)
-        return TorchTrainer(
+        return Trainer(
             train_worker,
             train_loop_config={"spec": spec.to_dict(), "layout": layout.to_dict()},
             torch_config=PreemptibleTorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo",
@@ -244,5 +258,7 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
         )
 
     store = CheckpointStore(f"{spec.run_uri}/checkpoints", keep=spec.checkpoint.keep)
-    # Failure and preemption budgets, the relaunch after a preemption, outcome.json: launcher/outcome.py
-    return supervise(spec, make_trainer, store)
+    # Failure and preemption budgets, the relaunch after a preemption, outcome.json: launcher/outcome.py.
+    # Ctrl-C / SIGTERM to this process preempts the whole run (launcher/preemption.py DriverInterrupt).
+    with DriverInterrupt(spec.run_uri, spec.fault.preemption_grace_s) as interrupt:
+        return supervise(spec, make_trainer, store, interrupt)

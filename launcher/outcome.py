@@ -146,9 +146,11 @@ def _worker_failures(exc: BaseException) -> dict[int, BaseException]:
     return dict(failures) if isinstance(failures, dict) else {}
 
 
-def supervise(spec, make_trainer, store) -> JobOutcome:
+def supervise(spec, make_trainer, store, interrupt=None) -> JobOutcome:
     """Run `make_trainer(max_failures, max_preemptions).fit()` until the job completes, fails, or
-    preemptions exceed their budget; write and return the typed outcome."""
+    preemptions exceed their budget; write and return the typed outcome. `interrupt` (a
+    preemption.DriverInterrupt) set: the driver itself was told to stop, so a preempted worker group
+    ends the job as `preempted` instead of being relaunched."""
     fault = spec.fault
     first = next_attempt(spec.run_uri)
     failures = preemptions = 0
@@ -169,6 +171,8 @@ def supervise(spec, make_trainer, store) -> JobOutcome:
         last_kind = kinds.get(last) if last is not None else None
         if error is None and last_kind == "preempted":
             preemptions += 1
+            if interrupt is not None and interrupt.received:
+                break
             if fault.max_preemptions == -1 or preemptions <= fault.max_preemptions:
                 print(f"[raytron] preemption {preemptions} (budget {fault.max_preemptions}): relaunching the "
                       "worker group from the committed checkpoint", flush=True)
@@ -197,8 +201,12 @@ def supervise(spec, make_trainer, store) -> JobOutcome:
             outcome.error = f"{type(error).__name__}: {error}"
     elif last_kind == "preempted":
         outcome.status = "preempted"
-        outcome.error = (f"preempted {preemptions} times, past fault.max_preemptions={fault.max_preemptions}; "
-                         f"`raytron submit --name {spec.name} --resume` continues from step {outcome.last_checkpoint}")
+        resume = (f"`raytron submit CONFIG --name {spec.name} --resume` (CONFIG: yours, or the run's own "
+                  f"{spec.run_uri}/config.yaml) continues from step {outcome.last_checkpoint}")
+        if interrupt is not None and interrupt.received:
+            outcome.error = f"stopped by {interrupt.received} to the driver, checkpoint committed; {resume}"
+        else:
+            outcome.error = f"preempted {preemptions} times, past fault.max_preemptions={fault.max_preemptions}; {resume}"
     outcome.write()
     print(f"[raytron] outcome {outcome.status}: {outcome.budget_line()} ({spec.run_uri}/outcome.json)", flush=True)
     return outcome

@@ -121,3 +121,75 @@ class PreemptibleTorchConfig(TorchConfig):
     @property
     def backend_cls(self):
         return _PreemptibleTorchBackend
+
+
+class DriverInterrupt:
+    """SIGINT (Ctrl-C) or SIGTERM to the `raytron submit` driver: a preemption of the whole run.
+
+    The first signal forwards SIGTERM to every running rank of the current worker group on this host
+    (the workers' own preemption path above: they agree on a step boundary and commit a checkpoint
+    within `grace_s`); `supervise` then ends the job as `preempted` instead of relaunching it. If the
+    workers have not ended `grace_s` + `SLACK_S` later, or on a second signal, the driver aborts at once
+    (KeyboardInterrupt). Used as a context manager around `supervise` on the driver's main thread."""
+
+    SLACK_S = 60.0
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, run_uri: str, grace_s: float):
+        self.run_uri, self.grace_s = run_uri, grace_s
+        self.received: str | None = None  # the signal's name once one arrived
+        self.not_signalled: list[str] = []  # ranks the driver could not reach, and why
+        self._previous: dict = {}
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> "DriverInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def _handler(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"\n[raytron] {name} again: aborting now, without waiting for the checkpoint", flush=True)
+            raise KeyboardInterrupt(f"aborted by a second {name}")
+        self.received = name
+        print(f"\n[raytron] {name}: preempting the run; the workers commit a checkpoint at the next step boundary "
+              f"(grace {self.grace_s:.0f}s). Press Ctrl-C again to abort at once.", flush=True)
+        threading.Thread(target=self._forward, name="raytron-driver-preempt", daemon=True).start()
+        self._timer = threading.Timer(self.grace_s + self.SLACK_S, self._give_up)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _forward(self) -> None:
+        """SIGTERM to each running rank of the newest worker group that runs on this host."""
+        import socket
+
+        from .attempts import read_attempts
+
+        attempts = read_attempts(self.run_uri)
+        ranks = attempts[max(attempts)] if attempts else {}
+        here = socket.gethostname()
+        for rank, rec in sorted(ranks.items()):
+            if rec.get("status") != "running":
+                continue
+            if rec.get("hostname") != here:
+                self.not_signalled.append(f"rank {rank} runs on host {rec.get('hostname')}, not this one")
+                continue
+            try:
+                os.kill(int(rec["pid"]), signal.SIGTERM)
+            except (ProcessLookupError, PermissionError, KeyError, TypeError, ValueError) as exc:
+                self.not_signalled.append(f"rank {rank} (pid {rec.get('pid')}): {type(exc).__name__}")
+        for line in self.not_signalled:
+            print(f"[raytron] not signalled: {line}", flush=True)
+
+    def _give_up(self) -> None:
+        print(f"[raytron] the workers did not end within the preemption grace of {self.grace_s:.0f}s "
+              f"(+{self.SLACK_S:.0f}s): aborting", flush=True)
+        os.kill(os.getpid(), signal.SIGINT)

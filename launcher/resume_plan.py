@@ -26,6 +26,7 @@ class ResumePlan:
     reasons: list[str] = field(default_factory=list)  # why not (empty when ok)
     reshard: list[str] = field(default_factory=list)  # what changes on load
     notes: list[str] = field(default_factory=list)  # skipped steps, caveats
+    spec: object = None  # the job as the resume trains it (train.schedule_steps from the checkpoint)
 
 
 def locate(uri: str) -> tuple[CheckpointStore, int | None]:
@@ -104,6 +105,35 @@ def _reshard(manifest: dict, layout, num_experts: int) -> list[str]:
     return out
 
 
+def resumed_spec(spec, manifest: dict):
+    """`spec` with `train.schedule_steps` taken from the checkpoint when the config leaves it null, so
+    training on with more `train.steps` keeps the LR schedule the run started with."""
+    recorded = manifest.get("schedule")
+    if spec.train.schedule_steps is not None or not recorded:
+        return spec
+    from .spec import replace
+
+    return replace(spec, train=replace(spec.train, schedule_steps=recorded["total_steps"]))
+
+
+def _lr_notes(manifest: dict, spec, step: int) -> list[str]:
+    """The LR of the first resumed step under the run's schedule and under the resumed one."""
+    from ..parallelism.schedule import lr_at, schedule_of
+
+    recorded, now = manifest.get("schedule"), schedule_of(spec.train)
+    if not recorded:
+        return [f"learning rate after the resume: {lr_at(step, **now):.4g} at step {step + 1} (the checkpoint "
+                f"does not record its schedule; cosine over {now['total_steps']} steps)"]
+    before, after = lr_at(step, **recorded), lr_at(step, **now)
+    line = (f"learning rate at step {step + 1}: {before:.4g} before the resume (cosine over "
+            f"{recorded['total_steps']} steps, warm-up {recorded['warmup_steps']}), {after:.4g} after (over "
+            f"{now['total_steps']}, warm-up {now['warmup_steps']})")
+    if recorded != now:
+        line += ("; the schedule changes here (train.schedule_steps, lr, min_lr or warmup_steps differ from the "
+                 "checkpoint's)")
+    return [line]
+
+
 def plan_resume(spec, uri: str) -> ResumePlan:
     """Decide, without loading tensors, whether `uri` resumes under `spec` (its layout validated here)."""
     from .validate import validate_job
@@ -122,6 +152,7 @@ def plan_resume(spec, uri: str) -> ResumePlan:
         layout = None
     if manifest is None:
         return plan
+    spec = plan.spec = resumed_spec(spec, manifest)
     _compatibility(manifest, spec, plan)
     if spec.train.steps < plan.step:
         plan.reasons.append(f"train.steps={spec.train.steps} is below the checkpoint's step {plan.step}: set "
@@ -130,6 +161,7 @@ def plan_resume(spec, uri: str) -> ResumePlan:
         plan.reshard = _reshard(manifest, layout, manifest.get("model", {}).get("num_experts", 0))
         cursor = manifest.get("data_cursor", {}).get("samples_consumed")
         plan.notes.append(f"data cursor: continues after {cursor} samples; training resumes at step {plan.step + 1}")
+        plan.notes += _lr_notes(manifest, spec, plan.step)
     plan.ok = not plan.reasons
     return plan
 

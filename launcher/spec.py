@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import fsspec
 
-from .strict_yaml import ConfigError, load_yaml, parse_scalar
+from .strict_yaml import MAX_DEPTH, MAX_DOCUMENT_BYTES, ConfigError, load_yaml, parse_scalar
 from ..typed import build, check, to_dict
 
 
@@ -72,6 +72,9 @@ class ResourcesSpec:
     """CPU slots Ray reserves per worker."""
     torch_threads: int = 1
     """torch intra-op threads per CPU worker (keeps local CPU runs from oversubscribing cores)."""
+    allow_oversubscribe: bool = False
+    """CPU workers: run even when the plan's memory estimate for the workers of one node exceeds this
+    machine's RAM (refused otherwise, with the numbers)."""
 
     def validate(self, path: str) -> None:
         check(self.workers >= 1, f"{path}.workers", f"got {self.workers}; must be >= 1")
@@ -81,6 +84,19 @@ class ResourcesSpec:
               "(every node runs the same number of workers)")
         check(self.cpus_per_worker >= 1, f"{path}.cpus_per_worker", f"got {self.cpus_per_worker}; must be >= 1")
         check(self.torch_threads >= 1, f"{path}.torch_threads", f"got {self.torch_threads}; must be >= 1")
+        for name in ("workers", "nodes", "cpus_per_worker", "torch_threads"):
+            check(getattr(self, name) <= COUNT_MAX, f"{path}.{name}",
+                  f"got {getattr(self, name)}; must be at most {COUNT_MAX}")
+
+
+TIMEOUT_MAX_S = 7 * 24 * 3600  # timeouts past a week are a typo; larger values overflow timedelta/sleep
+COUNT_MAX = 1_000_000  # restarts, rollbacks, workers, threads: beyond any real job
+
+
+def check_timeout(value: float, path: str, allow_zero: bool = False) -> None:
+    low = "0 (off)" if allow_zero else "> 0"
+    check((value >= 0 if allow_zero else value > 0) and value <= TIMEOUT_MAX_S, path,
+          f"got {value}; must be {low} and at most {TIMEOUT_MAX_S} seconds (7 days)")
 
 
 SEED_MAX = 2**31 - 1  # torch/megatron seed offsets (step, rank, TP rank) are added to it and must stay in int64
@@ -104,6 +120,10 @@ class TrainSpec:
     """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
+    schedule_steps: int | None = None
+    """Steps the warm-up + cosine decay spans (the LR is min_lr past it). null: `steps` of a new run; on
+    `--resume`, the span recorded in the checkpoint, so training on with more `steps` keeps the LR curve
+    continuous. Set it on a resume to re-plan the decay (the LR then changes at the resumed step)."""
     weight_decay: float = 0.1
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -132,6 +152,8 @@ class TrainSpec:
         check(self.lr > 0, f"{path}.lr", f"got {self.lr}; must be > 0")
         check(0 <= self.min_lr <= self.lr, f"{path}.min_lr", f"got {self.min_lr}; must be in [0, lr]")
         check(self.warmup_steps >= 0, f"{path}.warmup_steps", f"got {self.warmup_steps}; must be >= 0")
+        check(self.schedule_steps is None or self.schedule_steps >= 1, f"{path}.schedule_steps",
+              f"got {self.schedule_steps}; must be >= 1, or null (train.steps, or the resumed checkpoint's)")
         check(self.eval_every >= 0, f"{path}.eval_every", f"got {self.eval_every}; must be >= 0")
         check(self.grad_clip >= 0, f"{path}.grad_clip", f"got {self.grad_clip}; must be >= 0 (0 disables)")
         check(0 <= self.seed <= SEED_MAX, f"{path}.seed", f"got {self.seed}; must be in [0, {SEED_MAX}]")
@@ -202,6 +224,9 @@ class DataSpec:
               f"got {self.tokenizer!r}; known offline: {', '.join(sorted(TOKENIZERS))} (no downloads at run time)")
         if self.cache_uri is not None:
             check_uri(self.cache_uri, f"{path}.cache_uri")
+            check(not self.cache_uri.startswith("memory://"), f"{path}.cache_uri",
+                  f"got {self.cache_uri!r}; memory:// lives inside one process and the workers read the prepared "
+                  "data from their own: use a local directory or shared storage, or leave it null")
         check(self.max_documents is None or self.max_documents >= 1, f"{path}.max_documents",
               f"got {self.max_documents}; must be >= 1 or null")
         check(0.0 < self.valid_fraction < 0.5, f"{path}.valid_fraction", f"got {self.valid_fraction}; must be in (0, 0.5)")
@@ -227,6 +252,10 @@ class CheckpointSpec:
         check_uri(self.uri, f"{path}.uri")
         check(self.every >= 0, f"{path}.every", f"got {self.every}; must be >= 0 (0: only at the end)")
         check(self.keep >= 2, f"{path}.keep", f"got {self.keep}; must be >= 2 so a bad newest step has a fallback")
+        check(self.keep <= COUNT_MAX, f"{path}.keep", f"got {self.keep}; must be at most {COUNT_MAX}")
+        check(not self.uri.startswith("memory://"), f"{path}.uri",
+              f"got {self.uri!r}; memory:// lives inside one process, and every worker is a process of its own "
+              "(their shards would never meet): use a local directory or shared storage such as s3://")
 
 
 @dataclass(frozen=True)
@@ -251,6 +280,7 @@ class FaultInjectSpec:
         check(self.step >= 1, f"{path}.step", f"got {self.step}; must be >= 1")
         check(self.rank >= 0, f"{path}.rank", f"got {self.rank}; must be >= 0")
         check(self.attempt >= -1, f"{path}.attempt", f"got {self.attempt}; must be >= 0, or -1 for every attempt")
+        check_timeout(self.seconds, f"{path}.seconds")
 
 
 @dataclass(frozen=True)
@@ -292,10 +322,12 @@ class FaultSpec:
         check(self.max_failures >= -1, f"{path}.max_failures", f"got {self.max_failures}; must be >= 0, or -1")
         check(self.max_preemptions >= -1, f"{path}.max_preemptions",
               f"got {self.max_preemptions}; must be >= 0, or -1")
-        check(self.preemption_grace_s > 0, f"{path}.preemption_grace_s", f"got {self.preemption_grace_s}; must be > 0")
-        check(self.collective_timeout_s >= 1, f"{path}.collective_timeout_s",
-              f"got {self.collective_timeout_s}; must be >= 1")
-        check(self.step_timeout_s >= 0, f"{path}.step_timeout_s", f"got {self.step_timeout_s}; must be >= 0 (0: off)")
+        check_timeout(self.preemption_grace_s, f"{path}.preemption_grace_s")
+        check_timeout(self.collective_timeout_s, f"{path}.collective_timeout_s")
+        check_timeout(self.step_timeout_s, f"{path}.step_timeout_s", allow_zero=True)
+        for name in ("max_failures", "max_preemptions", "max_rollbacks", "skip_batches", "spike_warmup_steps"):
+            check(getattr(self, name) <= COUNT_MAX, f"{path}.{name}",
+                  f"got {getattr(self, name)}; must be at most {COUNT_MAX}")
         check(self.spike_factor == 0 or self.spike_factor > 1, f"{path}.spike_factor",
               f"got {self.spike_factor}; must be 0 (off) or > 1")
         check(self.spike_warmup_steps >= 1, f"{path}.spike_warmup_steps",
@@ -333,12 +365,15 @@ class JobSpec:
         """Hash of everything that defines the model and data order (not steps, names or resources)."""
         d = self.to_dict()
         keep = {k: d[k] for k in ("engine", "model", "data")}
-        keep["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "log_every", "eval_every")}
+        keep["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "schedule_steps", "log_every", "eval_every")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _split_key(key: str) -> list[str | int]:
     """`data.sources[0].uri` -> ['data', 'sources', 0, 'uri']."""
+    if key.count(".") + key.count("[") >= MAX_DEPTH:
+        raise ConfigError("--set", f"got a key {len(key)} characters long nested more than {MAX_DEPTH} levels "
+                          f"({key[:80]}...); no config field is that deep: check the key")
     parts: list[str | int] = []
     for part in key.split("."):
         name, *indices = part.split("[")
@@ -377,7 +412,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ConfigError(key.strip(), f"--set {key}: no list item [{last}] here")
         elif not isinstance(node, dict):
             raise ConfigError(key.strip(), f"--set {key}: {type(node).__name__} has no field {last!r}")
-        node[last] = parse_scalar(text)
+        try:
+            node[last] = parse_scalar(text)
+        except ConfigError as exc:
+            raise ConfigError(key.strip() + (f".{exc.path}" if exc.path else ""), exc.message) from None
     return raw
 
 
@@ -392,7 +430,7 @@ def load_spec(path: str, overrides: list[str] = (), name: str | None = None) -> 
     """Read a job YAML (local path or fsspec URI), apply overrides, validate."""
     try:
         with fsspec.open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_DOCUMENT_BYTES + 1)  # load_yaml refuses anything longer
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -23,12 +23,93 @@ def validate_job(spec: JobSpec, check_paths: bool = False, runnable: bool = Fals
     """The validated layout of `spec`, or a ConfigError naming the first bad field. `runnable` also
     refuses what the chosen engine cannot run yet (`engine_gaps`), as `submit` must."""
     layout = ParallelLayout.from_spec(spec, model_facts_from_spec(spec))
+    check_kinds(spec, layout)
+    check_host_memory(spec, layout)
     if runnable:
         for field, reason in engine_gaps(spec, model_config_from_spec(spec))[:1]:
             raise ConfigError(field, f"engine {spec.engine} cannot run this job yet: {reason}")
     if check_paths:
         check_storage(spec)
     return layout
+
+
+def check_kinds(spec: JobSpec, layout: ParallelLayout) -> None:
+    """Fields that are each in range but cannot work together with the layout or the engine."""
+    inject = spec.fault.inject
+    if inject is not None and inject.rank >= layout.world_size:
+        raise ConfigError("fault.inject.rank", f"got {inject.rank}; the job has {layout.world_size} ranks "
+                          f"(0..{layout.world_size - 1}): use one of them")
+    if spec.engine == "megatron" and not spec.resources.use_gpu:
+        raise ConfigError("engine", "got megatron with resources.use_gpu: false; the megatron engine runs on GPUs "
+                          "only: set resources.use_gpu: true on a GPU machine, or use engine: deepspeed on CPU")
+
+
+def host_memory(spec: JobSpec, layout: ParallelLayout) -> tuple[float, float, object]:
+    """(bytes the CPU workers of one node need by the plan's estimate, this machine's RAM, the estimate)."""
+    import psutil
+
+    from ..parallelism.estimate import model_stats
+    from ..parallelism.memory import estimate_memory
+
+    cfg = model_config_from_spec(spec)
+    memory = estimate_memory(cfg, model_stats(cfg), layout, seq_len=spec.train.seq_len, use_gpu=False,
+                             engine=spec.engine)
+    per_node = spec.resources.workers // spec.resources.nodes
+    return per_node * memory.worst.total, float(psutil.virtual_memory().total), memory
+
+
+def check_host_memory(spec: JobSpec, layout: ParallelLayout) -> None:
+    """CPU workers whose estimated memory (weights, gradients, optimizer, activations) cannot fit in this
+    machine's RAM are refused with the numbers, unless resources.allow_oversubscribe is set. GPU memory
+    is not checked here (the GPUs are not known to the plan)."""
+    if spec.resources.use_gpu or spec.resources.allow_oversubscribe:
+        return
+    need, have, memory = host_memory(spec, layout)
+    if need <= have:
+        return
+    worst = memory.worst
+    per_node = spec.resources.workers // spec.resources.nodes
+    states = worst.weights + worst.grads + worst.optimizer
+    field = "train.micro_batch_size" if worst.activations > states else "model"
+    cause = (f"activations {_size(worst.activations)} for micro_batch_size {spec.train.micro_batch_size} x "
+             f"seq_len {spec.train.seq_len}" if field != "model" else f"weights+grads+optimizer {_size(states)}")
+    raise ConfigError(field, f"the memory estimate is {_size(worst.total)} per CPU worker ({cause}); {per_node} "
+                      f"workers per node need {_size(need)} and this machine has {_size(have)} of RAM: lower "
+                      "train.micro_batch_size or train.seq_len, use a smaller model or more nodes, or set "
+                      "resources.allow_oversubscribe: true to run anyway")
+
+
+def _size(n: float) -> str:
+    return f"{n / (1 << 30):,.1f} GiB" if n >= (1 << 30) else f"{n / (1 << 20):,.1f} MiB"
+
+
+def check_local_gpus(spec: JobSpec, address: str | None) -> None:
+    """An embedded (local) run with resources.use_gpu needs that many GPUs on this machine; on a cluster
+    the placement check counts them."""
+    if address or os.environ.get("RAY_ADDRESS") or not spec.resources.use_gpu:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < spec.resources.workers:
+        raise ConfigError("resources.use_gpu", f"got true with {spec.resources.workers} workers, and this machine "
+                          f"has {have} GPUs visible to torch: run on a machine with {spec.resources.workers} GPUs "
+                          "(or pass --address of a GPU cluster)"
+                          + ("" if spec.engine == "megatron" else ", or set use_gpu: false"))
+
+
+def check_eval_split(spec: JobSpec, valid_samples: int) -> None:
+    """Each evaluation reads `train.eval_batches` global batches of the validation split: more than the split
+    holds would evaluate the same samples again (the split wraps), so it is refused once the data is known."""
+    gbs = spec.train.global_batch_size
+    need = spec.train.eval_batches * gbs
+    if need <= valid_samples:
+        return
+    fix = (f"set train.eval_batches to at most {valid_samples // gbs}" if valid_samples >= gbs else
+           "the split is smaller than one global batch: raise data.valid_fraction or add data")
+    raise ConfigError("train.eval_batches", f"got {spec.train.eval_batches} global batches of {gbs} samples = {need} "
+                      f"samples per evaluation, and the validation split has {valid_samples} samples of "
+                      f"{spec.train.seq_len} tokens: {fix}")
 
 
 def check_storage(spec: JobSpec) -> None:
@@ -50,6 +131,21 @@ def check_storage(spec: JobSpec) -> None:
         if not found:
             raise ConfigError(path, f"no file or directory matches {src.uri!r}")
     _check_local_writable(spec.checkpoint.uri, "checkpoint.uri")
+    if spec.data.cache_uri is not None:
+        _check_not_a_file(spec.data.cache_uri, "data.cache_uri")
+
+
+def _check_not_a_file(uri: str, path: str) -> None:
+    """A folder setting that names an existing file (prepared data would be written inside it)."""
+    try:
+        fs, root = fsspec.core.url_to_fs(uri)
+        is_file = fs.isfile(root)
+    except Exception as exc:  # noqa: BLE001 - any storage failure: the folder cannot be used
+        raise ConfigError(path, f"cannot read {uri!r}: {type(exc).__name__}: {exc}; use a directory "
+                                "you can write") from None
+    if is_file:
+        raise ConfigError(path, f"got {uri!r}, an existing file; it names a directory for the prepared data: "
+                                "use a directory path (or leave it null for <checkpoint.uri>/_data_cache)")
 
 
 def _check_local_writable(uri: str, path: str) -> None:
@@ -75,4 +171,5 @@ def _check_local_writable(uri: str, path: str) -> None:
         raise ConfigError(path, f"got {uri!r}; cannot create it ({exc.strerror}): use a writable directory") from None
 
 
-__all__ = ["validate_job", "check_storage"]
+__all__ = ["validate_job", "check_storage", "check_kinds", "check_local_gpus", "check_host_memory",
+           "check_eval_split", "host_memory"]

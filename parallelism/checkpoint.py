@@ -15,10 +15,12 @@ Protocol:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -32,6 +34,13 @@ MARKER = "COMMITTED"
 MANIFEST = "manifest.json"
 REJECTED = "rejected"  # committed steps that failed verification, set aside by a resume (never deleted)
 _STEP_RE = re.compile(r"step-(\d{9})$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")  # a plain name inside the step folder
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_EXPERT_KEY = re.compile(r"^(.*)#(\d+)$")  # deepspeed writes experts one by one: `<stacked name>#<expert>`
+# Manifest fields and their JSON types, checked when present (test stores commit minimal manifests).
+_FIELDS = {"engine": str, "config_hash": str, "world_size": int, "layout": dict, "model": dict,
+           "data_cursor": dict, "schedule": dict, "metrics": dict, "resume_fields": dict}
+_LAYOUT_INTS = ("world_size", "ep", "dp", "zero_stage", "global_batch_size")
 
 
 class CheckpointError(RuntimeError):
@@ -79,7 +88,9 @@ class CheckpointStore:
     # ---- writing ------------------------------------------------------------------------
     def write_shard(self, step: int, name: str, state: dict) -> dict:
         """Serialize `state` (tensors, numbers, strings, lists, dicts only) to `<step>/<name>`.
-        Returns the file record {name, size, sha256} for the manifest."""
+        Returns the file record {name, size, sha256} for the manifest, with the names of the tensors
+        of its `params` section (`tensors`) when it has one: verification then knows, from the
+        manifest alone, whether every tensor the model needs is there."""
         buf = io.BytesIO()
         torch.save(state, buf)
         data = buf.getvalue()
@@ -88,7 +99,10 @@ class CheckpointStore:
             raise CheckpointError(f"step {step} is already committed; checkpoints are write-once")
         self.fs.makedirs(self.step_path(step), exist_ok=True)
         self.fs.pipe_file(path, data)
-        return {"name": name, "size": len(data), "sha256": _sha256(data)}
+        record = {"name": name, "size": len(data), "sha256": _sha256(data)}
+        if isinstance(state.get("params"), dict):
+            record["tensors"] = sorted(state["params"])
+        return record
 
     def commit(self, step: int, files: list[dict], manifest: dict) -> CommittedStep:
         """Rank 0, after every rank's shards are written (barrier): write manifest, then the marker,
@@ -98,7 +112,7 @@ class CheckpointStore:
             size = self.fs.size(f"{base}/{rec['name']}")
             if size != rec["size"]:
                 raise CheckpointError(f"step {step}: shard {rec['name']} has {size} bytes, writer wrote {rec['size']}")
-        full = {**manifest, "step": step, "files": {r["name"]: {"size": r["size"], "sha256": r["sha256"]}
+        full = {**manifest, "step": step, "files": {r["name"]: {k: v for k, v in r.items() if k != "name"}
                                                    for r in files}, "created": time.time()}
         self.fs.pipe_file(f"{base}/{MANIFEST}", json.dumps(full, indent=1, sort_keys=True).encode())
         self._write_marker(base, step)
@@ -129,19 +143,30 @@ class CheckpointStore:
 
     # ---- reading ------------------------------------------------------------------------
     def read_manifest(self, step: int) -> dict:
+        """The manifest of `step`, checked for shape (the one place manifests are parsed): every reader
+        (resume, plan --resume-from, export) gets a CheckpointError naming the step, never a KeyError."""
+        base = self.step_path(step)
+        if self._local and os.path.islink(base):
+            raise CheckpointError(f"step {step}: {base} is a symbolic link; a run's checkpoints are folders it "
+                                  "wrote itself: remove the link (copy the folder in if it is wanted)")
         try:
-            return json.loads(self.fs.cat_file(f"{self.step_path(step)}/{MANIFEST}"))
+            manifest = json.loads(self.fs.cat_file(f"{base}/{MANIFEST}"))
         except FileNotFoundError:
             raise CheckpointError(f"step {step}: {MANIFEST} is missing") from None
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise CheckpointError(f"step {step}: {MANIFEST} is unreadable ({exc})") from None
+        check_manifest(step, manifest)
+        return manifest
 
     def verify(self, step: int, deep: bool = True) -> dict:
-        """Check every file the manifest lists (size, and SHA-256 when deep). Returns the manifest."""
+        """Check every file the manifest lists (size, and SHA-256 when deep) and that the tensors they
+        hold cover the model the manifest describes. Returns the manifest."""
         manifest = self.read_manifest(step)
         base = self.step_path(step)
-        for name, rec in sorted(manifest.get("files", {}).items()):
+        for name, rec in sorted(manifest["files"].items()):
             path = f"{base}/{name}"
+            if self._local and os.path.islink(path):
+                raise CheckpointError(f"step {step}: shard {name} is a symbolic link; restore the file itself")
             if not self.fs.exists(path):
                 raise CheckpointError(f"step {step}: shard {name} is missing")
             if self.fs.size(path) != rec["size"]:
@@ -149,6 +174,7 @@ class CheckpointStore:
                                       f"manifest says {rec['size']} (truncated or replaced)")
             if deep and _sha256(self.fs.cat_file(path)) != rec["sha256"]:
                 raise CheckpointError(f"step {step}: shard {name} fails its SHA-256 check (corrupted)")
+        _check_tensor_names(step, manifest)
         return manifest
 
     def latest(self, deep: bool = True) -> tuple[CommittedStep | None, list[str]]:
@@ -190,7 +216,108 @@ class CheckpointStore:
         data = self.fs.cat_file(f"{self.step_path(step)}/{name}")
         if _sha256(data) != rec["sha256"]:
             raise CheckpointError(f"step {step}: shard {name} fails its SHA-256 check (corrupted)")
-        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        try:
+            state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/UnpicklingError/EOFError/...
+            text = str(exc)
+            unsafe = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln]
+            why = (f"it holds objects that weights_only loading refuses, never unpickled ({unsafe[0][:200]})"
+                   if unsafe else f"{type(exc).__name__}: {text[:200]}")
+            raise CheckpointError(f"step {step}: shard {name} is not a tensor file written by torch.save: "
+                                  f"{why}") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"step {step}: shard {name} holds a {type(state).__name__}, not a state mapping")
+        return state
+
+
+def check_manifest(step: int, manifest) -> None:
+    """Refuse a manifest of the wrong shape, or one that is not this step's, naming what is wrong."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"step {step}: {MANIFEST} is malformed: {why}; this step cannot be used")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"a JSON {type(manifest).__name__} where an object is expected")
+    got = manifest.get("step")
+    if not _is_int(got):
+        raise bad(f"'step' is {got!r}, not an integer")
+    if got != step:
+        raise CheckpointError(f"step {step}: {MANIFEST} is the manifest of step {got}, not of this folder's step "
+                              f"(a copied or renamed folder); this step cannot be used")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise bad(f"'files' is {type(files).__name__}, not an object of file records")
+    for name, rec in files.items():
+        if not _FILE_NAME.match(name):
+            raise bad(f"file name {name[:80]!r} is not a plain file name")
+        if not isinstance(rec, dict) or not _is_int(rec.get("size")) or rec["size"] < 0:
+            raise bad(f"file {name} has no size")
+        if not isinstance(rec.get("sha256"), str) or not _SHA256.match(rec["sha256"]):
+            raise bad(f"file {name} has no SHA-256")
+        tensors = rec.get("tensors")
+        if tensors is not None and not (isinstance(tensors, list) and all(isinstance(t, str) for t in tensors)):
+            raise bad(f"file {name}: 'tensors' is not a list of names")
+    for key, tp in _FIELDS.items():
+        if key in manifest and not isinstance(manifest[key], tp):
+            raise bad(f"{key!r} is {type(manifest[key]).__name__}, expected {tp.__name__}")
+    for key in _LAYOUT_INTS:
+        if "layout" in manifest and not _is_int(manifest["layout"].get(key)):
+            raise bad(f"'layout.{key}' is missing or not an integer")
+    if "data_cursor" in manifest and not _is_int(manifest["data_cursor"].get("samples_consumed")):
+        raise bad("'data_cursor.samples_consumed' is missing or not an integer")
+    if "schedule" in manifest and not all(isinstance(manifest["schedule"].get(k), (int, float)) for k in
+                                          ("lr", "min_lr", "warmup_steps", "total_steps")):
+        raise bad("'schedule' lacks lr, min_lr, warmup_steps or total_steps")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_tensor_names(step: int, manifest: dict) -> None:
+    """The tensors the manifest's files hold cover every tensor of the model it describes: a shard that
+    is gone together with its manifest entry is caught from the manifest alone (plan and resume alike)."""
+    records = [rec["tensors"] for rec in manifest["files"].values() if "tensors" in rec]
+    if not records or "model" not in manifest:
+        return  # a checkpoint written before tensor names were recorded: its files are all that is known
+    try:
+        missing = missing_tensors(frozenset(n for names in records for n in names),
+                                  json.dumps(manifest["model"], sort_keys=True))
+    except CheckpointError as exc:
+        raise CheckpointError(f"step {step}: {exc}") from None
+    if missing:
+        raise CheckpointError(f"step {step}: the checkpoint lacks {len(missing)} tensors of the model its manifest "
+                              f"describes, e.g. {', '.join(missing[:3])} (a shard and its manifest entry are gone)")
+
+
+@functools.lru_cache(maxsize=8)
+def missing_tensors(names: frozenset[str], model_json: str) -> list[str]:
+    """Reference-model tensors (of the model config `model_json`) that `names` lacks. Names are reference
+    names; experts come stacked or one by one (`name#e`); a router's expert bias and a tied output
+    weight may be absent (they are rebuilt on load, as launcher/export.py's to_reference does)."""
+    from .. import models
+
+    model_cfg = json.loads(model_json)
+    try:
+        with torch.device("meta"):
+            reference = models.Transformer(models.ModelConfig(**model_cfg)).state_dict()
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{MANIFEST} is malformed: its 'model' does not describe a model ({exc})") from None
+    experts: dict[str, set[int]] = {}
+    for name in names:
+        m = _EXPERT_KEY.match(name)
+        if m:
+            experts.setdefault(m.group(1), set()).add(int(m.group(2)))
+    missing = []
+    for name, ref in reference.items():
+        if name in names or name.endswith("router.expert_bias") or (
+                model_cfg.get("tie_embeddings") and name == "output.weight"):
+            continue
+        lacking = sorted(set(range(ref.shape[0])) - experts[name]) if name in experts else None
+        if lacking is None:
+            missing.append(name)
+        elif lacking:
+            missing.append(f"{name} (experts {lacking[:8]})")
+    return missing
 
 
 def merge_shards(shards: list[dict]) -> dict:

@@ -14,11 +14,18 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def schedule_of(train) -> dict:
+    """The schedule TrainSpec `train` trains with, as recorded in each checkpoint manifest: the span is
+    `train.schedule_steps`, or `train.steps` when that is null (a resume fills it from the manifest)."""
+    total = train.schedule_steps if train.schedule_steps is not None else train.steps
+    return {"lr": train.lr, "min_lr": train.min_lr, "warmup_steps": train.warmup_steps, "total_steps": total}
+
+
 def lr_multiplier(train) -> callable:
     """A LambdaLR multiplier for TrainSpec `train` (base lr = train.lr)."""
+    schedule = schedule_of(train)
 
     def multiplier(step: int) -> float:
-        return lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps,
-                     total_steps=train.steps) / train.lr
+        return lr_at(step, **schedule) / train.lr
 
     return multiplier

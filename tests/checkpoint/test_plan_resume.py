@@ -117,3 +117,28 @@ def test_plan_of_something_that_is_no_folder_is_a_reason_not_a_traceback(tmp_pat
     uri = str(target) if where == "file" else where
     plan = plan_resume(load_job(tmp_path, "src", 2, 2, 10), uri)
     assert not plan.ok and ("cannot read" in plan.reasons[0] or "no committed checkpoint" in plan.reasons[0])
+
+
+def test_resume_with_more_steps_keeps_the_lr_schedule(tmp_path, capsys):
+    """A 10-step run resumed at step 6 with train.steps=100: the LR goes on along the 10-step cosine
+    (before, the schedule was recomputed over 100 steps and the LR jumped back up at step 7)."""
+    from raytron.launcher.driver import check_resumable
+    from raytron.parallelism.schedule import lr_multiplier
+
+    run = fake_checkpoint(tmp_path, "src", workers=2, ep=2)
+    original = load_job(tmp_path, "src", 2, 2, 10).train
+    longer = load_job(tmp_path, "src", 2, 2, 100)
+    resumed = check_resumable(longer)  # the driver's decision for `submit --resume`
+    assert resumed.train.schedule_steps == 10 and resumed.train.steps == 100
+    before, after = lr_multiplier(original), lr_multiplier(resumed.train)
+    assert [after(s) for s in range(STEP, 10)] == [before(s) for s in range(STEP, 10)]
+    assert lr_multiplier(longer.train)(STEP) > 1.5 * before(STEP)  # what the recomputed schedule did
+    assert main(["plan", CONFIG, *[a for kv in job_overrides(tmp_path, 2, 2, 100, 1) for a in ("--set", kv)],
+                 "--name", "src", "--resume-from", run]) == 0
+    lr = original.lr * before(STEP)
+    assert f"learning rate at step {STEP + 1}: {lr:.4g} before the resume (cosine over 10 steps, warm-up 2), " \
+           f"{lr:.4g} after (over 10, warm-up 2)" in capsys.readouterr().out
+    # asked for: a new span re-plans the decay, and the plan says the LR changes at the resumed step
+    replanned = plan_resume(load_job(tmp_path, "src", 2, 2, 100, **{"train.schedule_steps": 100}), run)
+    assert replanned.spec.train.schedule_steps == 100
+    assert any("the schedule changes here" in n for n in replanned.notes), format_plan(replanned)

@@ -19,7 +19,7 @@ DEEPSPEED_JOB: dict[str, Any] = {
     "resources": {"workers": 4, "nodes": 1},
     "train": {"steps": 2, "seq_len": 32, "micro_batch_size": 2, "global_batch_size": 16, "lr": 3e-4},
     "data": {"sources": [{"uri": "builtin://python-stdlib"}]},
-    "checkpoint": {"uri": "memory://runs"},
+    "checkpoint": {"uri": "/tmp/raytron-config-tests/runs"},  # never written: plan-only checks
 }
 
 # megatron: 8 workers on 2 nodes, moe/debug, TP=2 PP=2 DP=2, EP=2 folded over tp*dp = 4.
@@ -27,7 +27,7 @@ MEGATRON_JOB: dict[str, Any] = {
     **copy.deepcopy(DEEPSPEED_JOB),
     "engine": "megatron",
     "layout": {"tp": 2, "pp": 2, "ep": 2, "zero_stage": 1},
-    "resources": {"workers": 8, "nodes": 2},
+    "resources": {"workers": 8, "nodes": 2, "use_gpu": True},
 }
 
 DEEPSPEED_YAML = yaml.safe_dump(DEEPSPEED_JOB, sort_keys=False)

@@ -170,11 +170,11 @@ def test_storage_checks(tmp_path):
     ("checkpoint.uri=foo://runs", "checkpoint.uri", "Protocol not known: foo"),
     ("data.sources[0].uri=s3://", "data.sources[0].uri", "the root of a whole store"),
 ])
-def test_storage_errors_name_the_field(override, path, words):
+def test_storage_errors_name_the_field(tmp_path, override, path, words):
     """Storage failures that used to surface as bare fsspec/OS messages name the setting and the fix."""
     from raytron.launcher.validate import validate_job
 
-    spec, _ = validate_raw(DS, [override, "checkpoint.uri=memory://runs"] if path != "checkpoint.uri" else [override])
+    spec, _ = validate_raw(DS, [override, f"checkpoint.uri={tmp_path}/runs"] if path != "checkpoint.uri" else [override])
     with pytest.raises(ConfigError) as exc:
         validate_job(spec, check_paths=True)
     message = exc.value.message

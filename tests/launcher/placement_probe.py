@@ -21,9 +21,9 @@ def job_layout(workers: int, nodes: int, tp: int):
 
     return validate_job(spec_from_dict({
         "name": "placement", "engine": "megatron", "model": {"family": "moe", "flavor": "debug"},
-        "layout": {"tp": tp, "zero_stage": 1}, "resources": {"workers": workers, "nodes": nodes, "use_gpu": False},
+        "layout": {"tp": tp, "zero_stage": 1}, "resources": {"workers": workers, "nodes": nodes, "use_gpu": True},
         "train": {"steps": 2, "seq_len": 32, "micro_batch_size": 1, "global_batch_size": workers // tp, "lr": 3e-4},
-        "data": {"sources": [{"uri": "builtin://python-stdlib"}]}, "checkpoint": {"uri": "memory://runs"}}))
+        "data": {"sources": [{"uri": "builtin://python-stdlib"}]}, "checkpoint": {"uri": "/tmp/raytron-placement-probe/runs"}}))
 
 
 def where_am_i(config: dict) -> None:

@@ -188,6 +188,47 @@ def test_driver_crash_then_resume_by_name_continues_and_leaves_nothing(env, stra
     assert [got[s] for s in sorted(got)] == [straight[s] for s in range(1, STEPS + 1)]
 
 
+def test_ctrl_c_to_the_driver_preempts_the_run_and_resume_continues_bitwise(env, straight):
+    """SIGINT to `raytron submit` mid-step: the driver forwards SIGTERM to its workers, they commit a
+    checkpoint within the grace period, the driver writes outcome.json, says how to resume and exits 3;
+    `--resume` then continues the loss curve bit for bit."""
+    import time
+
+    root, cache = env
+    run, grace = root / "ctrlc", 60
+    args = submit_args(root, "ctrlc", STEPS, cache, *inject("pause", step=3, rank=1, seconds=600),
+                       "--set", f"fault.preemption_grace_s={grace}")
+    log_path = root / "ctrlc-driver.log"
+    with time_limit(480), open(log_path, "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "raytron.launcher.cli", *args], stdout=log,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
+        try:
+            wait_for("worker_groups/0000/pause-rank-*.json", run, 300)
+            workers = processes_of(run, 0)
+            sent = time.time()
+            driver.send_signal(signal.SIGINT)
+            code = driver.wait(grace + 120)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait(30)
+        text = log_path.read_text()
+        assert code == 3, text[-4000:]
+        assert "stopped by SIGINT to the driver" in text and f"--name ctrlc --resume" in text, text[-4000:]
+        out = outcome(run)
+        assert out["status"] == "preempted" and [a["status"] for a in out["attempts"]] == ["preempted"]
+        attempts = read_attempts(str(run))
+        assert {r["step"] for r in attempts[0].values()} == {3}, "all ranks stopped at the same step boundary"
+        assert max(r["committed"] for r in attempts[0].values()) - sent < grace
+        assert (run / "checkpoints" / "step-000000003" / "COMMITTED").exists()
+        assert sorted(losses(run)) == [1, 2, 3], "metrics written up to the preempted step"
+        assert_gone(workers, timeout=60)
+        assert submit(root, "ctrlc", STEPS, cache, "--resume") == 0
+    assert {r["resumed_from"] for r in read_attempts(str(run))[1].values()} == {3}
+    got = losses(run)
+    assert [got[s] for s in sorted(got)] == [straight[s] for s in range(1, STEPS + 1)]
+
+
 def test_node_loss_on_simulated_two_node_cluster(env):
     """ray.cluster_utils.Cluster (own process): the node running the job is removed mid-step; Ray
     Train restarts the group on the node that remains and the job completes."""

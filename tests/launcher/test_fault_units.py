@@ -219,3 +219,61 @@ def test_supervise_reports_failure_with_rank_after_a_preemption(tmp_path):
     assert out.status == "failed" and out.preemptions_used == 1 and out.failures_used == 1
     assert (out.failure.attempt, out.failure.rank, out.failure.node) == (1, 1, "node1")
     assert "rank 1" in out.error and "InjectedFault" in out.error
+
+
+def test_driver_interrupt_forwards_sigterm_and_supervise_stops_without_relaunch(tmp_path):
+    """Ctrl-C to the driver: SIGTERM goes to this host's running ranks of the newest worker group, and
+    the preempted group ends the job (exit 3 material) instead of being relaunched; a second Ctrl-C
+    aborts at once."""
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from raytron.launcher.attempts import RankRecord
+    from raytron.launcher.outcome import supervise
+    from raytron.launcher.preemption import DriverInterrupt
+
+    spec = load_spec(CONFIG, [f"checkpoint.uri={tmp_path}", "fault.max_preemptions=5"])
+    (tmp_path / spec.name).mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        RankRecord(spec.run_uri, 0, 0, 2).update(pid=sleeper.pid)
+        RankRecord(spec.run_uri, 0, 1, 2).update(pid=sleeper.pid, hostname="elsewhere")
+        with DriverInterrupt(spec.run_uri, grace_s=30) as interrupt:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at once on the main thread
+            assert interrupt.received == "SIGINT"
+            assert sleeper.wait(10) == -signal.SIGTERM, "the local rank got SIGTERM"
+            time.sleep(0.2)
+            assert interrupt.not_signalled == ["rank 1 runs on host elsewhere, not this one"]
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+            make, calls = _fake_trainers(spec, [["preempted", "preempted"]])
+            out = supervise(spec, make, SimpleNamespace(committed_steps=lambda: [3]), interrupt)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handlers restored"
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+    assert len(calls) == 1 and out.status == "preempted" and out.preemptions_used == 1
+    assert "stopped by SIGINT to the driver" in out.error and f"--name {spec.name} --resume" in out.error
+
+
+def test_embedded_ray_never_joins_another_instance_on_the_host(tmp_path, monkeypatch):
+    """No --address and no RAY_ADDRESS: the driver asks Ray for a fresh local instance, so a `ray start`
+    cluster (or a stale /tmp/ray/ray_current_cluster) on the machine changes nothing."""
+    import ray
+    from ray._private import services
+
+    from raytron.launcher import driver
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    driver._init_ray(load_spec(CONFIG, [f"checkpoint.uri={tmp_path}"]), None)
+    [kwargs] = calls
+    assert kwargs["dashboard_host"] == "127.0.0.1"
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: "127.0.0.1:6379")  # stale file
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: ["127.0.0.1:6379"])
+    assert services.canonicalize_bootstrap_address(None) is not None, "a bare ray.init() would join it"
+    assert services.canonicalize_bootstrap_address(kwargs.get("address")) is None, "a fresh instance is started"

@@ -25,7 +25,7 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
 
 
 def test_remote_uris_are_untouched():
-    spec = resolve_local_paths(_spec("s3://bucket/runs", "s3://bucket/data/*.jsonl", "memory://c"))
+    spec = resolve_local_paths(_spec("s3://bucket/runs", "s3://bucket/data/*.jsonl", "gs://b/c"))
     assert (spec.checkpoint.uri, spec.data.sources[0].uri, spec.data.cache_uri) == (
-        "s3://bucket/runs", "s3://bucket/data/*.jsonl", "memory://c")
+        "s3://bucket/runs", "s3://bucket/data/*.jsonl", "gs://b/c")
     assert resolve_local_paths(_spec("file:///abs/runs", "/abs/x.txt")).checkpoint.uri == "/abs/runs"

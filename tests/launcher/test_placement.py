@@ -21,10 +21,10 @@ def node(i: int, gpus: float, cpus: float = 8, head: bool = False, free: float |
 def megatron_layout(workers: int, nodes: int, tp: int, pp: int) -> ParallelLayout:
     spec = spec_from_dict({
         "name": "place", "engine": "megatron", "model": {"family": "moe", "flavor": "debug"},
-        "layout": {"tp": tp, "pp": pp, "zero_stage": 1}, "resources": {"workers": workers, "nodes": nodes},
+        "layout": {"tp": tp, "pp": pp, "zero_stage": 1}, "resources": {"workers": workers, "nodes": nodes, "use_gpu": True},
         "train": {"steps": 2, "seq_len": 32, "micro_batch_size": 1, "global_batch_size": workers // (tp * pp),
                   "lr": 3e-4},
-        "data": {"sources": [{"uri": "builtin://python-stdlib"}]}, "checkpoint": {"uri": "memory://runs"}})
+        "data": {"sources": [{"uri": "builtin://python-stdlib"}]}, "checkpoint": {"uri": "/tmp/raytron-placement-tests/runs"}})
     return validate_job(spec)
 
 

@@ -130,7 +130,10 @@ def remote_root(request) -> str:
 def test_claim_on_object_storage(remote_root):
     """Exclusive create where the filesystem has it, check-then-write where not: a second claim is refused
     either way, and a refused submit leaves nothing behind."""
-    spec = load_spec(CONFIG, [f"checkpoint.uri={remote_root}"], "claimed")
+    import dataclasses
+
+    spec = load_spec(CONFIG, [], "claimed")  # memory:// is refused as a run root; the claim itself works on it
+    spec = dataclasses.replace(spec, checkpoint=dataclasses.replace(spec.checkpoint, uri=remote_root))
     driver.claim_run(spec)
     with pytest.raises(ConfigError, match="another submit is starting"):
         driver.claim_run(spec)
@@ -210,3 +213,20 @@ def test_claim_on_a_filesystem_without_exclusive_create_falls_back_to_check_then
     assert (tmp_path / "claimed" / ".claim").exists()
     with pytest.raises(ConfigError, match="another submit is starting run 'claimed'"):
         driver.claim_run(spec)
+
+
+def test_resume_without_a_committed_checkpoint_is_refused(tmp_path, capsys):
+    """--resume of a run that never committed a step would silently train from step 0: refused, and the
+    run's records are left as they were."""
+    run = tmp_path / "early"
+    (run / "checkpoints" / "step-000000002").mkdir(parents=True)  # an interrupted first save
+    (run / "config.yaml").write_text("name: early\n")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    argv = ["submit", CONFIG, "--name", "early", "--set", f"checkpoint.uri={tmp_path}", "--resume"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no committed checkpoint" in err and "--name" in err, err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert (run / "config.yaml").read_text() == "name: early\n"
+    assert main(["plan", CONFIG, "--set", f"checkpoint.uri={tmp_path}", "--resume-from", str(run)]) == 2
+    assert "answer: NO" in capsys.readouterr().err

@@ -41,7 +41,8 @@ def runs(tmp_path_factory, ray_local):
     n = 3
     assert submit(root, "straight", 2 * n) == 0
     # every=1: retention deletes step 1 before the resume, a step Ray Train's own record still lists
-    assert submit(root, "split", n, "--set", "checkpoint.every=1") == 0
+    # the first half plans the whole run's LR schedule; the resume keeps it from the checkpoint
+    assert submit(root, "split", n, "--set", "checkpoint.every=1", "--set", f"train.schedule_steps={2 * n}") == 0
     first_half = losses(root / "split")
     assert submit(root, "split", 2 * n, "--resume") == 0
     return root, n, first_half
