@@ -48,22 +48,13 @@ def run_spec(run_uri: str):
         raise ValueError(f"{root}/config.yaml (the run's config, needed for the model and tokenizer): {exc}") from None
 
 
-def model_config_of(spec) -> Any:
-    """The ModelConfig a run of `spec` trains (vocabulary from its tokenizer, as the workers build it)."""
-    from .. import models
-    from ..data_pipeline.tokenizer import get_tokenizer
-
-    overrides = dict(spec.model.overrides)
-    overrides.setdefault("vocab_size", get_tokenizer(spec.data.tokenizer).vocab_size)
-    return models.get_config(spec.model.family, spec.model.flavor, **overrides)
-
-
 def check_exportable(spec) -> None:
     """ValueError naming what differs when no transformers class computes the run's model."""
     from ..models.hf_format import HFFormatError, hf_model_type
+    from .validate import resolved_model_config
 
     try:
-        hf_model_type(model_config_of(spec))
+        hf_model_type(resolved_model_config(spec))
     except HFFormatError as exc:
         raise ValueError(f"{spec.model.family}/{spec.model.flavor} cannot be exported as a Hugging Face "
                          f"model: {exc}") from None

@@ -26,9 +26,26 @@ def validate_job(spec: JobSpec, check_paths: bool = False, runnable: bool = Fals
     if runnable:
         for field, reason in engine_gaps(spec, model_config_from_spec(spec))[:1]:
             raise ConfigError(field, f"engine {spec.engine} cannot run this job yet: {reason}")
+    if spec.model.init_from is not None:
+        from .init_from import check_init_from
+
+        check_init_from(spec, resolved_model_config(spec))
     if check_paths:
         check_storage(spec)
     return layout
+
+
+def resolved_model_config(spec: JobSpec):
+    """The ModelConfig the workers build: the registry's, vocabulary from the tokenizer unless overridden."""
+    import dataclasses
+
+    from ..data_pipeline.tokenizer import get_tokenizer
+
+    try:
+        model = spec.model.with_vocab(get_tokenizer(spec.data.tokenizer).vocab_size)
+    except ValueError as exc:
+        raise ConfigError("model.overrides.vocab_size", str(exc)) from None
+    return model_config_from_spec(dataclasses.replace(spec, model=model))
 
 
 def check_storage(spec: JobSpec) -> None:
@@ -75,4 +92,4 @@ def _check_local_writable(uri: str, path: str) -> None:
         raise ConfigError(path, f"got {uri!r}; cannot create it ({exc.strerror}): use a writable directory") from None
 
 
-__all__ = ["validate_job", "check_storage"]
+__all__ = ["validate_job", "check_storage", "resolved_model_config"]

@@ -1,0 +1,139 @@
+"""`model.init_from`: plan and submit refuse a Hugging Face checkpoint that is not the job's model
+(naming the field or tensor) before anything starts; a job started from one trains on DeepSpeed (CPU,
+EP=2, embedded Ray) from exactly those weights, and its export reloads in transformers with the
+reference model's logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from raytron import models
+from raytron.launcher.cli import main
+
+transformers = pytest.importorskip("transformers")
+CONFIG = str(Path(__file__).resolve().parents[2] / "cluster_configs" / "local_debug.yaml")
+FAST = ["--set", "train.seq_len=64", "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=2",
+        "--set", "data.max_documents=120", "--set", "train.eval_every=0", "--set", "train.warmup_steps=0"]
+# the `moe` family's `debug` flavor as a transformers Mixtral (vocabulary: the byte tokenizer's 264)
+MIXTRAL = dict(vocab_size=264, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
+               rope_theta=10000.0, max_position_embeddings=128)
+
+
+def save_mixtral(path: Path, **changes) -> Path:
+    torch.manual_seed(5)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**MIXTRAL, **changes}))
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return save_mixtral(tmp_path_factory.mktemp("hf") / "mixtral")
+
+
+def plan(capsys, init_from, *extra) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["plan", CONFIG, "--set", f"model.init_from={init_from}", *extra])
+    return code, capsys.readouterr().err
+
+
+def test_plan_accepts_the_matching_checkpoint(hf_dir, capsys):
+    assert plan(capsys, hf_dir) == (0, "")
+
+
+def test_shape_mismatch_names_the_override_to_set(tmp_path, capsys):
+    code, err = plan(capsys, save_mixtral(tmp_path / "m", intermediate_size=48))
+    assert code == 2 and "model.overrides.moe_ffn_dim" in err and "intermediate_size=48" in err, err
+    code, err = plan(capsys, save_mixtral(tmp_path / "v", vocab_size=300))
+    assert code == 2 and "model.overrides.vocab_size" in err and "vocab_size=300" in err, err
+    assert plan(capsys, tmp_path / "m", "--set", "model.overrides.moe_ffn_dim=48")[0] == 0
+
+
+def test_tensor_mismatch_names_the_tensor(hf_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((hf_dir / "config.json").read_text())
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+    save_file(tensors, str(bad / "model.safetensors"))
+    code, err = plan(capsys, bad)
+    assert code == 2 and "model.init_from" in err and "model.layers.1.self_attn.k_proj.weight has shape [16, 64]" in err
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    code, err = plan(capsys, bad)
+    assert code == 2 and "missing ['model.layers.1.self_attn.k_proj.weight']" in err, err
+
+
+def test_unsupported_architecture_and_options_are_refused(hf_dir, tmp_path, capsys):
+    other = tmp_path / "qwen"
+    other.mkdir()
+    config = json.loads((hf_dir / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_moe",
+                                                   "architectures": ["Qwen3MoeForCausalLM"]}))
+    code, err = plan(capsys, other)
+    assert code == 2 and "Qwen3MoeForCausalLM" in err and "model.init_from" in err, err
+    (other / "config.json").write_text(json.dumps({**config, "sliding_window": 32}))
+    code, err = plan(capsys, other)
+    assert code == 2 and "sliding_window=32" in err, err
+    code, err = plan(capsys, tmp_path / "nowhere")
+    assert code == 2 and "config.json not found" in err, err
+    code, err = plan(capsys, hf_dir, "--set", "model.family=dense", "--set", "layout.ep=1")
+    assert code == 2 and "model.family" in err and "MixtralForCausalLM" in err, err
+
+
+def test_submit_refuses_before_any_worker_starts(tmp_path, capsys):
+    bad = save_mixtral(tmp_path / "m", num_hidden_layers=3)
+    code = main(["submit", CONFIG, "--name", "x", "--set", f"checkpoint.uri={tmp_path / 'runs'}",
+                 "--set", f"model.init_from={bad}", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.overrides.num_layers" in err and "=3" in err, err
+    assert not (tmp_path / "runs" / "x").exists()
+
+
+# ---- end to end (embedded Ray, 2 CPU workers, DeepSpeed ZeRO-2 + DeepSpeed-MoE EP=2) -------------------
+
+@pytest.fixture(scope="module")
+def trained(hf_dir, tmp_path_factory, ray_local):
+    """Two steps from the Mixtral weights at a learning rate too small to move them (so the trained
+    weights still equal the checkpoint's: proof of the load), then exported both ways."""
+    root = tmp_path_factory.mktemp("init_runs")
+    assert main(["submit", CONFIG, "--name", "warm", "--set", f"checkpoint.uri={root}", "--set", "train.steps=2",
+                 "--set", "train.lr=1e-12", "--set", "train.min_lr=0", "--set", "checkpoint.every=2",
+                 "--set", f"model.init_from={hf_dir}", *FAST]) == 0
+    out = root / "exported"
+    assert main(["export", str(root / "warm"), "--format", "hf", "--out", str(out)]) == 0
+    assert main(["export", str(root / "warm"), "--out", str(root / "ref.safetensors")]) == 0
+    return root, out
+
+
+@pytest.mark.slow
+def test_training_starts_from_the_checkpoint_weights(hf_dir, trained):
+    root, _ = trained
+    original = load_file(str(hf_dir / "model.safetensors"))
+    cfg = models.get_config("moe", "debug", vocab_size=264)
+    from raytron.models.hf_format import from_hf_state
+
+    want = from_hf_state(cfg, original)
+    got = load_file(str(root / "ref.safetensors"))
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert torch.allclose(got[name], value, atol=1e-8), name  # a random init would differ by ~0.02
+
+
+@pytest.mark.slow
+def test_trained_export_reloads_in_transformers_with_reference_logits(trained):
+    root, out = trained
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
+                                                                 output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ref = models.Transformer(models.get_config("moe", "debug", vocab_size=264))
+    ref.load_state_dict(load_file(str(root / "ref.safetensors")))
+    x = torch.randint(0, 264, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf.eval()(x).logits - ref.eval()(x)).abs().max().item() < 1e-5
