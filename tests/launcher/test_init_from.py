@@ -96,30 +96,39 @@ def test_submit_refuses_before_any_worker_starts(tmp_path, capsys):
     assert not (tmp_path / "runs" / "x").exists()
 
 
-# ---- end to end (embedded Ray, 2 CPU workers, DeepSpeed ZeRO-2 + DeepSpeed-MoE EP=2) -------------------
+# ---- end to end (embedded Ray, 2 CPU workers, DeepSpeed ZeRO-2; DeepSpeed-MoE EP=2 for Mixtral) ---------
 
-@pytest.fixture(scope="module")
-def trained(hf_dir, tmp_path_factory, ray_local):
-    """Two steps from the Mixtral weights at a learning rate too small to move them (so the trained
-    weights still equal the checkpoint's: proof of the load), then exported both ways."""
-    root = tmp_path_factory.mktemp("init_runs")
+LLAMA = dict(vocab_size=264, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=172, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128)
+ARCHS = {"mixtral": ("moe", []), "llama": ("dense", ["--set", "layout.ep=1"])}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def trained(request, tmp_path_factory, ray_local):
+    """Two steps from a transformers checkpoint at a learning rate too small to move the weights (so the
+    trained weights still equal the checkpoint's: proof of the load), then exported both ways."""
+    root = tmp_path_factory.mktemp(f"init_{request.param}")
+    torch.manual_seed(5)
+    if request.param == "llama":
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
+    else:
+        hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**MIXTRAL))
+    hf.save_pretrained(str(root / "hf"))
+    family, extra = ARCHS[request.param]
     assert main(["submit", CONFIG, "--name", "warm", "--set", f"checkpoint.uri={root}", "--set", "train.steps=2",
                  "--set", "train.lr=1e-12", "--set", "train.min_lr=0", "--set", "checkpoint.every=2",
-                 "--set", f"model.init_from={hf_dir}", *FAST]) == 0
-    out = root / "exported"
-    assert main(["export", str(root / "warm"), "--format", "hf", "--out", str(out)]) == 0
+                 "--set", f"model.family={family}", "--set", f"model.init_from={root / 'hf'}", *extra, *FAST]) == 0
+    assert main(["export", str(root / "warm"), "--format", "hf", "--out", str(root / "exported")]) == 0
     assert main(["export", str(root / "warm"), "--out", str(root / "ref.safetensors")]) == 0
-    return root, out
+    return root, models.get_config(family, "debug", vocab_size=264)
 
 
 @pytest.mark.slow
-def test_training_starts_from_the_checkpoint_weights(hf_dir, trained):
-    root, _ = trained
-    original = load_file(str(hf_dir / "model.safetensors"))
-    cfg = models.get_config("moe", "debug", vocab_size=264)
+def test_training_starts_from_the_checkpoint_weights(trained):
     from raytron.models.hf_format import from_hf_state
 
-    want = from_hf_state(cfg, original)
+    root, cfg = trained
+    want = from_hf_state(cfg, load_file(str(root / "hf" / "model.safetensors")))
     got = load_file(str(root / "ref.safetensors"))
     assert set(got) == set(want)
     for name, value in want.items():
@@ -128,11 +137,11 @@ def test_training_starts_from_the_checkpoint_weights(hf_dir, trained):
 
 @pytest.mark.slow
 def test_trained_export_reloads_in_transformers_with_reference_logits(trained):
-    root, out = trained
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
+    root, cfg = trained
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(root / "exported"), dtype=torch.float32,
                                                                  output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    ref = models.Transformer(models.get_config("moe", "debug", vocab_size=264))
+    ref = models.Transformer(cfg)
     ref.load_state_dict(load_file(str(root / "ref.safetensors")))
     x = torch.randint(0, 264, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
