@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.format == "hf":
             step, count = export_hf_checkpoint(args.run_uri, args.step, args.out, force=args.force,
-                                               dtype=args.dtype or "float32", max_shard_size=args.max_shard_size or "5GB")
+                                               dtype=args.dtype or "float32",
+                                               max_shard_size=args.max_shard_size or "5GB")
             print(f"[raytron] exported step {step} of {args.run_uri}: {count} shard(s) -> {args.out}")
             return 0
         for flag in ("dtype", "max_shard_size"):

@@ -83,15 +83,20 @@ def checkpoint_config(root: str):
 
 def check_init_from(spec, job_cfg) -> None:
     """Refuse (ConfigError) a model.init_from whose model differs from `job_cfg` (the job's resolved
-    ModelConfig, vocabulary included) or whose tensors do not match its config.json."""
+    ModelConfig, vocabulary included) or whose tensors do not match its config.json. Not checked once
+    the run has a committed checkpoint (the directory may be gone by then)."""
     from ..models.hf_format import HFFormatError, check_hf_tensors, hf_model_type
+    from ..parallelism.checkpoint import CheckpointStore
 
+    if CheckpointStore(f"{spec.run_uri}/checkpoints").committed_steps():
+        return  # the run continues from its own checkpoint and never reads init_from again
     root = spec.model.init_from
     config, ckpt = checkpoint_config(root)
     try:
         hf_model_type(job_cfg)
     except HFFormatError as exc:
-        raise ConfigError(FIELD, f"the job's model has no transformers counterpart to load weights from: {exc}") from None
+        raise ConfigError(FIELD, f"the job's model has no transformers counterpart to load weights from: "
+                                 f"{exc}") from None
     if bool(job_cfg.num_experts) != bool(ckpt.num_experts):
         raise ConfigError("model.family", f"{root} holds a {config.get('architectures')} checkpoint "
                                           f"({'MoE' if ckpt.num_experts else 'dense'}) but the job's model is "

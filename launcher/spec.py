@@ -36,7 +36,8 @@ class ModelSpec:
     its shape from family/flavor/overrides, and the checkpoint must have that shape: plan and submit
     refuse any difference (config.json field or safetensors tensor), naming the model.overrides field
     and the value that would match. The vocabulary must match exactly (the embedding is not padded).
-    Used when the run has no checkpoint of its own; a resume continues from the run's checkpoint."""
+    Read only while the run has no committed checkpoint of its own; after that, every start (a restart
+    or `--resume`) continues from the run's checkpoint and neither checks nor reads init_from."""
 
     def validate(self, path: str) -> None:
         if self.init_from is not None:

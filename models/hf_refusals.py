@@ -17,7 +17,8 @@ def _layer_problem(cfg: ModelConfig, index: int, kind: str) -> str | None:
                 "(q_norm, k_norm) and multiplies their output by a sigmoid gate from q_proj, which raytron's `*` "
                 "attention does not; its MoE layers always add a sigmoid-gated shared expert; and its Gated "
                 "DeltaNet L2-normalises q and k as x*rsqrt(sum(x^2)+1e-6) where raytron's divides by "
-                "max(|x|, 1e-12), so even its recurrence gives other numbers. No transformers class computes this model")
+                "max(|x|, 1e-12), so even its recurrence gives other numbers. No transformers class computes "
+                "this model")
     if kind == "M":
         return (f"layer {index} is Mamba2 (`M`): NemotronH, the transformers class with Megatron's M/*/- pattern, "
                 "has MLPs without a gate projection (down(relu2(up(x)))) that cannot hold raytron's SwiGLU `-` "

@@ -39,7 +39,8 @@ def hf_dir(tmp_path_factory) -> Path:
 
 def plan(capsys, init_from, *extra) -> tuple[int, str]:
     capsys.readouterr()
-    code = main(["plan", CONFIG, "--set", f"model.init_from={init_from}", *extra])
+    root = Path(init_from).parent / "runs"  # a run root without checkpoints: init_from is checked
+    code = main(["plan", CONFIG, "--set", f"model.init_from={init_from}", "--set", f"checkpoint.uri={root}", *extra])
     return code, capsys.readouterr().err
 
 
@@ -146,3 +147,13 @@ def test_trained_export_reloads_in_transformers_with_reference_logits(trained):
     x = torch.randint(0, 264, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (hf.eval()(x).logits - ref.eval()(x)).abs().max().item() < 1e-5
+
+
+def test_a_run_with_a_checkpoint_no_longer_needs_init_from(tmp_path, capsys):
+    from raytron.parallelism.checkpoint import CheckpointStore
+
+    gone = tmp_path / "deleted-after-the-first-checkpoint"
+    assert plan(capsys, gone)[0] == 2
+    store = CheckpointStore(f"{tmp_path}/runs/local-debug/checkpoints")
+    store.commit(1, [store.write_shard(1, "state-00000.pt", {"params": {}})], {"engine": "deepspeed"})
+    assert plan(capsys, gone) == (0, "")

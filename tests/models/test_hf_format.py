@@ -133,7 +133,8 @@ def test_import_names_a_tensor_of_the_wrong_shape_or_missing():
     shapes = dict(expected_hf_shapes(cfg))
     check_hf_tensors(cfg, shapes, "ckpt")
     bad = {**shapes, "model.layers.1.block_sparse_moe.experts.3.w2.weight": (64, 95)}
-    with pytest.raises(HFFormatError, match=r"model\.layers\.1\.block_sparse_moe\.experts\.3\.w2\.weight has shape \[64, 95\]"):
+    named = r"model\.layers\.1\.block_sparse_moe\.experts\.3\.w2\.weight has shape \[64, 95\]"
+    with pytest.raises(HFFormatError, match=named):
         check_hf_tensors(cfg, bad, "ckpt")
     missing = {k: v for k, v in shapes.items() if k != "model.norm.weight"}
     with pytest.raises(HFFormatError, match=r"missing \['model\.norm\.weight'\]"):
