@@ -157,3 +157,20 @@ def test_a_run_with_a_checkpoint_no_longer_needs_init_from(tmp_path, capsys):
     store = CheckpointStore(f"{tmp_path}/runs/local-debug/checkpoints")
     store.commit(1, [store.write_shard(1, "state-00000.pt", {"params": {}})], {"engine": "deepspeed"})
     assert plan(capsys, gone) == (0, "")
+
+
+def test_fsspec_directory_round_trip(tmp_path, capsys):
+    """Export to memory://, then plan and load from there (headers and tensors read through fsspec)."""
+    import uuid
+
+    from test_export_hf import make_run  # tests/launcher is on sys.path (pytest's prepend import mode)
+
+    from raytron.launcher.init_from import reference_state
+
+    run, model = make_run(tmp_path, "m", "moe")
+    uri = f"memory://hf-{uuid.uuid4().hex[:8]}/mixtral"
+    assert main(["export", str(run), "--format", "hf", "--out", uri, "--max-shard-size", "60KB"]) == 0
+    assert plan(capsys, tmp_path / "x", "--set", f"model.init_from={uri}") == (0, "")
+    loaded = reference_state(uri, model.cfg)
+    assert set(loaded) == set(model.state_dict())
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
