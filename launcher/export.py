@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace --out if it already exists")
     p.add_argument("--format", choices=("raytron", "hf"), default="raytron",
                    help="raytron: one .safetensors file of the reference model's state dict (default); "
-                        "hf: a Hugging Face transformers directory (Llama/Mixtral, docs/huggingface.md)")
+                        "hf: a Hugging Face transformers directory (Llama/Mistral/Mixtral, docs/huggingface.md)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="--format hf: tensor dtype of the shards (default float32)")
     p.add_argument("--max-shard-size", default=None, help="--format hf: largest shard, e.g. 5GB (default)")

@@ -1,9 +1,10 @@
 """`raytron export RUN --format hf --out DIR`: a checkpoint as a Hugging Face transformers model directory.
 
 DIR gets `model-0000i-of-0000N.safetensors` shards with `model.safetensors.index.json`, `config.json`
-(LlamaForCausalLM or MixtralForCausalLM, models/hf_format.py), `generation_config.json` and the run's
-tokenizer files, so `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads it. A model that no
-transformers class computes exactly is refused, naming what differs, before the checkpoint is read.
+(LlamaForCausalLM, MistralForCausalLM or MixtralForCausalLM, models/hf_format.py), `generation_config.json`
+and the run's tokenizer files, so `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads it. A
+model that no transformers class computes exactly is refused, naming what differs, before the checkpoint
+is read.
 Everything is written into a temporary directory beside DIR and renamed into place at the end: DIR
 never holds a partial export (with --force an existing DIR is replaced only once the new one is complete).
 """

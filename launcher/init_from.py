@@ -1,4 +1,4 @@
-"""`model.init_from`: start a run from a Hugging Face Llama/Mixtral checkpoint directory.
+"""`model.init_from`: start a run from a Hugging Face Llama/Mistral/Mixtral checkpoint directory.
 
 The driver (`check_init_from`, from validate_job: plan and submit) reads only config.json and the
 safetensors headers, and refuses a checkpoint whose model is not the job's model, naming the
@@ -17,13 +17,13 @@ from ..data_pipeline.storage import fs_and_path
 from .strict_yaml import ConfigError
 
 FIELD = "model.init_from"
-# ModelConfig fields a transformers Llama/Mixtral checkpoint fixes (config.json key in brackets)
+# ModelConfig fields a transformers Llama/Mistral/Mixtral checkpoint fixes (config.json key in brackets)
 _SHAPE_FIELDS = {"vocab_size": "vocab_size", "dim": "hidden_size", "num_heads": "num_attention_heads",
                  "num_kv_heads": "num_key_value_heads", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
                  "tie_embeddings": "tie_word_embeddings", "num_experts": "num_local_experts",
                  "top_k": "num_experts_per_tok"}
 _KEYS = {**_SHAPE_FIELDS, "num_layers": "num_hidden_layers", "head_dim": "head_dim", "ffn_dim": "intermediate_size",
-         "moe_ffn_dim": "intermediate_size"}
+         "moe_ffn_dim": "intermediate_size", "pattern": "sliding_window", "window": "sliding_window"}
 _HEADER_MAX = 100 * 2**20  # safetensors' own limit on a header
 
 
@@ -107,7 +107,8 @@ def check_init_from(spec, job_cfg) -> None:
         field, ours, theirs = diffs[0]
         key = _KEYS[field]
         raise ConfigError(f"model.overrides.{field}",
-                          f"the job's model has {field}={ours!r} but {root}/config.json has {key}={theirs!r}: "
+                          f"the job's model has {field}={ours!r}, the checkpoint has {field}={theirs!r} "
+                          f"({root}/config.json: {key}): "
                           f"set model.overrides.{field}={theirs!r} (or a flavor of that shape); "
                           f"{len(diffs)} field(s) differ: {', '.join(d[0] for d in diffs)}")
     try:
@@ -118,8 +119,12 @@ def check_init_from(spec, job_cfg) -> None:
 
 def _differences(job, ckpt) -> list[tuple[str, object, object]]:
     out = [(f, getattr(job, f), getattr(ckpt, f)) for f in _SHAPE_FIELDS if getattr(job, f) != getattr(ckpt, f)]
-    if job.layer_pattern() != ckpt.layer_pattern():
+    if len(job.layer_pattern()) != len(ckpt.layer_pattern()):
         out.append(("num_layers", len(job.layer_pattern()) // 2, len(ckpt.layer_pattern()) // 2))
+    elif job.layer_pattern() != ckpt.layer_pattern():  # windowed (`W`) or not
+        out.append(("pattern", job.layer_pattern(), ckpt.layer_pattern()))
+    if "W" in ckpt.layer_pattern() and job.window != ckpt.window:
+        out.append(("window", job.window, ckpt.window))
     if job.attn_head_dim != ckpt.attn_head_dim:
         out.append(("head_dim", job.attn_head_dim, ckpt.attn_head_dim))
     ffn = "moe_ffn_dim" if ckpt.num_experts else "ffn_dim"

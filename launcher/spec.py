@@ -31,8 +31,9 @@ class ModelSpec:
     """Field overrides applied to the flavor's config (e.g. {num_layers: 4})."""
     init_from: str | None = None
     """Start from the weights of a Hugging Face transformers checkpoint instead of a random init: a
-    directory (local path or fsspec URI) with config.json and *.safetensors, of LlamaForCausalLM (dense
-    families) or MixtralForCausalLM (MoE), as `raytron export --format hf` writes them. The model keeps
+    directory (local path or fsspec URI) with config.json and *.safetensors, of LlamaForCausalLM,
+    MistralForCausalLM (dense families; Mistral's window makes every attention layer `W`) or
+    MixtralForCausalLM (MoE), as `raytron export --format hf` writes them. The model keeps
     its shape from family/flavor/overrides, and the checkpoint must have that shape: plan and submit
     refuse any difference (config.json field or safetensors tensor), naming the model.overrides field
     and the value that would match. The vocabulary must match exactly (the embedding is not padded).

@@ -1,10 +1,13 @@
 """Reference model <-> Hugging Face transformers checkpoints (config.json + state dict), exact or refused.
 
-Two transformers classes compute a reference model exactly:
+Three transformers classes compute a reference model exactly:
 - `LlamaForCausalLM` for dense models, layer pattern `*-` repeated: one Llama decoder layer per block
   (input_layernorm + self_attn, post_attention_layernorm + mlp), RoPE in the rotate-half layout of both.
-- `MixtralForCausalLM` for MoE models, pattern `*E` repeated, with a softmax router whose top-k weights
-  are renormalised (Mixtral's router always does that), dropless, no shared experts, no routing bias.
+- `MistralForCausalLM` for the same with every attention layer sliding-window (`W-` repeated): its
+  `sliding_window` lets a query see the `window` newest keys, itself included, as raytron's `W` layers.
+- `MixtralForCausalLM` for MoE models, pattern `*E` (or `WE`, windowed) repeated, with a softmax router
+  whose top-k weights are renormalised (Mixtral's router always does that), dropless, no shared experts,
+  no routing bias.
 Everything else is refused by `export_problem` with the reason (models/hf_refusals.py).
 
 Tensors are written in the layout every transformers release reads: Mixtral experts one by one
@@ -22,7 +25,8 @@ import torch
 from .config import ModelConfig
 from .hf_refusals import export_problem, import_problems
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
+_DEFAULT_WINDOW = {"mistral": 4096, "mixtral": None}  # what each class assumes when config.json has no sliding_window
 _ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 _MLP = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 _EXPERT = {"w_gate": "w1", "w_down": "w2", "w_up": "w3"}  # Mixtral's names
@@ -33,11 +37,13 @@ class HFFormatError(ValueError):
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
-    """`llama` or `mixtral`, or HFFormatError naming what no transformers class computes."""
+    """`llama`, `mistral` or `mixtral`, or HFFormatError naming what no transformers class computes."""
     problem = export_problem(cfg)
     if problem:
         raise HFFormatError(problem)
-    return "mixtral" if cfg.num_experts else "llama"
+    if cfg.num_experts:
+        return "mixtral"
+    return "mistral" if "W" in cfg.layer_pattern() else "llama"
 
 
 def to_hf_config(cfg: ModelConfig, *, dtype: str = "float32", bos_token_id: int | None = None,
@@ -57,11 +63,14 @@ def to_hf_config(cfg: ModelConfig, *, dtype: str = "float32", bos_token_id: int 
         "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
         "torch_dtype": dtype, "dtype": dtype,
     }
+    window = cfg.window if "W" in cfg.layer_pattern() else None
     if kind == "llama":
         out.update(intermediate_size=cfg.ffn_dim, attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif kind == "mistral":
+        out.update(intermediate_size=cfg.ffn_dim, sliding_window=window)
     else:
         out.update(intermediate_size=cfg.moe_ffn_dim, num_local_experts=cfg.num_experts,
-                   num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0, sliding_window=None,
+                   num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0, sliding_window=window,
                    output_router_logits=False, router_aux_loss_coef=0.001)
     return out
 
@@ -78,7 +87,7 @@ def name_map(cfg: ModelConfig) -> list[tuple[str, int | None, str]]:
         out += [(f"{a}.norm.weight", None, f"{hf}.input_layernorm.weight"),
                 (f"{f}.norm.weight", None, f"{hf}.post_attention_layernorm.weight")]
         out += [(f"{a}.mixer.{ours}.weight", None, f"{hf}.self_attn.{theirs}.weight") for ours, theirs in _ATTN.items()]
-        if kind == "llama":
+        if kind != "mixtral":
             out += [(f"{f}.mixer.{ours}.weight", None, f"{hf}.mlp.{theirs}.weight") for ours, theirs in _MLP.items()]
             continue
         out.append((f"{f}.mixer.router.weight", None, f"{hf}.block_sparse_moe.gate.weight"))
@@ -93,8 +102,8 @@ def to_hf_state(cfg: ModelConfig, ref: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def from_hf_config(config: dict, source: str = "config.json") -> ModelConfig:
-    """The reference ModelConfig of a Llama or Mixtral config.json; HFFormatError naming each field
-    that makes the checkpoint compute something else."""
+    """The reference ModelConfig of a Llama, Mistral or Mixtral config.json; HFFormatError naming each
+    field that makes the checkpoint compute something else."""
     problems = import_problems(config)
     if problems:
         raise HFFormatError(f"{source}: " + "; ".join(problems))
@@ -107,11 +116,15 @@ def from_hf_config(config: dict, source: str = "config.json") -> ModelConfig:
                   rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
                   norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                   tie_embeddings=bool(config.get("tie_word_embeddings", False)))
-    if config.get("model_type") == "mixtral":
+    model_type = config["model_type"]
+    if model_type == "mixtral":
         fields.update(num_experts=config["num_local_experts"], top_k=config["num_experts_per_tok"],
                       moe_ffn_dim=config["intermediate_size"], router="softmax", norm_topk=True)
     else:
         fields.update(ffn_dim=config["intermediate_size"])
+    window = config.get("sliding_window", _DEFAULT_WINDOW[model_type]) if model_type in _DEFAULT_WINDOW else None
+    if window is not None:  # LlamaForCausalLM ignores the key
+        fields.update(window=window, pattern=("WE" if model_type == "mixtral" else "W-") * fields["num_layers"])
     try:
         return ModelConfig(**fields)
     except ValueError as exc:
@@ -171,7 +184,7 @@ def check_hf_tensors(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], sourc
 
 
 def from_hf_state(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A Llama/Mixtral checkpoint's tensors -> the reference state dict of `cfg` (fp32; the router's
+    """A Llama/Mistral/Mixtral checkpoint's tensors -> the reference state dict of `cfg` (fp32; the router's
     `expert_bias` zeros, as no transformers MoE has one). Tensors are checked first by name and shape."""
     hf = unfuse(hf)
     check_hf_tensors(cfg, {k: tuple(v.shape) for k, v in hf.items()}, "checkpoint")

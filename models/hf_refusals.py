@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from .config import ModelConfig
 
-_SUPPORTED = ("export writes LlamaForCausalLM (blocks `*-`) and MixtralForCausalLM (blocks `*E`, softmax "
-              "router with renormalised top-k, dropless, no shared experts, no routing bias)")
+_SUPPORTED = ("export writes LlamaForCausalLM (blocks `*-`), MistralForCausalLM (blocks `W-`) and "
+              "MixtralForCausalLM (blocks `*E` or `WE`, softmax router with renormalised top-k, dropless, no "
+              "shared experts, no routing bias)")
 
 
 def _layer_problem(cfg: ModelConfig, index: int, kind: str) -> str | None:
@@ -25,10 +26,6 @@ def _layer_problem(cfg: ModelConfig, index: int, kind: str) -> str | None:
                 "layers, and BambaForCausalLM (Mamba2 or attention, each followed by a SwiGLU MLP) differs in "
                 "its defaults (conv bias, partial rotary) and its equivalence is not established by this exporter, "
                 "so Mamba2 hybrids are not exported")
-    if kind == "W":
-        return (f"layer {index} is sliding-window attention (`W`, window {cfg.window}): LlamaForCausalLM and "
-                "MixtralForCausalLM attend over the whole causal prefix, so they would compute another model; "
-                "windowed layers are not exported")
     if kind == "B":
         return (f"layer {index} is block-sparse attention (`B`: blocks of {cfg.sparse_block} tokens, "
                 f"{cfg.sparse_local_blocks} local and {cfg.sparse_global_blocks} leading key blocks): no "
@@ -59,27 +56,31 @@ def _moe_problems(cfg: ModelConfig) -> list[str]:
 
 
 def export_problem(cfg: ModelConfig) -> str | None:
-    """None when Llama or Mixtral computes `cfg` exactly, else the reason (names the layer or field)."""
+    """None when Llama, Mistral or Mixtral computes `cfg` exactly, else the reason (names the layer or field)."""
     pattern = cfg.layer_pattern()
     for index, kind in enumerate(pattern):
         problem = _layer_problem(cfg, index, kind)
         if problem:
             return problem
     blocks = {pattern[i:i + 2] for i in range(0, len(pattern), 2)}
-    if len(pattern) % 2 or not blocks <= {"*-", "*E"}:
-        return (f"layer pattern {pattern!r} is not a stack of attention + feed-forward blocks (`*-` or `*E`); "
-                f"{_SUPPORTED}")
-    if blocks == {"*-", "*E"}:
+    if len(pattern) % 2 or not blocks <= {"*-", "*E", "W-", "WE"}:
+        return (f"layer pattern {pattern!r} is not a stack of attention + feed-forward blocks (`*-`, `*E`, "
+                f"`W-`, `WE`); {_SUPPORTED}")
+    if {b[0] for b in blocks} == {"*", "W"}:
+        return (f"layer {pattern.index('W')} is sliding-window attention (`W`, window {cfg.window}) and layer "
+                f"{pattern.index('*')} full attention (`*`): Llama has no window, and Mistral's and Mixtral's "
+                "sliding_window applies to every layer, so none of them computes this model")
+    if {b[1] for b in blocks} == {"-", "E"}:
         return (f"layer pattern {pattern!r} mixes dense (`*-`) and MoE (`*E`) blocks: Mixtral has MoE in every "
                 "layer; Qwen3-MoE's mlp_only_layers would allow the mix but its attention RMS-normalises q and "
                 "k per head (q_norm, k_norm), which raytron's attention does not")
-    if "*E" in blocks:
+    if "E" in pattern:
         problems = _moe_problems(cfg)
         if problems:
             return "; ".join(problems) + f". {_SUPPORTED}"
     if cfg.dim % cfg.num_heads:
         return (f"dim {cfg.dim} is not a multiple of num_heads {cfg.num_heads} (head_dim {cfg.head_dim} set "
-                "explicitly): transformers 5's Llama/Mixtral configs refuse hidden_size % num_attention_heads != 0")
+                "explicitly): transformers 5 configs refuse hidden_size % num_attention_heads != 0")
     return None
 
 
@@ -89,9 +90,9 @@ _ROPE_KEYS = {"rope_type", "type", "rope_theta"}
 def import_problems(config: dict) -> list[str]:
     """Every config.json field that keeps the checkpoint from being a reference model, each named."""
     model_type = config.get("model_type")
-    if model_type not in ("llama", "mixtral"):
+    if model_type not in ("llama", "mistral", "mixtral"):
         return [f"architectures={config.get('architectures')} (model_type={model_type!r}): raytron imports "
-                "LlamaForCausalLM and MixtralForCausalLM checkpoints only"]
+                "LlamaForCausalLM, MistralForCausalLM and MixtralForCausalLM checkpoints only"]
     problems = [f"{key} is missing" for key in ("vocab_size", "hidden_size", "num_hidden_layers",
                                                  "num_attention_heads", "intermediate_size") if key not in config]
     if config.get("hidden_act", "silu") != "silu":
@@ -104,9 +105,9 @@ def import_problems(config: dict) -> list[str]:
     rope = config.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default" or set(rope) - _ROPE_KEYS:
         problems.append(f"rope_parameters={rope}: raytron's RoPE is the default (unscaled, full rotary) kind")
-    if config.get("sliding_window") is not None:
-        problems.append(f"sliding_window={config['sliding_window']}: raytron's `*` attention is not windowed; "
-                        "set it to null in config.json if the window exceeds every sequence you train on")
+    window = config.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        problems.append(f"sliding_window={window!r}: must be a positive number of tokens or null")
     if config.get("quantization_config"):
         problems.append("quantization_config is set: import unquantized weights")
     if model_type == "mixtral":

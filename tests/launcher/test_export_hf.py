@@ -42,6 +42,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_hf")
     return {"dense": make_run(root, "dense", "dense"), "moe": make_run(root, "moe", "moe"),
             "tied": make_run(root, "tied", "dense", tie_embeddings=True),
+            "windowed": make_run(root, "windowed", "dense", pattern="W-W-", window=6),
             "hybrid": make_run(root, "hybrid", "hybrid", pattern="*-G-")}
 
 
@@ -61,7 +62,7 @@ def _logits_equal(out: Path, model: models.Transformer) -> None:
 
 
 @pytest.mark.parametrize("kind,arch", [("dense", "LlamaForCausalLM"), ("moe", "MixtralForCausalLM"),
-                                       ("tied", "LlamaForCausalLM")])
+                                       ("tied", "LlamaForCausalLM"), ("windowed", "MistralForCausalLM")])
 def test_export_reloads_in_transformers_with_same_logits(runs, kind, arch, tmp_path):
     run, model = runs[kind]
     out = tmp_path / "hf"
@@ -69,6 +70,7 @@ def test_export_reloads_in_transformers_with_same_logits(runs, kind, arch, tmp_p
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [arch] and config["dtype"] == "float32"
     assert config["vocab_size"] == 264 and config["eos_token_id"] == 256
+    assert config.get("sliding_window") == (6 if kind == "windowed" else None)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 256
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}

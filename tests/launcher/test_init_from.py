@@ -50,7 +50,7 @@ def test_plan_accepts_the_matching_checkpoint(hf_dir, capsys):
 
 def test_shape_mismatch_names_the_override_to_set(tmp_path, capsys):
     code, err = plan(capsys, save_mixtral(tmp_path / "m", intermediate_size=48))
-    assert code == 2 and "model.overrides.moe_ffn_dim" in err and "intermediate_size=48" in err, err
+    assert code == 2 and "model.overrides.moe_ffn_dim" in err and "moe_ffn_dim=48" in err, err
     code, err = plan(capsys, save_mixtral(tmp_path / "v", vocab_size=300))
     assert code == 2 and "model.overrides.vocab_size" in err and "vocab_size=300" in err, err
     assert plan(capsys, tmp_path / "m", "--set", "model.overrides.moe_ffn_dim=48")[0] == 0
@@ -80,8 +80,13 @@ def test_unsupported_architecture_and_options_are_refused(hf_dir, tmp_path, caps
     code, err = plan(capsys, other)
     assert code == 2 and "Qwen3MoeForCausalLM" in err and "model.init_from" in err, err
     (other / "config.json").write_text(json.dumps({**config, "sliding_window": 32}))
+    (other / "model.safetensors").symlink_to(hf_dir / "model.safetensors")
     code, err = plan(capsys, other)
-    assert code == 2 and "sliding_window=32" in err, err
+    assert code == 2 and "model.overrides.pattern" in err and "'WEWE'" in err and "window" in err, err
+    assert plan(capsys, other, "--set", "model.overrides.pattern=WEWE", "--set", "model.overrides.window=32")[0] == 0
+    (other / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 2}}))
+    code, err = plan(capsys, other)
+    assert code == 2 and "rope_scaling" in err, err
     code, err = plan(capsys, tmp_path / "nowhere")
     assert code == 2 and "config.json not found" in err, err
     code, err = plan(capsys, hf_dir, "--set", "model.family=dense", "--set", "layout.ep=1")

@@ -23,6 +23,8 @@ def _hf_model(kind: str, **extra):
     if kind == "llama":
         cfg = transformers.LlamaConfig(**_SHAPE, intermediate_size=80, rope_theta=50000.0, **extra)
         model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**_SHAPE, intermediate_size=80, **extra))
     else:
         cfg = transformers.MixtralConfig(**_SHAPE, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
                                          **extra)
@@ -50,6 +52,8 @@ def _tokens(vocab: int) -> torch.Tensor:
     ("llama", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
     ("llama", {"num_key_value_heads": 4, "head_dim": 32}),
     ("mixtral", {"num_key_value_heads": 2}),
+    ("mistral", {"num_key_value_heads": 2, "sliding_window": 5}),
+    ("mixtral", {"num_key_value_heads": 2, "sliding_window": 7}),
 ])
 def test_import_gives_transformers_logits(kind, extra):
     hf = _hf_model(kind, **extra)
@@ -58,13 +62,17 @@ def test_import_gives_transformers_logits(kind, extra):
     with torch.no_grad():
         want, got = hf(x).logits, ref(x)
     assert (want - got).abs().max().item() < TOL
+    if extra.get("sliding_window"):  # the window really cuts: 24 tokens, windows of 5 and 7
+        assert "W" in ref.cfg.layer_pattern() and ref.cfg.window == extra["sliding_window"]
     if extra.get("head_dim"):
         assert ref.cfg.attn_head_dim == 32
     assert ref.cfg.tie_embeddings == bool(extra.get("tie_word_embeddings"))
 
 
 @pytest.mark.parametrize("family,overrides", [("dense", {}), ("dense", {"tie_embeddings": True}),
-                                              ("moe", {}), ("moe", {"num_kv_heads": 4, "rope_theta": 5e5})])
+                                              ("moe", {}), ("moe", {"num_kv_heads": 4, "rope_theta": 5e5}),
+                                              ("dense", {"pattern": "W-W-", "window": 6}),
+                                              ("moe", {"pattern": "WEWE", "window": 5})])
 def test_export_loads_into_transformers_with_same_logits(family, overrides):
     torch.manual_seed(0)
     ref = models.build(family, "debug", **overrides).eval()
@@ -122,10 +130,17 @@ def test_import_refuses_config_fields(change, named):
         from_hf_config(config)
 
 
-def test_import_refuses_mixtral_sliding_window():
-    config = {**to_hf_config(models.get_config("moe", "debug")), "sliding_window": 4096}
-    with pytest.raises(HFFormatError, match="sliding_window=4096"):
-        from_hf_config(config)
+def test_windowed_configs_map_to_w_layers():
+    moe = {**to_hf_config(models.get_config("moe", "debug")), "sliding_window": 4096}
+    assert (from_hf_config(moe).layer_pattern(), from_hf_config(moe).window) == ("WEWE", 4096)
+    mistral = {**to_hf_config(models.get_config("dense", "debug")), "model_type": "mistral"}
+    mistral.pop("sliding_window", None)  # MistralConfig's default window applies
+    assert (from_hf_config(mistral).layer_pattern(), from_hf_config(mistral).window) == ("W-W-", 4096)
+    assert from_hf_config({**mistral, "sliding_window": None}).layer_pattern() == "*-*-"
+    llama = {**to_hf_config(models.get_config("dense", "debug")), "sliding_window": 16}  # Llama ignores it
+    assert from_hf_config(llama).layer_pattern() == "*-*-"
+    with pytest.raises(HFFormatError, match="sliding_window=0"):
+        from_hf_config({**moe, "sliding_window": 0})
 
 
 def test_import_names_a_tensor_of_the_wrong_shape_or_missing():
@@ -146,7 +161,7 @@ def test_import_names_a_tensor_of_the_wrong_shape_or_missing():
 @pytest.mark.parametrize("family,flavor,overrides,named", [
     ("hybrid", "debug", {}, "layer 0 is Gated DeltaNet.*Qwen3-Next.*q_norm, k_norm"),
     ("hybrid", "1b-mamba", {}, "layer 0 is Mamba2"),
-    ("dense", "debug", {"pattern": "*-W-", "window": 8}, "layer 2 is sliding-window attention"),
+    ("dense", "debug", {"pattern": "*-W-", "window": 8}, "layer 2 is sliding-window attention.*every layer"),
     ("hybrid", "debug-moe", {"pattern": "*EBE"}, "layer 2 is block-sparse attention"),
     ("moe", "debug-sigmoid", {"shared_experts": 0, "bias_update_rate": 0.0}, "router=sigmoid"),
     ("moe", "debug", {"norm_topk": False}, "norm_topk=false"),
