@@ -1,5 +1,8 @@
 """`raytron export RUN_URI [--step N] --out FILE.safetensors`: a checkpoint as reference-model weights.
 
+`--format hf --out DIR [--dtype bfloat16|float16|float32] [--max-shard-size 5GB]` writes a Hugging Face
+transformers directory instead (launcher/export_hf.py; the same path checks, DIR in place of FILE).
+
 The file holds exactly the reference model's `state_dict()` (raytron.models.build(family, flavor,
 **overrides)), so `model.load_state_dict(safetensors.torch.load_file(FILE))` works with no raytron
 engine installed. From a deepspeed checkpoint: experts saved one by one as `<layer>.mixer.w_gate#<e>`
@@ -50,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output .safetensors file (local path or fsspec URI; its directory must exist; "
                         "never inside the run's checkpoints/)")
     p.add_argument("--force", action="store_true", help="replace --out if it already exists")
+    p.add_argument("--format", choices=("raytron", "hf"), default="raytron",
+                   help="raytron: one .safetensors file of the reference model's state dict (default); "
+                        "hf: a Hugging Face transformers directory (Llama/Mistral/Mixtral, docs/huggingface.md)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="--format hf: tensor dtype of the shards (default float32)")
+    p.add_argument("--max-shard-size", default=None, help="--format hf: largest shard, e.g. 5GB (default)")
 
 
 def checkpoints_uri(run_uri: str) -> str:
@@ -59,6 +68,16 @@ def checkpoints_uri(run_uri: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.format == "hf":
+            step, count = export_hf_checkpoint(args.run_uri, args.step, args.out, force=args.force,
+                                               dtype=args.dtype or "float32",
+                                               max_shard_size=args.max_shard_size or "5GB")
+            print(f"[raytron] exported step {step} of {args.run_uri}: {count} shard(s) -> {args.out}")
+            return 0
+        for flag in ("dtype", "max_shard_size"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} applies to --format hf only (--format raytron "
+                                 f"writes the checkpoint's fp32 tensors in one file)")
         step, count = export_checkpoint(args.run_uri, args.step, args.out, force=args.force)
     except (CheckpointError, ValueError, OSError) as exc:
         print(f"raytron export: error: {exc}", file=sys.stderr)
@@ -79,6 +98,46 @@ def export_checkpoint(run_uri: str, step: int | None, out: str, force: bool = Fa
     it lies inside the run's checkpoints/."""
     out_fs, out_path = check_paths(run_uri, out, force)
     store = CheckpointStore(checkpoints_uri(run_uri))
+    step, manifest = choose_step(store, step)
+    state = reference_state(store, step, manifest)
+    write_atomic(out_fs, out_path, {k: v.contiguous() for k, v in state.items()},
+                 {"step": str(step), "engine": manifest.get("engine", ""), "source": store.uri}, force)
+    return step, len(state)
+
+
+def export_hf_checkpoint(run_uri: str, step: int | None, out: str, force: bool = False, dtype: str = "float32",
+                         max_shard_size: str = "5GB") -> tuple[int, int]:
+    """Write `step` (newest verified if None) as a Hugging Face model directory `out`; (step, shards).
+    Paths, sizes and the model's exportability are checked before the checkpoint is read."""
+    import shutil
+
+    from . import export_hf
+    from .. import models
+    from ..models.hf_format import HFFormatError, hf_model_type
+
+    max_bytes = export_hf.parse_size(max_shard_size)
+    out_fs, out_path = check_paths(run_uri, out, force, directory=True)
+    spec = export_hf.run_spec(run_uri)
+    export_hf.check_exportable(spec)
+    store = CheckpointStore(checkpoints_uri(run_uri))
+    step, manifest = choose_step(store, step)
+    model_cfg = models.ModelConfig(**manifest["model"])
+    try:
+        hf_model_type(model_cfg)
+    except HFFormatError as exc:
+        raise ValueError(f"step {step} cannot be exported as a Hugging Face model: {exc}") from None
+    ref = reference_state(store, step, manifest)
+    tmp = export_hf.local_tmp_dir(out_fs, out_path)
+    try:
+        count = export_hf.build_directory(tmp, spec, model_cfg, ref, dtype, max_bytes)
+        export_hf.place(tmp, out_fs, out_path, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return step, count
+
+
+def choose_step(store: CheckpointStore, step: int | None) -> tuple[int, dict]:
+    """(step, verified manifest): `step`, or the newest committed step that verifies when None."""
     if step is None:
         chosen, skipped = store.latest(deep=True)
         if chosen is None:
@@ -89,10 +148,7 @@ def export_checkpoint(run_uri: str, step: int | None, out: str, force: bool = Fa
             raise CheckpointError(f"step {step} is not committed under {store.uri} "
                                   f"(committed: {store.committed_steps()})")
         manifest = store.verify(step, deep=True)
-    state = reference_state(store, step, manifest)
-    write_atomic(out_fs, out_path, {k: v.contiguous() for k, v in state.items()},
-                 {"step": str(step), "engine": manifest.get("engine", ""), "source": store.uri}, force)
-    return step, len(state)
+    return step, manifest
 
 
 def _location(fs: Any, path: str) -> tuple[str, str]:
@@ -109,9 +165,9 @@ def _inside(child: tuple[str, str], parent: tuple[str, str]) -> bool:
     return child[1] == parent[1] or child[1].startswith(parent[1].rstrip("/") + "/")
 
 
-def check_paths(run_uri: str, out: str, force: bool) -> tuple[Any, str]:
+def check_paths(run_uri: str, out: str, force: bool, directory: bool = False) -> tuple[Any, str]:
     """Refuse (ValueError) a RUN_URI that is a file and an --out that cannot or must not be written,
-    before any checkpoint is read; (fs, path) of --out."""
+    before any checkpoint is read; (fs, path) of --out. `directory`: --out is a directory to create."""
     run_fs, run_path = fsspec.core.url_to_fs(run_uri)
     if run_fs.isfile(run_path):
         raise ValueError(f"RUN_URI {run_uri} is a file, not a run directory: pass the run directory "
@@ -125,7 +181,11 @@ def check_paths(run_uri: str, out: str, force: bool) -> tuple[Any, str]:
     if any(re.fullmatch(r"step-\d{9}", part) for part in out_path.replace(os.sep, "/").split("/")[:-1]):
         raise ValueError(f"--out {out} is inside a checkpoint step folder; it would damage a committed "
                          f"checkpoint (refused even with --force): choose an --out outside it")
-    if out.endswith("/") or out_fs.isdir(out_path):
+    if directory:
+        if out_fs.isfile(out_path.rstrip("/")):
+            raise ValueError(f"--out {out} is a file; --format hf writes a directory: choose a directory name")
+        out_path = out_path.rstrip("/")
+    elif out.endswith("/") or out_fs.isdir(out_path):
         raise ValueError(f"--out {out} is a directory: give a file name, e.g. "
                          f"{out.rstrip('/')}/weights.safetensors")
     if out_fs.exists(out_path) and not force:

@@ -29,6 +29,29 @@ class ModelSpec:
     """Named size/shape of that family; every family has `debug`."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Field overrides applied to the flavor's config (e.g. {num_layers: 4})."""
+    init_from: str | None = None
+    """Start from the weights of a Hugging Face transformers checkpoint instead of a random init: a
+    directory (local path or fsspec URI) with config.json and *.safetensors, of LlamaForCausalLM,
+    MistralForCausalLM (dense families; Mistral's window makes every attention layer `W`) or
+    MixtralForCausalLM (MoE), as `raytron export --format hf` writes them. The model keeps
+    its shape from family/flavor/overrides, and the checkpoint must have that shape: plan and submit
+    refuse any difference (config.json field or safetensors tensor), naming the model.overrides field
+    and the value that would match. The vocabulary must match exactly (the embedding is not padded).
+    Read only while the run has no committed checkpoint of its own; after that, every start (a restart
+    or `--resume`) continues from the run's checkpoint and neither checks nor reads init_from."""
+
+    def validate(self, path: str) -> None:
+        if self.init_from is not None:
+            check_uri(self.init_from, f"{path}.init_from")
+
+    def with_vocab(self, vocab_size: int) -> "ModelSpec":
+        """This spec with overrides.vocab_size = the tokenizer's vocab_size unless set (it must not be
+        smaller): the model every engine builds."""
+        overrides = dict(self.overrides)
+        overrides.setdefault("vocab_size", vocab_size)
+        if overrides["vocab_size"] < vocab_size:
+            raise ValueError(f"model.overrides.vocab_size={overrides['vocab_size']} < tokenizer's {vocab_size}")
+        return dataclasses.replace(self, overrides=overrides)
 
 
 @dataclass(frozen=True)
@@ -477,4 +500,6 @@ def resolve_local_paths(spec: JobSpec) -> JobSpec:
         sources=tuple(src if src.uri.startswith("builtin://") else dataclasses.replace(src, uri=_absolute(src.uri))
                       for src in spec.data.sources))
     checkpoint = dataclasses.replace(spec.checkpoint, uri=_absolute(spec.checkpoint.uri))
-    return dataclasses.replace(spec, data=data, checkpoint=checkpoint)
+    model = spec.model if spec.model.init_from is None else dataclasses.replace(
+        spec.model, init_from=_absolute(spec.model.init_from))
+    return dataclasses.replace(spec, data=data, checkpoint=checkpoint, model=model)

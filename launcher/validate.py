@@ -28,6 +28,10 @@ def validate_job(spec: JobSpec, check_paths: bool = False, runnable: bool = Fals
     if runnable:
         for field, reason in engine_gaps(spec, model_config_from_spec(spec))[:1]:
             raise ConfigError(field, f"engine {spec.engine} cannot run this job yet: {reason}")
+    if spec.model.init_from is not None:
+        from .init_from import check_init_from
+
+        check_init_from(spec, resolved_model_config(spec))
     if check_paths:
         check_storage(spec)
     return layout
@@ -112,6 +116,19 @@ def check_eval_split(spec: JobSpec, valid_samples: int) -> None:
                       f"{spec.train.seq_len} tokens: {fix}")
 
 
+def resolved_model_config(spec: JobSpec):
+    """The ModelConfig the workers build: the registry's, vocabulary from the tokenizer unless overridden."""
+    import dataclasses
+
+    from ..data_pipeline.tokenizer import get_tokenizer
+
+    try:
+        model = spec.model.with_vocab(get_tokenizer(spec.data.tokenizer).vocab_size)
+    except ValueError as exc:
+        raise ConfigError("model.overrides.vocab_size", str(exc)) from None
+    return model_config_from_spec(dataclasses.replace(spec, model=model))
+
+
 def check_storage(spec: JobSpec) -> None:
     """Data sources match at least one file; a local checkpoint root can be created."""
     for i, src in enumerate(spec.data.sources):
@@ -172,4 +189,4 @@ def _check_local_writable(uri: str, path: str) -> None:
 
 
 __all__ = ["validate_job", "check_storage", "check_kinds", "check_local_gpus", "check_host_memory",
-           "check_eval_split", "host_memory"]
+           "check_eval_split", "host_memory", "resolved_model_config"]

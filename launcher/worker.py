@@ -17,7 +17,7 @@ from ..parallelism.layout import ParallelLayout
 from .checkpointing import CheckpointSaver, restore_checkpoint
 from .metrics import MetricsWriter
 from .resilience import FaultGuard, NumericsError, StopTraining
-from .spec import JobSpec, ModelSpec, spec_from_dict
+from .spec import JobSpec, spec_from_dict
 
 
 def data_cache_uri(spec: JobSpec) -> str:
@@ -65,6 +65,12 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
     store = CheckpointStore(f"{spec.run_uri}/checkpoints", keep=spec.checkpoint.keep)
     guard.attach(engine)
     start_step, cursor = restore_checkpoint(engine, store, spec, rank)
+    if start_step == 0 and spec.model.init_from:  # a run of its own is never overwritten by init_from
+        from .init_from import reference_state
+
+        engine.load_reference(reference_state(spec.model.init_from, engine.model_cfg))
+        if rank == 0:
+            print(f"[raytron] weights initialized from {spec.model.init_from}", flush=True)
     guard.resumed(start_step)
     saver = CheckpointSaver(store, spec, layout, rank, world, report)  # async per checkpoint.async_save
     writer = MetricsWriter(f"{spec.run_uri}/tensorboard", start_step, spec.train.steps) if rank == 0 else None
@@ -147,11 +153,7 @@ def evaluate(engine, valid, spec: JobSpec, dp_rank: int, dp: int) -> float:
 
 def build_engine(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, vocab_size: int):
     """The engine named by the spec. The model's vocabulary comes from the tokenizer."""
-    overrides = dict(spec.model.overrides)
-    overrides.setdefault("vocab_size", vocab_size)
-    if overrides["vocab_size"] < vocab_size:
-        raise ValueError(f"model.overrides.vocab_size={overrides['vocab_size']} < tokenizer's {vocab_size}")
-    spec = dataclasses.replace(spec, model=ModelSpec(spec.model.family, spec.model.flavor, overrides))
+    spec = dataclasses.replace(spec, model=spec.model.with_vocab(vocab_size))
     if spec.engine == "deepspeed":
         from ..parallelism.deepspeed_engine import DeepSpeedEngine
 

@@ -154,6 +154,17 @@ class DeepSpeedEngine:
         torch.distributed.all_reduce(stats)
         return float(stats / self.world)
 
+    @torch.no_grad()
+    def load_reference(self, ref_sd: dict[str, torch.Tensor]) -> None:
+        """Load a reference state dict (stacked experts, as models.Transformer.state_dict()) into the
+        model and ZeRO's fp32 masters; this rank keeps its experts. Buffers of the same name follow."""
+        from .ds_state import load_params, split_experts
+
+        load_params(self, split_experts(ref_sd))
+        for name, buf in self.module.named_buffers():
+            if name in ref_sd:
+                buf.copy_(ref_sd[name])
+
     def after_step(self) -> None:
         """Hooks that run outside autograd after each optimizer step (aux-loss-free bias updates)."""
         for m in self.module.modules():

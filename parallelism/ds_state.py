@@ -13,12 +13,15 @@ Writers: rank 0 writes the non-expert tensors; the ranks of the first expert-dat
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
 from .deepspeed_moe import reference_name
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+_STACKED = re.compile(r"\.mixer\.(w_gate|w_up|w_down)$")  # MoE experts; dense SwiGLU names end in .weight
 
 
 def _key(name: str, expert: int | None) -> str:
@@ -70,29 +73,10 @@ def _optimizer_step(engine) -> int:
 @torch.no_grad()
 def load_state(engine, state: dict) -> None:
     """Load a merged reference-named state into this rank's engine (any DP/EP layout)."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    num_local = engine.model_cfg.num_experts // engine.ep_size if engine.num_moe_layers else 1
     meta = state["meta"]
     if meta["has_moments"]:
         _init_optimizer_state(engine, meta["optimizer_step"])
-    missing = []
-    for ds_name, p in engine.module.named_parameters():
-        ref, expert = reference_name(ds_name, engine.ep_rank, num_local)
-        key = _key(ref, expert)
-        if key not in state["params"]:
-            missing.append(key)
-            continue
-        value = state["params"][key].to(p.device)
-        if value.shape != p.shape:
-            raise ValueError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, model has {tuple(p.shape)}")
-        p.data.copy_(value.to(p.dtype))
-        safe_set_full_fp32_param(p, value)
-        if meta["has_moments"]:
-            for m in MOMENTS:
-                safe_set_full_optimizer_state(p, state[m][key].to(p.device), m)
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
+    load_params(engine, state["params"], {m: state[m] for m in MOMENTS} if meta["has_moments"] else None)
     for name, buf in engine.module.named_buffers():
         if name in state.get("buffers", {}):
             buf.copy_(state["buffers"][name])
@@ -103,6 +87,42 @@ def load_state(engine, state: dict) -> None:
     engine.scheduler._last_lr = [g["lr"] for g in engine.optimizer.param_groups]
     engine.engine.global_steps = meta["global_steps"]
     engine.engine.global_samples = meta["global_samples"]
+
+
+@torch.no_grad()
+def load_params(engine, params: dict, moments: dict | None = None) -> None:
+    """Full fp32 parameters in reference names (experts one by one, `name#e`) into this rank's model
+    and ZeRO's fp32 partitions; Adam moments too when given."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    num_local = engine.model_cfg.num_experts // engine.ep_size if engine.num_moe_layers else 1
+    missing = []
+    for ds_name, p in engine.module.named_parameters():
+        ref, expert = reference_name(ds_name, engine.ep_rank, num_local)
+        key = _key(ref, expert)
+        if key not in params:
+            missing.append(key)
+            continue
+        value = params[key].to(p.device)
+        if value.shape != p.shape:
+            raise ValueError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, model has {tuple(p.shape)}")
+        p.data.copy_(value.to(p.dtype))
+        safe_set_full_fp32_param(p, value)
+        for m, values in (moments or {}).items():
+            safe_set_full_optimizer_state(p, values[key].to(p.device), m)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
+
+
+def split_experts(ref_state: dict) -> dict:
+    """A reference state dict with stacked experts ([experts, ...] `mixer.w_gate`) -> experts one by one."""
+    out = {}
+    for name, value in ref_state.items():
+        if _STACKED.search(name):
+            out.update({_key(name, e): v for e, v in enumerate(value.unbind(0))})
+        else:
+            out[name] = value
+    return out
 
 
 def _init_optimizer_state(engine, step: int) -> None:
