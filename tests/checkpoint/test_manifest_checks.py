@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from ckpt_helpers import CONFIG, job_overrides, load_job
+from tests.checkpoint.ckpt_helpers import CONFIG, job_overrides, load_job
 from raytron.data_pipeline import DataCursor
 from raytron.launcher.checkpointing import build_manifest
 from raytron.launcher.cli import main

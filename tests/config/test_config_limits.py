@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from config_helpers import DEEPSPEED_JOB, DEEPSPEED_YAML, validate_raw
+from tests.config.config_helpers import DEEPSPEED_JOB, DEEPSPEED_YAML, validate_raw
 
 from raytron.launcher.cli import main
 from raytron.launcher.spec import load_spec

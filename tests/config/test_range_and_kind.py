@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from config_helpers import DEEPSPEED_JOB, MEGATRON_JOB, job, validate_raw
+from tests.config.config_helpers import DEEPSPEED_JOB, MEGATRON_JOB, job, validate_raw
 
 from raytron.launcher.cli import main
 from raytron.launcher.strict_yaml import ConfigError

@@ -168,7 +168,7 @@ def test_fsspec_directory_round_trip(tmp_path, capsys):
     """Export to memory://, then plan and load from there (headers and tensors read through fsspec)."""
     import uuid
 
-    from test_export_hf import make_run  # tests/launcher is on sys.path (pytest's prepend import mode)
+    from tests.launcher.test_export_hf import make_run
 
     from raytron.launcher.init_from import reference_state
 
