@@ -27,6 +27,14 @@ class StepMetrics:
     lr: float
     tokens: int  # tokens in the global batch
     expert_load: list[float] | None = None  # fraction of assignments per expert, summed over MoE layers
+    router_entropy: float | None = None  # mean over MoE layers and tokens of the routing distribution's entropy
+
+    @property
+    def load_max_over_mean(self) -> float | None:
+        """Busiest expert's share of the (layer-summed) load over the mean share; 1.0 is perfectly even."""
+        if not self.expert_load:
+            return None
+        return max(self.expert_load) * len(self.expert_load) / max(sum(self.expert_load), 1e-30)
 
 
 def _ds_config(spec, layout) -> dict:
@@ -109,7 +117,7 @@ class DeepSpeedEngine:
         self.engine.train()
         lm_sum = torch.zeros((), dtype=torch.float64)
         aux_sum = torch.zeros((), dtype=torch.float64)
-        load = None
+        load = entropy = None
         lr = self.scheduler.get_last_lr()[0]
         for i, batch in enumerate(micro_batches):
             lm, aux = self._forward_loss(batch)
@@ -119,7 +127,8 @@ class DeepSpeedEngine:
             if i == len(micro_batches) - 1 and self.before_optimizer_step is not None:
                 self.before_optimizer_step(lm_sum + aux_sum)  # GA boundary: the next step() updates
             self.engine.step()
-            load = self._accumulate_load(load)
+            load = self._accumulate(load, "last_load")
+            entropy = self._accumulate(entropy, "last_entropy")
         stats = torch.stack([lm_sum, aux_sum]) / len(micro_batches)
         torch.distributed.all_reduce(stats)
         stats /= self.world
@@ -127,15 +136,25 @@ class DeepSpeedEngine:
         tokens = self.spec.train.global_batch_size * self.spec.train.seq_len
         return StepMetrics(loss=float(stats[0]), aux_loss=float(stats[1]), tokens=tokens, lr=lr,
                            grad_norm=float(grad_norm if grad_norm is not None else float("nan")),
-                           expert_load=self._global_load(load))
+                           expert_load=self._global_load(load), router_entropy=self._global_entropy(entropy))
 
-    def _accumulate_load(self, load):
-        counts = [m.last_load.double().cpu() for m in self.module.modules()
-                  if getattr(m, "last_load", None) is not None and m is not self.module]
-        if not counts:
-            return load
-        total = torch.stack(counts).sum(0)
-        return total if load is None else load + total
+    def _accumulate(self, total, attr: str):
+        """`total` plus the sum over MoE layers of their `attr` tensor from the last forward."""
+        values = [getattr(m, attr).double().cpu() for m in self.module.modules()
+                  if getattr(m, attr, None) is not None and m is not self.module]
+        if not values:
+            return total
+        summed = torch.stack(values).sum(0)
+        return summed if total is None else total + summed
+
+    @staticmethod
+    def _global_entropy(entropy) -> float | None:
+        """Token-mean routing entropy over every rank; every MoE layer routes the same tokens, so this
+        pooled mean is the mean over layers of each layer's token mean."""
+        if entropy is None:
+            return None
+        torch.distributed.all_reduce(entropy)
+        return float(entropy[0] / entropy[1].clamp_min(1))
 
     def _global_load(self, load) -> list[float] | None:
         if load is None:
