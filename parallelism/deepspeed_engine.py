@@ -8,13 +8,16 @@ rank r % ep. The engine's checkpoint state is expressed in *reference parameter 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .. import models
+from ..models.transformer import SEQUENCE_MIXERS
 from .deepspeed_moe import swap_moe_layers
 from .schedule import lr_multiplier
 
@@ -51,6 +54,31 @@ def _ds_config(spec, layout) -> dict:
     }
 
 
+def apply_recompute(model: torch.nn.Module, mode: str) -> int:
+    """train.recompute on the reference model, from outside it (models/ knows no engines): `full` wraps
+    each reference layer's forward, `selective` the mixer of each attention / linear-sequence layer (norms,
+    MLP and MoE layers keep their activations), in torch.utils.checkpoint (non-reentrant, so MoE side outputs such as the aux loss
+    keep their graph). Returns how many modules were wrapped."""
+    if mode not in ("none", "selective", "full"):
+        raise ValueError(f"train.recompute: got {mode!r}; use none, selective or full")
+    if mode == "none":
+        return 0
+    targets = [layer if mode == "full" else layer.mixer for layer in model.layers
+               if mode == "full" or layer.kind in SEQUENCE_MIXERS]
+    for module in targets:
+        module.forward = _checkpointed(module.forward)
+    return len(targets)
+
+
+def _checkpointed(forward):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    return run
+
+
 class DeepSpeedEngine:
     """build(spec, layout) -> engine; train_step(micro_batches) -> StepMetrics; eval_loss(batches)."""
 
@@ -70,6 +98,7 @@ class DeepSpeedEngine:
         self.ep_size = layout.ep
         self.ep_rank = rank % layout.ep
         self.num_moe_layers = swap_moe_layers(model, layout.ep, self.ep_rank)
+        apply_recompute(model, getattr(spec.train, "recompute", "none"))
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": spec.train.weight_decay, "name": "decay"},

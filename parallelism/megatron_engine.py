@@ -101,7 +101,8 @@ class MegatronEngine:
         # sets the tensor-parallel attributes (used by grad-norm and clipping) only in its init path
         self.tcfg = transformer_config(self.model_cfg, layout, aux_loss_coef=spec.train.aux_loss_coef,
                                        perform_initialization=True,
-                                       overlap_moe_comm=bool(getattr(spec.train, "overlap_moe_comm", False)))
+                                       overlap_moe_comm=bool(getattr(spec.train, "overlap_moe_comm", False)),
+                                       recompute=getattr(spec.train, "recompute", "none"))
         model_parallel_cuda_manual_seed(spec.train.seed)
         chunks = build_model_chunks(self.model_cfg, self.tcfg, spec.train.seq_len)
         self.pieces = [chunk_pieces(self.model_cfg, chunk_coords(c, layout)) for c in chunks]

@@ -229,7 +229,7 @@ class GroupedMLPExperts(SequentialMLP):
 
 def _recomputing() -> bool:
     """Whether this forward is a recomputation inside backward (train.recompute=full reruns the router):
-    its statistics were recorded by the original forward already."""
+    its load and entropy were recorded by the original forward already."""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -259,8 +259,9 @@ class ReferenceRouter(TopKRouter):
         aux = moe_utils.switch_load_balancing_loss_func(
             probs=scores_for_aux_loss, tokens_per_expert=first * self.topk, total_num_tokens=total_tokens,
             topk=self.topk, num_experts=self.config.num_moe_experts, moe_aux_loss_coeff=coeff)
-        if not _recomputing():
-            self.recorded_aux.append(aux.detach().float() / coeff)
+        # megatron adds the aux loss only where grad is enabled: once per micro-batch, in the forward or,
+        # under full recomputation (whose first forward runs without grad), in its rerun
+        self.recorded_aux.append(aux.detach().float() / coeff)
         return self.attach_and_log_load_balancing_loss(probs, coeff, aux, "load_balancing_loss",
                                                        self.tp_cp_group, valid_token_count=local_tokens)
 

@@ -51,6 +51,23 @@ def test_cluster_config_plans(path):
             f"{path.name} says {written.group(1)} GiB, plan computes {computed:.2f}: update the comment")
 
 
+@pytest.mark.parametrize("config", ["dense_1b_8gpu.yaml", "hybrid_moe_32gpu.yaml", "local_debug.yaml"])
+def test_recompute_lowers_the_estimate_and_says_so(config):
+    """train.recompute: activations and peak drop from none to selective to full (full far below: one hidden
+    state per layer boundary), weights and optimizer state stay; the printed assumption names the mode."""
+    peaks, acts = {}, {}
+    for mode in ("none", "selective", "full"):
+        code, out, err = run_plan(str(REPO / "cluster_configs" / config), f"train.recompute={mode}")
+        assert code == 0, err
+        rows = re.findall(r"^\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", out, re.M)
+        acts[mode] = max(float(r[4]) for r in rows)
+        peaks[mode] = float(re.search(r"peak\s+([0-9.]+) \w+ on stage", out).group(1))
+        assert {"none": "no recomputation", "selective": "selective recomputation",
+                "full": "full recomputation"}[mode] in out
+    assert peaks["none"] > peaks["selective"] > peaks["full"], peaks
+    assert acts["none"] > acts["selective"] > acts["full"] and acts["full"] < acts["none"] / 2, acts
+
+
 def test_invalid_config_exits_2_naming_field(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text(yaml.safe_dump(job(DEEPSPEED_JOB, layout__ep=3)))
