@@ -13,9 +13,9 @@ import torch
 
 from ..data_pipeline import prepare_for_job
 from ..parallelism.checkpoint import CheckpointStore
+from ..parallelism.estimate import flops_per_token
 from ..parallelism.layout import ParallelLayout
 from .checkpointing import CheckpointSaver, restore_checkpoint
-from ..parallelism.estimate import flops_per_token
 from .metrics import MetricsWriter, device_peak_flops, mfu, model_flops_rate, peak_memory_gib
 from .resilience import FaultGuard, NumericsError, StopTraining
 from .spec import JobSpec, ModelSpec, spec_from_dict

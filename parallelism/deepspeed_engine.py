@@ -57,8 +57,8 @@ def _ds_config(spec, layout) -> dict:
 def apply_recompute(model: torch.nn.Module, mode: str) -> int:
     """train.recompute on the reference model, from outside it (models/ knows no engines): `full` wraps
     each reference layer's forward, `selective` the mixer of each attention / linear-sequence layer (norms,
-    MLP and MoE layers keep their activations), in torch.utils.checkpoint (non-reentrant, so MoE side outputs such as the aux loss
-    keep their graph). Returns how many modules were wrapped."""
+    MLP and MoE layers keep their activations), in torch.utils.checkpoint (non-reentrant, so MoE side
+    outputs such as the aux loss keep their graph). Returns how many modules were wrapped."""
     if mode not in ("none", "selective", "full"):
         raise ValueError(f"train.recompute: got {mode!r}; use none, selective or full")
     if mode == "none":

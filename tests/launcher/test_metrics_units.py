@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from raytron import models
-from raytron.launcher.metrics import DENSE_BF16_PEAK, MetricsWriter, device_peak_flops, mfu, model_flops_rate, peak_memory_gib
+from raytron.launcher.metrics import (DENSE_BF16_PEAK, MetricsWriter, device_peak_flops, mfu, model_flops_rate,
+                                      peak_memory_gib)
 from raytron.models.moe import routing_entropy
 from raytron.parallelism.deepspeed_engine import StepMetrics
 from raytron.parallelism.estimate import flops_per_token
@@ -44,8 +45,9 @@ def test_mfu_of_dense_3b_by_hand():
 def test_moe_flops_count_active_experts():
     cfg = models.get_config("moe", "olmoe")
     seq, d = 4096, cfg.dim
-    attn = 2 * d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.attn_head_dim + 2 * cfg.num_heads * cfg.attn_head_dim * d
-    attn += 4 * cfg.num_heads * cfg.attn_head_dim * seq / 2
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.attn_head_dim
+    attn = 2 * d * (h + 2 * kv) * hd + 2 * h * hd * d
+    attn += 4 * h * hd * seq / 2
     moe = 2 * d * cfg.num_experts + 6 * d * cfg.moe_ffn_dim * cfg.top_k  # router + top_k experts, not all 64
     assert flops_per_token(cfg, seq) == pytest.approx(3 * (cfg.num_layers * (attn + moe) + 2 * d * cfg.vocab_size))
 

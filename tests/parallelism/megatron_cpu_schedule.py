@@ -346,23 +346,25 @@ def recompute_matches_none(rank: int, world: int, cases: list, out: str) -> None
     """For each (family, model overrides, layout fields): one forward/backward per train.recompute mode on the
     same weights and batch; rank 0 writes per case {mode: [loss, worst |grad - grad without recompute|
     over every rank's parameters, parameters compared, elements rank 0 saved for backward, and the engine's
-    _router_stats: aux loss, routing entropy, expert load]}, and for MoE "reference": reference_router_stats."""
-    from raytron.parallelism.megatron_modules import ReferenceRouter
-
+    _router_stats: aux loss, expert load, routing entropy]}, and for MoE "reference": reference_router_stats.
+    Layout field "overlap_moe": train.overlap_moe_comm (no `full` then: megatron-core refuses it)."""
     from raytron.parallelism.layout import ParallelLayout
+    from raytron.parallelism.megatron_modules import ReferenceRouter
 
     torch.set_num_threads(1)
     _cpu_shims()
     _cpu_rng_shims()
     results = []
     for family, overrides, fields in cases:
+        fields = dict(fields)
+        overlap_moe = fields.pop("overlap_moe", False)  # megatron-core refuses full recompute with it
         dp = world // (fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1))
         layout = ParallelLayout(world_size=world, micro_batch_size=MICRO, global_batch_size=GLOBAL,
                                 **{"dp": dp, **fields})
         dp_rank, ga = layout.coords(rank)["dp"], layout.grad_accum
         grads, case = {}, {}
-        for mode in ("none", "selective", "full"):
-            engine = cpu_engine(family, overrides, layout, recompute=mode)
+        for mode in ("none", "selective") if overlap_moe else ("none", "selective", "full"):
+            engine = cpu_engine(family, overrides, layout, overlap_moe=overlap_moe, recompute=mode)
             micro = global_batch(engine.model_cfg.vocab_size).split(MICRO)
             saved = [0]  # elements the forwards keep for backward outside checkpointed regions
 

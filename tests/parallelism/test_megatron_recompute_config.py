@@ -45,4 +45,5 @@ def test_full_recompute_with_moe_overlap_is_refused_like_megatron_does():
         transformer_config(cfg, layout, overlap_moe_comm=True, recompute="full")
     spec.train.recompute = "selective"
     assert engine_gaps(spec, cfg, layout) == []
-    assert transformer_config(cfg, layout, overlap_moe_comm=True, recompute="selective").recompute_granularity == "selective"
+    tcfg = transformer_config(cfg, layout, overlap_moe_comm=True, recompute="selective")
+    assert tcfg.recompute_granularity == "selective"

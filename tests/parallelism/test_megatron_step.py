@@ -131,6 +131,9 @@ def test_without_overlap_reductions_start_at_finalize(results):
 RECOMPUTE_CASES = {  # train.recompute: megatron's core-attention / MLP / full-layer checkpointing and ours
     "hybrid-TP2": ("hybrid", {}, {"tp": 2}),  # GDN and Mamba2 cores, SDPA and masked attention cores, MLPs
     "moe-EP2": ("moe", {}, {"ep": 2}),  # MoE layers recomputed whole under `full`
+    # core attention recomputed inside the schedule plan's attention node (train.overlap_moe_comm; last:
+    # its CUDA stream shims stay installed in the rank processes)
+    "moe-EP2-overlap-moe": ("moe", {}, {"ep": 2, "overlap_moe": True}),
 }
 
 
@@ -144,12 +147,15 @@ def recompute_results(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("case", list(RECOMPUTE_CASES))
 @pytest.mark.parametrize("mode", ["selective", "full"])
 def test_recompute_keeps_loss_and_gradients(recompute_results, case, mode):
+    if mode not in recompute_results[case]:
+        pytest.skip("megatron-core refuses full recomputation with train.overlap_moe_comm (engine_gaps too)")
     base, got = recompute_results[case]["none"], recompute_results[case][mode]
     assert got[2] == base[2] > 10
     assert abs(got[0] - base[0]) <= 1e-6, f"{case} recompute={mode}: loss {got[0]} vs {base[0]}"
     assert got[1] <= 1e-6, f"{case} recompute={mode}: gradients differ by up to {got[1]}"
-    saved = [recompute_results[case][m][3] for m in ("none", "selective", "full")]
-    assert saved[0] > saved[1] > saved[2], f"{case}: elements kept for backward (none, selective, full) {saved}"
+    saved = [r[3] for m, r in recompute_results[case].items() if m != "reference"]  # none, selective[, full]
+    assert saved == sorted(saved, reverse=True) and len(set(saved)) == len(saved), (
+        f"{case}: elements kept for backward (none, selective, full) {saved}")
 
 
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
