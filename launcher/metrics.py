@@ -4,6 +4,13 @@ One writer on one rank (the caller decides which). TensorBoard's writer needs a 
 for remote run URIs events go to a local staging directory and are copied to `<run>/tensorboard/`
 on every flush. After a resume, `purge_step` makes TensorBoard drop events of steps that the resumed
 run is about to redo, so step indices never repeat.
+
+MFU = model FLOPs per token (models/flops.py, Megatron's convention: fwd + bwd = 3 x forward matmuls,
+causal attention halved, MoE active experts only) x tokens/s per device / the device's dense bf16 peak
+(DENSE_BF16_PEAK, looked up by GPU name). Without a known peak (CPU, an unlisted GPU) MFU is absent
+(None, not logged) and only the achieved model TFLOP/s per device is reported.
+Peak memory per logging interval: CUDA's max allocated / reserved bytes since the last log; on CPU the
+worker process's resident-set high-water mark (getrusage; it cannot be reset, so it covers the run).
 """
 
 from __future__ import annotations
@@ -14,6 +21,46 @@ import tempfile
 import time
 
 import fsspec
+
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets; the first name
+# that occurs in torch.cuda.get_device_name() wins, so variants come before their family.
+DENSE_BF16_PEAK: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12),
+    ("H800", 989e12), ("H20", 148e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
+    ("L40S", 362e12), ("A10G", 70e12),
+)
+
+
+def device_peak_flops(device_name: str | None) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU named `device_name`; None for CPU (None) or an unlisted GPU."""
+    if not device_name:
+        return None
+    return next((peak for key, peak in DENSE_BF16_PEAK if key in device_name), None)
+
+
+def model_flops_rate(flops_per_token: float, tokens_per_sec: float, devices: int) -> float:
+    """Achieved model FLOP/s per device: the global tokens/s spread over `devices`."""
+    return flops_per_token * tokens_per_sec / devices
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, devices: int, peak: float | None) -> float | None:
+    """Model FLOPs utilization (fraction of `peak`), None when the peak is unknown."""
+    return None if peak is None else model_flops_rate(flops_per_token, tokens_per_sec, devices) / peak
+
+
+def peak_memory_gib(cuda: bool) -> dict[str, float]:
+    """Peak memory since the last call (CUDA: allocated and reserved, then reset) or, on CPU, the
+    process's RSS high-water mark, in GiB."""
+    import torch
+
+    if cuda:
+        out = {"memory/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+               "memory/max_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+        torch.cuda.reset_peak_memory_stats()
+        return out
+    import resource
+
+    return {"memory/rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}
 
 
 def _local_path(uri: str) -> str | None:
@@ -76,7 +123,7 @@ class MetricsWriter:
         self.writer.close()
 
     def progress(self, step: int, m: dict[str, float]) -> str:
-        """One console line: step, loss, tokens/s, ETA."""
+        """One console line: step, loss, tokens/s, MFU (or model TFLOP/s), peak memory, ETA."""
         done = step - self.start_step
         elapsed = time.monotonic() - self._t0
         eta = elapsed / max(done, 1) * (self.total_steps - step)
@@ -84,7 +131,17 @@ class MetricsWriter:
         if m.get("val_loss") is not None:
             parts.append(f"val_loss {m['val_loss']:.4f}")
         parts += [f"lr {m['lr']:.2e}", f"grad_norm {m['grad_norm']:.3f}",
-                  f"tokens/s {m['tokens_per_sec']:,.0f}", f"ETA {_fmt_time(eta)}"]
+                  f"tokens/s {m['tokens_per_sec']:,.0f}"]
+        if m.get("mfu") is not None:
+            parts.append(f"MFU {m['mfu']:.1%}")
+        elif m.get("model_tflops_per_device") is not None:
+            parts.append(f"model TFLOP/s {m['model_tflops_per_device']:.3g}")
+        mem = m.get("memory/max_allocated_gib", m.get("memory/rss_peak_gib"))
+        if mem is not None:
+            parts.append(f"mem {mem:.2f} GiB")
+        if m.get("moe/router_entropy") is not None:
+            parts.append(f"router H {m['moe/router_entropy']:.3f} load max/mean {m['moe/load_max_over_mean']:.2f}")
+        parts.append(f"ETA {_fmt_time(eta)}")
         return " | ".join(parts)
 
 

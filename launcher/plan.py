@@ -70,7 +70,7 @@ def build_report(spec: JobSpec, layout: Any) -> dict[str, Any]:
         "cfg": cfg, "stats": stats,
         "flops": flops_per_token(cfg, seq),
         "memory": estimate_memory(cfg, stats, layout, seq_len=seq, use_gpu=spec.resources.use_gpu,
-                                  engine=spec.engine),
+                                  engine=spec.engine, recompute=spec.train.recompute),
     }
 
 

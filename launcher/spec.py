@@ -168,6 +168,13 @@ class TrainSpec:
     layer by layer beside the previous one's backward on two CUDA streams (megatron-core's
     overlap_moe_expert_parallel_comm, Megatron-LM's --overlap-moe-expert-parallel-comm). Same gradients up
     to summation order; pp > 1 needs layout.vpp > 1."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (memory for compute). `none`: keep every activation. `selective`: recompute
+    the sequence mixers' inner part in backward (MLP and MoE layers keep their activations): megatron: core
+    attention (megatron's selective recompute) and the chunked core of Gated DeltaNet / Mamba2 layers;
+    deepspeed: each attention / linear-sequence layer's whole mixer. `full`: recompute every layer from
+    its input (megatron: each TransformerLayer, uniform method, one layer per unit; deepspeed: each
+    reference layer). Same loss and gradients; `raytron plan`'s memory estimate follows it."""
 
     def validate(self, path: str) -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "eval_batches"):

@@ -13,9 +13,10 @@ import torch
 
 from ..data_pipeline import prepare_for_job
 from ..parallelism.checkpoint import CheckpointStore
+from ..parallelism.estimate import flops_per_token
 from ..parallelism.layout import ParallelLayout
 from .checkpointing import CheckpointSaver, restore_checkpoint
-from .metrics import MetricsWriter
+from .metrics import MetricsWriter, device_peak_flops, mfu, model_flops_rate, peak_memory_gib
 from .resilience import FaultGuard, NumericsError, StopTraining
 from .spec import JobSpec, spec_from_dict
 
@@ -77,6 +78,8 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
     # Ranks of one DP replica (its TP/PP/CP ranks) read the same samples; EP folds over DP.
     dp_rank, dp = layout.coords(rank)["dp"], layout.dp
     last: dict = {"step": start_step}
+    flops = flops_per_token(engine.model_cfg, spec.train.seq_len)
+    peak = device_peak_flops(torch.cuda.get_device_name() if spec.resources.use_gpu else None)
     step = start_step
     guard.__enter__()  # preemption flag + step watchdog, for the loop only
     while step < spec.train.steps:
@@ -100,11 +103,14 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
         cursor = cursor.advance(spec.train.global_batch_size)
         elapsed = time.perf_counter() - t0
         last = {"step": step, "loss": m.loss, "aux_loss": m.aux_loss, "lr": m.lr, "grad_norm": m.grad_norm,
-                "tokens_per_sec": m.tokens / elapsed, "step_time": elapsed, "val_loss": None}
+                "tokens_per_sec": m.tokens / elapsed, "step_time": elapsed, "val_loss": None,
+                "mfu": mfu(flops, m.tokens / elapsed, world, peak),
+                "model_tflops_per_device": model_flops_rate(flops, m.tokens / elapsed, world) / 1e12,
+                "moe/router_entropy": m.router_entropy, "moe/load_max_over_mean": m.load_max_over_mean}
         if _due(step, spec.train.eval_every, spec.train.steps):
             last["val_loss"] = evaluate(engine, data.valid, spec, dp_rank, dp)
         if writer and (step % spec.train.log_every == 0 or step == spec.train.steps):
-            _log_step(writer, step, last, m.expert_load)
+            _log_step(writer, step, {**last, **peak_memory_gib(spec.resources.use_gpu)}, m.expert_load)
         if _due(step, spec.checkpoint.every, spec.train.steps):
             if writer:
                 writer.flush()

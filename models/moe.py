@@ -41,6 +41,21 @@ class Router(nn.Module):
         return ids, weights, probs
 
 
+def routing_entropy(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """[sum over tokens of the routing distribution's entropy (nats), token count] as a float64 pair, from
+    router logits [..., experts]. The distribution is the softmax of the logits, or for sigmoid routers
+    the normalized scores (what the aux loss sees). Detached: a statistic, not part of the loss."""
+    logits = logits.detach().float().reshape(-1, logits.shape[-1])
+    if kind == "softmax":
+        logp = torch.log_softmax(logits, -1)
+    else:
+        logsig = F.logsigmoid(logits)
+        logp = logsig - torch.logsumexp(logsig, -1, keepdim=True)
+    total = -(logp.exp() * logp).sum()
+    return torch.stack([total.double(), torch.tensor(float(logits.shape[0]), dtype=torch.float64,
+                                                     device=logits.device)])
+
+
 def apply_capacity(ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """Keep-mask [tokens, k]: each expert takes at most `capacity` assignments, first choices before
     second choices, earlier tokens before later ones (GShard's order)."""

@@ -15,6 +15,9 @@ FLAVORS: dict[str, dict[str, dict]] = {
     "dense": {
         "debug": dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=172),
         "1b": dict(vocab_size=32000, dim=2048, num_layers=16, num_heads=16, num_kv_heads=8, ffn_dim=5632),
+        # Llama-3.2-3B's shape (GQA 24:8, SwiGLU 8192) at a 32000 vocabulary: 3.2B parameters untied
+        "3b": dict(vocab_size=32000, dim=3072, num_layers=28, num_heads=24, num_kv_heads=8, ffn_dim=8192,
+                   rope_theta=500000.0),
     },
     "moe": {
         "debug": dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2,

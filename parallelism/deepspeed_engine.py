@@ -8,13 +8,16 @@ rank r % ep. The engine's checkpoint state is expressed in *reference parameter 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .. import models
+from ..models.transformer import SEQUENCE_MIXERS
 from .deepspeed_moe import swap_moe_layers
 from .schedule import lr_multiplier
 
@@ -27,6 +30,14 @@ class StepMetrics:
     lr: float
     tokens: int  # tokens in the global batch
     expert_load: list[float] | None = None  # fraction of assignments per expert, summed over MoE layers
+    router_entropy: float | None = None  # mean over MoE layers and tokens of the routing distribution's entropy
+
+    @property
+    def load_max_over_mean(self) -> float | None:
+        """Busiest expert's share of the (layer-summed) load over the mean share; 1.0 is perfectly even."""
+        if not self.expert_load:
+            return None
+        return max(self.expert_load) * len(self.expert_load) / max(sum(self.expert_load), 1e-30)
 
 
 def _ds_config(spec, layout) -> dict:
@@ -41,6 +52,31 @@ def _ds_config(spec, layout) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def apply_recompute(model: torch.nn.Module, mode: str) -> int:
+    """train.recompute on the reference model, from outside it (models/ knows no engines): `full` wraps
+    each reference layer's forward, `selective` the mixer of each attention / linear-sequence layer (norms,
+    MLP and MoE layers keep their activations), in torch.utils.checkpoint (non-reentrant, so MoE side
+    outputs such as the aux loss keep their graph). Returns how many modules were wrapped."""
+    if mode not in ("none", "selective", "full"):
+        raise ValueError(f"train.recompute: got {mode!r}; use none, selective or full")
+    if mode == "none":
+        return 0
+    targets = [layer if mode == "full" else layer.mixer for layer in model.layers
+               if mode == "full" or layer.kind in SEQUENCE_MIXERS]
+    for module in targets:
+        module.forward = _checkpointed(module.forward)
+    return len(targets)
+
+
+def _checkpointed(forward):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    return run
 
 
 class DeepSpeedEngine:
@@ -62,6 +98,7 @@ class DeepSpeedEngine:
         self.ep_size = layout.ep
         self.ep_rank = rank % layout.ep
         self.num_moe_layers = swap_moe_layers(model, layout.ep, self.ep_rank)
+        apply_recompute(model, getattr(spec.train, "recompute", "none"))
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": spec.train.weight_decay, "name": "decay"},
@@ -109,7 +146,7 @@ class DeepSpeedEngine:
         self.engine.train()
         lm_sum = torch.zeros((), dtype=torch.float64)
         aux_sum = torch.zeros((), dtype=torch.float64)
-        load = None
+        load = entropy = None
         lr = self.scheduler.get_last_lr()[0]
         for i, batch in enumerate(micro_batches):
             lm, aux = self._forward_loss(batch)
@@ -119,7 +156,8 @@ class DeepSpeedEngine:
             if i == len(micro_batches) - 1 and self.before_optimizer_step is not None:
                 self.before_optimizer_step(lm_sum + aux_sum)  # GA boundary: the next step() updates
             self.engine.step()
-            load = self._accumulate_load(load)
+            load = self._accumulate(load, "last_load")
+            entropy = self._accumulate(entropy, "last_entropy")
         stats = torch.stack([lm_sum, aux_sum]) / len(micro_batches)
         torch.distributed.all_reduce(stats)
         stats /= self.world
@@ -127,15 +165,25 @@ class DeepSpeedEngine:
         tokens = self.spec.train.global_batch_size * self.spec.train.seq_len
         return StepMetrics(loss=float(stats[0]), aux_loss=float(stats[1]), tokens=tokens, lr=lr,
                            grad_norm=float(grad_norm if grad_norm is not None else float("nan")),
-                           expert_load=self._global_load(load))
+                           expert_load=self._global_load(load), router_entropy=self._global_entropy(entropy))
 
-    def _accumulate_load(self, load):
-        counts = [m.last_load.double().cpu() for m in self.module.modules()
-                  if getattr(m, "last_load", None) is not None and m is not self.module]
-        if not counts:
-            return load
-        total = torch.stack(counts).sum(0)
-        return total if load is None else load + total
+    def _accumulate(self, total, attr: str):
+        """`total` plus the sum over MoE layers of their `attr` tensor from the last forward."""
+        values = [getattr(m, attr).double().cpu() for m in self.module.modules()
+                  if getattr(m, attr, None) is not None and m is not self.module]
+        if not values:
+            return total
+        summed = torch.stack(values).sum(0)
+        return summed if total is None else total + summed
+
+    @staticmethod
+    def _global_entropy(entropy) -> float | None:
+        """Token-mean routing entropy over every rank; every MoE layer routes the same tokens, so this
+        pooled mean is the mean over layers of each layer's token mean."""
+        if entropy is None:
+            return None
+        torch.distributed.all_reduce(entropy)
+        return float(entropy[0] / entropy[1].clamp_min(1))
 
     def _global_load(self, load) -> list[float] | None:
         if load is None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models import MoE
+from ..models.moe import routing_entropy
 from ..models.layers import SwiGLU
 
 
@@ -37,6 +39,7 @@ class DeepSpeedMoE(nn.Module):
         self.shared = ref.shared
         self.last_aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
+        self.last_entropy: torch.Tensor | None = None  # [entropy sum, tokens] of the last forward
         self.load_reference(ref.state_dict())
 
     @torch.no_grad()
@@ -52,6 +55,9 @@ class DeepSpeedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, aux, counts = self.moe(x)
         self.last_aux_loss, self.last_load = aux, counts.detach()
+        with torch.no_grad():  # DeepSpeed's gate keeps its logits to itself: recompute them (dim x E per token)
+            logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.moe.deepspeed_moe.gate.wg.weight.float())
+            self.last_entropy = routing_entropy(logits, "softmax")
         if self.shared is not None:
             out = out + self.shared(x)
         return out

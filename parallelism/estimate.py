@@ -104,6 +104,29 @@ def layer_activation_elements(cfg: Any, kind: str, seq_len: int, dense_mask: boo
     return out
 
 
+def selective_activation_elements(cfg: Any, kind: str, seq_len: int, engine: str, dense_mask: bool = False) -> float:
+    """Elements per token one layer keeps for backward under train.recompute=selective (the tensors a
+    checkpointed region keeps are its inputs; what it saves inside is rebuilt in backward).
+    deepspeed: each attention / linear-sequence mixer is checkpointed whole, so only the pre-norm's
+    tensors stay (the mixer's input is the norm's output). megatron: attention keeps q, k, v (the core's
+    inputs) and the output projection's input, not the SDPA output, log-sum-exp or a dense mask; Gated
+    DeltaNet keeps its in-projection and the core's output, Mamba2 everything but the chunk matrices and
+    states. MLP and MoE layers are not recomputed by either engine."""
+    full = layer_activation_elements(cfg, kind, seq_len, dense_mask)
+    if kind in "-E":
+        return full
+    norm = 3.0 * cfg.dim + 1
+    if engine == "deepspeed":
+        return norm
+    if kind in ATTENTION_KINDS:
+        return norm + 2 * cfg.num_heads * cfg.attn_head_dim + 2 * cfg.num_kv_heads * cfg.attn_head_dim
+    h, inner = cfg.linear_heads, cfg.linear_heads * cfg.linear_head_dim
+    if kind == "G":
+        return norm + 5 * inner + 2 * h
+    conv = inner + 2 * cfg.ssm_state_dim
+    return norm + (inner + conv + h) + 2 * conv + 4 * inner + 4 * h
+
+
 def _linear_activation_elements(cfg: Any, kind: str) -> float:
     """Chunked linear-sequence layers as the reference computes them (ops/gated_delta.py, ops/ssd.py):
     projections and short-conv outputs, C x C matrices per chunk and head, a [dk, dv] state per chunk

@@ -190,6 +190,10 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
                          "gradient-sync hooks are not wired in this build; use pp=1 or turn it off"))
         if overlap_moe:
             gaps += _moe_overlap_gaps(cfg, lay)
+            if getattr(spec.train, "recompute", "none") == "full":
+                gaps.append(("train.recompute", "full with train.overlap_moe_comm: megatron-core's overlap "
+                             "schedule runs each layer in pieces and refuses whole-layer recomputation "
+                             "(TransformerConfig.__post_init__): use selective or turn the overlap off"))
         for name, bad, why in (("router", cfg.router != "softmax", "only the softmax router is mapped"),
                                ("capacity_factor", cfg.capacity_factor > 0, "token-dropping order differs"),
                                ("bias_update_rate", cfg.bias_update_rate > 0, "aux-loss-free bias is not mapped")):
@@ -213,8 +217,8 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
 
 def _moe_overlap_gaps(cfg: Any, lay: Any) -> list[tuple[str, str]]:
     """What megatron-core 0.16.1's EP all-to-all overlap (train.overlap_moe_comm) cannot run, or would run
-    wrong, with this model and layout. The engine's own settings (bf16, all-to-all dispatcher, no
-    recomputation, no MTP, no CUDA graphs) already meet its TransformerConfig checks."""
+    wrong, with this model and layout. The engine's own settings (bf16, all-to-all dispatcher, no MTP, no
+    CUDA graphs) already meet its TransformerConfig checks; train.recompute=full is refused in engine_gaps."""
     field, pattern = "train.overlap_moe_comm", cfg.layer_pattern()
     if lay.ep == 1:
         what = "the model has no MoE layers" if not cfg.num_experts else "layout.ep is 1"

@@ -101,7 +101,8 @@ class MegatronEngine:
         # sets the tensor-parallel attributes (used by grad-norm and clipping) only in its init path
         self.tcfg = transformer_config(self.model_cfg, layout, aux_loss_coef=spec.train.aux_loss_coef,
                                        perform_initialization=True,
-                                       overlap_moe_comm=bool(getattr(spec.train, "overlap_moe_comm", False)))
+                                       overlap_moe_comm=bool(getattr(spec.train, "overlap_moe_comm", False)),
+                                       recompute=getattr(spec.train, "recompute", "none"))
         model_parallel_cuda_manual_seed(spec.train.seed)
         chunks = build_model_chunks(self.model_cfg, self.tcfg, spec.train.seq_len)
         self.pieces = [chunk_pieces(self.model_cfg, chunk_coords(c, layout)) for c in chunks]
@@ -213,26 +214,32 @@ class MegatronEngine:
         outputs = self._run(micro_batches, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         self.steps_done += 1
-        aux, load = self._router_stats(len(micro_batches))
+        aux, load, entropy = self._router_stats(len(micro_batches))
         tokens = self.spec.train.global_batch_size * self.spec.train.seq_len
         return StepMetrics(loss=self._mean_lm_loss(outputs), aux_loss=aux, lr=lr, tokens=tokens,
                            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                           expert_load=load)
+                           expert_load=load, router_entropy=entropy)
 
-    def _router_stats(self, num_micro: int) -> tuple[float, list[float] | None]:
-        """(mean over micro-batches of the summed per-layer aux loss, expert load fractions)."""
+    def _router_stats(self, num_micro: int) -> tuple[float, list[float] | None, float | None]:
+        """(mean over micro-batches of the summed per-layer aux loss, expert load fractions, token-mean
+        routing entropy). Every MoE layer routes the same tokens (TP/SP copies count alike on every
+        layer), so the entropy pooled over all ranks' routers is the mean over layers of each layer's mean."""
         if not self.model_cfg.num_experts:
-            return 0.0, None
-        stats = torch.zeros(1 + self.model_cfg.num_experts, device=self.device, dtype=torch.float64)
+            return 0.0, None, None
+        e = self.model_cfg.num_experts
+        stats = torch.zeros(3 + e, device=self.device, dtype=torch.float64)
         for router in self.routers:
-            aux, load = router.pop_records()
+            aux, load, entropy = router.pop_records()
             if aux is not None:
                 stats[0] += aux.double()
             if load is not None:
-                stats[1:] += load.double()
+                stats[1:1 + e] += load.double()
+            if entropy is not None:
+                stats[1 + e:] += entropy
         dist.all_reduce(stats)
-        load = stats[1:] / stats[1:].sum().clamp_min(1)
-        return float(stats[0] / (self.layout.dp * num_micro)), load.tolist()
+        load = stats[1:1 + e] / stats[1:1 + e].sum().clamp_min(1)
+        entropy = float(stats[1 + e] / stats[2 + e].clamp_min(1))
+        return float(stats[0] / (self.layout.dp * num_micro)), load.tolist(), entropy
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.utils.checkpoint
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -107,6 +108,15 @@ class _LinearMixer(MegatronModule):
         takes this from every `self_attention` and calls it only under delay_wgrad_compute, which raytron
         leaves off: the weight gradients are computed in the backward itself, nothing is deferred."""
 
+    def _core(self, fn, *args):
+        """The chunked scan `fn(*args)`; under selective recompute (megatron's core_attn switch, which
+        covers attention cores only) checkpointed like them: its chunk matrices and states are rebuilt
+        in backward from the projections. Deterministic, so no RNG state to replay."""
+        selective = self.config.recompute_granularity == "selective" and "core_attn" in self.config.recompute_modules
+        if selective and self.training:
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
     def _project_in(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[s/tp, b, dim] (sequence-parallel shard; [s, b, dim] without TP) -> [b, s, this rank's outputs]."""
         proj, _ = self.in_proj(hidden_states)
@@ -138,8 +148,8 @@ class GatedDeltaNetMixer(_LinearMixer):
         _refuse_extras(packed_seq_params, inference_context)
         inner, heads = self.inner, self.heads
         qkv, gate, a, b = self._project_in(hidden_states).split([3 * inner, inner, heads, heads], dim=-1)
-        mixed = gated_deltanet_mix(qkv, a, b, gate, self.conv_weight, self.A_log, self.dt_bias, self.o_norm,
-                                   self.head_dim, self.chunk)
+        mixed = self._core(gated_deltanet_mix, qkv, a, b, gate, self.conv_weight, self.A_log, self.dt_bias,
+                           self.o_norm, self.head_dim, self.chunk)
         return self._project_out(mixed)
 
 
@@ -176,8 +186,8 @@ class Mamba2Mixer(_LinearMixer):
         bc = all_gather_last_dim_from_tensor_parallel_region(bc.contiguous(), self.tp_group)
         bc = bc.view(bsz, seq, -1, 2, n_r)
         b_in, c_in = bc[..., 0, :].reshape(bsz, seq, -1), bc[..., 1, :].reshape(bsz, seq, -1)
-        y = ssd_mix(xs.reshape(bsz, seq, self.heads, self.head_dim), b_in, c_in, dt, self.A_log, self.dt_bias,
-                    self.D, self.chunk)
+        y = self._core(ssd_mix, xs.reshape(bsz, seq, self.heads, self.head_dim), b_in, c_in, dt, self.A_log,
+                       self.dt_bias, self.D, self.chunk)
         y = self._gated_norm(y.reshape(bsz, seq, inner) * F.silu(z))
         return self._project_out(y)
 

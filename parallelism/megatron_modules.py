@@ -29,6 +29,7 @@ from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl, swiglu, we
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.router import TopKRouter
 
+from ..models.moe import routing_entropy
 from ..ops import swiglu as swiglu_op
 from ..ops.moe import grouped_mm_supported, segment_mm
 
@@ -226,6 +227,12 @@ class GroupedMLPExperts(SequentialMLP):
         return out, None
 
 
+def _recomputing() -> bool:
+    """Whether this forward is a recomputation inside backward (train.recompute=full reruns the router):
+    its load and entropy were recorded by the original forward already."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class ReferenceRouter(TopKRouter):
     """TopKRouter whose aux loss counts first choices only (see the module docstring), and which records
     its per-forward aux loss and expert load for the engine's metrics."""
@@ -234,6 +241,7 @@ class ReferenceRouter(TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection)
         self.recorded_aux: list[torch.Tensor] = []  # this rank's share of each forward's aux loss
         self.recorded_load: list[torch.Tensor] = []  # assignments per expert on this rank's tokens
+        self.recorded_entropy: list[torch.Tensor] = []  # [routing entropy sum, tokens] per forward
 
     def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask: bool = False):
         coeff = self.get_aux_loss_coeff("aux_loss")
@@ -251,18 +259,24 @@ class ReferenceRouter(TopKRouter):
         aux = moe_utils.switch_load_balancing_loss_func(
             probs=scores_for_aux_loss, tokens_per_expert=first * self.topk, total_num_tokens=total_tokens,
             topk=self.topk, num_experts=self.config.num_moe_experts, moe_aux_loss_coeff=coeff)
+        # megatron adds the aux loss only where grad is enabled: once per micro-batch, in the forward or,
+        # under full recomputation (whose first forward runs without grad), in its rerun
         self.recorded_aux.append(aux.detach().float() / coeff)
         return self.attach_and_log_load_balancing_loss(probs, coeff, aux, "load_balancing_loss",
                                                        self.tp_cp_group, valid_token_count=local_tokens)
 
     def routing(self, logits: torch.Tensor, padding_mask=None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
-        self.recorded_load.append(routing_map.sum(0).detach().float())
+        if not _recomputing():
+            self.recorded_load.append(routing_map.sum(0).detach().float())
+            self.recorded_entropy.append(routing_entropy(logits, self.score_function))
         return probs, routing_map
 
-    def pop_records(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(sum of recorded aux losses, summed expert load) since the last call; clears the records."""
+    def pop_records(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(sum of recorded aux losses, summed expert load, [entropy sum, tokens]) since the last call;
+        clears the records."""
         aux = torch.stack(self.recorded_aux).sum() if self.recorded_aux else None
         load = torch.stack(self.recorded_load).sum(0) if self.recorded_load else None
-        self.recorded_aux, self.recorded_load = [], []
-        return aux, load
+        entropy = torch.stack(self.recorded_entropy).sum(0) if self.recorded_entropy else None
+        self.recorded_aux, self.recorded_load, self.recorded_entropy = [], [], []
+        return aux, load, entropy

@@ -55,11 +55,13 @@ def check_supported(cfg) -> bool:
 
 
 def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool = True,
-                       perform_initialization: bool = True, overlap_moe_comm: bool = False) -> TransformerConfig:
+                       perform_initialization: bool = True, overlap_moe_comm: bool = False,
+                       recompute: str = "none") -> TransformerConfig:
     """megatron TransformerConfig of reference config `cfg` under `layout`: bf16 compute and the
     all-to-all token dispatcher on GPU; fp32 and the all-gather dispatcher (no CUDA streams) on CPU,
     where megatron is only used by the single-process mapping tests. `overlap_moe_comm`: megatron's
-    EP all-to-all overlap (train.overlap_moe_comm; GPU only, megatron-core asserts bf16 and ep > 1)."""
+    EP all-to-all overlap (train.overlap_moe_comm; GPU only, megatron-core asserts bf16 and ep > 1).
+    `recompute`: train.recompute (see recompute_fields)."""
     moe = check_supported(cfg)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     kwargs = dict(
@@ -93,6 +95,7 @@ def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool
     # forward beside another's backward, layer by layer, dispatch/combine on a second stream); the engine's
     # forward step hands them GPTModel.build_schedule_plan instead of the forward output
     kwargs["overlap_moe_expert_parallel_comm"] = overlap_moe_comm
+    kwargs.update(recompute_fields(recompute))
     if moe:
         kwargs.update(
             num_moe_experts=cfg.num_experts, moe_router_topk=cfg.top_k, moe_ffn_hidden_size=cfg.moe_ffn_dim,
@@ -102,6 +105,20 @@ def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool
             moe_shared_expert_intermediate_size=(cfg.moe_ffn_dim * cfg.shared_experts or None))
         allow_moe_without_te()
     return TransformerConfig(**kwargs)
+
+
+def recompute_fields(recompute: str) -> dict:
+    """TransformerConfig fields of train.recompute. `selective`: megatron's core-attention recompute (our
+    SDPA / masked cores inside its SelfAttention; the Gated DeltaNet and Mamba2 mixers read the same switch
+    for their chunked cores, parallelism/megatron_hybrid.py `_LinearMixer._core`); `full`: every
+    TransformerLayer from its input, one layer per checkpoint."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    raise ValueError(f"train.recompute: got {recompute!r}; use none, selective or full")
 
 
 def _linear_mlp() -> MLPSubmodules:

@@ -7,9 +7,14 @@ Model (each assumption is also returned as text, so `raytron plan` prints what i
   keeps m and v (8 B) plus, under DeepSpeed ZeRO >= 1, its fp32 flat partition copy (4 B);
 - sharding over data parallel (dense: dp*cp ranks, experts: edp ranks): optimizer state from
   zero_stage 1 (Megatron: the distributed optimizer), gradients from 2, weights at 3;
-- activations: `layer_activation_elements` per token per layer (no recomputation), split over tp
-  (sequence parallel) and cp, bf16 on GPU; the first 1F1B stage holds min(pp, grad_accum) micro-batches
-  in flight (interleaving multiplies that by 1 + (pp-1)/(pp*vpp)); the last stage adds fp32 logits.
+- activations: `layer_activation_elements` per token per layer, split over tp (sequence parallel) and
+  cp, bf16 on GPU; the first 1F1B stage holds min(pp, grad_accum) micro-batches in flight (interleaving
+  multiplies that by 1 + (pp-1)/(pp*vpp)); the last stage adds fp32 logits. train.recompute: `full`
+  keeps one hidden state (dim elements per token) per recomputed unit boundary (megatron: each
+  TransformerLayer = mixer + ffn pair; deepspeed: each reference layer) and `selective` what
+  `selective_activation_elements` says, per micro-batch in flight; both add, once, what backward needs
+  beyond that while it rebuilds a unit (its activations, less the kept tensors of the units after it,
+  already freed); on the last stage that is not added to the logits' tensors, which backward frees first.
 Not included: CUDA context and NCCL buffers (~1-3 GiB per GPU), allocator fragmentation, temporary
 buffers of fused kernels, DeepSpeed's communication buckets.
 """
@@ -19,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .estimate import ModelStats, head_activation_elements, layer_activation_elements
+from .estimate import (ModelStats, head_activation_elements, layer_activation_elements,
+                       selective_activation_elements)
 from .layout import LINEAR_KINDS, ParallelLayout
 
 GiB = float(1 << 30)
@@ -109,8 +115,35 @@ def _in_flight(layout: ParallelLayout, stage: int) -> float:
     return flight
 
 
+def stage_activation_elements(cfg: Any, layers: list[int], stats: ModelStats, seq_len: int, *, dense_mask: bool,
+                              engine: str, recompute: str = "none") -> tuple[float, float]:
+    """(elements per token each micro-batch in flight keeps for the stage's `layers`, elements per token
+    more that backward needs while it rebuilds a recomputed unit) under train.recompute. Backward runs the
+    units last to first, so while unit i is rebuilt only units 0..i still hold their kept tensors."""
+    kinds = [stats.layers[i].kind for i in layers]
+    per = [layer_activation_elements(cfg, k, seq_len, dense_mask) for k in kinds]
+    if recompute == "none":
+        return sum(per), 0.0
+    if recompute == "full":
+        if engine == "megatron":  # one TransformerLayer = reference layers 2g, 2g + 1
+            rebuilt = [per[j] + (per[j + 1] if j + 1 < len(per) else 0.0) for j in range(0, len(per), 2)]
+        else:
+            rebuilt = per
+        kept = [float(cfg.dim)] * len(rebuilt)
+    elif recompute == "selective":
+        kept = [selective_activation_elements(cfg, k, seq_len, engine, dense_mask) for k in kinds]
+        rebuilt = [p - k for p, k in zip(per, kept)]
+    else:
+        raise ValueError(f"train.recompute: got {recompute!r}; use none, selective or full")
+    total, prefix, worst = sum(kept), 0.0, 0.0
+    for k, r in zip(kept, rebuilt):
+        prefix += k
+        worst = max(worst, prefix + r)
+    return total, max(0.0, worst - total)
+
+
 def estimate_memory(cfg: Any, stats: ModelStats, layout: ParallelLayout, *, seq_len: int, use_gpu: bool,
-                    engine: str) -> MemoryEstimate:
+                    engine: str, recompute: str = "none") -> MemoryEstimate:
     """Per-stage, per-GPU memory of training `cfg` under `layout` (see the module docstring)."""
     prec = precision_for(use_gpu, engine, layout.zero_stage)
     dense_shard, expert_shard = layout.dp * layout.cp, layout.edp
@@ -130,19 +163,31 @@ def estimate_memory(cfg: Any, stats: ModelStats, layout: ParallelLayout, *, seq_
                 return bytes_per * (dense_gpu / dense_shard + expert_gpu / expert_shard)
             return bytes_per * (dense_gpu + expert_gpu)
 
-        act = sum(layer_activation_elements(cfg, stats.layers[i].kind, seq_len, dense_mask=not use_gpu)
-                  for i in idx) / layout.tp
-        act_bytes = tokens * act * prec.activation * _in_flight(layout, stage)
-        if stage == layout.pp - 1:
+        kept, rebuilt = stage_activation_elements(cfg, idx, stats, seq_len, dense_mask=not use_gpu, engine=engine,
+                                                  recompute=recompute)
+        act_bytes = tokens * kept * _in_flight(layout, stage) * prec.activation / layout.tp
+        transient = tokens * rebuilt * prec.activation / layout.tp  # a recomputed unit, during backward
+        if stage == layout.pp - 1:  # the logits' tensors are freed before the layers' backward begins
             norm, logits = head_activation_elements(cfg)
-            act_bytes += tokens * (norm * prec.activation + logits * prec.logits) / layout.tp
+            transient = max(transient, tokens * (norm * prec.activation + logits * prec.logits) / layout.tp)
+        act_bytes += transient
         rows.append(StageMemory(stage, sharded(prec.weight, 3), sharded(prec.grad, 2),
                                 sharded(prec.optimizer, 1), act_bytes))
     has_linear = any(s.kind in LINEAR_KINDS for s in stats.layers)
-    return MemoryEstimate(tuple(rows), _assumptions(prec, layout, engine, has_linear))
+    return MemoryEstimate(tuple(rows), _assumptions(prec, layout, engine, has_linear, recompute))
 
 
-def _assumptions(prec: Precision, layout: ParallelLayout, engine: str, has_linear: bool) -> tuple[str, ...]:
+_RECOMPUTE_TEXT = {
+    "none": "no recomputation; per-layer elements per token from the reference model's saved tensors",
+    "selective": "selective recomputation (train.recompute): recomputed parts' tensors dropped per layer, "
+                 "plus one layer's rebuilt part live in backward",
+    "full": "full recomputation (train.recompute): one hidden state per layer boundary ({unit}), plus one "
+            "{unit}'s activations rebuilt in backward",
+}
+
+
+def _assumptions(prec: Precision, layout: ParallelLayout, engine: str, has_linear: bool,
+                 recompute: str = "none") -> tuple[str, ...]:
     shard = {0: "nothing sharded over DP", 1: "optimizer state sharded over DP",
              2: "optimizer state + gradients sharded over DP", 3: "optimizer, gradients and weights sharded over DP"}
     how = shard[layout.zero_stage]
@@ -151,8 +196,9 @@ def _assumptions(prec: Precision, layout: ParallelLayout, engine: str, has_linea
     return (
         f"precision: {prec.text}",
         f"sharding: zero_stage {layout.zero_stage}: {how}; experts over edp={layout.edp}, dense over dp*cp",
-        "activations: no recomputation; per-layer elements per token from the reference model's saved "
-        "tensors; split over tp (sequence parallel) and cp; 1F1B in-flight micro-batches on the first stage",
+        "activations: " + _RECOMPUTE_TEXT[recompute].format(
+            unit="megatron TransformerLayer" if engine == "megatron" else "reference layer")
+        + "; split over tp (sequence parallel) and cp; 1F1B in-flight micro-batches on the first stage",
         "logits: 3 vocab-sized fp32 tensors per token on the last stage (log-softmax, its gradient, logit grad)",
         "not included: CUDA context/NCCL buffers (~1-3 GiB), fragmentation, fused-kernel workspaces",
     ) + (("linear-sequence layers: the reference chunked form's saved tensors (an upper end: fused "

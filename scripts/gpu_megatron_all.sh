@@ -6,6 +6,9 @@
 # side, judged by pytest, all within SUITE_DEADLINE_S (default 580 s). Arguments go to gpu_suite.py
 # (e.g. --parts tests). Results under $OUT: suite.log, gpus.csv, bench.jsonl, timeline.json, summary.txt,
 # junit.xml, results.tar.gz (every raw record, log and JUnit file).
+# dense/3b's throughput and MFU on one H200, with activation recomputation (the 1-GPU bench runs only):
+#   run(command="bash scripts/gpu_megatron_all.sh --parts bench --one-gpu-args '--workloads dense-3b
+#       --recompute selective'", carry=[".whl"], kind="nvidia-h200", timeout_s=600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$PWD/benchmarks/results/local}

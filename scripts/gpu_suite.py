@@ -57,7 +57,7 @@ def torchrun(world: int, port: int, program: str, *args: str) -> list[str]:
 
 
 def bench_jobs(ngpu: int, res: Path, titan: str, wide_impls: str, wide_args: list[str],
-               one_alone: bool = False) -> list[Job]:
+               one_alone: bool = False, one_args: list[str] = ()) -> list[Job]:
     """The exclusive phase: the all-GPU runs one after the other (bench_throughput.py with `wide_impls` in one
     launch, then TorchTitan on its workloads `titan`, none when empty), then the 1-GPU runs side by side (or,
     `one_alone` or on a 1-GPU machine, one after another on GPU 0: every timed run alone on the machine).
@@ -78,7 +78,7 @@ def bench_jobs(ngpu: int, res: Path, titan: str, wide_impls: str, wide_args: lis
     for i, impl in enumerate(["raytron", "mcore_local"] + (["titan"] if titan else [])):
         gpu, out = (0 if one_alone else i % world), res / f"bench_{impl}_w1.jsonl"
         argv = (titan_argv(1, 29550 + i, out, titan) if impl == "titan"
-                else torchrun(1, 29550 + i, bench, "--impls", impl, "--out", str(out)))
+                else torchrun(1, 29550 + i, bench, "--impls", impl, "--out", str(out), *one_args))
         before = on_gpu.get(gpu, last)
         limit = titan_timeout(titan, 170) if impl == "titan" else 170
         jobs.append(Job(f"bench_{impl}_w1", argv, (gpu,), after=(before,) if before else (), timeout=limit,
@@ -242,6 +242,9 @@ def main() -> None:
     parser.add_argument("--titan-workloads", default="",
                         help="bench_torchtitan.py --workloads (default: dense-1b,moe-olmoe-4l,moe-olmoe-4l-ep1 with "
                              "--parts bench, ~100 s more than dense-1b alone, which is the default beside the tests)")
+    parser.add_argument("--one-gpu-args", default="",
+                        help="extra bench_throughput.py flags of the 1-GPU runs, e.g. "
+                             "'--workloads dense-3b --recompute selective' (dense/3b on one H200)")
     parser.add_argument("--one-gpu-alone", action="store_true",
                         help="the 1-GPU bench runs one after another, each alone on the machine (not side by side)")
     args = parser.parse_args()
@@ -258,7 +261,8 @@ def main() -> None:
     if not titan:
         print("[suite] TorchTitan not installed in /tmp/site_titan (wheels in .whl/titan/): not benchmarked")
     wide_impls = args.wide_impls or default_wide_impls(parts)
-    jobs = (bench_jobs(ngpu, res, titan, wide_impls, args.wide_args.split(), args.one_gpu_alone)
+    jobs = (bench_jobs(ngpu, res, titan, wide_impls, args.wide_args.split(), args.one_gpu_alone,
+                       args.one_gpu_args.split())
             if "bench" in parts else [])
     bench = tuple(j.name for j in jobs)
     jobs += test_jobs(ngpu, res, bench) if "tests" in parts else []

@@ -19,6 +19,12 @@ causal attention counts S/2 keys per query, logits counted, MoE counts the route
 experts). Peak GPU memory is torch.cuda.max_memory_allocated on rank 0.
 
     torchrun --nproc_per_node=4 benchmarks/megatron/bench_throughput.py --out bench.jsonl
+
+dense/3b on one H200 (not in the default --workloads: about a minute more, and 80 GB GPUs do not hold it at
+its micro-batch), raytron only, with activation recomputation (train.recompute):
+
+    torchrun --nproc_per_node=1 benchmarks/megatron/bench_throughput.py --impls raytron --workloads dense-3b \
+        --recompute selective --out bench.jsonl
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ import torch
 import torch.distributed as dist
 
 from raytron import models
+from raytron.launcher.metrics import device_peak_flops
 from raytron.parallelism.layout import ParallelLayout
 
-PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
+PEAK_FLOPS = device_peak_flops("H200")  # H100/H200 SXM dense bf16
 SEQ = 4096
 MOE_OVERRIDES = {"num_layers": 4}  # moe/olmoe at 1/4 depth: 64 experts top-8, hidden 2048 (fits one GPU)
 
@@ -48,13 +55,17 @@ WORKLOADS = {
     "moe-olmoe-4l": ("moe", "olmoe", MOE_OVERRIDES, {1: {}, 2: {"dp": 2, "ep": 2}, 4: {"dp": 4, "ep": 4}}),
     # the same model with experts replicated (EP 1): data parallelism only, for the scaling comparison
     "moe-olmoe-4l-ep1": ("moe", "olmoe", MOE_OVERRIDES, {2: {"dp": 2}, 4: {"dp": 4}}),
+    "dense-3b": ("dense", "3b", {}, {1: {}}),  # one H200 (cluster_configs/dense_3b_1gpu.yaml), opt-in
 }
-ONLY_FOR = {"moe-olmoe-4l-ep1": ("raytron",)}  # raytron's own scaling comparison; no mcore_local run of it
+DEFAULT_WORKLOADS = ("dense-1b", "moe-olmoe-4l", "moe-olmoe-4l-ep1")
+ONLY_FOR = {"moe-olmoe-4l-ep1": ("raytron",),  # raytron's own scaling comparison; no mcore_local run of it
+            "dense-3b": ("raytron",)}
 SEQS_PER_RANK = 32  # sequences per DP rank per optimizer step (131k tokens; 524k on 4 GPUs)
 MICRO_BATCH = {("raytron", "dense-1b"): 8, ("raytron", "moe-olmoe-4l"): 4,  # the fastest that fit 80 GB
                ("raytron", "moe-olmoe-4l-ep1"): 4,
                ("mcore_local", "dense-1b"): 1, ("mcore_local", "moe-olmoe-4l"): 1,  # local spec OOMs at 2
-               ("mcore_local", "moe-olmoe-4l-ep1"): 1}
+               ("mcore_local", "moe-olmoe-4l-ep1"): 1,
+               ("raytron", "dense-3b"): 4}  # 141 GB H200 with recompute selective (plan: 107 GiB)
 # EP4 holds a quarter of the experts per GPU: micro-batch 8 fits (32 GiB peak on H200) and is the fastest
 # there with train.overlap_moe_comm (4x H200: mb 2 126.4k, mb 4 ~134k, mb 8 139.8k tok/s/GPU;
 # mb 8 without the overlap 130.9k); at 1 GPU mb 8 needs ~100 GiB, over 80 GB.
@@ -62,7 +73,8 @@ MICRO_BATCH_AT_WORLD = {("raytron", "moe-olmoe-4l", 4): 8}
 
 
 def micro_batch(impl: str, workload: str, world: int) -> int:
-    """The fastest micro-batch that fits an 80 GB GPU for this implementation, workload and world size."""
+    """The fastest micro-batch that fits an 80 GB GPU (dense-3b: a 141 GB H200) for this implementation,
+    workload and world size."""
     return MICRO_BATCH_AT_WORLD.get((impl, workload, world), MICRO_BATCH[(impl, workload)])
 STEPS = {"raytron": (2, 5), "mcore_local": (1, 1)}  # (warm-up, timed) optimizer steps; mcore_local: 32 micro-batches a step, slow
 
@@ -123,10 +135,12 @@ def megatron_as_shipped():
          mlp.bias_swiglu_impl) = saved_kernels
 
 
-def make_spec(family, flavor, overrides, gbs, mbs, overlap: bool = False, overlap_moe: bool = False):
+def make_spec(family, flavor, overrides, gbs, mbs, overlap: bool = False, overlap_moe: bool = False,
+              recompute: str = "none"):
     train = SimpleNamespace(seed=1234, seq_len=SEQ, lr=3e-4, min_lr=3e-4, warmup_steps=0, steps=10**6,
                             weight_decay=0.1, grad_clip=1.0, aux_loss_coef=0.01, global_batch_size=gbs,
-                            micro_batch_size=mbs, overlap_grad_reduce=overlap, overlap_moe_comm=overlap_moe)
+                            micro_batch_size=mbs, overlap_grad_reduce=overlap, overlap_moe_comm=overlap_moe,
+                            recompute=recompute)
     return SimpleNamespace(model=SimpleNamespace(family=family, flavor=flavor, overrides=overrides), train=train,
                            resources=SimpleNamespace(use_gpu=True))
 
@@ -226,7 +240,7 @@ def write_record(rec: dict, out: str) -> None:
 
 def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, timed: int,
                batching: int | None = None, profile_dir: str | None = None, overlap: bool = False,
-               overlap_moe: bool = False) -> dict:
+               overlap_moe: bool = False, recompute: str = "none") -> dict:
     from megatron.core import parallel_state
 
     family, flavor, overrides, by_world = WORKLOADS[workload]
@@ -234,14 +248,14 @@ def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, tim
     warmup, timed = (warmup, timed) if warmup >= 0 else STEPS[impl]
     fields = {"dp": 1, **by_world[world]}
     rec = base_record(impl, workload, (family, flavor, overrides), world, fields, mbs)
-    rec["overlap_grad_reduce"] = overlap
+    rec["overlap_grad_reduce"], rec["recompute"] = overlap, recompute
     rec["overlap_moe_comm"] = overlap_moe = overlap_moe and fields.get("ep", 1) > 1  # the engine refuses it at ep 1
     gbs, flops = rec["global_batch"], rec["flops_per_token"]
     try:
         with megatron_as_shipped() if impl == "mcore_local" else contextlib.nullcontext():
             layout = ParallelLayout(world_size=world, micro_batch_size=mbs, global_batch_size=gbs, **fields)
             path = profile_dir and f"{profile_dir}/profile_{impl}_{workload}_w{world}_mb{mbs}.txt"
-            spec = make_spec(family, flavor, overrides, gbs, mbs, overlap, overlap_moe)
+            spec = make_spec(family, flavor, overrides, gbs, mbs, overlap, overlap_moe, recompute)
             rec.update(_train_and_time(spec, layout, rank, warmup, timed, path))
         rec["mfu"] = rec["tokens_per_s_per_gpu"] * flops / PEAK_FLOPS
     except Exception as exc:  # recorded (e.g. out of memory); the other configs still run
@@ -265,7 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--impls", default="raytron,mcore_local")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS), help=f"of {', '.join(WORKLOADS)}")
     parser.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default: STEPS per impl)")
     parser.add_argument("--timed", type=int, default=-1, help="timed steps (default: STEPS per impl)")
     parser.add_argument("--micro-batch", type=int, default=0,
@@ -276,6 +290,8 @@ def main() -> None:
     parser.add_argument("--overlap-moe-comm", action="store_true",
                         help="train.overlap_moe_comm for raytron where the layout has ep > 1 (EP all-to-all hidden "
                              "behind another micro-batch's compute; set CUDA_DEVICE_MAX_CONNECTIONS > 1)")
+    parser.add_argument("--recompute", default="none", choices=("none", "selective", "full"),
+                        help="train.recompute for raytron (activation recomputation)")
     args = parser.parse_args()
     unknown = sorted(set(args.workloads.split(",")) - set(WORKLOADS)) + sorted(set(args.impls.split(",")) - set(STEPS))
     if unknown:
@@ -287,7 +303,8 @@ def main() -> None:
     for workload, impl in planned_runs(args.impls.split(","), args.workloads.split(","), world):
         rec = run_config(impl, workload, rank, world, args.warmup, args.timed, batching, args.profile or None,
                          args.overlap_grad_reduce and impl == "raytron",
-                         overlap_moe=args.overlap_moe_comm and impl == "raytron")
+                         overlap_moe=args.overlap_moe_comm and impl == "raytron",
+                         recompute=args.recompute if impl == "raytron" else "none")
         if rank == 0:
             write_record(rec, args.out)
         dist.barrier()

@@ -77,6 +77,18 @@ def test_megatron_bench_runs_mcore_local_at_every_world_but_not_raytrons_ep1_var
         ("dense-1b", "mcore_local"), ("moe-olmoe-4l", "mcore_local")]
 
 
+def test_dense_3b_is_an_opt_in_one_gpu_raytron_workload_with_recompute():
+    """bench_throughput.py --workloads dense-3b --recompute selective: raytron alone, on one GPU, not in the
+    default set (the suite's runs stay as they were); the spec the engine gets carries train.recompute."""
+    bt = bench.bt
+    assert "dense-3b" not in bt.DEFAULT_WORKLOADS and set(bt.DEFAULT_WORKLOADS) < set(bt.WORKLOADS)
+    assert bt.planned_runs(["raytron", "mcore_local"], ["dense-3b"], 1) == [("dense-3b", "raytron")]
+    assert bt.planned_runs(["raytron"], ["dense-3b"], 4) == []
+    assert bt.make_spec("dense", "3b", {}, 32, bt.micro_batch("raytron", "dense-3b", 1),
+                        recompute="selective").train.recompute == "selective"
+    assert bt.make_spec("dense", "1b", {}, 32, 8).train.recompute == "none"
+
+
 def test_moe_olmoe_4l_maps_to_qwen3_moe_arguments():
     shape = bench.qwen3_moe_shape(models.get_config("moe", "olmoe", **bench.bt.MOE_OVERRIDES))
     assert shape == {"dim": 2048, "n_layers": 4, "n_heads": 16, "n_kv_heads": 16, "head_dim": 128,

@@ -23,6 +23,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "cluster_configs"
     ("local_debug.yaml", ["train.overlap_grad_reduce=true"], "train.overlap_grad_reduce"),  # deepspeed engine
     ("dense_1b_8gpu.yaml", ["train.overlap_grad_reduce=true", "layout.pp=2", "layout.tp=2", "layout.dp=null"],
      "train.overlap_grad_reduce"),  # megatron with pp > 1
+    ("moe_olmoe_8gpu.yaml", ["train.recompute=full"], "train.recompute"),  # megatron refuses it with overlap_moe_comm
 ])
 def test_runnable_validation_names_the_gap(config, overrides, field):
     spec = load_spec(str(CONFIGS / config), overrides)

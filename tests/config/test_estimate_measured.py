@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from raytron import models
+from raytron.parallelism.deepspeed_engine import apply_recompute
 from raytron.parallelism.estimate import flops_per_token, model_stats
 from raytron.parallelism.layout import ParallelLayout
 from raytron.parallelism.memory import estimate_memory
@@ -78,20 +79,24 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("family, flavor, batch, seq, overrides", CASES, ids=IDS)
-def test_memory_estimate_matches_measured_peak(family, flavor, batch, seq, overrides):
+def test_memory_estimate_matches_measured_peak(family, flavor, batch, seq, overrides, recompute):
+    """Also under train.recompute, applied to the reference model as the deepspeed engine applies it."""
     cfg = models.get_config(family, flavor, **overrides)
     torch.manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
     with LiveTensorBytes() as mem:
         model = models.Transformer(cfg)
+        apply_recompute(model, recompute)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
         for _ in range(2):
             _loss(model, tokens).backward()
             opt.step()
             opt.zero_grad(set_to_none=False)
     layout = ParallelLayout(world_size=1, micro_batch_size=batch, global_batch_size=batch)
-    est = estimate_memory(cfg, model_stats(cfg), layout, seq_len=seq, use_gpu=False, engine="deepspeed").worst
+    est = estimate_memory(cfg, model_stats(cfg), layout, seq_len=seq, use_gpu=False, engine="deepspeed",
+                          recompute=recompute).worst
     assert abs(est.total - mem.peak) / mem.peak < 0.25, (
         f"estimate {est.total / 2**20:.2f} MiB vs measured peak {mem.peak / 2**20:.2f} MiB ({est})")
 

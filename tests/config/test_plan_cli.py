@@ -18,7 +18,7 @@ from raytron.launcher import plan
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_CONFIGS = sorted((REPO / "cluster_configs").glob("*.yaml"))
-REALISTIC = ["dense_1b_8gpu.yaml", "moe_olmoe_8gpu.yaml", "hybrid_moe_32gpu.yaml"]
+REALISTIC = ["dense_1b_8gpu.yaml", "moe_olmoe_8gpu.yaml", "hybrid_moe_32gpu.yaml", "dense_3b_1gpu.yaml"]
 
 
 def run_plan(config: str, *overrides: str) -> tuple[int, str, str]:
@@ -49,6 +49,39 @@ def test_cluster_config_plans(path):
         computed = float(re.search(r"peak\s+([0-9.]+) GiB on stage", out).group(1))
         assert abs(float(written.group(1)) - computed) < 0.011, (
             f"{path.name} says {written.group(1)} GiB, plan computes {computed:.2f}: update the comment")
+
+
+@pytest.mark.parametrize("config", ["dense_1b_8gpu.yaml", "dense_3b_1gpu.yaml", "hybrid_moe_32gpu.yaml",
+                                    "local_debug.yaml"])
+def test_recompute_lowers_the_estimate_and_says_so(config):
+    """train.recompute: activations and peak drop from none to selective to full (full far below: one hidden
+    state per layer boundary), weights and optimizer state stay; the printed assumption names the mode."""
+    peaks, acts = {}, {}
+    for mode in ("none", "selective", "full"):
+        code, out, err = run_plan(str(REPO / "cluster_configs" / config), f"train.recompute={mode}")
+        assert code == 0, err
+        rows = re.findall(r"^\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", out, re.M)
+        acts[mode] = max(float(r[4]) for r in rows)
+        peaks[mode] = float(re.search(r"peak\s+([0-9.]+) \w+ on stage", out).group(1))
+        assert {"none": "no recomputation", "selective": "selective recomputation",
+                "full": "full recomputation"}[mode] in out
+    assert peaks["none"] > peaks["selective"] > peaks["full"], peaks
+    assert acts["none"] > acts["selective"] > acts["full"] and acts["full"] < acts["none"] / 2, acts
+
+
+def test_dense_3b_fits_one_h200():
+    """dense/3b: ~3.0 B parameters, and its 1-GPU config's estimate leaves room in an H200's 141 GB for the
+    CUDA context and fragmentation, where the next micro-batch size would not fit."""
+    from raytron import models
+
+    total, _ = models.param_counts(models.get_config("dense", "3b"))
+    assert 2.9e9 < total < 3.3e9
+    h200 = 141e9 / 2**30
+    config = str(REPO / "cluster_configs" / "dense_3b_1gpu.yaml")
+    _, out, _ = run_plan(config)
+    assert float(re.search(r"peak\s+([0-9.]+) GiB", out).group(1)) < h200 - 10
+    _, out, _ = run_plan(config, "train.micro_batch_size=8")
+    assert float(re.search(r"peak\s+([0-9.]+) GiB", out).group(1)) > h200
 
 
 def test_invalid_config_exits_2_naming_field(tmp_path):

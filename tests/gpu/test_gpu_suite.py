@@ -173,6 +173,14 @@ def test_on_one_gpu_the_bench_part_runs_the_one_gpu_runs_in_turn(tmp_path):
         ("bench_titan_w1", (0,), ("bench_mcore_local_w1",))]
 
 
+def test_one_gpu_args_reach_the_one_gpu_bench_runs_only(tmp_path):
+    """--one-gpu-args '--workloads dense-3b --recompute selective': dense/3b on one H200 through the suite."""
+    extra = ["--workloads", "dense-3b", "--recompute", "selective"]
+    bench = {j.name: j for j in suite.bench_jobs(2, tmp_path, "", "raytron", [], one_args=extra)}
+    assert bench["bench_raytron_w1"].argv[-4:] == extra and bench["bench_mcore_local_w1"].argv[-4:] == extra
+    assert not set(extra) & set(bench["bench_megatron_w2"].argv)
+
+
 def test_each_call_starts_from_an_empty_records_folder(tmp_path):
     """A warm device machine keeps /tmp between calls: records an earlier call left must not be judged or
     benchmarked as this call's."""

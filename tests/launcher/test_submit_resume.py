@@ -82,6 +82,26 @@ def test_tensorboard_scalars_match_metrics(runs):
     assert sorted(resumed) == list(range(1, 2 * n + 1)), "resumed run's TensorBoard steps never repeat"
 
 
+def test_tensorboard_has_mfu_memory_and_router_scalars(runs):
+    """Every logged step carries achieved model FLOP/s, peak memory and the MoE router statistics; on CPU
+    MFU itself is absent (no device peak), in TensorBoard and as null in metrics.jsonl."""
+    import math
+
+    root, n, _ = runs
+    scalars = tb_scalars(root / "straight")
+    steps = list(range(1, 2 * n + 1))
+    for tag in ("model_tflops_per_device", "memory/rss_peak_gib", "moe/router_entropy", "moe/load_max_over_mean"):
+        assert sorted(scalars.get(tag, {})) == steps, f"TensorBoard scalar {tag} not logged at every step"
+        assert all(math.isfinite(v) and v > 0 for v in scalars[tag].values()), (tag, scalars[tag])
+    assert "mfu" not in scalars
+    assert all(0 < v <= math.log(4) + 1e-6 for v in scalars["moe/router_entropy"].values())  # 4 experts
+    assert all(1 <= v <= 4 for v in scalars["moe/load_max_over_mean"].values())
+    records = [json.loads(line) for line in (root / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mfu"] is None and r["memory/rss_peak_gib"] > 0.05 for r in records)
+    for r in records:  # the logged balance ratio is the logged expert load's
+        assert r["moe/load_max_over_mean"] == pytest.approx(max(r["expert_load"]) * 4 / sum(r["expert_load"]))
+
+
 def copy_run(root: Path, name: str) -> Path:
     """A copy of the finished 'straight' run (committed steps 4 and 6) under another name."""
     shutil.copytree(root / "straight", root / name)

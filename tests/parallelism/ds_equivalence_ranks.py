@@ -42,3 +42,41 @@ def deepspeed_losses(rank: int, world: int, ep: int, zero_stage: int, out: str) 
         records.append({"loss": m.loss, "aux_loss": m.aux_loss, "grad_norm": m.grad_norm})
     if rank == 0:
         write_json(out, records)
+
+
+def recompute_gradients(rank: int, world: int, family: str, ep: int, out: str) -> None:
+    """One forward/backward of the deepspeed engine per train.recompute mode, same weights and batch:
+    rank 0 writes {mode: {"loss": ..., "saved": elements saved for backward, "grads": {name: [values]}}}
+    (gradients after the DP all-reduce)."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    torch.set_num_threads(1)
+    from raytron.launcher.spec import spec_from_dict
+    from raytron.launcher.validate import validate_job
+    from raytron.parallelism.deepspeed_engine import DeepSpeedEngine
+
+    per_rank = GBS // world
+    mine = batch()[rank * per_rank:rank * per_rank + MBS]
+    results = {}
+    for mode in ("none", "selective", "full"):
+        spec = spec_from_dict({
+            "name": "rc", "checkpoint": {"uri": "/tmp/unused"}, "model": {"family": family},
+            "train": {"steps": 10, "seq_len": SEQ, "micro_batch_size": MBS, "global_batch_size": MBS * world,
+                      "lr": 1e-3, "recompute": mode},
+            "data": {"sources": [{"uri": "builtin://python-stdlib"}]},
+            "layout": {"ep": ep, "zero_stage": 0}, "resources": {"workers": world}})
+        engine = DeepSpeedEngine(spec, validate_job(spec), rank, world)
+        engine.engine.train()
+        saved = [0]  # elements autograd keeps for backward outside any checkpointed region
+
+        def pack(t):
+            saved[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lm, aux = engine._forward_loss(mine)
+        engine.engine.backward(lm + spec.train.aux_loss_coef * aux)
+        results[mode] = {"loss": [float(lm), float(aux)], "saved": saved[0],
+                         "grads": {n: p.grad.flatten().tolist() for n, p in engine.module.named_parameters()
+                                   if p.grad is not None}}
+    if rank == 0:
+        write_json(out, results)

@@ -17,6 +17,8 @@ device="cuda" scalars on the CPU; the CUDA RNG tracker's `fork` is a no-op (drop
 there is no randomness to track). For train.overlap_moe_comm cases also `_cpu_stream_shims`: CUDA streams,
 events and NVTX ranges are no-ops (one CPU stream runs everything in program order, so this proves the
 schedule's arithmetic, not its stream synchronization) and the all-to-all dispatcher is used as on GPU.
+For train.recompute cases `_cpu_rng_shims`: megatron's checkpoint saves and restores the CUDA RNG state,
+which is a no-op here (no dropout, nothing random to replay).
 """
 
 from __future__ import annotations
@@ -103,7 +105,16 @@ def _cpu_stream_shims() -> None:
     torch.Tensor.record_stream = lambda self, stream: None
 
 
-def cpu_engine(family: str, overrides: dict, layout, overlap: str = "", overlap_moe: bool = False):
+def _cpu_rng_shims() -> None:
+    """See the module docstring."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: None
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
+def cpu_engine(family: str, overrides: dict, layout, overlap: str = "", overlap_moe: bool = False,
+               recompute: str = "none"):
     """A MegatronEngine on CPU (see the module docstring): megatron's groups for `layout`, the reference's
     weights in this rank's chunks, chunks wrapped in megatron DDP; no optimizer. `overlap`: "" (off) or
     "wired" (overlap_grad_reduce, with the engine's attach_grad_sync). `overlap_moe`: train.overlap_moe_comm,
@@ -131,7 +142,7 @@ def cpu_engine(family: str, overrides: dict, layout, overlap: str = "", overlap_
     engine.spec = SimpleNamespace(model=SimpleNamespace(family=family, flavor="debug", overrides=overrides),
                                   train=SimpleNamespace(seq_len=SEQ, aux_loss_coef=AUX_COEF))
     engine.model_cfg = models.get_config(family, "debug", **overrides)
-    tcfg = transformer_config(engine.model_cfg, layout, aux_loss_coef=AUX_COEF, on_gpu=False)
+    tcfg = transformer_config(engine.model_cfg, layout, aux_loss_coef=AUX_COEF, on_gpu=False, recompute=recompute)
     if overlap_moe:
         _cpu_stream_shims()
         tcfg.moe_token_dispatcher_type, tcfg.overlap_moe_expert_parallel_comm = "alltoall", True
@@ -298,6 +309,83 @@ def step_matches_reference(rank: int, world: int, cases: list, out: str) -> None
     torch.set_num_threads(1)
     _cpu_shims()
     results = [_one_case(rank, world, family, overrides, fields) for family, overrides, fields in cases]
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.barrier()
+
+
+def reference_router_stats(family: str, overrides: dict) -> list:
+    """[aux loss (mean over micro-batches of the per-layer sum), expert load fractions, token-mean routing
+    entropy computed from the reference routers' probabilities] of the reference model over the global batch
+    (the order of MegatronEngine._router_stats)."""
+    from raytron import models
+    from raytron.models.moe import MoE, Router
+
+    torch.manual_seed(SEED)
+    model = models.build(family, "debug", **overrides)
+    entropy, load, aux = [0.0, 0], 0, 0.0
+
+    def on_route(module, inputs, output):
+        probs = output[2]
+        entropy[0] += float(-(probs * probs.log()).sum())
+        entropy[1] += probs.shape[0]
+
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.register_forward_hook(on_route)
+    micro = global_batch(model.cfg.vocab_size).split(MICRO)
+    with torch.no_grad():
+        for mb in micro:
+            model(mb[:, :-1])
+            aux += float(torch.stack(model.aux_losses()).sum())
+            load = load + sum(m.last_load.double() for m in model.modules() if isinstance(m, MoE))
+    return [aux / len(micro), (load / load.sum()).tolist(), entropy[0] / entropy[1]]
+
+
+def recompute_matches_none(rank: int, world: int, cases: list, out: str) -> None:
+    """For each (family, model overrides, layout fields): one forward/backward per train.recompute mode on the
+    same weights and batch; rank 0 writes per case {mode: [loss, worst |grad - grad without recompute|
+    over every rank's parameters, parameters compared, elements rank 0 saved for backward, and the engine's
+    _router_stats: aux loss, expert load, routing entropy]}, and for MoE "reference": reference_router_stats.
+    Layout field "overlap_moe": train.overlap_moe_comm (no `full` then: megatron-core refuses it)."""
+    from raytron.parallelism.layout import ParallelLayout
+    from raytron.parallelism.megatron_modules import ReferenceRouter
+
+    torch.set_num_threads(1)
+    _cpu_shims()
+    _cpu_rng_shims()
+    results = []
+    for family, overrides, fields in cases:
+        fields = dict(fields)
+        overlap_moe = fields.pop("overlap_moe", False)  # megatron-core refuses full recompute with it
+        dp = world // (fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1))
+        layout = ParallelLayout(world_size=world, micro_batch_size=MICRO, global_batch_size=GLOBAL,
+                                **{"dp": dp, **fields})
+        dp_rank, ga = layout.coords(rank)["dp"], layout.grad_accum
+        grads, case = {}, {}
+        for mode in ("none", "selective") if overlap_moe else ("none", "selective", "full"):
+            engine = cpu_engine(family, overrides, layout, overlap_moe=overlap_moe, recompute=mode)
+            micro = global_batch(engine.model_cfg.vocab_size).split(MICRO)
+            saved = [0]  # elements the forwards keep for backward outside checkpointed regions
+
+            def pack(t, saved=saved):
+                if torch._C._current_graph_task_id() == -1:  # not a backward's recomputation
+                    saved[0] += t.numel()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                outputs = engine._run(list(micro[dp_rank * ga:(dp_rank + 1) * ga]), forward_only=False)
+            loss = engine._mean_lm_loss(outputs)
+            grads[mode] = {f"{i}.{n}": p.main_grad.clone() for i, c in enumerate(engine.chunks)
+                           for n, p in engine._master_params(c)}
+            worst = max(float((grads[mode][n] - g).abs().max()) for n, g in grads["none"].items())
+            stats = torch.tensor([worst], dtype=torch.float64)
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            engine.routers = [m for c in engine.chunks for m in c.modules() if isinstance(m, ReferenceRouter)]
+            case[mode] = [loss, float(stats[0]), len(grads[mode]), saved[0], *engine._router_stats(ga)]
+        if engine.routers:
+            case["reference"] = reference_router_stats(family, overrides)
+        results.append(case)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.barrier()

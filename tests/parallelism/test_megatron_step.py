@@ -123,6 +123,48 @@ def test_without_overlap_reductions_start_at_finalize(results):
     launched = results["dense-DP2"]["launched_early"]
     assert launched and not any(launched), launched
 
+RECOMPUTE_CASES = {  # train.recompute: megatron's core-attention / MLP / full-layer checkpointing and ours
+    "hybrid-TP2": ("hybrid", {}, {"tp": 2}),  # GDN and Mamba2 cores, SDPA and masked attention cores, MLPs
+    "moe-EP2": ("moe", {}, {"ep": 2}),  # MoE layers recomputed whole under `full`
+    # core attention recomputed inside the schedule plan's attention node (train.overlap_moe_comm; last:
+    # its CUDA stream shims stay installed in the rank processes)
+    "moe-EP2-overlap-moe": ("moe", {}, {"ep": 2, "overlap_moe": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def recompute_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("megatron_recompute") / "results.json"
+    spawn_ranks(megatron_cpu_schedule.recompute_matches_none, 2, list(RECOMPUTE_CASES.values()), str(out), timeout=500)
+    return dict(zip(RECOMPUTE_CASES, json.loads(out.read_text())))
+
+
+@pytest.mark.parametrize("case", list(RECOMPUTE_CASES))
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_keeps_loss_and_gradients(recompute_results, case, mode):
+    if mode not in recompute_results[case]:
+        pytest.skip("megatron-core refuses full recomputation with train.overlap_moe_comm (engine_gaps too)")
+    base, got = recompute_results[case]["none"], recompute_results[case][mode]
+    assert got[2] == base[2] > 10
+    assert abs(got[0] - base[0]) <= 1e-6, f"{case} recompute={mode}: loss {got[0]} vs {base[0]}"
+    assert got[1] <= 1e-6, f"{case} recompute={mode}: gradients differ by up to {got[1]}"
+    saved = [r[3] for m, r in recompute_results[case].items() if m != "reference"]  # none, selective[, full]
+    assert saved == sorted(saved, reverse=True) and len(set(saved)) == len(saved), (
+        f"{case}: elements kept for backward (none, selective, full) {saved}")
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_router_statistics_match_reference(recompute_results, mode):
+    """MegatronEngine._router_stats over both ranks equals the reference routers' statistics on the global
+    batch: aux loss, routing entropy (recomputed here from the reference's probabilities) and expert load;
+    a router rerun by full recomputation in backward does not count twice."""
+    aux, load, entropy = recompute_results["moe-EP2"][mode][4:]
+    ref_aux, ref_load, ref_entropy = recompute_results["moe-EP2"]["reference"]
+    assert entropy == pytest.approx(ref_entropy, rel=1e-5) and 0 < entropy < 1.3863  # below log(4 experts)
+    assert aux == pytest.approx(ref_aux, rel=1e-5)
+    assert load == pytest.approx(ref_load, abs=1e-9)
+
+
 @pytest.mark.parametrize("case", ["dense-PP2v2", "moe-PP2v2"])
 def test_interleaved_chunks_hold_the_interleaved_layers(results, case):
     """Chunk v of pipeline rank p holds blocks [(v*pp + p) * n, ...) with n = blocks / (pp*vpp): megatron's
