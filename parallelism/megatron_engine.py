@@ -103,7 +103,12 @@ class MegatronEngine:
                                        perform_initialization=True,
                                        overlap_moe_comm=bool(getattr(spec.train, "overlap_moe_comm", False)))
         model_parallel_cuda_manual_seed(spec.train.seed)
-        chunks = build_model_chunks(self.model_cfg, self.tcfg, spec.train.seq_len)
+        precision = getattr(spec.train, "precision", "bf16")
+        if precision == "fp8":
+            from ..ops.fp8 import check_fast_path
+
+            check_fast_path(self.device)  # plan cannot see the GPUs: refuse pre-Ada ones before building
+        chunks = build_model_chunks(self.model_cfg, self.tcfg, spec.train.seq_len, precision)
         self.pieces = [chunk_pieces(self.model_cfg, chunk_coords(c, layout)) for c in chunks]
         if init_from_reference:
             torch.manual_seed(spec.train.seed)  # identical reference weights on every rank
