@@ -33,3 +33,22 @@ def test_fp8_linear_with_comm_matches_fp8_linear(fused):
         assert w.grad_added_to_main_grad and w.grad.shape == w.shape
     else:
         torch.testing.assert_close(w.grad, wr.grad, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_fp8_column_parallel_under_tp2(tmp_path):
+    """Two gloo ranks: the sequence-parallel all-gather / reduce-scatter and the dgrad all-reduce around
+    the FP8 GEMMs give each rank exactly its shard of the single-process FP8 computation."""
+    import json
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    sys.path[:0] = [str(here), str(here.parent / "checkpoint")]
+    import megatron_fp8_ranks
+    from ckpt_helpers import spawn_ranks
+
+    out = tmp_path / "errors.json"
+    spawn_ranks(megatron_fp8_ranks.column_parallel, 2, str(out))
+    for mode, err in json.loads(out.read_text()).items():
+        assert err["y"] < 1e-6 and err["dx"] < 1e-6 * err["dx_scale"], (mode, err)
