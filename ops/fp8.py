@@ -23,7 +23,8 @@ multiple of 16. Quantisation emits both the row-major tensor and its transpose i
 Grouped experts (`fp8_segment_mm`): torch 2.11's `_scaled_grouped_mm` on Hopper takes e4m3 operands
 with rowwise fp32 scales only, so the forward and dgrad quantise per row (per token, per expert output
 or input channel) in e4m3; the weight gradient (ragged token reduction per expert) stays a bf16 grouped
-GEMM, like the rest of the backward of ops/moe.py's grouped path.
+GEMM, like the rest of the backward of ops/moe.py's grouped path. Where the grouped kernel does not exist
+(Ada, compute capability 8.9) the same rowwise GEMMs run as one torch._scaled_mm per expert.
 
 Implementations: "scaled_mm" (the fast path; CUDA with compute capability >= 8.9, refused elsewhere on
 CUDA) and "reference" (same quantised tensors and scales, dequantised and multiplied in fp32): the CPU
@@ -170,15 +171,28 @@ def _segments(offsets: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(ends[:-1], ends[1:]))
 
 
+def grouped_kernel_available(device: torch.device) -> bool:
+    """torch._scaled_grouped_mm's rowwise FP8 kernel exists for compute capability 9.x / 10.x only."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
 def grouped_gemm(a8, a_inv, b8, b_inv, offsets, out_dtype: torch.dtype, impl: str,
                  fast_accum: bool = False) -> torch.Tensor:
     """Rows of segment e of a [rows, K] (row-major, 1/scale per row) times b[e] ([E, K, N] column-major,
-    1/scale per (e, column)) -> [rows, N] in out_dtype (bf16 on the fast path)."""
-    if impl == "scaled_mm":
+    1/scale per (e, column)) -> [rows, N] in out_dtype (bf16 on the fast paths). impl 'scaled_mm': one
+    grouped kernel where it exists, else (Ada) the per-expert loop; 'scaled_mm_loop': one rowwise
+    torch._scaled_mm per non-empty expert (a host sync for the segment bounds)."""
+    if impl == "scaled_mm" and grouped_kernel_available(a8.device):
         return torch._scaled_grouped_mm(a8, b8, a_inv, b_inv, offs=offsets, out_dtype=out_dtype,
                                         use_fast_accum=fast_accum)
+    if impl in ("scaled_mm", "scaled_mm_loop"):
+        parts = [torch._scaled_mm(a8[lo:hi], b8[e], scale_a=a_inv[lo:hi, None], scale_b=b_inv[e, None, :],
+                                  out_dtype=out_dtype, use_fast_accum=fast_accum)
+                 for e, (lo, hi) in enumerate(_segments(offsets)) if hi > lo]
+        return torch.cat(parts, dim=0) if parts else a8.new_empty((0, b8.shape[-1]), dtype=out_dtype)
     if impl != "reference":
-        raise ValueError(f"FP8 grouped gemm: impl must be 'scaled_mm' or 'reference', got {impl!r}")
+        raise ValueError(f"FP8 grouped gemm: impl must be 'scaled_mm', 'scaled_mm_loop' or 'reference', "
+                         f"got {impl!r}")
     a, b = dequantise(a8, a_inv[:, None]), dequantise(b8, b_inv[:, None, :])
     parts = [a[lo:hi] @ b[e] for e, (lo, hi) in enumerate(_segments(offsets))]
     return torch.cat(parts, dim=0).to(out_dtype)
@@ -186,7 +200,7 @@ def grouped_gemm(a8, a_inv, b8, b_inv, offsets, out_dtype: torch.dtype, impl: st
 
 def segment_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, experts: int, impl: str):
     """[E, out, in]: segment e's dy^T @ x, in bf16 (a bf16 grouped GEMM on the fast path)."""
-    if impl == "scaled_mm":
+    if impl in ("scaled_mm", "scaled_mm_loop"):
         return torch._grouped_mm(dy.t(), x, offs=offsets)
     parts = [dy[lo:hi].float().t() @ x[lo:hi].float() for lo, hi in _segments(offsets)]
     return torch.stack(parts).to(dy.dtype) if parts else dy.new_zeros(experts, dy.shape[1], x.shape[1])
@@ -226,6 +240,6 @@ def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, impl
     """ops/moe.py's segment_mm (x [rows, in], w [E, out, in], int32 segment ends) with FP8 forward and
     input-gradient GEMMs; impl as for fp8_linear."""
     impl = impl or default_impl(x)
-    if impl == "scaled_mm":
+    if impl != "reference":
         check_grouped_dims(x, w)
     return FP8SegmentMM.apply(x, w, offsets, impl)

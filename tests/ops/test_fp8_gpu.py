@@ -69,8 +69,9 @@ def test_dense_fp32_weight_gradient_for_main_grad():
     assert dw.dtype == torch.float32 and _rel(dw, dw_r) < REL and _rel(dx, dx_r) < REL
 
 
+@pytest.mark.parametrize("impl", ["scaled_mm", "scaled_mm_loop"])  # grouped kernel (Hopper), per-expert loop
 @pytest.mark.parametrize("counts", [[0, 517, 1024, 3, 2048, 400, 96, 0], [512] * 8])
-def test_grouped_fast_matches_reference(counts):
+def test_grouped_fast_matches_reference(counts, impl):
     torch.manual_seed(0)
     experts, k, n = len(counts), 2048, 1536
     rows = sum(counts)
@@ -78,7 +79,7 @@ def test_grouped_fast_matches_reference(counts):
     x = torch.randn(rows, k, device="cuda").bfloat16()
     w = (torch.randn(experts, n, k, device="cuda") * k ** -0.5).bfloat16()
     dy = (torch.randn(rows, n, device="cuda") * 1e-3).bfloat16()
-    fast = _grads(lambda a, b: fp8.fp8_segment_mm(a, b, offsets), x, w, dy)
+    fast = _grads(lambda a, b: fp8.fp8_segment_mm(a, b, offsets, impl=impl), x, w, dy)
     ref = _grads(lambda a, b: fp8.fp8_segment_mm(a, b, offsets, impl="reference"), x, w, dy)
     bounds = [0] + offsets.tolist()
     exact = _grads(lambda a, b: torch.cat([a[bounds[e]:bounds[e + 1]] @ b[e].T for e in range(experts)]),
@@ -86,3 +87,27 @@ def test_grouped_fast_matches_reference(counts):
     for name, f, r, e in zip(("y", "dx", "dw"), fast, ref, exact):
         assert _rel(f, r) < REL, (name, _rel(f, r))
         assert _rel(f, e) < REL_EXACT, (name, _rel(f, e))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_megatron_fp8_linear_on_cuda(fused):
+    """parallelism/megatron_fp8.py's function (tp 1) on the fast path vs the reference, including the
+    fp32 main_grad accumulation of gradient_accumulation_fusion."""
+    pytest.importorskip("megatron.core")
+    from raytron.parallelism.megatron_fp8 import FP8LinearWithComm
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 2, 1024, device="cuda").bfloat16()
+    dy = torch.randn(2048, 2, 768, device="cuda").bfloat16()
+    w0 = (torch.randn(768, 1024, device="cuda") * 0.03).bfloat16()
+    got = {}
+    for impl in ("scaled_mm", "reference"):
+        w = w0.clone().requires_grad_()
+        if fused:
+            w.main_grad = torch.ones(768, 1024, device="cuda")
+        xg = x.clone().requires_grad_()
+        y = FP8LinearWithComm.apply(xg, w, fused, False, False, None, impl)
+        y.backward(dy)
+        got[impl] = (y, xg.grad, w.main_grad - 1 if fused else w.grad)
+    for name, f, r in zip(("y", "dx", "dw"), got["scaled_mm"], got["reference"]):
+        assert _rel(f, r) < REL, (name, _rel(f, r))
