@@ -1,5 +1,6 @@
 """The megatron engine: the reference architecture on megatron-core 0.16.1 (TP+SP, PP/VPP, EP, CP, DP
-with the distributed optimizer), bf16 compute with fp32 master weights, GPUs over NCCL.
+with the distributed optimizer), bf16 compute (or FP8 GEMMs, train.precision) with fp32 master weights,
+GPUs over NCCL.
 
 Same interface as DeepSpeedEngine: `MegatronEngine(spec, layout, rank, world)`, `train_step(micro_batches)
 -> StepMetrics`, `eval_loss`, `after_step`, `model_cfg`. Parallel groups come from megatron's

@@ -10,7 +10,9 @@ capacity, routing bias) is refused with the reason, so no run trains a different
 
 Modules: megatron's SelfAttention (QKV/projection as Column/RowParallelLinear) with our SDPA core
 attention, megatron's MLP / MoELayer (SequentialMLP's experts as grouped GEMMs, all-to-all dispatcher) with our router
-and our sequence-parallel RMSNorm (parallelism/megatron_modules.py).
+and our sequence-parallel RMSNorm (parallelism/megatron_modules.py). With train.precision fp8 the
+attention, MLP and shared-expert linears and the grouped experts are the FP8 ones of
+parallelism/megatron_fp8.py (same parameters, so mapping and checkpoints are unchanged).
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def layer_spec(moe: bool, self_attention: ModuleSpec | None = None, core_attenti
         mlp = ModuleSpec(module=MoELayer, submodules=MoESubmodules(
             # the per-expert linears stay bf16: they run only where the grouped path does not apply
             experts=ModuleSpec(module=experts, submodules=_linear_mlp()),
-            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_linear_mlp(precision)),  # gate: config.moe_shared_expert_gate
+            # shared experts' gate: config.moe_shared_expert_gate
+            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_linear_mlp(precision)),
             router=ReferenceRouter))
     else:
         mlp = ModuleSpec(module=MLP, submodules=_linear_mlp(precision))
