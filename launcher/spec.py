@@ -175,6 +175,13 @@ class TrainSpec:
     deepspeed: each attention / linear-sequence layer's whole mixer. `full`: recompute every layer from
     its input (megatron: each TransformerLayer, uniform method, one layer per unit; deepspeed: each
     reference layer). Same loss and gradients; `raytron plan`'s memory estimate follows it."""
+    precision: Literal["bf16", "fp8"] = "bf16"
+    """GEMM precision of the megatron engine. bf16: bf16 compute, fp32 master weights. fp8: the transformer
+    linear layers (attention QKV and output projection, MLP fc1/fc2, shared experts) and the routed MoE
+    experts multiply in FP8 (ops/fp8.py: per-tensor current scaling, e4m3 forward, e5m2 gradients; experts
+    rowwise e4m3), writing bf16; embeddings, the output logits, the router, norms and hybrid mixers'
+    projections stay bf16. Master weights and checkpoints are the same as bf16 (a run resumes either way).
+    Needs CUDA GPUs of compute capability >= 8.9 (Ada/Hopper) and engine: megatron."""
 
     def validate(self, path: str) -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "eval_batches"):

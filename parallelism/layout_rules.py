@@ -206,6 +206,7 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
         if overlap_moe:
             gaps.append(("train.overlap_moe_comm", "a megatron-engine option (megatron-core's EP all-to-all "
                          "overlap); the deepspeed engine has no such schedule: turn it off"))
+    gaps += _precision_gaps(spec, cfg, lay, engine or spec.engine)
     if (engine or spec.engine) != "megatron" and cfg.num_experts and "E" in pattern:
         for name, bad, why in (("router", cfg.router != "softmax", "DeepSpeed-MoE gates are softmax only"),
                                ("top_k", cfg.top_k != 2, "DeepSpeed's k>2 gate has other semantics; use 2"),
@@ -238,3 +239,29 @@ def _moe_overlap_gaps(cfg: Any, lay: Any) -> list[tuple[str, str]]:
                             "they are the very tensor the expert keeps for its weight gradient (megatron-core "
                             "0.16.1; backward fails on freed storage): use ep < num_experts or turn it off"))
     return gaps
+
+
+def _precision_gaps(spec: "JobSpec", cfg: Any, lay: Any, engine: str) -> list[tuple[str, str]]:
+    """train.precision fp8 (ops/fp8.py): megatron engine on FP8-capable GPUs, every FP8 GEMM dimension a
+    multiple of 16 (torch._scaled_mm). The compute capability itself is checked on the GPU at build."""
+    field = "train.precision"
+    if getattr(spec.train, "precision", "bf16") != "fp8":
+        return []
+    if engine != "megatron":
+        return [(field, "fp8: the deepspeed engine has no FP8 GEMM path; use engine: megatron or precision: bf16")]
+    if not spec.resources.use_gpu:
+        return [(field, "fp8 needs CUDA GPUs of compute capability >= 8.9 (Ada/Hopper FP8 tensor cores); "
+                        "set resources.use_gpu: true or precision: bf16")]
+    widths = {"tokens per rank (train.seq_len / layout.cp * train.micro_batch_size)":
+              spec.train.seq_len // lay.cp * spec.train.micro_batch_size,
+              "model.dim": cfg.dim,
+              "attention heads * head dim / layout.tp": cfg.num_heads * cfg.attn_head_dim // lay.tp,
+              "kv heads * head dim / layout.tp": cfg.num_kv_heads * cfg.attn_head_dim // lay.tp,
+              "model.ffn_dim / layout.tp": cfg.ffn_dim // lay.tp}
+    if cfg.num_experts:
+        widths["model.moe_ffn_dim / layout.etp"] = cfg.moe_ffn_dim // lay.etp
+    bad = {k: v for k, v in widths.items() if v % 16}
+    if bad:
+        return [(field, f"fp8 GEMMs (torch._scaled_mm) need every dimension a multiple of 16, got "
+                        f"{', '.join(f'{k} = {v}' for k, v in bad.items())}: adjust them or use precision: bf16")]
+    return []

@@ -1,5 +1,6 @@
 """The megatron engine: the reference architecture on megatron-core 0.16.1 (TP+SP, PP/VPP, EP, CP, DP
-with the distributed optimizer), bf16 compute with fp32 master weights, GPUs over NCCL.
+with the distributed optimizer), bf16 compute (or FP8 GEMMs, train.precision) with fp32 master weights,
+GPUs over NCCL.
 
 Same interface as DeepSpeedEngine: `MegatronEngine(spec, layout, rank, world)`, `train_step(micro_batches)
 -> StepMetrics`, `eval_loss`, `after_step`, `model_cfg`. Parallel groups come from megatron's
@@ -104,7 +105,12 @@ class MegatronEngine:
                                        overlap_moe_comm=bool(getattr(spec.train, "overlap_moe_comm", False)),
                                        recompute=getattr(spec.train, "recompute", "none"))
         model_parallel_cuda_manual_seed(spec.train.seed)
-        chunks = build_model_chunks(self.model_cfg, self.tcfg, spec.train.seq_len)
+        precision = getattr(spec.train, "precision", "bf16")
+        if precision == "fp8":
+            from ..ops.fp8 import check_fast_path
+
+            check_fast_path(self.device)  # plan cannot see the GPUs: refuse pre-Ada ones before building
+        chunks = build_model_chunks(self.model_cfg, self.tcfg, spec.train.seq_len, precision)
         self.pieces = [chunk_pieces(self.model_cfg, chunk_coords(c, layout)) for c in chunks]
         if init_from_reference:
             torch.manual_seed(spec.train.seed)  # identical reference weights on every rank

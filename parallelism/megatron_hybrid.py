@@ -243,7 +243,7 @@ def self_attention_spec(kind: str, cfg) -> dict:
     return {"self_attention": ModuleSpec(module=mixers[kind], params={"model_cfg": cfg})}
 
 
-def stage_layer_specs(cfg, tcfg, vp_stage: int | None) -> list[ModuleSpec]:
+def stage_layer_specs(cfg, tcfg, vp_stage: int | None, precision: str = "bf16") -> list[ModuleSpec]:
     """Layer specs of this pipeline stage (chunk `vp_stage`): megatron's own split and offset, so the
     global layer numbers (and so the weight mapping) follow megatron."""
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
@@ -255,4 +255,5 @@ def stage_layer_specs(cfg, tcfg, vp_stage: int | None) -> list[ModuleSpec]:
     kinds = blocks(cfg)
     first = get_transformer_layer_offset(tcfg, vp_stage=vp_stage)
     count = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
-    return [layer_spec(ffn == "E", **self_attention_spec(mixer, cfg)) for mixer, ffn in kinds[first:first + count]]
+    return [layer_spec(ffn == "E", precision=precision, **self_attention_spec(mixer, cfg))
+            for mixer, ffn in kinds[first:first + count]]

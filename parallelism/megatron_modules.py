@@ -211,19 +211,21 @@ class GroupedMLPExperts(SequentialMLP):
     not apply: one local expert, expert-TP > 1 (the per-expert linears then own collectives), fp8/fp4,
     probabilities applied on the input, or dtypes/alignments torch._grouped_mm refuses."""
 
+    segment_mm = staticmethod(segment_mm)  # the FP8 experts (megatron_fp8.py) swap in their own
+
     def forward(self, hidden, tokens_per_expert, permuted_probs):
         fc1 = [e.linear_fc1.weight for e in self.local_experts]
         if (self.num_local_experts == 1 or self.tp_group.size() > 1 or self.config.fp8 or self.config.fp4
                 or self.config.moe_apply_probs_on_input or not grouped_mm_supported(hidden, fc1[0][None])):
             return super().forward(hidden, tokens_per_expert, permuted_probs)
         offsets = torch.cumsum(tokens_per_expert.to(hidden.device), 0).to(torch.int32)
-        h = segment_mm(hidden, torch.stack(fc1), offsets)  # [rows, 2 * ffn]: [gate; up] as MLP's fc1
+        h = self.segment_mm(hidden, torch.stack(fc1), offsets)  # [rows, 2 * ffn]: [gate; up] as MLP's fc1
         scale = permuted_probs.unsqueeze(-1)
         if self.config.bias_activation_fusion:
             h = weighted_bias_swiglu_impl(h, None, scale)
         else:
             h = (swiglu(h) * scale).to(h.dtype)
-        out = segment_mm(h, torch.stack([e.linear_fc2.weight for e in self.local_experts]), offsets)
+        out = self.segment_mm(h, torch.stack([e.linear_fc2.weight for e in self.local_experts]), offsets)
         return out, None
 
 

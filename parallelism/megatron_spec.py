@@ -10,7 +10,9 @@ capacity, routing bias) is refused with the reason, so no run trains a different
 
 Modules: megatron's SelfAttention (QKV/projection as Column/RowParallelLinear) with our SDPA core
 attention, megatron's MLP / MoELayer (SequentialMLP's experts as grouped GEMMs, all-to-all dispatcher) with our router
-and our sequence-parallel RMSNorm (parallelism/megatron_modules.py).
+and our sequence-parallel RMSNorm (parallelism/megatron_modules.py). With train.precision fp8 the
+attention, MLP and shared-expert linears and the grouped experts are the FP8 ones of
+parallelism/megatron_fp8.py (same parameters, so mapping and checkpoints are unchanged).
 """
 
 from __future__ import annotations
@@ -121,32 +123,53 @@ def recompute_fields(recompute: str) -> dict:
     raise ValueError(f"train.recompute: got {recompute!r}; use none, selective or full")
 
 
-def _linear_mlp() -> MLPSubmodules:
-    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+def _linears(precision: str) -> tuple[type, type]:
+    """(column, row) parallel linear classes of train.precision (FP8: parallelism/megatron_fp8.py)."""
+    if precision == "fp8":
+        from .megatron_fp8 import FP8ColumnParallelLinear, FP8RowParallelLinear
+
+        return FP8ColumnParallelLinear, FP8RowParallelLinear
+    if precision != "bf16":
+        raise ValueError(f"train.precision: got {precision!r}; allowed bf16, fp8")
+    return ColumnParallelLinear, RowParallelLinear
 
 
-def layer_spec(moe: bool, self_attention: ModuleSpec | None = None, core_attention=SDPACoreAttention) -> ModuleSpec:
+def _linear_mlp(precision: str = "bf16") -> MLPSubmodules:
+    column, row = _linears(precision)
+    return MLPSubmodules(linear_fc1=column, linear_fc2=row)
+
+
+def layer_spec(moe: bool, self_attention: ModuleSpec | None = None, core_attention=SDPACoreAttention,
+               precision: str = "bf16") -> ModuleSpec:
     """One megatron TransformerLayer: RMSNorm -> attention (SDPA core) -> RMSNorm -> MLP or MoE. Hybrid
-    layers (parallelism/megatron_hybrid.py) give another `self_attention` or a masked `core_attention`."""
+    layers (parallelism/megatron_hybrid.py) give another `self_attention` or a masked `core_attention`.
+    precision fp8: QKV, projection, MLP and shared-expert linears and the grouped experts in FP8."""
+    column, row = _linears(precision)
     attention = self_attention or ModuleSpec(
         module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
-        submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=core_attention,
-                                           linear_proj=RowParallelLinear, q_layernorm=IdentityOp,
+        submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core_attention,
+                                           linear_proj=row, q_layernorm=IdentityOp,
                                            k_layernorm=IdentityOp))
     if moe:
+        experts = GroupedMLPExperts
+        if precision == "fp8":
+            from .megatron_fp8 import FP8GroupedMLPExperts as experts
         mlp = ModuleSpec(module=MoELayer, submodules=MoESubmodules(
-            experts=ModuleSpec(module=GroupedMLPExperts, submodules=_linear_mlp()),
-            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_linear_mlp()),  # gate: config.moe_shared_expert_gate
+            # the per-expert linears stay bf16: they run only where the grouped path does not apply
+            experts=ModuleSpec(module=experts, submodules=_linear_mlp()),
+            # shared experts' gate: config.moe_shared_expert_gate
+            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_linear_mlp(precision)),
             router=ReferenceRouter))
     else:
-        mlp = ModuleSpec(module=MLP, submodules=_linear_mlp())
+        mlp = ModuleSpec(module=MLP, submodules=_linear_mlp(precision))
     return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=RMSNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
         pre_mlp_layernorm=RMSNorm, mlp=mlp, mlp_bda=get_bias_dropout_add))
 
 
-def build_model_chunks(cfg, tcfg: TransformerConfig, seq_len: int) -> list[GPTModel]:
-    """This rank's GPTModel chunks (one per virtual pipeline stage), parallel_state already initialized."""
+def build_model_chunks(cfg, tcfg: TransformerConfig, seq_len: int, precision: str = "bf16") -> list[GPTModel]:
+    """This rank's GPTModel chunks (one per virtual pipeline stage), parallel_state already initialized.
+    precision: train.precision (layer_spec)."""
     from .megatron_hybrid import stage_layer_specs  # imports layer_spec from here
 
     check_supported(cfg)
@@ -157,7 +180,7 @@ def build_model_chunks(cfg, tcfg: TransformerConfig, seq_len: int) -> list[GPTMo
     chunks = []
     for v in range(vpp):
         vp_stage = v if vpp > 1 else None
-        block = TransformerBlockSubmodules(layer_specs=stage_layer_specs(cfg, tcfg, vp_stage), layer_norm=RMSNorm)
+        block = TransformerBlockSubmodules(layer_specs=stage_layer_specs(cfg, tcfg, vp_stage, precision), layer_norm=RMSNorm)
         chunks.append(GPTModel(
             config=tcfg, transformer_layer_spec=block, vocab_size=cfg.vocab_size, max_sequence_length=seq_len,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

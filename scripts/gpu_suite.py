@@ -142,7 +142,7 @@ def test_jobs(ngpu: int, res: Path, after: tuple[str, ...]) -> list[Job]:
     kernels = ["-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rA",
                "--log-level=WARNING",  # -rA would print every captured DEBUG line of torch's compile tracing
                f"--junitxml={res / 'junit_kernels.xml'}", "tests/gpu/test_megatron_kernels.py",
-               "tests/ops/test_gpu_kernels.py"]
+               "tests/ops/test_gpu_kernels.py", "tests/ops/test_fp8_gpu.py"]
     jobs.append(Job("kernels", PY + kernels, (every[min(1, len(every) - 1)],), after, timeout=300))
     return jobs
 

@@ -25,6 +25,9 @@ its micro-batch), raytron only, with activation recomputation (train.recompute):
 
     torchrun --nproc_per_node=1 benchmarks/megatron/bench_throughput.py --impls raytron --workloads dense-3b \
         --recompute selective --out bench.jsonl
+
+`--precisions bf16,fp8` runs raytron once per train.precision (each config alone, one after another, in the
+same launch; records carry `precision`); MFU stays relative to the bf16 peak, so FP8 shows as higher MFU.
 """
 
 from __future__ import annotations
@@ -136,11 +139,11 @@ def megatron_as_shipped():
 
 
 def make_spec(family, flavor, overrides, gbs, mbs, overlap: bool = False, overlap_moe: bool = False,
-              recompute: str = "none"):
+              recompute: str = "none", precision: str = "bf16"):
     train = SimpleNamespace(seed=1234, seq_len=SEQ, lr=3e-4, min_lr=3e-4, warmup_steps=0, steps=10**6,
                             weight_decay=0.1, grad_clip=1.0, aux_loss_coef=0.01, global_batch_size=gbs,
                             micro_batch_size=mbs, overlap_grad_reduce=overlap, overlap_moe_comm=overlap_moe,
-                            recompute=recompute)
+                            recompute=recompute, precision=precision)
     return SimpleNamespace(model=SimpleNamespace(family=family, flavor=flavor, overrides=overrides), train=train,
                            resources=SimpleNamespace(use_gpu=True))
 
@@ -235,12 +238,13 @@ def write_record(rec: dict, out: str) -> None:
         f.write(json.dumps(rec) + "\n")
     summary = rec.get("error") or (f"{rec['tokens_per_s_per_gpu']:.0f} tok/s/GPU, MFU {rec['mfu']:.1%}, "
                                    f"{rec['step_s']:.3f} s/step, peak {rec['peak_mem_gib']:.1f} GiB")
-    print(f"[bench] world {rec['world']} {rec['workload']} {rec['impl']}: {summary}", flush=True)
+    precision = f" {rec['precision']}" if rec.get("precision", "bf16") != "bf16" else ""
+    print(f"[bench] world {rec['world']} {rec['workload']} {rec['impl']}{precision}: {summary}", flush=True)
 
 
 def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, timed: int,
                batching: int | None = None, profile_dir: str | None = None, overlap: bool = False,
-               overlap_moe: bool = False, recompute: str = "none") -> dict:
+               overlap_moe: bool = False, recompute: str = "none", precision: str = "bf16") -> dict:
     from megatron.core import parallel_state
 
     family, flavor, overrides, by_world = WORKLOADS[workload]
@@ -248,14 +252,15 @@ def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, tim
     warmup, timed = (warmup, timed) if warmup >= 0 else STEPS[impl]
     fields = {"dp": 1, **by_world[world]}
     rec = base_record(impl, workload, (family, flavor, overrides), world, fields, mbs)
-    rec["overlap_grad_reduce"], rec["recompute"] = overlap, recompute
+    rec["overlap_grad_reduce"], rec["recompute"], rec["precision"] = overlap, recompute, precision
     rec["overlap_moe_comm"] = overlap_moe = overlap_moe and fields.get("ep", 1) > 1  # the engine refuses it at ep 1
     gbs, flops = rec["global_batch"], rec["flops_per_token"]
     try:
         with megatron_as_shipped() if impl == "mcore_local" else contextlib.nullcontext():
             layout = ParallelLayout(world_size=world, micro_batch_size=mbs, global_batch_size=gbs, **fields)
-            path = profile_dir and f"{profile_dir}/profile_{impl}_{workload}_w{world}_mb{mbs}.txt"
-            spec = make_spec(family, flavor, overrides, gbs, mbs, overlap, overlap_moe, recompute)
+            tag = "" if precision == "bf16" else f"_{precision}"
+            path = profile_dir and f"{profile_dir}/profile_{impl}_{workload}_w{world}_mb{mbs}{tag}.txt"
+            spec = make_spec(family, flavor, overrides, gbs, mbs, overlap, overlap_moe, recompute, precision)
             rec.update(_train_and_time(spec, layout, rank, warmup, timed, path))
         rec["mfu"] = rec["tokens_per_s_per_gpu"] * flops / PEAK_FLOPS
     except Exception as exc:  # recorded (e.g. out of memory); the other configs still run
@@ -292,7 +297,12 @@ def main() -> None:
                              "behind another micro-batch's compute; set CUDA_DEVICE_MAX_CONNECTIONS > 1)")
     parser.add_argument("--recompute", default="none", choices=("none", "selective", "full"),
                         help="train.recompute for raytron (activation recomputation)")
+    parser.add_argument("--precisions", default="bf16",
+                        help="train.precision values for raytron, each run separately (e.g. bf16,fp8); "
+                             "mcore_local always runs bf16")
     args = parser.parse_args()
+    if set(args.precisions.split(",")) - {"bf16", "fp8"}:
+        parser.error(f"--precisions {args.precisions!r}: allowed values bf16, fp8")
     unknown = sorted(set(args.workloads.split(",")) - set(WORKLOADS)) + sorted(set(args.impls.split(",")) - set(STEPS))
     if unknown:
         parser.error(f"unknown --workloads/--impls {unknown}: workloads are {list(WORKLOADS)}, impls {list(STEPS)}")
@@ -301,13 +311,14 @@ def main() -> None:
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
     for workload, impl in planned_runs(args.impls.split(","), args.workloads.split(","), world):
-        rec = run_config(impl, workload, rank, world, args.warmup, args.timed, batching, args.profile or None,
-                         args.overlap_grad_reduce and impl == "raytron",
-                         overlap_moe=args.overlap_moe_comm and impl == "raytron",
-                         recompute=args.recompute if impl == "raytron" else "none")
-        if rank == 0:
-            write_record(rec, args.out)
-        dist.barrier()
+        for precision in args.precisions.split(",") if impl == "raytron" else ["bf16"]:
+            rec = run_config(impl, workload, rank, world, args.warmup, args.timed, batching, args.profile or None,
+                             args.overlap_grad_reduce and impl == "raytron",
+                             overlap_moe=args.overlap_moe_comm and impl == "raytron",
+                             recompute=args.recompute if impl == "raytron" else "none", precision=precision)
+            if rank == 0:
+                write_record(rec, args.out)
+            dist.barrier()
     dist.destroy_process_group()
 
 

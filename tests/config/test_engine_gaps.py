@@ -79,3 +79,26 @@ def test_runnable_jobs_have_no_gaps():
     for config in ("local_debug.yaml", "gpu_megatron_2gpu.yaml", "dense_1b_8gpu.yaml", "hybrid_moe_32gpu.yaml",
                    "moe_olmoe_8gpu.yaml"):
         validate_job(load_spec(str(CONFIGS / config)), runnable=True)
+
+
+@pytest.mark.parametrize("config, overrides, reason", [
+    ("local_debug.yaml", [], "deepspeed engine has no FP8"),
+    ("dense_1b_8gpu.yaml", ["resources.use_gpu=false"], "compute capability >= 8.9"),
+    ("dense_1b_8gpu.yaml", ["train.seq_len=1001"], "tokens per rank"),
+    ("dense_1b_8gpu.yaml", ["model.overrides.ffn_dim=5000"], "model.ffn_dim / layout.tp = 5000"),
+])
+def test_fp8_refusals(config, overrides, reason, capsys):
+    """train.precision fp8 needs the megatron engine on GPUs and 16-aligned GEMMs: plan says why, submit refuses."""
+    spec = load_spec(str(CONFIGS / config), ["train.precision=fp8", *overrides])
+    validate_job(spec)
+    with pytest.raises(ConfigError) as err:
+        validate_job(spec, runnable=True)
+    assert err.value.path == "train.precision" and reason in str(err.value), str(err.value)
+    sets = [a for o in ["train.precision=fp8", *overrides] for a in ("--set", o)]
+    assert plan_main([str(CONFIGS / config), *sets]) == 0
+    assert "NOT RUNNABLE YET" in capsys.readouterr().out
+
+
+def test_fp8_megatron_gpu_job_is_runnable():
+    validate_job(load_spec(str(CONFIGS / "dense_1b_8gpu.yaml"), ["train.precision=fp8"]), runnable=True)
+    validate_job(load_spec(str(CONFIGS / "moe_olmoe_8gpu.yaml"), ["train.precision=fp8"]), runnable=True)

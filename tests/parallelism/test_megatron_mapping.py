@@ -102,7 +102,7 @@ def cpu_megatron():
     mp.undo()
 
 
-def _megatron_twin(family: str, flavor: str, seed: int = 0, **overrides):
+def _megatron_twin(family: str, flavor: str, seed: int = 0, precision: str = "bf16", **overrides):
     from raytron.parallelism.megatron_engine import chunk_coords
     from raytron.parallelism.megatron_spec import build_model_chunks, transformer_config
 
@@ -110,7 +110,7 @@ def _megatron_twin(family: str, flavor: str, seed: int = 0, **overrides):
     ref = models.build(family, flavor, **overrides)
     layout = ParallelLayout(world_size=1)
     tcfg = transformer_config(ref.cfg, layout, on_gpu=False, aux_loss_coef=0.01)
-    (model,) = build_model_chunks(ref.cfg, tcfg, seq_len=32)
+    (model,) = build_model_chunks(ref.cfg, tcfg, seq_len=32, precision=precision)
     pieces = chunk_pieces(ref.cfg, chunk_coords(model, layout))
     params = dict(model.named_parameters())
     assert set(params) == set(pieces)
@@ -141,3 +141,30 @@ def test_megatron_cpu_matches_reference(cpu_megatron, family, flavor):
                           {k: v.shape for k, v in ref.named_parameters()})
     for name, p in ref.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family,flavor,overrides", [("dense", "debug", {"ffn_dim": 192}), ("moe", "debug", {})])
+def test_megatron_fp8_layers_on_cpu(cpu_megatron, family, flavor, overrides):
+    """train.precision fp8: the same parameters (so checkpoints), FP8 modules in the transformer linears
+    and experts, and a loss/gradients near the exact reference (the fake-quantised CPU path of ops/fp8.py)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from raytron.parallelism.megatron_fp8 import FP8ColumnParallelLinear, FP8GroupedMLPExperts, FP8RowParallelLinear
+
+    ref, model, pieces = _megatron_twin(family, flavor, precision="fp8", **overrides)
+    kinds = {type(m) for m in model.decoder.modules()}
+    assert {FP8ColumnParallelLinear, FP8RowParallelLinear} <= kinds
+    assert (FP8GroupedMLPExperts in kinds) == (family == "moe")
+    assert type(model.output_layer).__name__ == "ColumnParallelLinear"  # logits stay in the model dtype
+    tokens = torch.randint(0, ref.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    loss = model(tokens[:, :-1], None, None, labels=tokens[:, 1:]).mean()
+    loss.backward()
+    ref_loss = F.cross_entropy(ref(tokens[:, :-1]).reshape(-1, ref.cfg.vocab_size), tokens[:, 1:].reshape(-1))
+    ref_loss.backward()
+    assert abs(float(loss) - float(ref_loss)) < 0.01 * float(ref_loss)
+    grads = from_megatron([(pieces, {n: p.grad for n, p in model.named_parameters()})],
+                          {k: v.shape for k, v in ref.named_parameters()})
+    for name in ("layers.0.mixer.wq.weight", "layers.1.mixer.w_down.weight") if family == "dense" else ():
+        g, want = grads[name], dict(ref.named_parameters())[name].grad
+        assert float((g - want).norm() / want.norm()) < 0.2, name
