@@ -64,6 +64,8 @@ class PrepareSummary:
     pool: str = "thread"
     long_documents: int = 0
     long_document_threshold: int | None = None
+    tokenizer: dict = field(default_factory=dict)
+    """Which tokenizer made the ids (name, kind, fingerprint, vocab_size, eod_id, bos_id)."""
     stats: ReadStats = field(default_factory=ReadStats)
 
     @property
@@ -191,7 +193,7 @@ def prepare(sources: Sequence, out_uri: str, tokenizer: str = "byte", workers: i
     out_uri = output_prefix(out_uri)
     tok = get_tokenizer(tokenizer)
     files = resolve_all(sources)
-    summary = PrepareSummary(out_uri=out_uri, workers=workers, pool=pool,
+    summary = PrepareSummary(out_uri=out_uri, workers=workers, pool=pool, tokenizer=tok.record(),
                              long_document_threshold=seq_len + 1 if seq_len else None)
     start = time.perf_counter()
     with IndexedDatasetWriter(out_uri, tok.dtype) as writer:

@@ -107,6 +107,9 @@ def stdlib_files() -> list[str]:
 def resolve_source(uri: str, format: str = "auto", field: str = "text") -> list[SourceFile]:
     """Expand a file, directory (recursive) or glob URI into its files, sorted; fail naming `uri`
     when it does not exist, is not readable or matches nothing, so bad paths stop the driver."""
+    if format == "indexed":
+        raise DataError(f"source {uri!r} is a prepared .bin/.idx prefix (format indexed): train on it directly "
+                        f"(data.sources), it is not tokenized again")
     if format not in ("auto", *FORMATS):
         raise DataError(f"source {uri!r}: unknown format {format!r}; use auto, {', '.join(FORMATS)}")
     if uri == BUILTIN_STDLIB:

@@ -175,8 +175,10 @@ class SourceSpec:
     (the source and docstrings of this Python's standard library: on every machine, no download)."""
     weight: float = 1.0
     """Blend weight relative to the other sources."""
-    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
-    """How to read the files; `auto` goes by extension."""
+    format: Literal["auto", "text", "jsonl", "parquet", "indexed"] = "auto"
+    """How to read the files; `auto` goes by extension (and takes a URI ending in .bin/.idx, or whose
+    `<uri>.idx` exists, as `indexed`); `indexed`: `uri` is a prepared .bin/.idx prefix (raytron's or
+    megatron's), trained on without tokenizing again."""
     field: str = "text"
     """Field holding the document text in jsonl/parquet."""
 
@@ -186,7 +188,9 @@ class DataSpec:
     sources: list[SourceSpec]
     """Corpora to train on (blended by weight)."""
     tokenizer: str = "byte"
-    """Offline tokenizer: `byte` (UTF-8 bytes + special tokens)."""
+    """`byte` (UTF-8 bytes + special tokens), or a local path / fsspec URI of a tokenizer.json, a directory
+    holding one, a SentencePiece .model or a tiktoken ranks file (read, never downloaded; docs/data.md).
+    The model's vocabulary follows it (padded to a multiple of 128)."""
     cache_uri: str | None = None
     """Where prepared .bin/.idx and sample indices are cached (default: <checkpoint.uri>/_data_cache)."""
     valid_fraction: float = 0.02
@@ -195,11 +199,9 @@ class DataSpec:
     """Read at most this many documents per source (for quick runs)."""
 
     def validate(self, path: str) -> None:
-        from ..data_pipeline.tokenizer import TOKENIZERS
-
         check(len(self.sources) >= 1, f"{path}.sources", "got an empty list; at least one source is required")
-        check(self.tokenizer in TOKENIZERS, f"{path}.tokenizer",
-              f"got {self.tokenizer!r}; known offline: {', '.join(sorted(TOKENIZERS))} (no downloads at run time)")
+        check(bool(self.tokenizer.strip()), f"{path}.tokenizer", "got an empty name; use byte or a tokenizer path")
+        check_uri(self.tokenizer, f"{path}.tokenizer")
         if self.cache_uri is not None:
             check_uri(self.cache_uri, f"{path}.cache_uri")
         check(self.max_documents is None or self.max_documents >= 1, f"{path}.max_documents",

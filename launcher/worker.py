@@ -6,7 +6,6 @@ worker-group restart by Ray Train and a `raytron submit --resume` take the same 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -17,7 +16,8 @@ from ..parallelism.layout import ParallelLayout
 from .checkpointing import CheckpointSaver, restore_checkpoint
 from .metrics import MetricsWriter
 from .resilience import FaultGuard, NumericsError, StopTraining
-from .spec import JobSpec, ModelSpec, spec_from_dict
+from .spec import JobSpec, spec_from_dict
+from .vocab import with_tokenizer_vocab
 
 
 def data_cache_uri(spec: JobSpec) -> str:
@@ -61,7 +61,7 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
         torch.set_num_threads(spec.resources.torch_threads)
     data = prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed,
                            cache_uri=data_cache_uri(spec))
-    engine = build_engine(spec, layout, rank, world, data.vocab_size)
+    engine = build_engine(spec, layout, rank, world, data.tokenizer)
     store = CheckpointStore(f"{spec.run_uri}/checkpoints", keep=spec.checkpoint.keep)
     guard.attach(engine)
     start_step, cursor = restore_checkpoint(engine, store, spec, rank)
@@ -145,13 +145,10 @@ def evaluate(engine, valid, spec: JobSpec, dp_rank: int, dp: int) -> float:
     return engine.eval_loss(micro)
 
 
-def build_engine(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, vocab_size: int):
-    """The engine named by the spec. The model's vocabulary comes from the tokenizer."""
-    overrides = dict(spec.model.overrides)
-    overrides.setdefault("vocab_size", vocab_size)
-    if overrides["vocab_size"] < vocab_size:
-        raise ValueError(f"model.overrides.vocab_size={overrides['vocab_size']} < tokenizer's {vocab_size}")
-    spec = dataclasses.replace(spec, model=ModelSpec(spec.model.family, spec.model.flavor, overrides))
+def build_engine(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, tokenizer=None):
+    """The engine named by the spec. The model's vocabulary comes from the tokenizer (the job's, if
+    not given), by the rule plan and submit used (launcher/vocab.py)."""
+    spec = with_tokenizer_vocab(spec, tokenizer)
     if spec.engine == "deepspeed":
         from ..parallelism.deepspeed_engine import DeepSpeedEngine
 
