@@ -191,7 +191,7 @@ def _adopt_prefix(source: str, prefix: str, tokenizer, max_documents: int | None
             fs.get_file(src_path, prefix + suffix)
     tokens = IndexedTokens(prefix)
     if not recorded:
-        check_ids_in_vocab(tokens, tokenizer, f"{where} ({source})")
+        check_ids_in_vocab(tokens, tokenizer, where, source)
     if max_documents is not None and max_documents < len(tokens):
         keep = tokens.lengths[:max_documents]
         with IndexedDatasetWriter(prefix + ".cut", tokens.dtype) as w:

@@ -76,12 +76,13 @@ def check_recorded_tokenizer(prefix: str, tokenizer, where: str) -> bool:
     return True
 
 
-def check_ids_in_vocab(tokens: IndexedTokens, tokenizer, where: str) -> None:
-    """Every id of `tokens` below the tokenizer's vocabulary (a scan in bounded chunks)."""
+def check_ids_in_vocab(tokens: IndexedTokens, tokenizer, where: str, source: str) -> None:
+    """Every id of `tokens` (a copy of prefix `source`) below the tokenizer's vocabulary (a scan in
+    bounded chunks)."""
     top = -1
     for start in range(0, len(tokens.tokens), _SCAN_CHUNK):
         top = max(top, int(np.max(tokens.tokens[start:start + _SCAN_CHUNK])))
     if top >= tokenizer.vocab_size:
-        raise DataError(f"{where}: {bin_path(tokens.prefix)} holds token id {top}, outside the vocabulary of "
+        raise DataError(f"{where}: {bin_path(source)} holds token id {top}, outside the vocabulary of "
                         f"tokenizer {tokenizer.name!r} ({tokenizer.vocab_size} ids): it was tokenized with another "
                         f"tokenizer; set data.tokenizer to that one")
