@@ -34,9 +34,10 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="byte", metavar="PATH",
                    help="byte (default), or a local path / URI of a tokenizer.json, a directory holding one, a "
                         "SentencePiece .model or a tiktoken ranks file (see docs/data.md)")
-    p.add_argument("--workers", type=int, default=1, help="files read and tokenized in parallel")
+    p.add_argument("--workers", type=int, default=1, help="batches of documents tokenized in parallel")
     p.add_argument("--pool", default="thread", choices=["thread", "process"],
-                   help="thread (default: best for I/O and the byte tokenizer) or spawned processes")
+                   help="thread (default: best for the byte tokenizer) or spawned processes, one core each "
+                        "(best for BPE / SentencePiece / tiktoken tokenizers)")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="auto: by file extension")
     p.add_argument("--field", default="text", help="jsonl/parquet field holding the text")
     p.add_argument("--force", action="store_true", help="overwrite an existing URI.bin/.idx")
@@ -124,7 +125,7 @@ def _prepare(args: argparse.Namespace) -> int:
         nonlocal tokens
         tokens += int(ft.lengths.sum())
         if bar is not None:
-            bar.update(1)
+            bar.update(done - bar.n)
             bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
 
     try:

@@ -28,8 +28,17 @@ HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 """What save_pretrained writes."""
 MEGATRON_VOCAB_MULTIPLE = 128
 """Real vocabularies are padded to a multiple of this (megatron's --make-vocab-size-divisible-by)."""
+TOKENIZER_THREADS_ENV = "RAYTRON_TOKENIZER_THREADS"
+"""Threads a native batch encoder may use (unset: the library's default); prepare's worker
+processes set 1, so that N processes use N cores."""
 SAVE_PROBE = "Hello, world! 12345  tabs\tand\nnew lines. Ünïcödé 漢字 🙂 it's they're   spaces"
 """Text that save_pretrained's check encodes with both the written tokenizer and this one."""
+
+
+def native_threads(default: int) -> int:
+    """Threads for a native batch encoder: $RAYTRON_TOKENIZER_THREADS, else `default`."""
+    raw = os.environ.get(TOKENIZER_THREADS_ENV, "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else default
 
 
 def token_dtype(vocab_size: int):

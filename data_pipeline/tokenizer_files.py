@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import DataError
 from .storage import fs_and_path, join
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, native_threads
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -168,7 +168,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _encode_batch(self, texts):
         dtype = self.dtype
-        return [np.asarray(ids, dtype=dtype) for ids in self.sp.encode(list(texts), out_type=int)]
+        return [np.asarray(ids, dtype=dtype) for ids in self.sp.encode(list(texts), out_type=int, num_threads=native_threads(-1))]
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -239,7 +239,7 @@ class TiktokenTokenizer(Tokenizer):
 
     def _encode_batch(self, texts):
         dtype = self.dtype
-        return [np.asarray(ids, dtype=dtype) for ids in self.enc.encode_ordinary_batch(list(texts))]
+        return [np.asarray(ids, dtype=dtype) for ids in self.enc.encode_ordinary_batch(list(texts), num_threads=native_threads(8))]
 
     def decode(self, ids) -> str:
         keep = [int(i) for i in ids if int(i) not in self.specials.values()]
