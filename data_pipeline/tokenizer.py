@@ -86,9 +86,6 @@ class Tokenizer:
         return {"name": self.name, "kind": self.kind, "fingerprint": self.fingerprint,
                 "vocab_size": self.vocab_size, "eod_id": self.eod_id, "bos_id": self.bos_id}
 
-    def describe(self) -> str:
-        return f"{self.name} ({self.kind}, fingerprint {self.fingerprint[:12]})"
-
     def hf_tokenizer(self):
         """(tokenizers.Tokenizer with the same ids, eos token, bos token) for save_pretrained,
         or a DataError saying why this tokenizer cannot be written in that format."""
@@ -161,11 +158,8 @@ class ByteTokenizer(Tokenizer):
     def hf_tokenizer(self):
         """A byte-level BPE without merges: each byte is its own token with the same id."""
         from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-        from tokenizers.pre_tokenizers import ByteLevel
 
-        alphabet = ByteLevel.alphabet()  # GPT-2's printable stand-ins for bytes 0..255
         byte_chars = _bytes_to_unicode()
-        assert sorted(alphabet) == sorted(byte_chars.values())
         vocab = {byte_chars[b]: b for b in range(256)}
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -36,7 +36,8 @@ def test_byte_ids_unchanged_and_saved_for_transformers(tmp_path):
     assert (tok.vocab_size, tok.eod_id, tok.pad_id, tok.bos_id, tok.dtype) == (264, 256, 257, None, np.uint16)
     assert tok.encode("aé").tolist() == [97, 195, 169] and padded_vocab_size(tok) == 264
     tok.save_pretrained(str(tmp_path / "byte"))
-    assert auto_ids(tmp_path / "byte") == tok.encode(PROBE).tolist()
+    every_byte = PROBE + "".join(map(chr, range(0x800))) + "\U0010ffff"  # all bytes UTF-8 text can hold
+    assert auto_ids(tmp_path / "byte", every_byte) == tok.encode(every_byte).tolist()
 
 
 def test_hf_json_file_and_directory_match_the_library(files):
