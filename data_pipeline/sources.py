@@ -108,7 +108,7 @@ def stdlib_files() -> list[str]:
 def resolve_source(uri: str, format: str = "auto", field: str = "text") -> list[SourceFile]:
     """Expand a file, directory (recursive) or glob URI into its files, sorted; fail naming `uri`
     when it does not exist, is not readable or matches nothing, so bad paths stop the driver."""
-    if format == "indexed":
+    if format == "indexed" or (format == "auto" and uri.endswith((".bin", ".idx"))):
         raise DataError(f"source {uri!r} is a prepared .bin/.idx prefix (format indexed): train on it directly "
                         f"(data.sources), it is not tokenized again")
     if format not in ("auto", *FORMATS):

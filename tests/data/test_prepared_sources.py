@@ -68,6 +68,8 @@ def test_job_trains_on_prefix_like_on_its_text(env, tmp_path):
         for i in range(len(from_text.train)):
             np.testing.assert_array_equal(from_prefix.train.sample(i), from_text.train.sample(i))
     assert from_text.manifest["tokenizer_fingerprint"] == get_tokenizer(tok).fingerprint
+    with pytest.raises(DataError, match="is a prepared .bin/.idx prefix .* it is not tokenized again"):
+        prepare([env["prefixes"][32000] + ".idx"], str(tmp_path / "again"), tok)
 
 
 def test_unrecorded_prefix_ids_checked_against_vocab(env, tmp_path):
