@@ -4,6 +4,9 @@
     for mb in data.train.micro_batches(cursor, gbs, mbs, dp_rank, dp_size): ...
     cursor = cursor.advance(gbs)
 
+    tok = get_tokenizer("byte" | PATH_OR_URI)                  # the one tokenizer entry point (tokenizer.py)
+    tok.save_pretrained(DIR)                                   # transformers.AutoTokenizer loads DIR
+
 torch is imported lazily (only by the batch methods), so `prepare` worker processes start fast.
 """
 
@@ -15,8 +18,9 @@ from .job import TrainData, cache_key, prepare_for_job
 from .packing import PackedDataset
 from .prepare import PrepareSummary, prepare
 from .sources import BUILTIN_STDLIB, ReadStats, resolve_source
-from .tokenizer import ByteTokenizer, get_tokenizer
+from .tokenizer import ByteTokenizer, Tokenizer, get_tokenizer, padded_vocab_size
 
 __all__ = ["prepare_for_job", "TrainData", "DataCursor", "ByteTokenizer", "DataError", "PackedDataset",
            "BlendedDataset", "blend_schedule", "prepare", "PrepareSummary", "IndexedDatasetWriter",
-           "IndexedTokens", "ReadStats", "resolve_source", "BUILTIN_STDLIB", "get_tokenizer", "cache_key"]
+           "IndexedTokens", "ReadStats", "resolve_source", "BUILTIN_STDLIB", "get_tokenizer", "cache_key",
+           "Tokenizer", "padded_vocab_size"]

@@ -29,13 +29,14 @@ import numpy as np
 
 from .blending import BlendedDataset, blend_schedule
 from .errors import DataError
-from .indexed import IndexedTokens
+from .indexed import IndexedDatasetWriter, IndexedTokens
 from .packing import PackedDataset, hashed_permutation, sample_starts
-from .prepare import prepare
+from .prepare import PrepareSummary, prepare
+from .prepared import check_ids_in_vocab, check_prefix_exists, check_recorded_tokenizer, indexed_prefix
 from .skips import FixOptions, describe_skips
 from .sources import BUILTIN_STDLIB
 from .storage import fs_and_path, is_local, join, local_scratch_root
-from .tokenizer import ByteTokenizer, get_tokenizer
+from .tokenizer import BYTE, Tokenizer, get_tokenizer
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -48,7 +49,7 @@ class TrainData:
 
     train: PackedDataset | BlendedDataset
     valid: PackedDataset | BlendedDataset
-    tokenizer: ByteTokenizer
+    tokenizer: Tokenizer
     seq_len: int
     cache_uri: str
     manifest: dict = field(repr=False)
@@ -75,8 +76,11 @@ class TrainData:
 
 def cache_key(data_spec, seq_len: int, seed: int) -> str:
     """Hash of everything that determines the sample sequence (16 hex chars)."""
+    tokenizer = data_spec.tokenizer
+    if tokenizer != BYTE:  # byte's ids never change: its caches keep the keys they always had
+        tokenizer = [tokenizer, get_tokenizer(tokenizer).fingerprint]
     inputs = {
-        "format": CACHE_FORMAT, "tokenizer": data_spec.tokenizer, "seq_len": seq_len, "seed": seed,
+        "format": CACHE_FORMAT, "tokenizer": tokenizer, "seq_len": seq_len, "seed": seed,
         "valid_fraction": data_spec.valid_fraction, "max_documents": data_spec.max_documents,
         "sources": [[s.uri, s.weight, s.format, s.field] for s in data_spec.sources],
     }
@@ -125,7 +129,8 @@ def _build(spec, seq_len, seed, tokenizer, final_uri, key, workers) -> None:
                 n = sum(s[split]["samples"] for s in sources)
                 np.save(staging / f"blend-{split}.npy", np.stack(blend_schedule(weights, n)).astype(np.int64))
         manifest = {"format": CACHE_FORMAT, "key": key, "seq_len": seq_len, "seed": seed,
-                    "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "sources": sources}
+                    "tokenizer": tokenizer.name, "tokenizer_fingerprint": tokenizer.fingerprint,
+                    "vocab_size": tokenizer.vocab_size, "sources": sources}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _publish(staging, final_uri, key)
     finally:
@@ -137,8 +142,12 @@ def _build_source(spec, i, seq_len, seed, tokenizer, staging: Path, workers) -> 
     src = spec.sources[i]
     prefix = str(staging / f"source-{i}")
     options = FixOptions.job_source(i)
-    summary = prepare([src], prefix, tokenizer.name, workers, max_documents=spec.max_documents, seq_len=seq_len,
-                      label=f"data source {src.uri} (data.sources[{i}])", options=options)
+    prepared = indexed_prefix(src.uri, src.format)
+    if prepared is not None:
+        summary = _adopt_prefix(prepared, prefix, tokenizer, spec.max_documents, f"data.sources[{i}]")
+    else:
+        summary = prepare([src], prefix, tokenizer.name, workers, max_documents=spec.max_documents,
+                          seq_len=seq_len, label=f"data source {src.uri} (data.sources[{i}])", options=options)
     tokens = IndexedTokens(prefix)
     n = len(tokens)
     if n < 2:
@@ -163,6 +172,38 @@ def _build_source(spec, i, seq_len, seed, tokenizer, staging: Path, workers) -> 
                         "long_documents": int((lengths > seq_len + 1).sum()),
                         "dropped_tail_tokens": int(lengths.sum()) - (len(starts) * seq_len + 1)}
     return entry
+
+
+def _adopt_prefix(source: str, prefix: str, tokenizer, max_documents: int | None, where: str) -> PrepareSummary:
+    """Bring an already prepared `source` prefix into the cache as `prefix` (hard link where possible,
+    else a copy), after checking its tokenizer record, or its ids when it has none."""
+    check_prefix_exists(source, where)
+    recorded = check_recorded_tokenizer(source, tokenizer, where)
+    fs, _ = fs_and_path(source)
+    for suffix in (".bin", ".idx"):
+        src_path = fs_and_path(source + suffix)[1]
+        if is_local(fs):
+            try:
+                os.link(src_path, prefix + suffix)
+            except OSError:  # another filesystem, or links not allowed
+                shutil.copyfile(src_path, prefix + suffix)
+        else:
+            fs.get_file(src_path, prefix + suffix)
+    tokens = IndexedTokens(prefix)
+    if not recorded:
+        check_ids_in_vocab(tokens, tokenizer, where, source)
+    if max_documents is not None and max_documents < len(tokens):
+        keep = tokens.lengths[:max_documents]
+        with IndexedDatasetWriter(prefix + ".cut", tokens.dtype) as w:
+            w.add_documents(tokens.tokens[: int(keep.sum())], keep)
+        del tokens
+        for suffix in (".bin", ".idx"):
+            os.replace(prefix + ".cut" + suffix, prefix + suffix)
+        tokens = IndexedTokens(prefix)
+    summary = PrepareSummary(out_uri=source, files=1, documents=len(tokens), tokens=tokens.num_tokens,
+                             tokenizer=tokenizer.record())
+    summary.stats.documents = len(tokens)
+    return summary
 
 
 def _publish(staging: Path, final_uri: str, key: str) -> None:

@@ -1,11 +1,11 @@
-"""What one source file may be: a regular file, and no larger than one piece of memory.
+"""What one source file may be: a regular file whose documents each fit in one piece of memory.
 
-A file is read, decoded and tokenized whole (its documents and tokens are held until the writer
-takes them: about 8x its size with the byte tokenizer), so `/dev/zero` or one 50 GB text file
-would get the job OOM-killed without a word. We refuse them, naming the file and its size: devices,
-FIFOs and sockets before anything is read (reading /dev/zero never ends, a FIFO blocks); plain
-files by their size on disk; compressed files (and parquet text columns) while reading, by bounded
-reads. Streaming a file would not help the `text` format, where the whole file is one document.
+jsonl and parquet files are streamed (in chunks, by row group), so their size does not matter; one
+document is decoded and tokenized whole, so `/dev/zero`, one 50 GB text file (a text file is one
+document), a 50 GB jsonl line or parquet row group would get the job OOM-killed without a word. We
+refuse them, naming the file and its size: devices, FIFOs and sockets before anything is read
+(reading /dev/zero never ends, a FIFO blocks); text files by their size on disk; compressed text,
+jsonl lines and parquet row groups while reading, by bounded reads.
 """
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ _MIN_DEFAULT = 256 << 20
 _CHUNK = 8 << 20
 
 
+def limits_chunk() -> int:
+    """Bytes read per call when streaming a file."""
+    return _CHUNK
+
+
 def max_file_bytes() -> int:
-    """Largest file (after decompression) read at once: $RAYTRON_DATA_MAX_FILE_BYTES, else 1/16 of
+    """Largest document (a text file, a jsonl line, a parquet row group; after decompression) read at once: $RAYTRON_DATA_MAX_FILE_BYTES, else 1/16 of
     this machine's memory (at least 256 MiB), so that a few parallel workers still fit."""
     raw = os.environ.get(MAX_FILE_BYTES_ENV)
     if raw:
@@ -55,9 +60,16 @@ def too_large(uri: str, size_words: str, limit: int) -> DataError:
         f"{MAX_FILE_BYTES_ENV}")
 
 
+def too_large_line(uri: str, limit: int) -> DataError:
+    """The refusal for a jsonl line over `limit` (one line is one document, held whole)."""
+    return DataError(f"data file {uri} holds more than {human_bytes(limit)} in one line (after decompression); "
+                     f"one document may take at most that much because it is tokenized whole: split the record "
+                     f"or raise {MAX_FILE_BYTES_ENV}")
+
+
 def check_local_file(source_uri: str, path: str, format: str, limit: int) -> None:
-    """Refuse a local path of `source_uri` that is not a regular file, or an uncompressed text/jsonl
-    file larger than `limit` (compressed and parquet files are checked while reading)."""
+    """Refuse a local path of `source_uri` that is not a regular file, or an uncompressed text file
+    (one document) larger than `limit` (jsonl lines and parquet row groups are checked while reading)."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -65,7 +77,7 @@ def check_local_file(source_uri: str, path: str, format: str, limit: int) -> Non
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"data source {source_uri}: {path} is a {_file_kind(st.st_mode)}, not a regular "
                         f"file; give files, a directory or a glob of files")
-    if format != "parquet" and infer_compression(path) is None and st.st_size > limit:
+    if format == "text" and infer_compression(path) is None and st.st_size > limit:
         raise too_large(path, f"is {human_bytes(st.st_size)}", limit)
 
 

@@ -1,12 +1,14 @@
 """`prepare`: source files -> tokens (+EOD per document) -> one megatron `.bin/.idx`.
 
-Parallel over files: each worker reads and tokenizes whole files and returns one concatenated
-token array plus document lengths; the parent writes results in file order, so the output is
-byte-identical for any number of workers. Workers are threads by default: reading (object-store
-latency above all) overlaps, results need no pickling, and the byte tokenizer's work is in C;
-measured on 2 cores it beats processes, whose result transfer costs more than the tokenizing.
-`pool="process"` (spawned, not forked: s3fs keeps an event-loop thread that a fork would copy
-broken) is there for a CPU-heavy tokenizer; spawning needs an importable __main__ (not stdin).
+Streaming and parallel over batches of documents: the parent reads the files in order (jsonl in
+chunks, parquet by row group, see sources.py) and cuts their documents into batches of about
+`batch_bytes` of text; workers tokenize a batch with one `encode_batch` call and return one
+concatenated token array plus document lengths; the parent writes results in batch order, so the
+output is byte-identical for any number of workers and memory is bounded by the batches in flight
+(2 per worker), never by file size. `pool="thread"` (default) suits the byte tokenizer, whose work
+is in C and whose results need no pickling; `pool="process"` (spawned, not forked: s3fs keeps an
+event-loop thread that a fork would copy broken; spawning needs an importable __main__) is for a
+CPU-heavy tokenizer (BPE): each process encodes single-threaded, so N processes use N cores.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from .indexed import IndexedDatasetWriter
 from .skips import FixOptions, describe_skips
 from .sources import ReadStats, SourceFile, read_documents, resolve_source
 from .storage import fs_and_path, join, write_bytes_atomic
-from .tokenizer import get_tokenizer
+from .tokenizer import TOKENIZER_THREADS_ENV, get_tokenizer
+
+BATCH_BYTES = 1 << 20
+"""Text per tokenizer call: large enough to amortize a call and its transfer, small enough that
+2 batches per worker stay a few MB."""
 
 
 @dataclass(frozen=True)
@@ -42,12 +48,14 @@ class SourceSpecLike:
 
 
 @dataclass
-class FileTokens:
-    """One file's documents, tokenized: `tokens` concatenated (EOD after each), `lengths` per doc."""
+class BatchTokens:
+    """One batch of documents, tokenized: `tokens` concatenated (EOD after each), `lengths` per doc,
+    what reading them counted, and how many files were fully read once it was cut."""
 
     tokens: np.ndarray
     lengths: np.ndarray
     stats: ReadStats
+    files_done: int = 0
 
 
 @dataclass
@@ -64,6 +72,8 @@ class PrepareSummary:
     pool: str = "thread"
     long_documents: int = 0
     long_document_threshold: int | None = None
+    tokenizer: dict = field(default_factory=dict)
+    """Which tokenizer made the ids (name, kind, fingerprint, vocab_size, eod_id, bos_id)."""
     stats: ReadStats = field(default_factory=ReadStats)
 
     @property
@@ -92,32 +102,79 @@ class PrepareSummary:
         return "\n".join(lines)
 
 
-def tokenize_file(src: SourceFile, tokenizer_name: str) -> FileTokens:
-    """Read and tokenize one file (runs in a worker process)."""
+class _BatchStats:
+    """The ReadStats of the batch being filled: readers keep one object for a whole file while its
+    documents span batches, so each batch's skips and counts stay with that batch."""
+
+    def __init__(self):
+        object.__setattr__(self, "target", ReadStats())
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.target, name, value)
+
+    def take(self) -> ReadStats:
+        done = self.target
+        object.__setattr__(self, "target", ReadStats())
+        return done
+
+
+@dataclass
+class DocumentBatch:
+    """Documents cut from the sources in order, with what reading them counted."""
+
+    texts: list[str]
+    stats: ReadStats
+    files_done: int
+
+
+def document_batches(files: Sequence[SourceFile], batch_bytes: int) -> Iterator[DocumentBatch]:
+    """Documents of `files` in order, in batches of about `batch_bytes` UTF-8 bytes (at least one
+    document each); the last batch also carries counts of trailing skips."""
+    stats, texts, size = _BatchStats(), [], 0
+    for done, src in enumerate(files):
+        for text in read_documents(src, stats):
+            texts.append(text)
+            size += len(text)
+            if size >= batch_bytes:
+                yield DocumentBatch(texts, stats.take(), done)
+                texts, size = [], 0
+    yield DocumentBatch(texts, stats.take(), len(files))
+
+
+def tokenize_batch(batch: DocumentBatch, tokenizer_name: str) -> BatchTokens:
+    """Tokenize one batch (runs in a worker): ids with EOD after each document, and lengths."""
     tok = get_tokenizer(tokenizer_name)
-    stats = ReadStats()
-    parts, lengths = [], []
+    encoded = tok.encode_batch(batch.texts) if batch.texts else []
     eod = np.array([tok.eod_id], dtype=tok.dtype)
-    for text in read_documents(src, stats):
-        ids = tok.encode(text)
-        parts += [ids, eod]
-        lengths.append(len(ids) + 1)
+    parts = [x for ids in encoded for x in (ids, eod)]
     tokens = np.concatenate(parts) if parts else np.zeros(0, tok.dtype)
-    return FileTokens(tokens, np.asarray(lengths, dtype=np.int64), stats)
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), np.int64, len(encoded))
+    return BatchTokens(tokens, lengths, batch.stats, batch.files_done)
 
 
-def _tokenize_job(args: tuple[SourceFile, str]) -> FileTokens:
-    return tokenize_file(*args)
+def _tokenize_job(args: tuple[DocumentBatch, str]) -> BatchTokens:
+    return tokenize_batch(*args)
 
 
-def ordered_map(fn: Callable, items: Sequence, workers: int, pool: str = "thread") -> Iterator:
+def _single_threaded_worker() -> None:
+    """Process-pool initializer: one core per worker process (tokenizers' own pools off)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ[TOKENIZER_THREADS_ENV] = "1"
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int, pool: str = "thread") -> Iterator:
     """`map(fn, items)` over `workers` threads or spawned processes, in order, with a bounded
     look-ahead so memory stays at ~2 results per worker; stopping early cancels what is queued."""
-    if workers <= 1 or len(items) <= 1:
+    if workers <= 1:
         yield from map(fn, items)
         return
     ex = (ThreadPoolExecutor(workers, thread_name_prefix="prepare") if pool == "thread"
-          else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+          else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_single_threaded_worker))
     try:
         it = iter(items)
         pending = collections.deque(ex.submit(fn, x) for x in itertools.islice(it, 2 * workers))
@@ -175,37 +232,40 @@ def check_counts(values: dict[str, tuple[int | None, int]]) -> None:
 
 def prepare(sources: Sequence, out_uri: str, tokenizer: str = "byte", workers: int = 1, *,
             pool: str = "thread", max_documents: int | None = None, seq_len: int | None = None,
-            progress: Callable[[int, FileTokens], None] | None = None, label: str | None = None,
-            options: FixOptions = FixOptions()) -> PrepareSummary:
+            progress: Callable[[int, BatchTokens], None] | None = None, label: str | None = None,
+            options: FixOptions = FixOptions(), batch_bytes: int = BATCH_BYTES) -> PrepareSummary:
     """Tokenize `sources` (URIs or SourceSpecs) into `<out_uri>.bin/.idx` (+ `.summary.json`).
 
     `max_documents` stops after that many documents (files are read in sorted order, so the
     result is deterministic). `seq_len`, when given, only counts documents longer than one sample
-    (seq_len + 1 tokens) for the summary. `progress(files_done, file_tokens)` is called per file.
+    (seq_len + 1 tokens) for the summary. `progress(files_done, batch_tokens)` is called per batch
+    (`batch_bytes` of text; see the module docstring).
     No usable document at all is a DataError that says why (`label` names the sources in it,
     `options` the settings its fix names) and leaves no output behind.
     """
     if pool not in ("thread", "process"):
         raise DataError(f"pool must be 'thread' or 'process', got {pool!r}")
-    check_counts({"workers": (workers, 1), "max_documents": (max_documents, 1), "seq_len": (seq_len, 1)})
+    check_counts({"workers": (workers, 1), "max_documents": (max_documents, 1), "seq_len": (seq_len, 1),
+                  "batch_bytes": (batch_bytes, 1)})
     out_uri = output_prefix(out_uri)
     tok = get_tokenizer(tokenizer)
     files = resolve_all(sources)
-    summary = PrepareSummary(out_uri=out_uri, workers=workers, pool=pool,
+    summary = PrepareSummary(out_uri=out_uri, workers=workers, pool=pool, tokenizer=tok.record(),
                              long_document_threshold=seq_len + 1 if seq_len else None)
     start = time.perf_counter()
     with IndexedDatasetWriter(out_uri, tok.dtype) as writer:
-        for done, ft in enumerate(ordered_map(_tokenize_job, [(f, tokenizer) for f in files], workers, pool), 1):
+        jobs = ((batch, tokenizer) for batch in document_batches(files, batch_bytes))
+        for ft in ordered_map(_tokenize_job, jobs, workers, pool):
             if max_documents is not None and writer.documents + len(ft.lengths) > max_documents:
                 keep = max_documents - writer.documents
-                ft = FileTokens(ft.tokens[: int(ft.lengths[:keep].sum())], ft.lengths[:keep], ft.stats)
+                ft = BatchTokens(ft.tokens[: int(ft.lengths[:keep].sum())], ft.lengths[:keep], ft.stats)
                 ft.stats.documents = keep
             writer.add_documents(ft.tokens, ft.lengths)
             summary.stats.merge(ft.stats)
             if seq_len:
                 summary.long_documents += int((ft.lengths > seq_len + 1).sum())
             if progress:
-                progress(done, ft)
+                progress(ft.files_done, ft)
             if max_documents is not None and writer.documents >= max_documents:
                 break
         if writer.documents == 0:  # raised inside the writer: its .bin is discarded, no .idx written

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import DataError
-from .limits import check_local_file, human_bytes, max_file_bytes, read_bounded, too_large
+from .limits import check_local_file, human_bytes, limits_chunk, max_file_bytes, read_bounded, too_large, \
+    too_large_line
 from .storage import fs_and_path, is_local
 
 BUILTIN_STDLIB = "builtin://python-stdlib"
@@ -107,6 +108,9 @@ def stdlib_files() -> list[str]:
 def resolve_source(uri: str, format: str = "auto", field: str = "text") -> list[SourceFile]:
     """Expand a file, directory (recursive) or glob URI into its files, sorted; fail naming `uri`
     when it does not exist, is not readable or matches nothing, so bad paths stop the driver."""
+    if format == "indexed" or (format == "auto" and uri.endswith((".bin", ".idx"))):
+        raise DataError(f"source {uri!r} is a prepared .bin/.idx prefix (format indexed): train on it directly "
+                        f"(data.sources), it is not tokenized again")
     if format not in ("auto", *FORMATS):
         raise DataError(f"source {uri!r}: unknown format {format!r}; use auto, {', '.join(FORMATS)}")
     if uri == BUILTIN_STDLIB:
@@ -138,36 +142,37 @@ def resolve_source(uri: str, format: str = "auto", field: str = "text") -> list[
 
 
 def read_documents(src: SourceFile, stats: ReadStats) -> Iterator[str]:
-    """Yield the documents of one file, counting every file/line/row that is skipped."""
+    """Yield the documents of one file, counting every file/line/row that is skipped. Streams: jsonl
+    is read in chunks and parquet by row group, so memory is bounded by the largest document (a text
+    file, a line, a row group), never by the file (see limits.py)."""
     fs, path = fs_and_path(src.uri)
     try:
-        with fs.open(path, "rb", compression="infer") as f:
-            data = read_bounded(f, src.uri, max_file_bytes()) if src.format != "parquet" else None
-            table = _read_parquet(f, src) if src.format == "parquet" else None
+        f = fs.open(path, "rb", compression="infer")
     except FileNotFoundError as exc:
         raise DataError(f"data file disappeared while reading: {src.uri}") from exc
     except PermissionError as exc:
         raise DataError(f"no permission to read data file {src.uri}: {exc}") from exc
-    except DataError:
-        raise
-    except Exception as exc:  # corrupt parquet, truncated gzip, ...: count it, keep going
-        stats.files += 1
-        stats.skip("unreadable_files", f"{src.uri} ({type(exc).__name__}: {exc})")
-        return
     stats.files += 1
-    if src.format == "parquet":
-        yield from _parquet_documents(table, src, stats)
-        return
+    with f:
+        try:
+            if src.format == "text":
+                yield from _text_document(f, src, stats)
+            elif src.format == "jsonl":
+                yield from _jsonl_documents(f, src, stats)
+            else:
+                yield from _parquet_documents(f, src, stats)
+        except DataError:
+            raise
+        except Exception as exc:  # corrupt parquet, truncated gzip, ...: count it, keep going
+            stats.skip("unreadable_files", f"{src.uri} ({type(exc).__name__}: {exc})")
+
+
+def _text_document(f, src: SourceFile, stats: ReadStats) -> Iterator[str]:
+    data = read_bounded(f, src.uri, max_file_bytes())  # one document: tokenized whole
     stats.bytes_read += len(data)
     if not data:
         stats.skip("empty_files", src.uri)
-    elif src.format == "text":
-        yield from _text_document(data, src, stats)
-    else:
-        yield from _jsonl_documents(data, src, stats)
-
-
-def _text_document(data: bytes, src: SourceFile, stats: ReadStats) -> Iterator[str]:
+        return
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -177,8 +182,25 @@ def _text_document(data: bytes, src: SourceFile, stats: ReadStats) -> Iterator[s
     yield text
 
 
-def _jsonl_documents(data: bytes, src: SourceFile, stats: ReadStats) -> Iterator[str]:
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+def _lines(f, src: SourceFile, stats: ReadStats) -> Iterator[bytes]:
+    """The lines of `f` (without their newline), read in chunks; a line over the limit is refused."""
+    limit, rest = max_file_bytes(), b""
+    while chunk := f.read(limits_chunk()):
+        stats.bytes_read += len(chunk)
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            if len(line) >= limit:  # with its newline, over the limit
+                raise too_large_line(src.uri, limit)
+            yield line
+        if len(rest) > limit:
+            raise too_large_line(src.uri, limit)
+    if rest:
+        yield rest
+
+
+def _jsonl_documents(f, src: SourceFile, stats: ReadStats) -> Iterator[str]:
+    before = stats.bytes_read
+    for lineno, raw in enumerate(_lines(f, src, stats), start=1):
         if not raw.strip():
             continue  # blank lines (and the final newline) are layout, not documents
         where = f"{src.uri}:{lineno}"
@@ -201,6 +223,8 @@ def _jsonl_documents(data: bytes, src: SourceFile, stats: ReadStats) -> Iterator
         else:
             stats.documents += 1
             yield text
+    if stats.bytes_read == before:
+        stats.skip("empty_files", src.uri)
 
 
 def _count_string_fields(record, stats: ReadStats) -> None:
@@ -210,32 +234,34 @@ def _count_string_fields(record, stats: ReadStats) -> None:
                 stats.string_fields[name] = stats.string_fields.get(name, 0) + len(value)
 
 
-def _read_parquet(f, src: SourceFile):
+def _parquet_documents(f, src: SourceFile, stats: ReadStats) -> Iterator[str]:
+    """Rows of the text column, one row group at a time (a row group is the unit parquet decodes)."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(f)
     names = pf.schema_arrow.names
     if src.field not in names:
         raise DataError(f"parquet file {src.uri} has no column {src.field!r} (columns: {names})")
-    md, limit = pf.metadata, max_file_bytes()
-    size = sum(rg.column(c).total_uncompressed_size for rg in map(md.row_group, range(md.num_row_groups))
-               for c in range(rg.num_columns) if rg.column(c).path_in_schema == src.field)
-    if size > limit:
-        raise too_large(src.uri, f"holds {human_bytes(size)} of {src.field!r} text (uncompressed)", limit)
-    return pf.read(columns=[src.field])
-
-
-def _parquet_documents(table, src: SourceFile, stats: ReadStats) -> Iterator[str]:
-    stats.bytes_read += table.nbytes
-    if table.num_rows == 0:
+    md, limit, row = pf.metadata, max_file_bytes(), 0
+    if md.num_rows == 0:
         stats.skip("empty_files", src.uri)
         return
-    for row, text in enumerate(table.column(src.field).to_pylist()):
-        where = f"{src.uri} row {row}"
-        if not isinstance(text, str):
-            stats.skip("missing_field", f"{where} (null or non-string {src.field!r})")
-        elif not text:
-            stats.skip("empty_documents", where)
-        else:
-            stats.documents += 1
-            yield text
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        size = sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns)
+                   if rg.column(c).path_in_schema == src.field)
+        if size > limit:
+            raise too_large(src.uri, f"holds {human_bytes(size)} of {src.field!r} text (uncompressed) in one row "
+                                     f"group", limit)
+        table = pf.read_row_group(g, columns=[src.field])
+        stats.bytes_read += table.nbytes
+        for text in table.column(src.field).to_pylist():
+            where = f"{src.uri} row {row}"
+            row += 1
+            if not isinstance(text, str):
+                stats.skip("missing_field", f"{where} (null or non-string {src.field!r})")
+            elif not text:
+                stats.skip("empty_documents", where)
+            else:
+                stats.documents += 1
+                yield text

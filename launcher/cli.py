@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_submit(sub)
     plan.add_subparser(sub)
     data_cli.add_subparser(sub)
+    data_cli.add_tokenizer_subparser(sub)
     runs.add_subparsers(sub)
     cluster.add_subparser(sub)
     export.add_subparser(sub)

@@ -62,12 +62,15 @@ def build_report(spec: JobSpec, layout: Any) -> dict[str, Any]:
     from ..parallelism.estimate import flops_per_token, model_stats
     from ..parallelism.layout import model_config_from_spec
     from ..parallelism.memory import estimate_memory
+    from .vocab import vocab_line, with_tokenizer_vocab
 
-    cfg = model_config_from_spec(spec)
+    flavor_vocab = model_config_from_spec(spec).vocab_size
+    cfg = model_config_from_spec(with_tokenizer_vocab(spec))
     stats = model_stats(cfg)
     seq = spec.train.seq_len
     return {
         "cfg": cfg, "stats": stats,
+        "vocab": vocab_line(spec, flavor_vocab, cfg.vocab_size, cfg.dim, stats.tied),
         "flops": flops_per_token(cfg, seq),
         "memory": estimate_memory(cfg, stats, layout, seq_len=seq, use_gpu=spec.resources.use_gpu,
                                   engine=spec.engine, recompute=spec.train.recompute),
@@ -101,6 +104,7 @@ def format_report(spec: JobSpec, layout: Any, report: dict[str, Any], max_ranks:
         f"layout     {layout.describe()}",
         f"batch      global {train.global_batch_size} = micro {train.micro_batch_size} x grad_accum "
         f"{layout.grad_accum} x dp {layout.dp}; seq_len {train.seq_len}; {_fmt_count(tokens_step)} tokens/step",
+        report["vocab"],
         f"params     total {_fmt_count(stats.total_params)}, active {_fmt_count(stats.active_params)} "
         f"(embedding {_fmt_count(stats.embedding_params)}{', tied' if stats.tied else ''})",
         f"FLOPs      {_fmt_flops(report['flops'])}/token train (3 x forward; causal attention halved, "
@@ -137,7 +141,9 @@ def _engine_notes(spec: JobSpec) -> list[str]:
     """What the chosen engine cannot run yet: the layout is sound, but `submit` will refuse it."""
     from ..parallelism.layout import model_config_from_spec
     from ..parallelism.layout_rules import engine_gaps
+    from .vocab import with_tokenizer_vocab
 
+    spec = with_tokenizer_vocab(spec)
     return [f"NOT RUNNABLE YET on engine {spec.engine}: {field}: {reason}"
             for field, reason in engine_gaps(spec, model_config_from_spec(spec))]
 

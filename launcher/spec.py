@@ -44,15 +44,6 @@ class ModelSpec:
         if self.init_from is not None:
             check_uri(self.init_from, f"{path}.init_from")
 
-    def with_vocab(self, vocab_size: int) -> "ModelSpec":
-        """This spec with overrides.vocab_size = the tokenizer's vocab_size unless set (it must not be
-        smaller): the model every engine builds."""
-        overrides = dict(self.overrides)
-        overrides.setdefault("vocab_size", vocab_size)
-        if overrides["vocab_size"] < vocab_size:
-            raise ValueError(f"model.overrides.vocab_size={overrides['vocab_size']} < tokenizer's {vocab_size}")
-        return dataclasses.replace(self, overrides=overrides)
-
 
 @dataclass(frozen=True)
 class LayoutSpec:
@@ -234,8 +225,10 @@ class SourceSpec:
     (the source and docstrings of this Python's standard library: on every machine, no download)."""
     weight: float = 1.0
     """Blend weight relative to the other sources."""
-    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
-    """How to read the files; `auto` goes by extension."""
+    format: Literal["auto", "text", "jsonl", "parquet", "indexed"] = "auto"
+    """How to read the files; `auto` goes by extension (and takes a URI ending in .bin/.idx, or whose
+    `<uri>.idx` exists, as `indexed`); `indexed`: `uri` is a prepared .bin/.idx prefix (raytron's or
+    megatron's), trained on without tokenizing again."""
     field: str = "text"
     """Field holding the document text in jsonl/parquet."""
 
@@ -245,7 +238,9 @@ class DataSpec:
     sources: list[SourceSpec]
     """Corpora to train on (blended by weight)."""
     tokenizer: str = "byte"
-    """Offline tokenizer: `byte` (UTF-8 bytes + special tokens)."""
+    """`byte` (UTF-8 bytes + special tokens), or a local path / fsspec URI of a tokenizer.json, a directory
+    holding one, a SentencePiece .model or a tiktoken ranks file (read, never downloaded; docs/data.md).
+    The model's vocabulary follows it (padded to a multiple of 128)."""
     cache_uri: str | None = None
     """Where prepared .bin/.idx and sample indices are cached (default: <checkpoint.uri>/_data_cache)."""
     valid_fraction: float = 0.02
@@ -254,11 +249,9 @@ class DataSpec:
     """Read at most this many documents per source (for quick runs)."""
 
     def validate(self, path: str) -> None:
-        from ..data_pipeline.tokenizer import TOKENIZERS
-
         check(len(self.sources) >= 1, f"{path}.sources", "got an empty list; at least one source is required")
-        check(self.tokenizer in TOKENIZERS, f"{path}.tokenizer",
-              f"got {self.tokenizer!r}; known offline: {', '.join(sorted(TOKENIZERS))} (no downloads at run time)")
+        check(bool(self.tokenizer.strip()), f"{path}.tokenizer", "got an empty name; use byte or a tokenizer path")
+        check_uri(self.tokenizer, f"{path}.tokenizer")
         if self.cache_uri is not None:
             check_uri(self.cache_uri, f"{path}.cache_uri")
             check(not self.cache_uri.startswith("memory://"), f"{path}.cache_uri",

@@ -13,15 +13,21 @@ import fsspec
 
 from ..parallelism.layout import ParallelLayout, model_config_from_spec, model_facts_from_spec
 from ..parallelism.layout_rules import engine_gaps
+from ..data_pipeline.prepared import indexed_prefix
 from .spec import JobSpec
 from .strict_yaml import ConfigError
+from .vocab import check_prepared_sources, job_tokenizer, with_tokenizer_vocab
 
 BUILTIN_SCHEME = "builtin://"
 
 
 def validate_job(spec: JobSpec, check_paths: bool = False, runnable: bool = False) -> ParallelLayout:
     """The validated layout of `spec`, or a ConfigError naming the first bad field. `runnable` also
-    refuses what the chosen engine cannot run yet (`engine_gaps`), as `submit` must."""
+    refuses what the chosen engine cannot run yet (`engine_gaps`), as `submit` must. The model's
+    vocabulary is the tokenizer's (launcher/vocab.py); prepared sources must match that tokenizer."""
+    tokenizer = job_tokenizer(spec)
+    spec = with_tokenizer_vocab(spec, tokenizer)
+    check_prepared_sources(spec, tokenizer, check_paths)
     layout = ParallelLayout.from_spec(spec, model_facts_from_spec(spec))
     check_kinds(spec, layout)
     check_host_memory(spec, layout)
@@ -117,23 +123,15 @@ def check_eval_split(spec: JobSpec, valid_samples: int) -> None:
 
 
 def resolved_model_config(spec: JobSpec):
-    """The ModelConfig the workers build: the registry's, vocabulary from the tokenizer unless overridden."""
-    import dataclasses
-
-    from ..data_pipeline.tokenizer import get_tokenizer
-
-    try:
-        model = spec.model.with_vocab(get_tokenizer(spec.data.tokenizer).vocab_size)
-    except ValueError as exc:
-        raise ConfigError("model.overrides.vocab_size", str(exc)) from None
-    return model_config_from_spec(dataclasses.replace(spec, model=model))
+    """The ModelConfig the workers build: the registry's, its vocabulary the tokenizer's (launcher/vocab.py)."""
+    return model_config_from_spec(with_tokenizer_vocab(spec))
 
 
 def check_storage(spec: JobSpec) -> None:
     """Data sources match at least one file; a local checkpoint root can be created."""
     for i, src in enumerate(spec.data.sources):
-        if src.uri.startswith(BUILTIN_SCHEME):
-            continue
+        if src.uri.startswith(BUILTIN_SCHEME) or indexed_prefix(src.uri, src.format):
+            continue  # prepared prefixes: check_prepared_sources
         path = f"data.sources[{i}].uri"
         try:
             fs, root = fsspec.core.url_to_fs(src.uri)

@@ -6,7 +6,6 @@ worker-group restart by Ray Train and a `raytron submit --resume` take the same 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -19,6 +18,7 @@ from .checkpointing import CheckpointSaver, restore_checkpoint
 from .metrics import MetricsWriter, device_peak_flops, mfu, model_flops_rate, peak_memory_gib
 from .resilience import FaultGuard, NumericsError, StopTraining
 from .spec import JobSpec, spec_from_dict
+from .vocab import with_tokenizer_vocab
 
 
 def data_cache_uri(spec: JobSpec) -> str:
@@ -62,7 +62,7 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
         torch.set_num_threads(spec.resources.torch_threads)
     data = prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed,
                            cache_uri=data_cache_uri(spec))
-    engine = build_engine(spec, layout, rank, world, data.vocab_size)
+    engine = build_engine(spec, layout, rank, world, data.tokenizer)
     store = CheckpointStore(f"{spec.run_uri}/checkpoints", keep=spec.checkpoint.keep)
     guard.attach(engine)
     start_step, cursor = restore_checkpoint(engine, store, spec, rank)
@@ -157,9 +157,10 @@ def evaluate(engine, valid, spec: JobSpec, dp_rank: int, dp: int) -> float:
     return engine.eval_loss(micro)
 
 
-def build_engine(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, vocab_size: int):
-    """The engine named by the spec. The model's vocabulary comes from the tokenizer."""
-    spec = dataclasses.replace(spec, model=spec.model.with_vocab(vocab_size))
+def build_engine(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, tokenizer=None):
+    """The engine named by the spec. The model's vocabulary comes from the tokenizer (the job's, if
+    not given), by the rule plan and submit used (launcher/vocab.py)."""
+    spec = with_tokenizer_vocab(spec, tokenizer)
     if spec.engine == "deepspeed":
         from ..parallelism.deepspeed_engine import DeepSpeedEngine
 

@@ -67,7 +67,7 @@ def corrupt_restore_rank(rank: int, world: int, root: str, name: str, job: dict,
 
     spec = load_job(Path(root), name, world, **job)
     layout = validate_job(spec)
-    engine = worker.build_engine(spec, layout, rank, world, 264)
+    engine = worker.build_engine(spec, layout, rank, world)
     store = CheckpointStore(f"{spec.run_uri}/checkpoints")
     load = checkpointing.load_state
     key = "layers.1.mixer.w_gate#0"  # layer 1 is the first MoE layer of moe/debug

@@ -156,10 +156,14 @@ def test_oversized_files_refused_with_size_and_fix(tmp_path, monkeypatch):
                                      f"1,000 bytes because it is read and tokenized whole")
     assert "split -C 256M" in str(err.value) and MAX_FILE_BYTES_ENV in str(err.value)
     assert [p for p in os.listdir(tmp_path / "c") if not p.startswith(".")] == []
-    with gzip.open(tmp_path / "z.jsonl.gz", "wt") as f:  # ~50 bytes on disk, 2,400 decompressed
+    with gzip.open(tmp_path / "z.jsonl.gz", "wt") as f:  # ~50 bytes on disk, 2,556 decompressed: streamed
         f.write('{"text": "%s"}\n' % ("z" * 200) * 12)
-    with pytest.raises(DataError, match=r"z\.jsonl\.gz holds more than 1,000 bytes \(after decompression\)"):
-        prepare([str(tmp_path / "z.jsonl.gz")], str(tmp_path / "out"))
+    summary = prepare([str(tmp_path / "z.jsonl.gz")], str(tmp_path / "z"))
+    assert (summary.bytes_read, decoded(tmp_path / "z")) == (2556, [b"z" * 200] * 12)
+    with gzip.open(tmp_path / "one.jsonl.gz", "wt") as f:  # one line (one document) over the limit
+        f.write('{"text": "ok"}\n{"text": "%s"}\n' % ("z" * 1000))
+    with pytest.raises(DataError, match=r"one\.jsonl\.gz holds more than 1,000 bytes in one line \(after decompression\)"):
+        prepare([str(tmp_path / "one.jsonl.gz")], str(tmp_path / "out"))
     pq.write_table(pa.table({"id": ["i" * 900] * 2, "text": ["p" * 600, "q" * 600]}), tmp_path / "t.parquet")
     meta = pq.read_metadata(tmp_path / "t.parquet").row_group(0)
     size = meta.column(1).total_uncompressed_size  # the text column only, not "id"

@@ -88,7 +88,7 @@ def test_too_small_or_misconfigured_refused(tmp_path):
     write_jsonl(tmp_path / "tiny.jsonl", [{"text": "ab"}, {"text": "cd"}, {"text": "x" * 200}])
     with pytest.raises(DataError, match="shorter than one sample"):
         prepare_for_job(data_spec(str(tmp_path / "tiny.jsonl")), SEQ, 1, cache_uri=str(tmp_path / "c"))
-    with pytest.raises(DataError, match="unknown tokenizer 'gpt2'"):
+    with pytest.raises(DataError, match="tokenizer not found: gpt2"):
         prepare_for_job(data_spec(str(tmp_path), tokenizer="gpt2"), SEQ, 1, cache_uri=str(tmp_path / "c"))
     with pytest.raises(DataError, match="no data cache location"):
         prepare_for_job(data_spec(str(tmp_path)), SEQ, 1)
