@@ -98,16 +98,17 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _write_tokenizer(run_config, out_dir: str) -> bool:
-    """The run's tokenizer files into out_dir through its `save_pretrained`; a tokenizer without one
-    writes nothing (said on stdout). True when written."""
+    """The run's tokenizer files into out_dir (its `save_pretrained`); one that transformers cannot load
+    exactly (the tokenizer refuses, e.g. SentencePiece) writes nothing and says why. True when written."""
+    from ..data_pipeline import DataError
     from ..data_pipeline.tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer(run_config.data.tokenizer)
-    if not hasattr(tokenizer, "save_pretrained"):
-        print(f"[raytron] tokenizer {run_config.data.tokenizer!r} has no save_pretrained: tokenizer files "
-              f"were not written (config.json and the weights are complete)")
+    try:
+        get_tokenizer(run_config.data.tokenizer).save_pretrained(out_dir)
+    except DataError as exc:
+        print(f"[raytron] tokenizer files were not written ({exc}); config.json and the weights are complete: "
+              f"load the tokenizer from {run_config.data.tokenizer} itself")
         return False
-    tokenizer.save_pretrained(out_dir)
     return True
 
 

@@ -243,15 +243,13 @@ def _moe_overlap_gaps(cfg: Any, lay: Any) -> list[tuple[str, str]]:
 
 def _precision_gaps(spec: "JobSpec", cfg: Any, lay: Any, engine: str) -> list[tuple[str, str]]:
     """train.precision fp8 (ops/fp8.py): megatron engine on FP8-capable GPUs, every FP8 GEMM dimension a
-    multiple of 16 (torch._scaled_mm). The compute capability itself is checked on the GPU at build."""
+    multiple of 16 (torch._scaled_mm). The megatron engine runs on GPUs only (launcher/validate.py check_kinds);
+    their compute capability (>= 8.9) is checked on the GPU at build."""
     field = "train.precision"
     if getattr(spec.train, "precision", "bf16") != "fp8":
         return []
     if engine != "megatron":
         return [(field, "fp8: the deepspeed engine has no FP8 GEMM path; use engine: megatron or precision: bf16")]
-    if not spec.resources.use_gpu:
-        return [(field, "fp8 needs CUDA GPUs of compute capability >= 8.9 (Ada/Hopper FP8 tensor cores); "
-                        "set resources.use_gpu: true or precision: bf16")]
     widths = {"tokens per rank (train.seq_len / layout.cp * train.micro_batch_size)":
               spec.train.seq_len // lay.cp * spec.train.micro_batch_size,
               "model.dim": cfg.dim,

@@ -1,12 +1,8 @@
 """benchmarks/megatron/fp8_parity.py's data: real text as byte tokens, EOD per file, refused when short."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks" / "megatron"))
-fp8_parity = pytest.importorskip("fp8_parity")
+from benchmarks.megatron import fp8_parity
 
 
 def test_token_stream_and_windows(tmp_path):

@@ -83,7 +83,6 @@ def test_runnable_jobs_have_no_gaps():
 
 @pytest.mark.parametrize("config, overrides, reason", [
     ("local_debug.yaml", [], "deepspeed engine has no FP8"),
-    ("dense_1b_8gpu.yaml", ["resources.use_gpu=false"], "compute capability >= 8.9"),
     ("dense_1b_8gpu.yaml", ["train.seq_len=1001"], "tokens per rank"),
     ("dense_1b_8gpu.yaml", ["model.overrides.ffn_dim=5000"], "model.ffn_dim / layout.tp = 5000"),
 ])

@@ -60,7 +60,7 @@ def test_directory_as_out_prefix_refused(tmp_path, capsys, make_dir):
 
 @pytest.mark.parametrize("name,content,reason", [
     ("empty.txt", b"", "1 empty file(s) (e.g. file://{d}/empty.txt)"),
-    ("junk.bin", JUNK, "1 invalid UTF-8 (e.g. file://{d}/junk.bin (byte 128)); documents must be UTF-8"),
+    ("junk.dat", JUNK, "1 invalid UTF-8 (e.g. file://{d}/junk.dat (byte 128)); documents must be UTF-8"),
     ("bad.parquet", b"PAR1 not a parquet file", "1 unreadable file(s) (e.g. file://{d}/bad.parquet (Arrow"),
 ], ids=["empty", "binary", "corrupt-parquet"])
 def test_zero_documents_exit_2_and_write_nothing(tmp_path, capsys, name, content, reason):

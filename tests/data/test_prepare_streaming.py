@@ -15,7 +15,7 @@ from raytron.data_pipeline import IndexedTokens, get_tokenizer, prepare
 from raytron.data_pipeline import limits
 from raytron.data_pipeline.limits import MAX_FILE_BYTES_ENV
 
-from tokenizer_helpers import corpus_text, make_hf_json
+from tests.data.tokenizer_helpers import corpus_text, make_hf_json
 
 
 @pytest.fixture(scope="module")

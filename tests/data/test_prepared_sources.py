@@ -18,14 +18,14 @@ from raytron.launcher.spec import DataSpec, SourceSpec, spec_from_dict
 from raytron.launcher.strict_yaml import ConfigError
 from raytron.launcher.validate import validate_job
 
-from datapipe_helpers import make_text_corpus
-from tokenizer_helpers import tiktoken_ranks, write_descriptor, write_ranks
+from tests.data.datapipe_helpers import make_text_corpus
+from tests.data.tokenizer_helpers import tiktoken_ranks, write_descriptor, write_ranks
 
 SEQ = 16
 JOB = {"name": "tok-test", "engine": "deepspeed", "model": {"family": "dense", "flavor": "debug"},
        "resources": {"workers": 1, "nodes": 1},
        "train": {"steps": 2, "seq_len": SEQ, "micro_batch_size": 2, "global_batch_size": 2, "lr": 3e-4},
-       "checkpoint": {"uri": "memory://runs"}}
+       "checkpoint": {"uri": "runs"}}  # plan reads no checkpoint; tests set a tmp_path where one is written
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_unrecorded_prefix_ids_checked_against_vocab(env, tmp_path):
 
 def run_plan(tmp_path, raw) -> tuple[int, str, str]:
     f = tmp_path / "job.yaml"
-    f.write_text(yaml.safe_dump(raw))
+    f.write_text(yaml.safe_dump({**raw, "checkpoint": {"uri": str(tmp_path / "runs")}}))
     parser = argparse.ArgumentParser()
     plan.add_subparser(parser.add_subparsers())
     out, err = io.StringIO(), io.StringIO()

@@ -10,7 +10,7 @@ from raytron.data_pipeline import DataError, get_tokenizer
 from raytron.data_pipeline.tokenizer import ByteTokenizer, padded_vocab_size, token_dtype
 from raytron.data_pipeline.tokenizer_files import LLAMA3_PATTERN, LLAMA3_SPECIALS
 
-from tokenizer_helpers import (PROBE, corpus_text, make_hf_json, make_sentencepiece, tiktoken_ranks,
+from tests.data.tokenizer_helpers import (PROBE, corpus_text, make_hf_json, make_sentencepiece, tiktoken_ranks,
                                write_descriptor, write_ranks)
 
 
@@ -124,7 +124,7 @@ def test_dtype_and_padding_rules():
 def test_tokenizer_train_cli_writes_what_transformers_loads(tmp_path, capsys):
     from raytron.launcher.cli import main
 
-    from datapipe_helpers import write_jsonl
+    from tests.data.datapipe_helpers import write_jsonl
 
     write_jsonl(tmp_path / "c.jsonl", [{"text": line} for line in corpus_text(200, seed=3).splitlines()]
                 + ["not json", {"other": "x"}])

@@ -40,13 +40,9 @@ def test_fp8_column_parallel_under_tp2(tmp_path):
     """Two gloo ranks: the sequence-parallel all-gather / reduce-scatter and the dgrad all-reduce around
     the FP8 GEMMs give each rank exactly its shard of the single-process FP8 computation."""
     import json
-    import sys
-    from pathlib import Path
 
-    here = Path(__file__).parent
-    sys.path[:0] = [str(here), str(here.parent / "checkpoint")]
-    import megatron_fp8_ranks
-    from ckpt_helpers import spawn_ranks
+    from tests.checkpoint.ckpt_helpers import spawn_ranks
+    from tests.parallelism import megatron_fp8_ranks
 
     out = tmp_path / "errors.json"
     spawn_ranks(megatron_fp8_ranks.column_parallel, 2, str(out))

@@ -6,18 +6,12 @@ test_megatron_step.py (recompute cases)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "checkpoint"))
-
-from ckpt_helpers import read_json, spawn_ranks  # noqa: E402
-import ds_equivalence_ranks  # noqa: E402
+from tests.checkpoint.ckpt_helpers import read_json, spawn_ranks
+from tests.parallelism import ds_equivalence_ranks
 
 
 @pytest.mark.parametrize("family, ep", [("moe", 2), ("hybrid", 1)])
