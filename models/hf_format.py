@@ -136,10 +136,13 @@ _FUSED = re.compile(r"^(model\.layers\.\d+)\.mlp\.(gate\.weight|experts\.gate_up
 
 def unfuse(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers 5's in-memory Mixtral tensors (`mlp.gate`, `mlp.experts.gate_up_proj` [E, 2F, D]
-    with gate rows first, `mlp.experts.down_proj` [E, D, F]) -> the per-expert layout; others unchanged.
-    Works on meta tensors too (header checks)."""
+    with gate rows first, `mlp.experts.down_proj` [E, D, F]) -> the per-expert layout; others unchanged
+    but RoPE's `rotary_emb.inv_freq`, a buffer older checkpoints saved that RoPE recomputes from
+    rope_theta. Works on meta tensors too (header checks)."""
     out = {}
     for name, t in hf.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
         m = _FUSED.match(name)
         if not m:
             out[name] = t

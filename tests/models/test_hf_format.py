@@ -154,6 +154,7 @@ def test_import_names_a_tensor_of_the_wrong_shape_or_missing():
     missing = {k: v for k, v in shapes.items() if k != "model.norm.weight"}
     with pytest.raises(HFFormatError, match=r"missing \['model\.norm\.weight'\]"):
         check_hf_tensors(cfg, missing, "ckpt")
+    check_hf_tensors(cfg, {**shapes, "model.layers.0.self_attn.rotary_emb.inv_freq": (8,)}, "ckpt")  # derived
     with pytest.raises(HFFormatError, match=r"unexpected \['model\.layers\.0\.self_attn\.q_norm\.weight'\]"):
         check_hf_tensors(cfg, {**shapes, "model.layers.0.self_attn.q_norm.weight": (16,)}, "ckpt")
 
