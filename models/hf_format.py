@@ -26,7 +26,10 @@ from .config import ModelConfig
 from .hf_refusals import export_problem, import_problems
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
-_DEFAULT_WINDOW = {"mistral": 4096, "mixtral": None}  # what each class assumes when config.json has no sliding_window
+# what each transformers config class assumes for a field config.json leaves out
+_DEFAULT_WINDOW = {"mistral": 4096, "mixtral": None}
+_DEFAULT_THETA = {"llama": 10000.0, "mistral": 10000.0, "mixtral": 1e6}
+_DEFAULT_EPS = {"llama": 1e-6, "mistral": 1e-6, "mixtral": 1e-5}
 _ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 _MLP = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 _EXPERT = {"w_gate": "w1", "w_down": "w2", "w_up": "w3"}  # Mixtral's names
@@ -107,16 +110,15 @@ def from_hf_config(config: dict, source: str = "config.json") -> ModelConfig:
     problems = import_problems(config)
     if problems:
         raise HFFormatError(f"{source}: " + "; ".join(problems))
-    heads = config["num_attention_heads"]
+    model_type, heads = config["model_type"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     rope = config.get("rope_parameters") or {}
     fields = dict(vocab_size=config["vocab_size"], dim=config["hidden_size"], num_layers=config["num_hidden_layers"],
                   num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
                   head_dim=0 if head_dim * heads == config["hidden_size"] else head_dim,
-                  rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-                  norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                  rope_theta=float(rope.get("rope_theta", config.get("rope_theta", _DEFAULT_THETA[model_type]))),
+                  norm_eps=float(config.get("rms_norm_eps", _DEFAULT_EPS[model_type])),
                   tie_embeddings=bool(config.get("tie_word_embeddings", False)))
-    model_type = config["model_type"]
     if model_type == "mixtral":
         fields.update(num_experts=config["num_local_experts"], top_k=config["num_experts_per_tok"],
                       moe_ffn_dim=config["intermediate_size"], router="softmax", norm_topk=True)
@@ -136,10 +138,13 @@ _FUSED = re.compile(r"^(model\.layers\.\d+)\.mlp\.(gate\.weight|experts\.gate_up
 
 def unfuse(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers 5's in-memory Mixtral tensors (`mlp.gate`, `mlp.experts.gate_up_proj` [E, 2F, D]
-    with gate rows first, `mlp.experts.down_proj` [E, D, F]) -> the per-expert layout; others unchanged.
-    Works on meta tensors too (header checks)."""
+    with gate rows first, `mlp.experts.down_proj` [E, D, F]) -> the per-expert layout; others unchanged
+    but RoPE's `rotary_emb.inv_freq`, a buffer older checkpoints saved that RoPE recomputes from
+    rope_theta. Works on meta tensors too (header checks)."""
     out = {}
     for name, t in hf.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
         m = _FUSED.match(name)
         if not m:
             out[name] = t

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .config import ModelConfig
 
+_NOT_WRITTEN = "a layout this exporter does not write"
 _SUPPORTED = ("export writes LlamaForCausalLM (blocks `*-`), MistralForCausalLM (blocks `W-`) and "
               "MixtralForCausalLM (blocks `*E` or `WE`, softmax router with renormalised top-k, dropless, no "
               "shared experts, no routing bias)")
@@ -41,13 +42,14 @@ def _moe_problems(cfg: ModelConfig) -> list[str]:
     if not cfg.norm_topk:
         problems.append("norm_topk=false: Mixtral always renormalises the top-k weights; Qwen3-MoE and OLMoE can "
                         "leave them unnormalised but RMS-normalise q and k in attention (q_norm, k_norm), which "
-                        "raytron's attention does not")
+                        "raytron's attention does not; Qwen2-MoE (norm_topk_prob=false, qkv_bias=false) would "
+                        f"need its always-present gated shared expert at zero width, {_NOT_WRITTEN}")
     if cfg.shared_experts:
         problems.append(f"shared_experts={cfg.shared_experts}: Mixtral has none; Qwen2-MoE and Qwen3-Next scale "
                         "their shared expert by a learned sigmoid gate, DeepSeek pairs it with latent attention")
     if cfg.capacity_factor > 0:
-        problems.append(f"capacity_factor={cfg.capacity_factor} drops tokens over capacity; every transformers "
-                        "MoE is dropless")
+        problems.append(f"capacity_factor={cfg.capacity_factor} drops tokens over an expert's capacity; Mixtral "
+                        "(like the other decoder-only MoE classes named here) routes every token")
     if cfg.bias_update_rate > 0:
         problems.append(f"bias_update_rate={cfg.bias_update_rate} (aux-loss-free routing bias): Mixtral has no "
                         "routing bias; DeepSeek-V3's e_score_correction_bias comes with a sigmoid router and "
@@ -73,7 +75,8 @@ def export_problem(cfg: ModelConfig) -> str | None:
     if {b[1] for b in blocks} == {"-", "E"}:
         return (f"layer pattern {pattern!r} mixes dense (`*-`) and MoE (`*E`) blocks: Mixtral has MoE in every "
                 "layer; Qwen3-MoE's mlp_only_layers would allow the mix but its attention RMS-normalises q and "
-                "k per head (q_norm, k_norm), which raytron's attention does not")
+                "k per head (q_norm, k_norm), which raytron's attention does not; Qwen2-MoE's mlp_only_layers "
+                f"(qkv_bias=false) would need its always-present gated shared expert at zero width, {_NOT_WRITTEN}")
     if "E" in pattern:
         problems = _moe_problems(cfg)
         if problems:

@@ -154,6 +154,7 @@ def test_import_names_a_tensor_of_the_wrong_shape_or_missing():
     missing = {k: v for k, v in shapes.items() if k != "model.norm.weight"}
     with pytest.raises(HFFormatError, match=r"missing \['model\.norm\.weight'\]"):
         check_hf_tensors(cfg, missing, "ckpt")
+    check_hf_tensors(cfg, {**shapes, "model.layers.0.self_attn.rotary_emb.inv_freq": (8,)}, "ckpt")  # derived
     with pytest.raises(HFFormatError, match=r"unexpected \['model\.layers\.0\.self_attn\.q_norm\.weight'\]"):
         check_hf_tensors(cfg, {**shapes, "model.layers.0.self_attn.q_norm.weight": (16,)}, "ckpt")
 
@@ -175,3 +176,13 @@ def test_export_refuses_models_without_a_transformers_class(family, flavor, over
     cfg = models.get_config(family, flavor, **overrides)
     with pytest.raises(HFFormatError, match=named):
         to_hf_config(cfg)
+
+
+@pytest.mark.parametrize("arch", ["LlamaConfig", "MistralConfig", "MixtralConfig"])
+def test_fields_left_out_of_config_json_take_the_transformers_defaults(arch):
+    want = getattr(transformers, arch)()
+    config = {k: v for k, v in want.to_dict().items()
+              if k not in ("rope_parameters", "rope_theta", "rms_norm_eps", "sliding_window")}
+    cfg = from_hf_config(config)
+    assert (cfg.rope_theta, cfg.norm_eps) == (want.rope_parameters["rope_theta"], want.rms_norm_eps)
+    assert (cfg.window if "W" in cfg.layer_pattern() else None) == getattr(want, "sliding_window", None)
