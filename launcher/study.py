@@ -188,7 +188,7 @@ def run_study(study, base, plans: list[FamilyPlan], out: str, command: str, inte
     out = _absolute(out)
     plans = [dataclasses.replace(p, spec=dataclasses.replace(
         p.spec, checkpoint=dataclasses.replace(p.spec.checkpoint, uri=out))) for p in plans]
-    record = _claim_study_dir(out, study_fingerprint(study, base), study, command)
+    record = _claim_study_dir(out, study_fingerprint(study, base, plans), study, command)
     t0 = time.monotonic()
     if not train_families(plans, out, record, interrupt, address):
         return False

@@ -246,7 +246,9 @@ def load_study(path: str, mode: str | None = None) -> tuple[StudySpec, JobSpec, 
     return study, base, plans
 
 
-def study_fingerprint(study: StudySpec, base: JobSpec) -> str:
-    """What makes two studies' families the same runs (not the output place)."""
-    record = {"study": to_dict(study), "base": {**base.to_dict(), "checkpoint": None, "name": None}}
+def study_fingerprint(study: StudySpec, base: JobSpec, plans: list[FamilyPlan]) -> str:
+    """What makes two studies' families the same runs (not the output place): the configs and every
+    family's solved model."""
+    record = {"study": to_dict(study), "base": {**base.to_dict(), "checkpoint": None, "name": None},
+              "models": {p.name: to_dict(p.spec.model) for p in plans}}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]

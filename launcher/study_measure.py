@@ -29,7 +29,8 @@ PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of live tensor storages created under it; `peak` is the high-water mark (CPU peak memory)."""
+    """Bytes of live tensor storages created under it; `peak` is the high-water mark. Sees every tensor
+    an aten op creates and when its storage is freed, without allocator caching (CPU peak memory)."""
 
     def __init__(self) -> None:
         super().__init__()
