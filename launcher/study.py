@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 
@@ -41,8 +42,9 @@ def add_subparser(subparsers) -> None:
 def _run_cli(args: argparse.Namespace) -> int:
     from .cli import EXIT_FAILED, EXIT_INVALID
 
-    command = "raytron " + " ".join(sys.argv[1:]) if sys.argv and "raytron" in sys.argv[0] else \
-        f"raytron study {args.config}"
+    # the command as typed when run as `raytron ...`; otherwise (in-process callers, tests) its equivalent
+    typed = sys.argv and os.path.basename(sys.argv[0]) == "raytron" and "study" in sys.argv
+    command = shlex.join(["raytron", *sys.argv[1:]]) if typed else shlex.join(["raytron", "study", args.config])
     try:
         study, base, plans = load_study(args.config, args.mode)
         interrupt = _parse_interrupt(args.interrupt_at, plans)
@@ -71,7 +73,7 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
-def _claim_study_dir(out: str, fingerprint: str, study, command: str) -> dict:
+def _claim_study_dir(out: str, fingerprint: str, command: str) -> dict:
     """The study record: written on the first run; a later run must be the same study."""
     fs, root = fsspec.core.url_to_fs(out)
     path = f"{root}/{RECORD}"
@@ -188,7 +190,7 @@ def run_study(study, base, plans: list[FamilyPlan], out: str, command: str, inte
     out = _absolute(out)
     plans = [dataclasses.replace(p, spec=dataclasses.replace(
         p.spec, checkpoint=dataclasses.replace(p.spec.checkpoint, uri=out))) for p in plans]
-    record = _claim_study_dir(out, study_fingerprint(study, base, plans), study, command)
+    record = _claim_study_dir(out, study_fingerprint(study, base, plans), command)
     t0 = time.monotonic()
     if not train_families(plans, out, record, interrupt, address):
         return False
