@@ -147,7 +147,7 @@ def read_metrics(run_uri: str) -> list[dict]:
 
 def summarize_run(spec, cfg: ModelConfig, records: list[dict], val: tuple[int, int], device_name: str | None) -> dict:
     """Per-family training metrics from its metrics.jsonl: final validation loss, perplexity, bits per
-    byte, mean training tokens/s (steps after the first of each attempt: those include start-up),
+    byte, mean training tokens/s over the steps after the first (which includes start-up),
     MFU and peak memory when recorded (GPU MFU computed from models/flops.py when not)."""
     steps = sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
     if not steps or steps[-1]["step"] != spec.train.steps or steps[-1].get("val_loss") is None:
