@@ -48,7 +48,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     try:
         study, base, plans = load_study(args.config, args.mode)
         interrupt = _parse_interrupt(args.interrupt_at, plans)
-        out = args.out or f"{base.checkpoint.uri.rstrip('/')}/study-{os.path.splitext(os.path.basename(args.config))[0]}"
+        stem = os.path.splitext(os.path.basename(args.config))[0]
+        out = args.out or f"{base.checkpoint.uri.rstrip('/')}/study-{stem}"
         if "://" in out and not out.startswith("file://"):
             raise ConfigError("--out", f"got {out!r}; the study directory (report, plots) must be a local path")
         out = out.removeprefix("file://")
@@ -147,7 +148,8 @@ def train_families(plans, out: str, record: dict, interrupt, address) -> bool:
         _save_record(out, record)
         if outcome.status != "completed":
             print(f"[study] {plan.name} {outcome.status} ({outcome.error}); run the same `raytron study` command "
-                  f"again to resume it from its last checkpoint ({outcome.last_checkpoint})", file=sys.stderr, flush=True)
+                  f"again to resume it from its last checkpoint ({outcome.last_checkpoint})",
+                  file=sys.stderr, flush=True)
             return False
         print(f"[study] {plan.name} done in {_fmt(took)}", flush=True)
     return True

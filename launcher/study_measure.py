@@ -165,7 +165,8 @@ def summarize_run(spec, cfg: ModelConfig, records: list[dict], val: tuple[int, i
         peak = next((v for k, v in PEAK_BF16.items() if device_name and k in device_name), None)
         world = spec.resources.workers
         mfu_value = flops_per_token(cfg, spec.train.seq_len)["total"] * tps / (peak * world) if peak else None
-    mem = [v for r in steps for k, v in r.items() if k.startswith("mem_") and "peak" in k and isinstance(v, (int, float))]
+    mem = [v for r in steps for k, v in r.items()
+           if k.startswith("mem_") and "peak" in k and isinstance(v, (int, float))]
     return {
         "val_loss": val_loss, "perplexity": math.exp(val_loss),
         "bits_per_byte": val_loss * n_tokens / math.log(2) / n_bytes,

@@ -95,8 +95,9 @@ def claim_throughput(results: dict, study) -> tuple[str, str]:
         gap = fams[name]["perplexity"] / base["perplexity"] - 1
         parts.append(f"{name}: training tokens/s {ratio:.2f}x, perplexity {gap:+.2%}")
         ok = ok and ratio >= 1.5 and abs(gap) <= study.claims.comparable_ppl
-    detail = "; ".join(parts) + (f" vs {BASELINE} at train.seq_len {results['base']['train']['seq_len']} (criteria: "
-                                 f">= 1.5x tokens/s and perplexity within {study.claims.comparable_ppl:.0%}, every family)")
+    detail = "; ".join(parts) + (
+        f" vs {BASELINE} at train.seq_len {results['base']['train']['seq_len']} (criteria: >= 1.5x tokens/s and "
+        f"perplexity within {study.claims.comparable_ppl:.0%}, every family)")
     gate = _quality_gate(results, study)
     if gate:  # no family reaching the speed-up refutes the claim whatever the perplexities
         return (NOT_MEASURABLE if any_fast else NOT_CONFIRMED), f"{gate}. Measured: {detail}"
@@ -117,7 +118,8 @@ def render_report(results: dict, study) -> str:
     lines = [f"# Efficient-architecture study ({study.mode})", "",
              f"Command: `{results['command']}`", "",
              f"Machine: {results['machine']['device']} on {results['machine']['host']} "
-             f"({results['machine']['cpus']} CPUs, torch {results['machine']['torch']}). Base job: engine {b['engine']}, "
+             f"({results['machine']['cpus']} CPUs, torch {results['machine']['torch']}). "
+             f"Base job: engine {b['engine']}, "
              f"{b['train']['steps']} steps x {b['train']['global_batch_size']} x {b['train']['seq_len']} tokens, "
              f"tokenizer {b['data']['tokenizer']}, {b['resources']['workers']} worker(s). Every family has "
              f"{study.layers} layers and is sized to {study.target_active_params:,} active parameters "
@@ -130,7 +132,8 @@ def render_report(results: dict, study) -> str:
     for name, f in fams.items():
         lines.append(f"| {name} | `{FAMILIES[name][0]}` x{len(f['pattern']) // len(FAMILIES[name][0])} | "
                      f"{f['model']['dim']} | {f['active_params']:,} / {f['total_params']:,} ({f['active_gap']:+.1%}) | "
-                     f"{f['val_loss']:.4f} | {f['perplexity']:.2f} | {f['bits_per_byte']:.4f} | {f['tokens_per_s']:,.0f} | "
+                     f"{f['val_loss']:.4f} | {f['perplexity']:.2f} | {f['bits_per_byte']:.4f} | "
+                     f"{f['tokens_per_s']:,.0f} | "
                      f"{_fmt_opt(f['mfu'], '.1%')} | {_fmt_bytes(f['peak_mem_bytes'])} | {f['wall_s']:.0f} s |")
     if study.mode == "cpu":
         lines += ["", "MFU is n/a on CPU (no meaningful peak FLOP/s)."]
