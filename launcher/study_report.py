@@ -33,7 +33,7 @@ def _longest(fam: dict) -> dict | None:
 def _quality_gate(results: dict, study) -> str | None:
     tokens = min(f["train_tokens"] for f in results["families"].values())
     if tokens < study.claims.min_train_tokens:
-        return (f"each family trained on {tokens:,} tokens, below claims.min_train_tokens="
+        return (f"Each family trained on {tokens:,} tokens, below claims.min_train_tokens="
                 f"{study.claims.min_train_tokens:,}: perplexity gaps at this budget do not speak for pretraining")
     return None
 
