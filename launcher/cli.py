@@ -1,4 +1,4 @@
-"""`raytron` command line: submit, plan, data prepare, runs/status/logs/stop, cluster.
+"""`raytron` command line: submit, plan, data prepare, runs/status/logs/stop, cluster, export, study.
 
 Exit codes: 0 success; 1 the job ran and failed; 2 the config, data or command line was refused
 before anything started; 3 the job was preempted more often than fault.max_preemptions, or the driver
@@ -77,7 +77,7 @@ def _run_submit(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..data_pipeline import cli as data_cli
-    from . import cluster, export, plan, runs
+    from . import cluster, export, plan, runs, study
 
     parser = argparse.ArgumentParser(prog="raytron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_subparsers(sub)
     cluster.add_subparser(sub)
     export.add_subparser(sub)
+    study.add_subparser(sub)
     return parser
 
 

@@ -13,15 +13,12 @@ FLOPs: torch's FlopCounterMode (with the registry's `counting_mode()` mapping fo
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from raytron import models
+from raytron.launcher.study_measure import LiveTensorBytes
 from raytron.parallelism.deepspeed_engine import apply_recompute
 from raytron.parallelism.estimate import flops_per_token, model_stats
 from raytron.parallelism.layout import ParallelLayout
@@ -37,31 +34,6 @@ CASES = [
     ("hybrid", "debug-moe", 2, 256, dict(chunk_size=32, sparse_block=32)),
 ]
 IDS = [f"{c[0]}-{c[1]}" for c in CASES]
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Tracks bytes of live tensor storages created under it; `peak` is the high-water mark."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = self.peak = 0
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self.live:
-                    self.live[key] = storage.nbytes()
-                    self.current += storage.nbytes()
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(storage, self._free, key)
-        return out
 
 
 def _loss(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,6 @@ loss matches the fp32 reference model's with those weights (marked `gpu`; skips 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -44,11 +43,12 @@ def test_megatron_engine_starts_from_transformers_weights(one_rank):
     from raytron import models
     from raytron.launcher.spec import load_spec
     from raytron.launcher.validate import validate_job
+    from raytron.launcher.vocab import with_tokenizer_vocab
     from raytron.models.hf_format import from_hf_config, from_hf_state
     from raytron.parallelism.megatron_engine import MegatronEngine
 
     spec = load_spec(CONFIG, ["resources.workers=1", "layout.ep=1", "layout.dp=1", "train.global_batch_size=4"])
-    spec = dataclasses.replace(spec, model=spec.model.with_vocab(264))
+    spec = with_tokenizer_vocab(spec)  # the byte tokenizer's 264 rows
     engine = MegatronEngine(spec, validate_job(spec), 0, 1)
     torch.manual_seed(11)
     hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**MIXTRAL))

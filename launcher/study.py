@@ -1,0 +1,226 @@
+"""`raytron study CONFIG`: pretrain every efficient-architecture family of a study on the same base job,
+measure them, and write results.json, report.md and plots under the study directory.
+
+Each family is a normal run `<out>/<family>/` started through `driver.run_job`, the call `raytron
+submit` makes, so it checkpoints and resumes like any run. Running the same study again continues
+where it stopped: a completed family is not retrained, a partly trained one is resumed (`--resume`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+import fsspec
+
+from .study_config import FAMILIES, FamilyPlan, load_study, study_fingerprint
+from .strict_yaml import ConfigError
+
+RECORD = "study.json"
+
+
+def add_subparser(subparsers) -> None:
+    p = subparsers.add_parser("study", help="train and compare efficient-architecture families",
+                              description="Train every family of a study config at equal active parameters "
+                                          "on one base job; write results.json, report.md and plots.")
+    p.add_argument("config", help="study YAML (e.g. cluster_configs/study_cpu.yaml)")
+    p.add_argument("--out", default=None, help="study directory (default: <base checkpoint.uri>/study-<config name>)")
+    p.add_argument("--mode", choices=("cpu", "gpu"), default=None, help="override the config's mode")
+    p.add_argument("--address", default=None, help="Ray address to train on (default: embedded local Ray)")
+    p.add_argument("--interrupt-at", default=None, metavar="FAMILY:STEP",
+                   help="TEST HOOK: make FAMILY's run fail at STEP (an injected exception), ending the study "
+                        "there as an interruption would; running the study again resumes it")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    from .cli import EXIT_FAILED, EXIT_INVALID
+
+    # the command as typed when run as `raytron ...`; otherwise (in-process callers, tests) its equivalent
+    typed = sys.argv and os.path.basename(sys.argv[0]) == "raytron" and "study" in sys.argv
+    command = shlex.join(["raytron", *sys.argv[1:]]) if typed else shlex.join(["raytron", "study", args.config])
+    try:
+        study, base, plans = load_study(args.config, args.mode)
+        interrupt = _parse_interrupt(args.interrupt_at, plans)
+        stem = os.path.splitext(os.path.basename(args.config))[0]
+        out = args.out or f"{base.checkpoint.uri.rstrip('/')}/study-{stem}"
+        if "://" in out and not out.startswith("file://"):
+            raise ConfigError("--out", f"got {out!r}; the study directory (report, plots) must be a local path")
+        out = out.removeprefix("file://")
+        return 0 if run_study(study, base, plans, out, command, interrupt, args.address) else EXIT_FAILED
+    except (ConfigError, ValueError, FileNotFoundError, PermissionError, ConnectionError) as exc:
+        print(f"raytron: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def _parse_interrupt(text: str | None, plans: list[FamilyPlan]) -> tuple[str, int] | None:
+    if text is None:
+        return None
+    name, _, step = text.partition(":")
+    names = [p.name for p in plans]
+    if name not in names or not step.isdigit() or not 1 <= int(step) <= plans[names.index(name)].spec.train.steps:
+        raise ConfigError("--interrupt-at", f"got {text!r}; expected FAMILY:STEP with FAMILY one of "
+                                            f"{', '.join(names)} and STEP within its train.steps")
+    return name, int(step)
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def _claim_study_dir(out: str, fingerprint: str, command: str) -> dict:
+    """The study record: written on the first run; a later run must be the same study."""
+    fs, root = fsspec.core.url_to_fs(out)
+    path = f"{root}/{RECORD}"
+    if fs.exists(path):
+        record = json.loads(fs.cat_file(path))
+        if record.get("fingerprint") != fingerprint:
+            raise ConfigError("--out", f"{out} holds another study (fingerprint {record.get('fingerprint')}, this one "
+                                       f"{fingerprint}): its families would not be comparable; choose another --out")
+        return record
+    fs.makedirs(root, exist_ok=True)
+    record = {"fingerprint": fingerprint, "created": time.time(), "command": command, "wall_s": {}}
+    fs.pipe_file(path, json.dumps(record, indent=1).encode())
+    return record
+
+
+def _save_record(out: str, record: dict) -> None:
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.pipe_file(f"{root}/{RECORD}", json.dumps(record, indent=1).encode())
+
+
+def _state(spec) -> tuple[str, int | None]:
+    """('new' | 'partial' | 'completed', last committed step) of a family's run directory."""
+    from ..parallelism.checkpoint import CheckpointStore
+
+    fs, root = fsspec.core.url_to_fs(spec.run_uri)
+    if not fs.exists(f"{root}/config.yaml"):
+        return "new", None
+    steps = CheckpointStore(f"{spec.run_uri}/checkpoints").committed_steps()
+    last = max(steps) if steps else None
+    outcome = json.loads(fs.cat_file(f"{root}/outcome.json")) if fs.exists(f"{root}/outcome.json") else {}
+    done = outcome.get("status") == "completed" and last == spec.train.steps
+    return ("completed" if done else "partial"), last
+
+
+def _with_interrupt(spec, step: int):
+    """The family's spec with the test hook's injected failure at `step` and no restart budget."""
+    from .spec import FaultInjectSpec
+
+    fault = dataclasses.replace(spec.fault, max_failures=0,
+                                inject=FaultInjectSpec(kind="exception", step=step, rank=0, attempt=0))
+    return dataclasses.replace(spec, fault=fault)
+
+
+def train_families(plans, out: str, record: dict, interrupt, address) -> bool:
+    """Train every family not yet completed, in order; False when one fails (the study stops there)."""
+    from .driver import run_job
+
+    spent: list[float] = []
+    for i, plan in enumerate(plans, 1):
+        spec = plan.spec
+        state, last = _state(spec)
+        unit = FAMILIES[plan.name][0]
+        head = (f"[study] ({i}/{len(plans)}) {plan.name}: pattern {unit!r} x {len(plan.cfg.pattern) // len(unit)}, "
+                f"dim {plan.cfg.dim}, "
+                f"{plan.active_params:,} active / {plan.total_params:,} total params")
+        if state == "completed":
+            print(f"{head}: completed earlier, not retrained", flush=True)
+            continue
+        left = len(plans) - i + 1
+        eta = f", study ETA {_fmt(sum(spent) / len(spent) * left)}" if spent else ""
+        resume = state == "partial"
+        print(f"{head}: {'resuming from step ' + str(last or 0) if resume else 'training'} to step "
+              f"{spec.train.steps}{eta}", flush=True)
+        if interrupt and interrupt[0] == plan.name:
+            spec = _with_interrupt(spec, interrupt[1])
+        t0 = time.monotonic()
+        outcome = run_job(spec, resume=resume, address=address)
+        took = time.monotonic() - t0
+        spent.append(took)
+        record["wall_s"][plan.name] = record["wall_s"].get(plan.name, 0.0) + took
+        _save_record(out, record)
+        if outcome.status != "completed":
+            print(f"[study] {plan.name} {outcome.status} ({outcome.error}); run the same `raytron study` command "
+                  f"again to resume it from its last checkpoint ({outcome.last_checkpoint})",
+                  file=sys.stderr, flush=True)
+            return False
+        print(f"[study] {plan.name} done in {_fmt(took)}", flush=True)
+    return True
+
+
+def _sweep(plan: FamilyPlan, study, out: str) -> list[dict]:
+    """The family's throughput sweep, cached in its run directory (a resumed study does not redo it)."""
+    from .study_measure import sweep_family
+
+    fs, root = fsspec.core.url_to_fs(plan.spec.run_uri)
+    path = f"{root}/study_sweep.json"
+    seqs = sorted({*study.contexts, plan.spec.train.seq_len})
+    if fs.exists(path):
+        cached = json.loads(fs.cat_file(path))
+        if [r["seq"] for r in cached] == seqs:
+            return cached
+    print(f"[study] sweep {plan.name}: forward+backward at contexts {seqs}", flush=True)
+    rows = sweep_family(plan.cfg, seqs, study.sweep, study.mode, plan.spec.resources.torch_threads,
+                        plan.spec.train.seed)
+    fs.pipe_file(path, json.dumps(rows, indent=1).encode())
+    return rows
+
+
+def machine(mode: str) -> dict:
+    import torch
+
+    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpus": os.cpu_count(), "device": "cpu"}
+    if mode == "gpu" and torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_study(study, base, plans: list[FamilyPlan], out: str, command: str, interrupt=None, address=None) -> bool:
+    """Train, measure and report; True when every family completed and the report is written."""
+    from ..typed import to_dict
+    from .study_measure import read_metrics, summarize_run, validation_bytes
+    from .study_report import write_outputs
+
+    out = _absolute(out)
+    plans = [dataclasses.replace(p, spec=dataclasses.replace(
+        p.spec, checkpoint=dataclasses.replace(p.spec.checkpoint, uri=out))) for p in plans]
+    record = _claim_study_dir(out, study_fingerprint(study, base, plans), command)
+    t0 = time.monotonic()
+    if not train_families(plans, out, record, interrupt, address):
+        return False
+    val = validation_bytes(plans[0].spec)
+    info = machine(study.mode)
+    families = {}
+    for plan in plans:
+        metrics = summarize_run(plan.spec, plan.cfg, read_metrics(plan.spec.run_uri), val,
+                                info["device"] if study.mode == "gpu" else None)
+        sweep = _sweep(plan, study, out)
+        at_train = next(r for r in sweep if r["seq"] == plan.spec.train.seq_len)
+        families[plan.name] = {
+            "pattern": plan.cfg.pattern, "registry": [plan.spec.model.family, plan.spec.model.flavor],
+            "model": to_dict(plan.cfg), "active_params": plan.active_params, "total_params": plan.total_params,
+            "active_gap": plan.active_params / study.target_active_params - 1,
+            **metrics, "peak_mem_bytes": at_train.get("peak_mem_bytes"),
+            "wall_s": record["wall_s"].get(plan.name),
+            "sweep": [r for r in sweep if r["seq"] in study.contexts],
+        }
+    results = {"command": record["command"], "resumed_by": command if command != record["command"] else None,
+               "machine": info, "study": to_dict(study), "base": base.to_dict(), "out": out,
+               "validation": {"tokens": val[0], "bytes": val[1]}, "families": families,
+               "report_s": time.monotonic() - t0}
+    write_outputs(out, results, study)
+    print(f"[study] done: {out}/report.md, {out}/results.json, plots {out}/*.png", flush=True)
+    return True
+
+
+def _fmt(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
