@@ -70,7 +70,9 @@ _compiled_pair = torch.compile(_quantise_pair, dynamic=True)
 
 
 def quantise_pair(t: torch.Tensor, dtype: torch.dtype):
-    return (_compiled_pair if t.is_cuda else _quantise_pair)(t, dtype)
+    # detached: a weight arrives as an nn.Parameter, and a compiled graph guards on the input's type
+    # (Parameter vs Tensor recompiled until dynamo's limit, then ran eager)
+    return (_compiled_pair if t.is_cuda else _quantise_pair)(t.detach(), dtype)
 
 
 def check_fast_path(device: torch.device) -> None:
@@ -163,7 +165,7 @@ _compiled_rows = torch.compile(_quantise_rows, dynamic=True)
 
 
 def quantise_rows(t: torch.Tensor):
-    return (_compiled_rows if t.is_cuda else _quantise_rows)(t)
+    return (_compiled_rows if t.is_cuda else _quantise_rows)(t.detach())  # detached: see quantise_pair
 
 
 def _segments(offsets: torch.Tensor) -> list[tuple[int, int]]:
