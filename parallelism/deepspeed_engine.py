@@ -35,12 +35,18 @@ def _ds_config(spec, layout) -> dict:
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": train.grad_clip,
+        # ZeRO-0 in fp32 steps the bare torch optimizer, whose DeepSpeed clipping neither reports the norm
+        # nor sums expert gradients over the EP group: the engine clips it itself (_clip_replicated)
+        "gradient_clipping": train.grad_clip if _zero_clips(layout) else 0.0,
         "zero_optimization": {"stage": layout.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def _zero_clips(layout) -> bool:
+    return layout.zero_stage > 0
 
 
 class DeepSpeedEngine:
@@ -109,25 +115,54 @@ class DeepSpeedEngine:
         self.engine.train()
         lm_sum = torch.zeros((), dtype=torch.float64)
         aux_sum = torch.zeros((), dtype=torch.float64)
-        load = None
+        load = grad_norm = None
         lr = self.scheduler.get_last_lr()[0]
         for i, batch in enumerate(micro_batches):
             lm, aux = self._forward_loss(batch)
-            self.engine.backward(lm + self.spec.train.aux_loss_coef * aux)
+            self.engine.backward(lm + self.spec.train.aux_loss_coef * aux)  # all-reduces at the GA boundary
             lm_sum += lm.detach().double().cpu()
             aux_sum += aux.detach().double().cpu()
-            if i == len(micro_batches) - 1 and self.before_optimizer_step is not None:
-                self.before_optimizer_step(lm_sum + aux_sum)  # GA boundary: the next step() updates
+            if i == len(micro_batches) - 1:  # GA boundary: the next step() updates
+                if not _zero_clips(self.layout):
+                    grad_norm = self._clip_replicated()
+                if self.before_optimizer_step is not None:
+                    self.before_optimizer_step(lm_sum + aux_sum)
             self.engine.step()
             load = self._accumulate_load(load)
         stats = torch.stack([lm_sum, aux_sum]) / len(micro_batches)
         torch.distributed.all_reduce(stats)
         stats /= self.world
-        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         tokens = self.spec.train.global_batch_size * self.spec.train.seq_len
         return StepMetrics(loss=float(stats[0]), aux_loss=float(stats[1]), tokens=tokens, lr=lr,
                            grad_norm=float(grad_norm if grad_norm is not None else float("nan")),
                            expert_load=self._global_load(load))
+
+    @torch.no_grad()
+    def _clip_replicated(self) -> float:
+        """Global gradient norm of a replicated (ZeRO-0) model, clipped as torch's clip_grad_norm_ does.
+        Non-expert gradients are already identical on every rank; each expert's gradient lives on its EP
+        rank only, so the expert part of the squared norm is summed over the EP group."""
+        from deepspeed.moe.utils import is_moe_param
+
+        sq = {False: [], True: []}
+        for p in self.module.parameters():
+            if p.grad is not None:
+                sq[is_moe_param(p)].append(torch.linalg.vector_norm(p.grad.float()).square())
+        dense, expert = (torch.stack(v).sum() if v else torch.zeros((), device=self.device) for v in sq.values())
+        if self.num_moe_layers and self.ep_size > 1:
+            from deepspeed.utils import groups
+
+            torch.distributed.all_reduce(expert, group=groups._get_expert_parallel_group(f"ep_size_{self.ep_size}"))
+        norm = (dense + expert).sqrt()
+        clip = self.spec.train.grad_clip
+        if clip > 0:
+            coef = (clip / (norm + 1e-6)).clamp(max=1.0)
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return float(norm)
 
     def _accumulate_load(self, load):
         counts = [m.last_load.double().cpu() for m in self.module.modules()
