@@ -52,6 +52,11 @@ class LayoutSpec:
     3 is refused with MoE). megatron: 1 = its distributed optimizer (optimizer state sharded over DP,
     ZeRO-1 equivalent), 0 = replicated optimizer; 2 and 3 are refused."""
 
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    """deepspeed, GPU jobs: ZeRO-Offload to host memory. optimizer: fp32 master weights and Adam state
+    (ZeRO 1-3); optimizer+params: the parameters too (ZeRO-3 only). Refused on CPU jobs (already in host
+    memory) and by megatron (`plan` names the gap)."""
+
     def validate(self, path: str) -> None:
         for name in ("tp", "pp", "vpp", "ep", "etp", "cp"):
             check(getattr(self, name) >= 1, f"{path}.{name}", f"got {getattr(self, name)}; must be >= 1")
@@ -125,6 +130,11 @@ class TrainSpec:
     layer by layer beside the previous one's backward on two CUDA streams (megatron-core's
     overlap_moe_expert_parallel_comm, Megatron-LM's --overlap-moe-expert-parallel-comm). Same gradients up
     to summation order; pp > 1 needs layout.vpp > 1."""
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision. auto: bf16 on GPUs, fp32 on CPU. bf16: bf16 weights, activations and gradients
+    with fp32 master weights and Adam state (deepspeed: its `bf16` mode, on GPUs and on CPU). fp32: fp32
+    throughout (megatron takes auto only in this build)."""
 
     def validate(self, path: str) -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "eval_batches"):

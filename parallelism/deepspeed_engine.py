@@ -1,4 +1,5 @@
-"""The deepspeed engine: the reference model (DeepSpeed-MoE for its MoE layers) in a ZeRO-1/2 engine.
+"""The deepspeed engine: the reference model (DeepSpeed-MoE for its MoE layers) under ZeRO 0-3, in fp32 or
+bf16 (fp32 master weights), optionally with ZeRO-Offload.
 
 Runs on CPU over gloo (DS_ACCELERATOR=cpu) as well as on GPUs over NCCL. Expert parallelism folds over
 data parallelism the DeepSpeed way: EP groups are consecutive ranks, rank r holds the experts of EP
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import models
 from .deepspeed_moe import swap_moe_layers
+from .layout_rules import engine_gaps, resolved_precision
 from .schedule import lr_multiplier
 
 
@@ -30,7 +32,16 @@ class StepMetrics:
 
 
 def _ds_config(spec, layout) -> dict:
-    train = spec.train
+    """DeepSpeed's config. bf16 keeps fp32 master weights and Adam state in ZeRO's partitions. ZeRO-Offload
+    moves those partitions to host memory (and the parameters under ZeRO-3); the host step runs the same
+    torch AdamW (zero_force_ds_cpu_optimizer off) rather than DeepSpeedCPUAdam, so every layout computes
+    the reference optimizer and needs no compiled op. engine_gaps refuses what this cannot run."""
+    train, offload = spec.train, spec.layout.offload
+    zero: dict = {"stage": layout.zero_stage}
+    if offload != "none":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -38,8 +49,10 @@ def _ds_config(spec, layout) -> dict:
         # ZeRO-0 in fp32 steps the bare torch optimizer, whose DeepSpeed clipping neither reports the norm
         # nor sums expert gradients over the EP group: the engine clips it itself (_clip_replicated)
         "gradient_clipping": train.grad_clip if _zero_clips(layout) else 0.0,
-        "zero_optimization": {"stage": layout.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": resolved_precision(spec) == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -59,6 +72,10 @@ class DeepSpeedEngine:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         self.spec, self.layout, self.rank, self.world = spec, layout, rank, world_size
+        cfg = models.get_config(spec.model.family, spec.model.flavor, **spec.model.overrides)
+        gaps = engine_gaps(spec, cfg, layout, "deepspeed")  # the limits plan lists, submit refuses
+        if gaps:
+            raise ValueError(f"{gaps[0][0]}: the deepspeed engine cannot run this job: {gaps[0][1]}")
         ds_dist.init_distributed(dist_backend="nccl" if spec.resources.use_gpu else "gloo",
                                  dist_init_required=False, verbose=False)
         self.device = torch.device("cuda", torch.cuda.current_device()) if spec.resources.use_gpu else torch.device("cpu")

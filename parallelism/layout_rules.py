@@ -82,7 +82,8 @@ def _check_experts(spec: "JobSpec", layout: "ParallelLayout", facts: "ModelFacts
     if spec.engine == "deepspeed":
         check(layout.zero_stage < 3, "layout.zero_stage",
               "got 3 with a MoE model; DeepSpeed-MoE does not support ZeRO-3 (expert parameters cannot be "
-              "partitioned across the data-parallel group): use zero_stage 1 or 2")
+              "partitioned across the data-parallel group): use zero_stage 1 or 2 (with layout.offload: optimizer "
+              "for more memory on GPUs), or engine megatron (zero_stage 1, its distributed optimizer)")
 
 
 def _check_heads(layout: "ParallelLayout", facts: "ModelFacts") -> None:
@@ -171,6 +172,14 @@ def _typed_overrides(config_cls: Any, overrides: dict[str, Any]) -> dict[str, An
     return out
 
 
+def resolved_precision(spec: "JobSpec") -> str:
+    """"bf16" or "fp32": train.precision with auto resolved (bf16 on GPUs, fp32 on CPU)."""
+    precision = spec.train.precision
+    if precision == "auto":
+        return "bf16" if spec.resources.use_gpu else "fp32"
+    return precision
+
+
 def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | None = None) -> list[tuple[str, str]]:
     """(field, reason) for each part of a *valid* job that this build's engine cannot run yet.
 
@@ -190,6 +199,12 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
                          "gradient-sync hooks are not wired in this build; use pp=1 or turn it off"))
         if overlap_moe:
             gaps += _moe_overlap_gaps(cfg, lay)
+        if spec.train.precision != "auto":
+            gaps.append(("train.precision", f"{spec.train.precision!r}: the megatron engine in this build runs "
+                         "auto only (bf16 on GPUs, fp32 on CPU); engine deepspeed runs fp32 and bf16 on either"))
+        if spec.layout.offload != "none":
+            gaps.append(("layout.offload", f"{spec.layout.offload!r}: ZeRO-Offload is a deepspeed-engine option "
+                         "(use engine: deepspeed with zero_stage 1-3) or set offload: none"))
         for name, bad, why in (("router", cfg.router != "softmax", "only the softmax router is mapped"),
                                ("capacity_factor", cfg.capacity_factor > 0, "token-dropping order differs"),
                                ("bias_update_rate", cfg.bias_update_rate > 0, "aux-loss-free bias is not mapped")):
@@ -202,12 +217,34 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
         if overlap_moe:
             gaps.append(("train.overlap_moe_comm", "a megatron-engine option (megatron-core's EP all-to-all "
                          "overlap); the deepspeed engine has no such schedule: turn it off"))
+        gaps += _deepspeed_memory_gaps(spec, lay)
     if (engine or spec.engine) != "megatron" and cfg.num_experts and "E" in pattern:
         for name, bad, why in (("router", cfg.router != "softmax", "DeepSpeed-MoE gates are softmax only"),
                                ("top_k", cfg.top_k != 2, "DeepSpeed's k>2 gate has other semantics; use 2"),
                                ("bias_update_rate", cfg.bias_update_rate > 0, "no aux-loss-free balancing")):
             if bad:
                 gaps.append((f"model.overrides.{name}", f"{getattr(cfg, name)!r}: {why}"))
+    return gaps
+
+
+def _deepspeed_memory_gaps(spec: "JobSpec", lay: Any) -> list[tuple[str, str]]:
+    """Precision and ZeRO-Offload combinations DeepSpeed cannot run (or runs another way than asked)."""
+    gaps, stage, offload = [], lay.zero_stage, spec.layout.offload
+    if resolved_precision(spec) == "bf16" and stage == 0:
+        gaps.append(("train.precision", f"bf16 (train.precision: {spec.train.precision}) with zero_stage 0: "
+                     "DeepSpeed runs ZeRO-0 bf16 through its FP16_Optimizer, which accumulates and all-reduces "
+                     "gradients in bf16 without the fp32-master path; use layout.zero_stage 1-3 or precision fp32"))
+    if offload == "none":
+        return gaps
+    if not spec.resources.use_gpu:
+        gaps.append(("layout.offload", f"{offload!r} on a CPU job: offload moves GPU memory to host memory, and a "
+                     "CPU job keeps everything in host memory already; set offload: none"))
+    if stage == 0:
+        gaps.append(("layout.offload", f"{offload!r} with zero_stage 0: DeepSpeed offloads ZeRO's optimizer "
+                     "partitions, and ZeRO-0 has none; use layout.zero_stage 1-3"))
+    elif offload == "optimizer+params" and stage < 3:
+        gaps.append(("layout.offload", f"'optimizer+params' with zero_stage {stage}: DeepSpeed offloads parameters "
+                     "under ZeRO-3 only (offload_param); use zero_stage 3 or offload: optimizer"))
     return gaps
 
 
