@@ -53,9 +53,9 @@ class LayoutSpec:
     ZeRO-1 equivalent), 0 = replicated optimizer; 2 and 3 are refused."""
 
     offload: Literal["none", "optimizer", "optimizer+params"] = "none"
-    """deepspeed, GPU jobs: ZeRO-Offload to host memory. optimizer: fp32 master weights and Adam state
-    (ZeRO 1-3); optimizer+params: the parameters too (ZeRO-3 only). Refused on CPU jobs (already in host
-    memory) and by megatron (`plan` names the gap)."""
+    """deepspeed: ZeRO-Offload to host memory. optimizer: fp32 master weights and Adam state
+    (ZeRO 1-3); optimizer+params: the parameters too (ZeRO-3 only). On CPU jobs it runs the same DeepSpeed
+    code path and saves nothing (everything is in host memory already). Not offered by megatron."""
 
     def validate(self, path: str) -> None:
         for name in ("tp", "pp", "vpp", "ep", "etp", "cp"):

@@ -38,10 +38,11 @@ def _ds_config(spec, layout) -> dict:
     the reference optimizer and needs no compiled op. engine_gaps refuses what this cannot run."""
     train, offload = spec.train, spec.layout.offload
     zero: dict = {"stage": layout.zero_stage}
+    host = {"device": "cpu", "pin_memory": spec.resources.use_gpu}  # pinned: faster GPU <-> host copies
     if offload != "none":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_optimizer"] = host
     if offload == "optimizer+params":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_param"] = host
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,

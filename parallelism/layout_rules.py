@@ -236,9 +236,6 @@ def _deepspeed_memory_gaps(spec: "JobSpec", lay: Any) -> list[tuple[str, str]]:
                      "gradients in bf16 without the fp32-master path; use layout.zero_stage 1-3 or precision fp32"))
     if offload == "none":
         return gaps
-    if not spec.resources.use_gpu:
-        gaps.append(("layout.offload", f"{offload!r} on a CPU job: offload moves GPU memory to host memory, and a "
-                     "CPU job keeps everything in host memory already; set offload: none"))
     if stage == 0:
         gaps.append(("layout.offload", f"{offload!r} with zero_stage 0: DeepSpeed offloads ZeRO's optimizer "
                      "partitions, and ZeRO-0 has none; use layout.zero_stage 1-3"))
