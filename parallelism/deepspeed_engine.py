@@ -60,6 +60,7 @@ def _ds_config(spec, layout) -> dict:
 
 
 def _zero_clips(layout) -> bool:
+    """ZeRO 1-3 clip inside DeepSpeed's optimizer and report the norm; ZeRO-0 is clipped by the engine."""
     return layout.zero_stage > 0
 
 
