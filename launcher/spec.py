@@ -66,6 +66,11 @@ class LayoutSpec:
     3 is refused with MoE). megatron: 1 = its distributed optimizer (optimizer state sharded over DP,
     ZeRO-1 equivalent), 0 = replicated optimizer; 2 and 3 are refused."""
 
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    """deepspeed: ZeRO-Offload to host memory. optimizer: fp32 master weights and Adam state
+    (ZeRO 1-3); optimizer+params: the parameters too (ZeRO-3 only). On CPU jobs it runs the same DeepSpeed
+    code path and saves nothing (everything is in host memory already). Not offered by megatron."""
+
     def validate(self, path: str) -> None:
         for name in ("tp", "pp", "vpp", "ep", "etp", "cp"):
             check(getattr(self, name) >= 1, f"{path}.{name}", f"got {getattr(self, name)}; must be >= 1")
@@ -166,13 +171,15 @@ class TrainSpec:
     deepspeed: each attention / linear-sequence layer's whole mixer. `full`: recompute every layer from
     its input (megatron: each TransformerLayer, uniform method, one layer per unit; deepspeed: each
     reference layer). Same loss and gradients; `raytron plan`'s memory estimate follows it."""
-    precision: Literal["bf16", "fp8"] = "bf16"
-    """GEMM precision of the megatron engine. bf16: bf16 compute, fp32 master weights. fp8: the transformer
-    linear layers (attention QKV and output projection, MLP fc1/fc2, shared experts) and the routed MoE
-    experts multiply in FP8 (ops/fp8.py: per-tensor current scaling, e4m3 forward, e5m2 gradients; experts
-    rowwise e4m3), writing bf16; embeddings, the output logits, the router, norms and hybrid mixers'
-    projections stay bf16. Master weights and checkpoints are the same as bf16 (a run resumes either way).
-    Needs CUDA GPUs of compute capability >= 8.9 (Ada/Hopper) and engine: megatron."""
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+    """Compute precision; master weights and Adam state stay fp32 in every mode, and checkpoints are the
+    same (a run resumes under another precision). auto: bf16 on GPUs, fp32 on CPU. bf16: bf16 weights,
+    activations and gradients (deepspeed: its `bf16` mode, on GPUs and on CPU). fp32: fp32 throughout
+    (deepspeed only). fp8 (megatron engine, CUDA GPUs of compute capability >= 8.9): the transformer linear
+    layers (attention QKV and output projection, MLP fc1/fc2, shared experts) and the routed MoE experts
+    multiply in FP8 (ops/fp8.py: per-tensor current scaling, e4m3 forward, e5m2 gradients; experts rowwise
+    e4m3), writing bf16; embeddings, the output logits, the router, norms and hybrid mixers' projections
+    stay bf16."""
 
     def validate(self, path: str) -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "eval_batches"):

@@ -56,18 +56,27 @@ def routing_entropy(logits: torch.Tensor, kind: str) -> torch.Tensor:
                                                      device=logits.device)])
 
 
-def apply_capacity(ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """Keep-mask [tokens, k]: each expert takes at most `capacity` assignments, first choices before
-    second choices, earlier tokens before later ones (GShard's order)."""
-    keep = torch.zeros_like(ids, dtype=torch.bool)
+def capacity_slots(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slot [tokens, k] of each assignment in its expert's buffer: first choices before second choices,
+    earlier tokens before later ones (GShard's order)."""
+    slots = torch.zeros_like(ids)
     used = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
     for choice in range(ids.shape[1]):
         onehot = F.one_hot(ids[:, choice], num_experts)  # [tokens, experts]
-        position = used + torch.cumsum(onehot, 0) - 1  # slot of each assignment in its expert's buffer
-        slot = (position * onehot).sum(-1)
-        keep[:, choice] = slot < capacity
+        position = used + torch.cumsum(onehot, 0) - 1
+        slots[:, choice] = (position * onehot).sum(-1)
         used = used + onehot.sum(0)
-    return keep
+    return slots
+
+
+def expert_capacity(cfg: ModelConfig, tokens: int) -> int:
+    """Assignments each expert takes from a batch of `tokens` when cfg.capacity_factor > 0."""
+    return math.ceil(cfg.capacity_factor * tokens * cfg.top_k / cfg.num_experts)
+
+
+def apply_capacity(ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Keep-mask [tokens, k]: each expert takes the first `capacity` assignments in `capacity_slots` order."""
+    return capacity_slots(ids, num_experts) < capacity
 
 
 class MoE(nn.Module):
@@ -90,9 +99,7 @@ class MoE(nn.Module):
         ids, weights, probs = self.router(x2)
         keep = torch.ones_like(ids, dtype=torch.bool)
         if self.cfg.capacity_factor > 0:
-            tokens, e = x2.shape[0], self.cfg.num_experts
-            capacity = math.ceil(self.cfg.capacity_factor * tokens * self.cfg.top_k / e)
-            keep = apply_capacity(ids, e, capacity)
+            keep = apply_capacity(ids, self.cfg.num_experts, expert_capacity(self.cfg, x2.shape[0]))
         self.last_dropped = int((~keep).sum())
         out = expert_swiglu(x2, ids, weights * keep, self.w_gate, self.w_up, self.w_down)
         if self.shared is not None:

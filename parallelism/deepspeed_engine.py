@@ -1,4 +1,5 @@
-"""The deepspeed engine: the reference model (DeepSpeed-MoE for its MoE layers) in a ZeRO-1/2 engine.
+"""The deepspeed engine: the reference model (DeepSpeed-MoE for its MoE layers) under ZeRO 0-3, in fp32 or
+bf16 (fp32 master weights), optionally with ZeRO-Offload.
 
 Runs on CPU over gloo (DS_ACCELERATOR=cpu) as well as on GPUs over NCCL. Expert parallelism folds over
 data parallelism the DeepSpeed way: EP groups are consecutive ranks, rank r holds the experts of EP
@@ -19,6 +20,7 @@ import torch.utils.checkpoint
 from .. import models
 from ..models.transformer import SEQUENCE_MIXERS
 from .deepspeed_moe import swap_moe_layers
+from .layout_rules import engine_gaps, resolved_precision
 from .schedule import lr_multiplier
 
 
@@ -41,14 +43,28 @@ class StepMetrics:
 
 
 def _ds_config(spec, layout) -> dict:
-    train = spec.train
+    """DeepSpeed's config. bf16 keeps fp32 master weights and Adam state in ZeRO's partitions. ZeRO-Offload
+    moves those partitions to host memory (and the parameters under ZeRO-3); the host step runs the same
+    torch AdamW (zero_force_ds_cpu_optimizer off) rather than DeepSpeedCPUAdam, so every layout computes
+    the reference optimizer and needs no compiled op. engine_gaps refuses what this cannot run."""
+    train, offload = spec.train, spec.layout.offload
+    zero: dict = {"stage": layout.zero_stage}
+    host = {"device": "cpu", "pin_memory": spec.resources.use_gpu}  # pinned: faster GPU <-> host copies
+    if offload != "none":
+        zero["offload_optimizer"] = host
+    if offload == "optimizer+params":
+        zero["offload_param"] = host
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": layout.zero_stage},
+        # ZeRO-0 in fp32 steps the bare torch optimizer, whose DeepSpeed clipping neither reports the norm
+        # nor sums expert gradients over the EP group: the engine clips it itself (_clip_replicated)
+        "gradient_clipping": train.grad_clip if _zero_clips(layout) else 0.0,
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": resolved_precision(spec) == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -78,6 +94,10 @@ def _checkpointed(forward):
         return forward(*args, **kwargs)
     return run
 
+def _zero_clips(layout) -> bool:
+    """ZeRO 1-3 clip inside DeepSpeed's optimizer and report the norm; ZeRO-0 is clipped by the engine."""
+    return layout.zero_stage > 0
+
 
 class DeepSpeedEngine:
     """build(spec, layout) -> engine; train_step(micro_batches) -> StepMetrics; eval_loss(batches)."""
@@ -89,6 +109,10 @@ class DeepSpeedEngine:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         self.spec, self.layout, self.rank, self.world = spec, layout, rank, world_size
+        cfg = models.get_config(spec.model.family, spec.model.flavor, **spec.model.overrides)
+        gaps = engine_gaps(spec, cfg, layout, "deepspeed")  # the limits plan lists, submit refuses
+        if gaps:
+            raise ValueError(f"{gaps[0][0]}: the deepspeed engine cannot run this job: {gaps[0][1]}")
         ds_dist.init_distributed(dist_backend="nccl" if spec.resources.use_gpu else "gloo",
                                  dist_init_required=False, verbose=False)
         self.device = torch.device("cuda", torch.cuda.current_device()) if spec.resources.use_gpu else torch.device("cpu")
@@ -146,22 +170,26 @@ class DeepSpeedEngine:
         self.engine.train()
         lm_sum = torch.zeros((), dtype=torch.float64)
         aux_sum = torch.zeros((), dtype=torch.float64)
-        load = entropy = None
+        load = entropy = grad_norm = None
         lr = self.scheduler.get_last_lr()[0]
         for i, batch in enumerate(micro_batches):
             lm, aux = self._forward_loss(batch)
-            self.engine.backward(lm + self.spec.train.aux_loss_coef * aux)
+            self.engine.backward(lm + self.spec.train.aux_loss_coef * aux)  # all-reduces at the GA boundary
             lm_sum += lm.detach().double().cpu()
             aux_sum += aux.detach().double().cpu()
-            if i == len(micro_batches) - 1 and self.before_optimizer_step is not None:
-                self.before_optimizer_step(lm_sum + aux_sum)  # GA boundary: the next step() updates
+            if i == len(micro_batches) - 1:  # GA boundary: the next step() updates
+                if not _zero_clips(self.layout):
+                    grad_norm = self._clip_replicated()
+                if self.before_optimizer_step is not None:
+                    self.before_optimizer_step(lm_sum + aux_sum)
             self.engine.step()
             load = self._accumulate(load, "last_load")
             entropy = self._accumulate(entropy, "last_entropy")
         stats = torch.stack([lm_sum, aux_sum]) / len(micro_batches)
         torch.distributed.all_reduce(stats)
         stats /= self.world
-        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         tokens = self.spec.train.global_batch_size * self.spec.train.seq_len
         return StepMetrics(loss=float(stats[0]), aux_loss=float(stats[1]), tokens=tokens, lr=lr,
                            grad_norm=float(grad_norm if grad_norm is not None else float("nan")),
@@ -184,6 +212,39 @@ class DeepSpeedEngine:
             return None
         torch.distributed.all_reduce(entropy)
         return float(entropy[0] / entropy[1].clamp_min(1))
+
+    @torch.no_grad()
+    def _clip_replicated(self) -> float:
+        """Global gradient norm of a replicated (ZeRO-0) model, clipped as torch's clip_grad_norm_ does.
+        Non-expert gradients are already identical on every rank; each expert's gradient lives on its EP
+        rank only, so the expert part of the squared norm is summed over the EP group."""
+        from deepspeed.moe.utils import is_moe_param
+
+        sq = {False: [], True: []}
+        for p in self.module.parameters():
+            if p.grad is not None:
+                sq[is_moe_param(p)].append(torch.linalg.vector_norm(p.grad.float()).square())
+        dense, expert = (torch.stack(v).sum() if v else torch.zeros((), device=self.device) for v in sq.values())
+        if self.num_moe_layers and self.ep_size > 1:
+            from deepspeed.utils import groups
+
+            torch.distributed.all_reduce(expert, group=groups._get_expert_parallel_group(f"ep_size_{self.ep_size}"))
+        norm = (dense + expert).sqrt()
+        clip = self.spec.train.grad_clip
+        if clip > 0:
+            coef = (clip / (norm + 1e-6)).clamp(max=1.0)
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return float(norm)
+
+    def _accumulate_load(self, load):
+        counts = [m.last_load.double().cpu() for m in self.module.modules()
+                  if getattr(m, "last_load", None) is not None and m is not self.module]
+        if not counts:
+            return load
+        total = torch.stack(counts).sum(0)
+        return total if load is None else load + total
 
     def _global_load(self, load) -> list[float] | None:
         if load is None:

@@ -2,13 +2,16 @@
 
 `DeepSpeedMoE` replaces a `raytron.models.MoE` module from outside the model. Its gate is DeepSpeed's
 top-2 softmax gate configured to compute exactly the reference router (no gate noise, no second-expert
-sampling, no random token selection; dropless unless the model sets a capacity factor), its experts are
+sampling, no random token selection); with a capacity factor its gate is replaced by the reference's
+dropping (`reference_capacity_gate`: DeepSpeed's own renormalizes the kept weights after dropping, the
+reference does not), so both train the same model. Its experts are
 the local slice of the reference's stacked experts, and shared experts stay dense. Weight names map
 both ways between the reference (`mixer.w_gate[e]`) and DeepSpeed (`...deepspeed_experts.{e_local}.w_gate.weight`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -18,6 +21,7 @@ from torch import nn
 from ..models import MoE
 from ..models.moe import routing_entropy
 from ..models.layers import SwiGLU
+from ..models.moe import capacity_slots, expert_capacity
 
 
 class DeepSpeedMoE(nn.Module):
@@ -36,6 +40,9 @@ class DeepSpeedMoE(nn.Module):
             ep_size=ep_size, k=cfg.top_k, capacity_factor=cfg.capacity_factor or 1.0,
             eval_capacity_factor=cfg.capacity_factor or 1.0, min_capacity=0, noisy_gate_policy=None,
             drop_tokens=cfg.capacity_factor > 0, use_rts=False, top2_2nd_expert_sampling=False)
+        if cfg.capacity_factor > 0:
+            gate = self.moe.deepspeed_moe.gate
+            gate.forward = functools.partial(reference_capacity_gate, gate.wg, cfg)
         self.shared = ref.shared
         self.last_aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
@@ -61,6 +68,27 @@ class DeepSpeedMoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(x)
         return out
+
+
+def reference_capacity_gate(wg: nn.Linear, cfg, x: torch.Tensor, used_token=None, sparse_routes: bool = True,
+                            use_tutel: bool = False):
+    """The reference router with capacity (models/moe.py), in the sparse-route form DeepSpeed's MOELayer
+    consumes: (aux loss, capacity, experts, expert ids [2, S] (-1 = dropped), slots [2, S], weights [2, S],
+    kept assignments per expert). Weights are normalized over the top-2 *before* dropping and not after."""
+    if not sparse_routes or use_tutel:
+        raise ValueError("reference_capacity_gate serves DeepSpeed's sparse-route MOELayer only (no tutel)")
+    e = cfg.num_experts
+    probs = torch.softmax(F.linear(x.float(), wg.weight.float()), -1)
+    _, ids = torch.topk(probs, cfg.top_k, dim=-1)
+    weights = probs.gather(-1, ids)
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
+    capacity = expert_capacity(cfg, x.shape[0])
+    slots = capacity_slots(ids, e)
+    keep = slots < capacity
+    aux = e * (probs.mean(0) * F.one_hot(ids[:, 0], e).float().mean(0)).sum()
+    counts = torch.bincount(ids[keep], minlength=e).detach()
+    routes = torch.where(keep, ids, -1).t().to(torch.int32)
+    return aux, capacity, e, routes, (slots * keep).t().to(torch.int32), (weights * keep).t(), counts
 
 
 def _check_supported(cfg) -> None:

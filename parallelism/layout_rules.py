@@ -82,7 +82,8 @@ def _check_experts(spec: "JobSpec", layout: "ParallelLayout", facts: "ModelFacts
     if spec.engine == "deepspeed":
         check(layout.zero_stage < 3, "layout.zero_stage",
               "got 3 with a MoE model; DeepSpeed-MoE does not support ZeRO-3 (expert parameters cannot be "
-              "partitioned across the data-parallel group): use zero_stage 1 or 2")
+              "partitioned across the data-parallel group): use zero_stage 1 or 2 (with layout.offload: optimizer "
+              "for more memory on GPUs), or engine megatron (zero_stage 1, its distributed optimizer)")
 
 
 def _check_heads(layout: "ParallelLayout", facts: "ModelFacts") -> None:
@@ -171,6 +172,14 @@ def _typed_overrides(config_cls: Any, overrides: dict[str, Any]) -> dict[str, An
     return out
 
 
+def resolved_precision(spec: "JobSpec") -> str:
+    """train.precision with auto resolved: "bf16" on GPUs, "fp32" on CPU (else as given)."""
+    precision = spec.train.precision
+    if precision == "auto":
+        return "bf16" if spec.resources.use_gpu else "fp32"
+    return precision
+
+
 def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | None = None) -> list[tuple[str, str]]:
     """(field, reason) for each part of a *valid* job that this build's engine cannot run yet.
 
@@ -194,6 +203,12 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
                 gaps.append(("train.recompute", "full with train.overlap_moe_comm: megatron-core's overlap "
                              "schedule runs each layer in pieces and refuses whole-layer recomputation "
                              "(TransformerConfig.__post_init__): use selective or turn the overlap off"))
+        if spec.train.precision == "fp32":
+            gaps.append(("train.precision", "'fp32': the megatron engine computes in bf16 (auto, bf16) or with FP8 "
+                         "GEMMs (fp8); fp32 compute is a deepspeed-engine option"))
+        if spec.layout.offload != "none":
+            gaps.append(("layout.offload", f"{spec.layout.offload!r}: ZeRO-Offload is a deepspeed-engine option "
+                         "(use engine: deepspeed with zero_stage 1-3) or set offload: none"))
         for name, bad, why in (("router", cfg.router != "softmax", "only the softmax router is mapped"),
                                ("capacity_factor", cfg.capacity_factor > 0, "token-dropping order differs"),
                                ("bias_update_rate", cfg.bias_update_rate > 0, "aux-loss-free bias is not mapped")):
@@ -206,6 +221,7 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
         if overlap_moe:
             gaps.append(("train.overlap_moe_comm", "a megatron-engine option (megatron-core's EP all-to-all "
                          "overlap); the deepspeed engine has no such schedule: turn it off"))
+        gaps += _deepspeed_memory_gaps(spec, lay)
     gaps += _precision_gaps(spec, cfg, lay, engine or spec.engine)
     if (engine or spec.engine) != "megatron" and cfg.num_experts and "E" in pattern:
         for name, bad, why in (("router", cfg.router != "softmax", "DeepSpeed-MoE gates are softmax only"),
@@ -213,6 +229,24 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
                                ("bias_update_rate", cfg.bias_update_rate > 0, "no aux-loss-free balancing")):
             if bad:
                 gaps.append((f"model.overrides.{name}", f"{getattr(cfg, name)!r}: {why}"))
+    return gaps
+
+
+def _deepspeed_memory_gaps(spec: "JobSpec", lay: Any) -> list[tuple[str, str]]:
+    """Precision and ZeRO-Offload combinations DeepSpeed cannot run (or runs another way than asked)."""
+    gaps, stage, offload = [], lay.zero_stage, spec.layout.offload
+    if resolved_precision(spec) == "bf16" and stage == 0:
+        gaps.append(("train.precision", f"bf16 (train.precision: {spec.train.precision}) with zero_stage 0: "
+                     "DeepSpeed runs ZeRO-0 bf16 through its FP16_Optimizer, which accumulates and all-reduces "
+                     "gradients in bf16 without the fp32-master path; use layout.zero_stage 1-3 or precision fp32"))
+    if offload == "none":
+        return gaps
+    if stage == 0:
+        gaps.append(("layout.offload", f"{offload!r} with zero_stage 0: DeepSpeed offloads ZeRO's optimizer "
+                     "partitions, and ZeRO-0 has none; use layout.zero_stage 1-3"))
+    elif offload == "optimizer+params" and stage < 3:
+        gaps.append(("layout.offload", f"'optimizer+params' with zero_stage {stage}: DeepSpeed offloads parameters "
+                     "under ZeRO-3 only (offload_param); use zero_stage 3 or offload: optimizer"))
     return gaps
 
 
@@ -246,7 +280,7 @@ def _precision_gaps(spec: "JobSpec", cfg: Any, lay: Any, engine: str) -> list[tu
     multiple of 16 (torch._scaled_mm). The megatron engine runs on GPUs only (launcher/validate.py check_kinds);
     their compute capability (>= 8.9) is checked on the GPU at build."""
     field = "train.precision"
-    if getattr(spec.train, "precision", "bf16") != "fp8":
+    if spec.train.precision != "fp8":
         return []
     if engine != "megatron":
         return [(field, "fp8: the deepspeed engine has no FP8 GEMM path; use engine: megatron or precision: bf16")]

@@ -105,7 +105,7 @@ class MegatronEngine:
                                        overlap_moe_comm=bool(getattr(spec.train, "overlap_moe_comm", False)),
                                        recompute=getattr(spec.train, "recompute", "none"))
         model_parallel_cuda_manual_seed(spec.train.seed)
-        precision = getattr(spec.train, "precision", "bf16")
+        precision = "fp8" if getattr(spec.train, "precision", "auto") == "fp8" else "bf16"  # linear-layer GEMMs
         if precision == "fp8":
             from ..ops.fp8 import check_fast_path
 

@@ -101,3 +101,42 @@ def test_fp8_refusals(config, overrides, reason, capsys):
 def test_fp8_megatron_gpu_job_is_runnable():
     validate_job(load_spec(str(CONFIGS / "dense_1b_8gpu.yaml"), ["train.precision=fp8"]), runnable=True)
     validate_job(load_spec(str(CONFIGS / "moe_olmoe_8gpu.yaml"), ["train.precision=fp8"]), runnable=True)
+
+
+@pytest.mark.parametrize("overrides, field, reason", [
+    (["layout.zero_stage=0", "train.precision=bf16"], "train.precision", "FP16_Optimizer"),
+    (["layout.zero_stage=0", "resources.use_gpu=true"], "train.precision", "train.precision: auto"),  # auto: bf16
+    (["layout.offload=optimizer", "layout.zero_stage=0", "resources.use_gpu=true", "train.precision=fp32"],
+     "layout.offload", "ZeRO-0 has none"),
+    (["layout.offload=optimizer+params", "resources.use_gpu=true"], "layout.offload", "ZeRO-3 only"),
+    (["engine=megatron", "resources.use_gpu=true", "train.precision=fp32", "layout.zero_stage=1"], "train.precision",
+     "deepspeed-engine option"),
+    (["engine=megatron", "resources.use_gpu=true", "layout.offload=optimizer", "layout.zero_stage=1"],
+     "layout.offload", "engine: deepspeed"),
+])
+def test_precision_and_offload_gaps(overrides, field, reason):
+    """What DeepSpeed (or the megatron engine) cannot run among train.precision x layout.offload x zero_stage."""
+    spec = load_spec(str(CONFIGS / "local_debug.yaml"), overrides)
+    validate_job(spec)
+    with pytest.raises(ConfigError) as err:
+        validate_job(spec, runnable=True)
+    assert err.value.path == field and reason in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["layout.zero_stage=0"],  # fp32 on CPU
+    ["layout.zero_stage=2", "train.precision=bf16"],  # DeepSpeed's CPU accelerator runs bf16 ZeRO
+    ["layout.zero_stage=2", "resources.use_gpu=true", "layout.offload=optimizer"],
+    ["layout.zero_stage=1", "layout.offload=optimizer"],  # on CPU: DeepSpeed's offload path, no memory saved
+    ["model.family=dense", "layout.ep=1", "layout.zero_stage=3", "resources.use_gpu=true",
+     "layout.offload=optimizer+params"],
+    ["model.flavor=debug-capacity"],  # the reference's token dropping (tests/parallelism/test_deepspeed_equivalence.py)
+])
+def test_deepspeed_runs(overrides):
+    validate_job(load_spec(str(CONFIGS / "local_debug.yaml"), overrides), runnable=True)
+
+
+def test_plan_refuses_moe_zero3_naming_what_runs(capsys):
+    assert plan_main([str(CONFIGS / "local_debug.yaml"), "--set", "layout.zero_stage=3"]) == 2
+    err = capsys.readouterr().err
+    assert "layout.zero_stage" in err and "DeepSpeed-MoE does not support ZeRO-3" in err and "zero_stage 1 or 2" in err
