@@ -16,9 +16,9 @@ import shutil
 
 import pytest
 
-from ckpt_helpers import load_job, losses, metrics, read_json, spawn_ranks
-from ckpt_ranks import train_rank
 from raytron.data_pipeline import prepare_for_job
+from tests.checkpoint.ckpt_helpers import load_job, losses, metrics, read_json, spawn_ranks
+from tests.checkpoint.ckpt_ranks import train_rank
 
 pytestmark = pytest.mark.slow
 FIRST_LOSS_RTOL = 1e-5
