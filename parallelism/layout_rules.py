@@ -203,10 +203,10 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
                 gaps.append(("train.recompute", "full with train.overlap_moe_comm: megatron-core's overlap "
                              "schedule runs each layer in pieces and refuses whole-layer recomputation "
                              "(TransformerConfig.__post_init__): use selective or turn the overlap off"))
-        if spec.train.precision == "fp32":
+        if getattr(spec.train, "precision", "auto") == "fp32":
             gaps.append(("train.precision", "'fp32': the megatron engine computes in bf16 (auto, bf16) or with FP8 "
                          "GEMMs (fp8); fp32 compute is a deepspeed-engine option"))
-        if spec.layout.offload != "none":
+        if getattr(getattr(spec, "layout", None), "offload", "none") != "none":
             gaps.append(("layout.offload", f"{spec.layout.offload!r}: ZeRO-Offload is a deepspeed-engine option "
                          "(use engine: deepspeed with zero_stage 1-3) or set offload: none"))
         for name, bad, why in (("router", cfg.router != "softmax", "only the softmax router is mapped"),
@@ -280,7 +280,7 @@ def _precision_gaps(spec: "JobSpec", cfg: Any, lay: Any, engine: str) -> list[tu
     multiple of 16 (torch._scaled_mm). The megatron engine runs on GPUs only (launcher/validate.py check_kinds);
     their compute capability (>= 8.9) is checked on the GPU at build."""
     field = "train.precision"
-    if spec.train.precision != "fp8":
+    if getattr(spec.train, "precision", "auto") != "fp8":
         return []
     if engine != "megatron":
         return [(field, "fp8: the deepspeed engine has no FP8 GEMM path; use engine: megatron or precision: bf16")]

@@ -19,7 +19,7 @@ bench() { timeout "$1" torchrun --nproc_per_node=1 benchmarks/megatron/bench_thr
   --out "$out/bench.jsonl" "${@:2}" >> "$logs/bench.log" 2>&1; grep -h '^\[bench\]' "$logs/bench.log" | tail -4; }
 bench 150 --workloads dense-1b,moe-olmoe-4l --precisions bf16,fp8
 [ "${WITH_3B:-1}" = 1 ] && bench 120 --workloads dense-3b --recompute selective
-(timeout 240 python3 -P benchmarks/megatron/fp8_parity.py --steps "${PARITY_STEPS:-500}" --out "$out" \
+(timeout 240 python3 -P benchmarks/megatron/fp8_parity.py --steps "${PARITY_STEPS:-500}" --batch 8 --out "$out" \
   > "$logs/parity.log" 2>&1; echo "[parity] rc=$?"; tail -3 "$logs/parity.log") &
 cfg=cluster_configs/gpu_megatron_2gpu.yaml
 one=(--set resources.workers=1 --set layout.ep=1 --set layout.dp=1 --set train.precision=fp8 --set "checkpoint.uri=$runs")

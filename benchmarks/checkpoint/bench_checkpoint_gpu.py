@@ -57,6 +57,10 @@ def _spec(args, uri: str):
             f"resources.use_gpu={str(args.device == 'cuda').lower()}", f"train.seq_len={args.seq_len}",
             "train.micro_batch_size=1", "train.global_batch_size=1", f"checkpoint.uri={uri}", "checkpoint.keep=2"]
     spec = load_spec(str(CONFIG), sets, name="bench-checkpoint-gpu")
+    if args.device == "cpu":  # the megatron engine runs on GPUs only: the CPU stand-in takes the bare layout
+        from raytron.parallelism.layout import ParallelLayout, model_facts_from_spec
+
+        return spec, ParallelLayout.from_spec(spec, model_facts_from_spec(spec))
     return spec, validate_job(spec)
 
 

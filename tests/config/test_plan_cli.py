@@ -17,7 +17,9 @@ from tests.config.config_helpers import DEEPSPEED_JOB, job
 from raytron.launcher import plan
 
 REPO = Path(__file__).resolve().parents[2]
-CLUSTER_CONFIGS = sorted((REPO / "cluster_configs").glob("*.yaml"))
+# job configs; study_cpu.yaml / study_h200.yaml are `raytron study` configs (tests/study checks them)
+CLUSTER_CONFIGS = sorted(p for p in (REPO / "cluster_configs").glob("*.yaml")
+                         if not p.name.startswith("study_") or p.name.startswith("study_base_"))
 REALISTIC = ["dense_1b_8gpu.yaml", "moe_olmoe_8gpu.yaml", "hybrid_moe_32gpu.yaml", "dense_3b_1gpu.yaml"]
 
 
