@@ -12,6 +12,7 @@ loaded tokenizer.
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import json
@@ -47,7 +48,7 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size < 65500 else np.int32
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """The interface of every kind. Subclasses set the attributes and implement `_encode_batch`."""
 
     kind: str
@@ -75,21 +76,23 @@ class Tokenizer:
         """`encode` of each text; kinds with a native batch encoder use it (parallel in Rust/C++)."""
         return self._encode_batch(texts)
 
+    @abc.abstractmethod
     def _encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        raise NotImplementedError
+        """Ids of each text, in `dtype`."""
 
+    @abc.abstractmethod
     def decode(self, ids) -> str:
-        raise NotImplementedError
+        """Text of `ids` (special tokens skipped)."""
 
     def record(self) -> dict:
         """What prepared data and caches store to say which tokenizer made them."""
         return {"name": self.name, "kind": self.kind, "fingerprint": self.fingerprint,
                 "vocab_size": self.vocab_size, "eod_id": self.eod_id, "bos_id": self.bos_id}
 
+    @abc.abstractmethod
     def hf_tokenizer(self):
         """(tokenizers.Tokenizer with the same ids, eos token, bos token) for save_pretrained,
         or a DataError saying why this tokenizer cannot be written in that format."""
-        raise NotImplementedError
 
     def save_pretrained(self, directory: str) -> None:
         """Write a directory that `transformers.AutoTokenizer.from_pretrained(directory)` loads and that
