@@ -8,7 +8,7 @@
 #    (benchmarks/megatron/fp8_parity.py), the GPU tests of the FP8 fast paths and of init_from, and
 #    `raytron submit` in fp8 on one GPU: 30 steps, --resume to 60, and an uninterrupted 60-step run
 #    (scripts/compare_resume.py: the resumed curve must equal the uninterrupted one).
-# To $OUT: gpus.csv, bench.jsonl, fp8_parity_<gpu>.json/.png, resume_compare.json, logs.tar.gz, submit.tar.gz.
+# To $OUT: gpus.csv, bench.jsonl, profile/ (kernel tables of one step per config), fp8_parity_<gpu>.json/.png, resume_compare.json, logs.tar.gz, submit.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh
@@ -17,7 +17,7 @@ runs=/tmp/precision_runs; rm -rf "$runs"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpus.csv" 2>&1
 bench() { timeout "$1" torchrun --nproc_per_node=1 benchmarks/megatron/bench_throughput.py --impls raytron \
   --out "$out/bench.jsonl" "${@:2}" >> "$logs/bench.log" 2>&1; grep -h '^\[bench\]' "$logs/bench.log" | tail -4; }
-bench 150 --workloads dense-1b,moe-olmoe-4l --precisions bf16,fp8
+bench 180 --workloads dense-1b,moe-olmoe-4l --precisions bf16,fp8 --profile "$out/profile"
 [ "${WITH_3B:-1}" = 1 ] && bench 120 --workloads dense-3b --recompute selective
 (timeout 240 python3 -P benchmarks/megatron/fp8_parity.py --steps "${PARITY_STEPS:-500}" --batch 8 --out "$out" \
   > "$logs/parity.log" 2>&1; echo "[parity] rc=$?"; tail -3 "$logs/parity.log") &
