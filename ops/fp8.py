@@ -188,8 +188,10 @@ def grouped_gemm(a8, a_inv, b8, b_inv, offsets, out_dtype: torch.dtype, impl: st
         return torch._scaled_grouped_mm(a8, b8, a_inv, b_inv, offs=offsets, out_dtype=out_dtype,
                                         use_fast_accum=fast_accum)
     if impl in ("scaled_mm", "scaled_mm_loop"):
-        parts = [torch._scaled_mm(a8[lo:hi], b8[e], scale_a=a_inv[lo:hi, None], scale_b=b_inv[e, None, :],
-                                  out_dtype=out_dtype, use_fast_accum=fast_accum)
+        # each segment's row scales are copied: a slice starting at a row that is not a multiple of 4
+        # leaves the fp32 scale pointer off cuBLASLt's 16-byte alignment (CUBLAS_STATUS_NOT_SUPPORTED)
+        parts = [torch._scaled_mm(a8[lo:hi], b8[e], scale_a=a_inv[lo:hi, None].clone(),
+                                  scale_b=b_inv[e, None, :], out_dtype=out_dtype, use_fast_accum=fast_accum)
                  for e, (lo, hi) in enumerate(_segments(offsets)) if hi > lo]
         return torch.cat(parts, dim=0) if parts else a8.new_empty((0, b8.shape[-1]), dtype=out_dtype)
     if impl != "reference":
