@@ -3,7 +3,8 @@
 `with_tokenizer_vocab(spec)` is the spec whose `model.overrides.vocab_size` is the tokenizer's padded
 vocabulary (`data_pipeline.tokenizer.padded_vocab_size`), replacing the flavor's own; a user override
 below the tokenizer's ids is a ConfigError. `check_prepared_sources` refuses prepared .bin/.idx sources
-recorded with another tokenizer, or whose two files disagree (truncated, bad dtype byte). Both run in `validate_job`, so `plan` and `submit` refuse before Ray.
+recorded with another tokenizer, or whose two files disagree (truncated, bad dtype byte). Both run in
+`validate_job`, so `plan` and `submit` refuse before Ray.
 """
 
 from __future__ import annotations

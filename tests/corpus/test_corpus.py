@@ -210,3 +210,17 @@ def test_every_case_file_is_in_the_table():
     assert on_disk <= named, f"case files without an entry in cases.yaml: {sorted(on_disk - named)}"
     assert all(c.get("damage") in (None, *CACHE_DAMAGE, *CKPT_DAMAGE) for c in CASES)
     assert len({c["id"] for c in CASES}) == len(CASES)
+
+
+def test_console_of_a_fresh_process(tmp_path):
+    """The console itself (where logging or an uncaught exception would print) of `data prepare` on records no
+    tokenizer can encode: before, a UnicodeEncodeError traceback. (A fresh-process submit: tests/launcher.)"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "raytron.data_pipeline.cli", "data", "prepare",
+                           str(CORPUS / "data" / "only_surrogates.jsonl"), "--out", str(tmp_path / "p"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert "only_surrogates.jsonl:1 (lone surrogate '\\udc80'" in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())
