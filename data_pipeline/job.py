@@ -19,6 +19,7 @@ appending to a source builds a new cache instead of reusing the stale one. Loadi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ import numpy as np
 
 from .blending import BlendedDataset, blend_schedule
 from .errors import DataError
-from .indexed import IndexedDatasetWriter, IndexedTokens
+from .indexed import IndexedDatasetWriter, IndexedTokens, check_prefix_files
 from .packing import PackedDataset, hashed_permutation, sample_starts
 from .prepare import PrepareSummary, prepare
 from .prepared import check_ids_in_vocab, check_prefix_exists, check_recorded_tokenizer, indexed_prefix
@@ -80,7 +81,8 @@ class TrainData:
         """Per source with skipped input: what was skipped, where (file and line) and the fix."""
         out = []
         for i, s in enumerate(self.manifest["sources"]):
-            stats = ReadStats(**s["prepare"].get("stats", {}))
+            recorded = s["prepare"].get("stats", {})
+            stats = ReadStats(**{f.name: recorded[f.name] for f in dataclasses.fields(ReadStats) if f.name in recorded})
             if stats.skipped:
                 out.append(f"data.sources[{i}] {s['uri']}: {describe_skips(stats, FixOptions.job_source(i))}")
         return out
@@ -295,7 +297,7 @@ def _localize(final_uri: str, key: str) -> Path:
 def _load(local_dir: Path, cache_uri: str, tokenizer, seq_len: int, seed: int, verify_ids: bool) -> TrainData:
     copy = "" if str(local_dir) == fs_and_path(cache_uri)[1] else f" and its local copy {local_dir}"
     fix = f"delete {cache_uri}{copy} and submit again: the cache is rebuilt from the sources"
-    manifest = _read_manifest(local_dir, fix)
+    manifest = _read_manifest(str(local_dir), fix)
     splits = {}
     for split in SPLITS:
         parts = []
@@ -316,19 +318,40 @@ def _load(local_dir: Path, cache_uri: str, tokenizer, seq_len: int, seed: int, v
     return TrainData(splits["train"], splits["valid"], tokenizer, seq_len, cache_uri, manifest)
 
 
-def _read_manifest(local_dir: Path, fix: str) -> dict:
-    path = local_dir / MANIFEST
+def _read_manifest(cache_dir: str, fix: str) -> dict:
+    """The manifest of cache directory `cache_dir` (local path or URI), checked for shape."""
+    fs, path = fs_and_path(join(cache_dir, MANIFEST))
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(fs.cat_file(path))
         ok = isinstance(manifest, dict) and isinstance(manifest.get("sources"), list) and all(
-            isinstance(s, dict) and isinstance(s.get("doc_id_offset"), int) for s in manifest["sources"])
+            isinstance(s, dict) and isinstance(s.get("doc_id_offset"), int) and isinstance(s.get("prepare"), dict)
+            for s in manifest["sources"])
     except FileNotFoundError:
-        raise DataError(f"data cache {local_dir} has no {MANIFEST} (not a data cache); {fix}") from None
+        raise DataError(f"data cache {cache_dir} has no {MANIFEST} (not a data cache); {fix}") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not JSON ({exc}); {fix}") from None
+        raise DataError(f"{join(cache_dir, MANIFEST)} is not JSON ({exc}); {fix}") from None
     if not ok or manifest.get("format") != CACHE_FORMAT:
-        raise DataError(f"{path} is not a data cache manifest of format {CACHE_FORMAT}; {fix}")
+        raise DataError(f"{join(cache_dir, MANIFEST)} is not a data cache manifest of format {CACHE_FORMAT}; {fix}")
     return manifest
+
+
+def check_built_cache(data_spec, seq_len: int, seed: int, cache_uri: str) -> None:
+    """plan's check of this job's cache, if one is built: its manifest and each source's .bin/.idx header and
+    sizes (a few small reads; the ids and arrays are checked by submit). Local caches of local sources only:
+    plan stays offline; and nothing when the sources cannot be listed (plan does not require them)."""
+    uris = [cache_uri, *(s.uri for s in data_spec.sources if s.uri != BUILTIN_STDLIB)]
+    if not all(is_local(fs_and_path(u)[0]) for u in uris) or not os.path.isdir(fs_and_path(cache_uri)[1]):
+        return
+    try:
+        final = join(cache_uri, cache_key(data_spec, seq_len, seed))
+    except (DataError, OSError):
+        return
+    fs, path = fs_and_path(final)
+    if not fs.exists(join(path, MANIFEST)):
+        return
+    fix = f"delete {final} and submit again: the cache is rebuilt from the sources"
+    for i in range(len(_read_manifest(final, fix)["sources"])):
+        check_prefix_files(join(final, f"source-{i}"), fix)
 
 
 def _array(path: Path, fix: str, bound: int) -> np.ndarray:

@@ -47,9 +47,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return run_resume_plan(args, out, err)
     try:
         spec = load_spec(args.config, args.overrides, args.name)
-        from .validate import validate_job
+        from .validate import check_data_cache, validate_job
 
         layout = validate_job(spec)
+        check_data_cache(spec)
         report = build_report(spec, layout)
     except ConfigError as exc:
         print(f"raytron plan: invalid config {args.config}: {exc}", file=err)
