@@ -363,7 +363,11 @@ def _array(path: Path, fix: str, bound: int) -> np.ndarray:
         raise DataError(f"data cache file missing: {path}; {fix}") from None
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{path} is not a readable array ({exc}); {fix}") from None
-    first = a if a.ndim == 1 else a[0] if path.name.startswith("blend-") else a[:, 0] if a.ndim == 2 else None
+    first = None  # the index column: docs are 1-D, starts [n, 2] (document, offset), a blend [2, n] (source, sample)
+    if a.ndim == 1:
+        first = a
+    elif a.ndim == 2:
+        first = a[0] if path.name.startswith("blend-") else a[:, 0]
     if first is None or a.dtype.kind not in "iu" or (len(first) and (first.min() < 0 or first.max() >= bound)):
         raise DataError(f"{path} holds indices outside 0..{bound - 1} (or is not an index array); {fix}")
     return a
