@@ -14,13 +14,13 @@ from .blending import BlendedDataset, blend_schedule
 from .cursor import DataCursor
 from .errors import DataError
 from .indexed import IndexedDatasetWriter, IndexedTokens
-from .job import TrainData, cache_key, prepare_for_job
+from .job import TrainData, cache_key, load_prepared, prepare_for_job
 from .packing import PackedDataset
 from .prepare import PrepareSummary, prepare
 from .sources import BUILTIN_STDLIB, ReadStats, resolve_source
 from .tokenizer import ByteTokenizer, Tokenizer, get_tokenizer, padded_vocab_size
 
-__all__ = ["prepare_for_job", "TrainData", "DataCursor", "ByteTokenizer", "DataError", "PackedDataset",
+__all__ = ["prepare_for_job", "load_prepared", "TrainData", "DataCursor", "ByteTokenizer", "DataError", "PackedDataset",
            "BlendedDataset", "blend_schedule", "prepare", "PrepareSummary", "IndexedDatasetWriter",
            "IndexedTokens", "ReadStats", "resolve_source", "BUILTIN_STDLIB", "get_tokenizer", "cache_key",
            "Tokenizer", "padded_vocab_size"]

@@ -17,12 +17,14 @@ preprocess_data.py does without sentence splitting), EOD included in the sequenc
 
 from __future__ import annotations
 
+import os
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import DataError
-from .storage import open_atomic
+from .storage import fs_and_path, open_atomic
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 _DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
@@ -94,27 +96,110 @@ def encode_index(lengths: np.ndarray, dtype) -> bytes:
                      np.arange(n + 1, dtype=np.int64).tobytes()])
 
 
-class IndexedTokens:
-    """Read-only, memory-mapped view of a local `<prefix>.bin/.idx` (ours or megatron's)."""
+_HEADER_BYTES = 34
 
-    def __init__(self, prefix: str):
+
+@dataclass(frozen=True)
+class IndexHeader:
+    """What the first 34 bytes of a `.idx` promise: token dtype, sequence and document-index counts."""
+
+    dtype: type
+    sequences: int
+    document_indices: int
+
+    @property
+    def idx_bytes(self) -> int:
+        return _HEADER_BYTES + 12 * self.sequences + 8 * self.document_indices
+
+
+def parse_header(head: bytes, idx: str) -> IndexHeader:
+    """The header of `.idx` file `idx` (its first bytes `head`), or a DataError naming the file and what is wrong."""
+    if len(head) < _HEADER_BYTES:
+        raise DataError(f"{idx} is truncated: {len(head)} bytes, shorter than the 34-byte header")
+    if head[:9] != INDEX_HEADER or struct.unpack_from("<Q", head, 9)[0] != 1:
+        raise DataError(f"{idx} is not a megatron indexed dataset index (bad header/version)")
+    code = head[17]
+    if code not in _CODE_DTYPES:
+        raise DataError(f"{idx} has dtype byte {code} (offset 17), not one of megatron's codes "
+                        f"{sorted(_CODE_DTYPES)}: the file is damaged")
+    n, m = struct.unpack_from("<QQ", head, 18)
+    return IndexHeader(_CODE_DTYPES[code], n, m)
+
+
+def check_prefix_files(prefix: str, fix: str) -> IndexHeader:
+    """The cheap consistency check of `<prefix>.bin/.idx` on any fsspec storage (a few small reads): the
+    header, the `.idx` size it implies, and the `.bin` size the last sequence's pointer and length imply.
+    A DataError names the file, what is wrong, and `fix`."""
+    fs, idx = fs_and_path(idx_path(prefix))
+    _, bin_ = fs_and_path(bin_path(prefix))
+    try:
+        with fs.open(idx, "rb") as f:
+            header = parse_header(f.read(_HEADER_BYTES), idx_path(prefix))
+            size = fs.size(idx)
+            if size != header.idx_bytes:
+                raise DataError(f"{idx_path(prefix)} is {size:,} bytes, its header promises {header.idx_bytes:,} "
+                                f"({header.sequences:,} sequences): truncated or damaged")
+            need = 0
+            if header.sequences:
+                f.seek(_HEADER_BYTES + 4 * (header.sequences - 1))
+                last_len = struct.unpack("<i", f.read(4))[0]
+                f.seek(_HEADER_BYTES + 4 * header.sequences + 8 * (header.sequences - 1))
+                need = struct.unpack("<q", f.read(8))[0] + last_len * np.dtype(header.dtype).itemsize
+        have = fs.size(bin_)
+    except FileNotFoundError as exc:
+        raise DataError(f"prepared dataset file not found: {exc.filename or prefix}; {fix}") from None
+    except DataError as exc:
+        raise DataError(f"{exc}; {fix}") from None
+    if have != need:
+        raise DataError(f"{bin_path(prefix)} is {have:,} bytes and its index {idx_path(prefix)} says {need:,}: "
+                        f"{'truncated' if have < need else 'not the file this index was written for'}; {fix}")
+    return header
+
+
+class IndexedTokens:
+    """Read-only, memory-mapped view of a local `<prefix>.bin/.idx` (ours or megatron's). Opening it
+    verifies the two files agree (header, sizes, every sequence inside `.bin`): a damaged pair is a
+    DataError naming the file and `fix`, never a buffer or mmap error later."""
+
+    def __init__(self, prefix: str, fix: str = "prepare it again (raytron data prepare)"):
         self.prefix = prefix
         try:
             raw = np.fromfile(idx_path(prefix), dtype=np.uint8)
         except FileNotFoundError:
-            raise DataError(f"indexed dataset index not found: {idx_path(prefix)}") from None
+            raise DataError(f"indexed dataset index not found: {idx_path(prefix)}; {fix}") from None
         buf = raw.tobytes()
-        if buf[:9] != INDEX_HEADER or struct.unpack_from("<Q", buf, 9)[0] != 1:
-            raise DataError(f"not a megatron indexed dataset (bad header/version): {idx_path(prefix)}")
-        self.dtype = _CODE_DTYPES[struct.unpack_from("<B", buf, 17)[0]]
-        n, n_doc_idx = struct.unpack_from("<QQ", buf, 18)
-        off = 34
-        self.lengths = np.frombuffer(buf, np.int32, n, off).astype(np.int64)
-        self.pointers = np.frombuffer(buf, np.int64, n, off + 4 * n) // np.dtype(self.dtype).itemsize
-        self.document_indices = np.frombuffer(buf, np.int64, n_doc_idx, off + 12 * n)
-        total = int(self.lengths.sum())
+        try:
+            header = parse_header(buf[:_HEADER_BYTES], idx_path(prefix))
+            if len(buf) != header.idx_bytes:
+                raise DataError(f"{idx_path(prefix)} is {len(buf):,} bytes, its header promises "
+                                f"{header.idx_bytes:,} ({header.sequences:,} sequences): truncated or damaged")
+            self.dtype, n = header.dtype, header.sequences
+            off, itemsize = _HEADER_BYTES, np.dtype(self.dtype).itemsize
+            self.lengths = np.frombuffer(buf, np.int32, n, off).astype(np.int64)
+            byte_pointers = np.frombuffer(buf, np.int64, n, off + 4 * n)
+            self.pointers = byte_pointers // itemsize
+            self.document_indices = np.frombuffer(buf, np.int64, header.document_indices, off + 12 * n)
+            total = int(self.lengths.sum())
+            self._check_bin(byte_pointers, total * itemsize)
+        except DataError as exc:
+            raise DataError(f"{exc}; {fix}") from None
         self.tokens = (np.memmap(bin_path(prefix), dtype=self.dtype, mode="r", shape=(total,))
                        if total else np.zeros(0, self.dtype))
+
+    def _check_bin(self, byte_pointers: np.ndarray, need: int) -> None:
+        try:
+            have = os.path.getsize(bin_path(self.prefix))
+        except FileNotFoundError:
+            raise DataError(f"prepared dataset file not found: {bin_path(self.prefix)}") from None
+        if have != need:
+            raise DataError(f"{bin_path(self.prefix)} is {have:,} bytes and its index {idx_path(self.prefix)} says "
+                            f"{need:,}: {'truncated' if have < need else 'not the file this index was written for'}")
+        itemsize = np.dtype(self.dtype).itemsize
+        ends = self.pointers + self.lengths
+        if len(ends) and ((self.lengths < 0).any() or (byte_pointers < 0).any() or (byte_pointers % itemsize).any()
+                          or int(ends.max()) * itemsize > have):
+            raise DataError(f"{idx_path(self.prefix)} points outside {bin_path(self.prefix)} (negative or "
+                            f"out-of-range sequence pointers): damaged")
 
     def __len__(self) -> int:
         return len(self.lengths)

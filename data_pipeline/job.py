@@ -11,11 +11,15 @@ Cache layout, `<cache_uri>/<key>/` where key hashes everything that changes the 
 Concurrency: the directory is built under a private temp name and renamed into place (atomic on a
 local filesystem; the loser of a race discards its copy). On object storage files are uploaded
 with the manifest last, and readers copy the directory to local disk to memory-map it.
-The cache is not invalidated when files under a source URI change: use a new cache_uri then.
+The key covers the sources' files as listed (size and modification time, or the store's ETag), so
+appending to a source builds a new cache instead of reusing the stale one. Loading verifies the cache
+(`.bin`/`.idx` agree, every array loads); the driver also scans the token ids against the vocabulary
+(`verify_ids`), so a damaged cache is refused naming the file before any worker starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,16 +33,16 @@ import numpy as np
 
 from .blending import BlendedDataset, blend_schedule
 from .errors import DataError
-from .indexed import IndexedDatasetWriter, IndexedTokens
+from .indexed import IndexedDatasetWriter, IndexedTokens, check_prefix_files
 from .packing import PackedDataset, hashed_permutation, sample_starts
 from .prepare import PrepareSummary, prepare
 from .prepared import check_ids_in_vocab, check_prefix_exists, check_recorded_tokenizer, indexed_prefix
 from .skips import FixOptions, describe_skips
-from .sources import BUILTIN_STDLIB
+from .sources import BUILTIN_STDLIB, ReadStats, resolve_source, stamp
 from .storage import fs_and_path, is_local, join, local_scratch_root
 from .tokenizer import BYTE, Tokenizer, get_tokenizer
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the key covers the sources' size and modification time
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid")
 
@@ -73,6 +77,16 @@ class TrainData:
                          f"skipped {skipped or 'nothing'}")
         return "\n".join(lines)
 
+    def skip_reports(self) -> list[str]:
+        """Per source with skipped input: what was skipped, where (file and line) and the fix."""
+        out = []
+        for i, s in enumerate(self.manifest["sources"]):
+            recorded = s["prepare"].get("stats", {})
+            stats = ReadStats(**{f.name: recorded[f.name] for f in dataclasses.fields(ReadStats) if f.name in recorded})
+            if stats.skipped:
+                out.append(f"data.sources[{i}] {s['uri']}: {describe_skips(stats, FixOptions.job_source(i))}")
+        return out
+
 
 def cache_key(data_spec, seq_len: int, seed: int) -> str:
     """Hash of everything that determines the sample sequence (16 hex chars)."""
@@ -83,18 +97,40 @@ def cache_key(data_spec, seq_len: int, seed: int) -> str:
         "format": CACHE_FORMAT, "tokenizer": tokenizer, "seq_len": seq_len, "seed": seed,
         "valid_fraction": data_spec.valid_fraction, "max_documents": data_spec.max_documents,
         "sources": [[s.uri, s.weight, s.format, s.field] for s in data_spec.sources],
+        "files": [source_stamps(s) for s in data_spec.sources],
     }
     if any(s.uri == BUILTIN_STDLIB for s in data_spec.sources):
         inputs["python"] = sys.version  # the stdlib corpus differs between interpreters
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def source_stamps(src) -> list[list[str]]:
+    """[file URI, size and modification stamp] of every file source `src` reads (both files of a prepared
+    prefix); the built-in corpus is keyed by the interpreter's version instead."""
+    if src.uri == BUILTIN_STDLIB:
+        return []
+    prefix = indexed_prefix(src.uri, src.format)
+    if prefix is None:
+        return [[f.uri, f.stamp] for f in resolve_source(src.uri, src.format, src.field)]
+    out = []
+    for uri in (prefix + ".bin", prefix + ".idx"):
+        fs, path = fs_and_path(uri)
+        try:
+            out.append([uri, stamp(fs.info(path))])
+        except FileNotFoundError:
+            raise DataError(f"prepared dataset file not found: {uri} (a prepared source is a prefix with .bin and "
+                            f".idx, as `raytron data prepare --out PREFIX` writes)") from None
+    return out
+
+
 def prepare_for_job(data_spec, seq_len: int, seed: int, cache_uri: str | None = None,
-                    *, workers: int = 1) -> TrainData:
+                    *, workers: int = 1, verify_ids: bool = False) -> TrainData:
     """Build (first call) or load (every later call) the job's datasets; see module docstring.
 
     `cache_uri` overrides `data_spec.cache_uri`. Raises DataError naming the path for missing or
-    unreadable sources, and for sources too small to give one train and one valid sample.
+    unreadable sources, for sources too small to give one train and one valid sample, and for a
+    damaged cache; `verify_ids` also scans the cached token ids against the vocabulary (the driver's
+    check; the workers load what it verified).
     """
     root = cache_uri or data_spec.cache_uri
     if not root:
@@ -107,8 +143,18 @@ def prepare_for_job(data_spec, seq_len: int, seed: int, cache_uri: str | None = 
     fs, final_path = fs_and_path(final_uri)
     if not fs.exists(join(final_path, MANIFEST)):
         _build(data_spec, seq_len, seed, tokenizer, final_uri, key, workers)
-    local_dir = final_path if is_local(fs) else _localize(final_uri, key)
-    return _load(Path(local_dir), final_uri, tokenizer, seq_len, seed)
+    return load_prepared(final_uri, data_spec, seq_len, seed, verify_ids=verify_ids)
+
+
+def load_prepared(cache_dir: str, data_spec, seq_len: int, seed: int, *, verify_ids: bool = False) -> TrainData:
+    """The datasets of one built cache directory `<cache_uri>/<key>` (what `prepare_for_job` returned as
+    `cache_uri` in the driver): workers load exactly the cache the driver built and verified, even when a
+    source changes while the job runs."""
+    tokenizer = get_tokenizer(data_spec.tokenizer)
+    fs, path = fs_and_path(cache_dir)
+    key = path.rstrip("/").rsplit("/", 1)[-1]
+    local_dir = path if is_local(fs) else _localize(cache_dir, key)
+    return _load(Path(local_dir), cache_dir, tokenizer, seq_len, seed, verify_ids)
 
 
 def _build(spec, seq_len, seed, tokenizer, final_uri, key, workers) -> None:
@@ -176,9 +222,9 @@ def _build_source(spec, i, seq_len, seed, tokenizer, staging: Path, workers) -> 
 
 def _adopt_prefix(source: str, prefix: str, tokenizer, max_documents: int | None, where: str) -> PrepareSummary:
     """Bring an already prepared `source` prefix into the cache as `prefix` (hard link where possible,
-    else a copy), after checking its tokenizer record, or its ids when it has none."""
+    else a copy), after checking its tokenizer record, its two files and its ids."""
     check_prefix_exists(source, where)
-    recorded = check_recorded_tokenizer(source, tokenizer, where)
+    check_recorded_tokenizer(source, tokenizer, where)
     fs, _ = fs_and_path(source)
     for suffix in (".bin", ".idx"):
         src_path = fs_and_path(source + suffix)[1]
@@ -189,9 +235,8 @@ def _adopt_prefix(source: str, prefix: str, tokenizer, max_documents: int | None
                 shutil.copyfile(src_path, prefix + suffix)
         else:
             fs.get_file(src_path, prefix + suffix)
-    tokens = IndexedTokens(prefix)
-    if not recorded:
-        check_ids_in_vocab(tokens, tokenizer, where, source)
+    tokens = IndexedTokens(prefix, fix=f"prepare {source} again (raytron data prepare)")
+    check_ids_in_vocab(tokens, tokenizer, where, source)  # once per cache build: recorded or not, ids decide
     if max_documents is not None and max_documents < len(tokens):
         keep = tokens.lengths[:max_documents]
         with IndexedDatasetWriter(prefix + ".cut", tokens.dtype) as w:
@@ -249,21 +294,80 @@ def _localize(final_uri: str, key: str) -> Path:
     return _install_local(tmp, key, copy=False)
 
 
-def _load(local_dir: Path, cache_uri: str, tokenizer, seq_len: int, seed: int) -> TrainData:
-    manifest = json.loads((local_dir / MANIFEST).read_text())
+def _load(local_dir: Path, cache_uri: str, tokenizer, seq_len: int, seed: int, verify_ids: bool) -> TrainData:
+    copy = "" if str(local_dir) == fs_and_path(cache_uri)[1] else f" and its local copy {local_dir}"
+    fix = f"delete {cache_uri}{copy} and submit again: the cache is rebuilt from the sources"
+    manifest = _read_manifest(str(local_dir), fix)
     splits = {}
     for split in SPLITS:
         parts = []
         for i, s in enumerate(manifest["sources"]):
-            tokens = IndexedTokens(str(local_dir / f"source-{i}"))
-            docs = np.load(local_dir / f"source-{i}.{split}-docs.npy")
-            starts = np.load(local_dir / f"source-{i}.{split}-starts.npy")
+            tokens = IndexedTokens(str(local_dir / f"source-{i}"), fix=fix)
+            if verify_ids and split == SPLITS[0]:
+                check_ids_in_vocab(tokens, tokenizer, "data cache", str(local_dir / f"source-{i}"), fix=fix)
+            docs = _array(local_dir / f"source-{i}.{split}-docs.npy", fix, len(tokens))
+            starts = _array(local_dir / f"source-{i}.{split}-starts.npy", fix, len(docs))
             parts.append(PackedDataset(tokens, docs, seq_len, seed, salt=f"{split}-{i}", starts=starts,
                                        doc_id_offset=s["doc_id_offset"]))
         if len(parts) == 1:
             splits[split] = parts[0]
         else:
-            schedule = np.load(local_dir / f"blend-{split}.npy")
+            schedule = _array(local_dir / f"blend-{split}.npy", fix, len(parts))
             splits[split] = BlendedDataset(parts, [s["weight"] for s in manifest["sources"]],
                                            (schedule[0].astype(np.int16), schedule[1]))
     return TrainData(splits["train"], splits["valid"], tokenizer, seq_len, cache_uri, manifest)
+
+
+def _read_manifest(cache_dir: str, fix: str) -> dict:
+    """The manifest of cache directory `cache_dir` (local path or URI), checked for shape."""
+    fs, path = fs_and_path(join(cache_dir, MANIFEST))
+    try:
+        manifest = json.loads(fs.cat_file(path))
+        ok = isinstance(manifest, dict) and isinstance(manifest.get("sources"), list) and all(
+            isinstance(s, dict) and isinstance(s.get("doc_id_offset"), int) and isinstance(s.get("prepare"), dict)
+            for s in manifest["sources"])
+    except FileNotFoundError:
+        raise DataError(f"data cache {cache_dir} has no {MANIFEST} (not a data cache); {fix}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{join(cache_dir, MANIFEST)} is not JSON ({exc}); {fix}") from None
+    if not ok or manifest.get("format") != CACHE_FORMAT:
+        raise DataError(f"{join(cache_dir, MANIFEST)} is not a data cache manifest of format {CACHE_FORMAT}; {fix}")
+    return manifest
+
+
+def check_built_cache(data_spec, seq_len: int, seed: int, cache_uri: str) -> None:
+    """plan's check of this job's cache, if one is built: its manifest and each source's .bin/.idx header and
+    sizes (a few small reads; the ids and arrays are checked by submit). Local caches of local sources only:
+    plan stays offline; and nothing when the sources cannot be listed (plan does not require them)."""
+    uris = [cache_uri, *(s.uri for s in data_spec.sources if s.uri != BUILTIN_STDLIB)]
+    if not all(is_local(fs_and_path(u)[0]) for u in uris) or not os.path.isdir(fs_and_path(cache_uri)[1]):
+        return
+    try:
+        final = join(cache_uri, cache_key(data_spec, seq_len, seed))
+    except (DataError, OSError):
+        return
+    fs, path = fs_and_path(final)
+    if not fs.exists(join(path, MANIFEST)):
+        return
+    fix = f"delete {final} and submit again: the cache is rebuilt from the sources"
+    for i in range(len(_read_manifest(final, fix)["sources"])):
+        check_prefix_files(join(final, f"source-{i}"), fix)
+
+
+def _array(path: Path, fix: str, bound: int) -> np.ndarray:
+    """One .npy of the cache whose first column indexes something of `bound` entries (documents of a source,
+    documents of a split, sources of a blend), refused naming the file when unreadable or out of range."""
+    try:
+        a = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"data cache file missing: {path}; {fix}") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable array ({exc}); {fix}") from None
+    first = None  # the index column: docs are 1-D, starts [n, 2] (document, offset), a blend [2, n] (source, sample)
+    if a.ndim == 1:
+        first = a
+    elif a.ndim == 2:
+        first = a[0] if path.name.startswith("blend-") else a[:, 0]
+    if first is None or a.dtype.kind not in "iu" or (len(first) and (first.min() < 0 or first.max() >= bound)):
+        raise DataError(f"{path} holds indices outside 0..{bound - 1} (or is not an index array); {fix}")
+    return a

@@ -208,6 +208,16 @@ def resolve_all(sources: Iterable) -> list[SourceFile]:
     return files
 
 
+def without_outputs(files: list[SourceFile], out_uri: str) -> list[SourceFile]:
+    """`files` less what a prepare to `out_uri` writes (an earlier run's output in the source directory, or
+    half of one left by an interrupted run: `resolve_source` already leaves out complete .bin/.idx pairs)."""
+    own = set()
+    for ext in (".bin", ".idx", ".summary.json"):
+        fs, path = fs_and_path(out_uri + ext)
+        own.add(fs.unstrip_protocol(path))
+    return [f for f in files if f.uri not in own]
+
+
 def output_prefix(out_uri: str) -> str:
     """`out_uri` without a `.bin`/`.idx` suffix. A directory is refused: `prep/` would write the
     hidden files `prep/.bin` and `prep/.idx`."""
@@ -249,7 +259,7 @@ def prepare(sources: Sequence, out_uri: str, tokenizer: str = "byte", workers: i
                   "batch_bytes": (batch_bytes, 1)})
     out_uri = output_prefix(out_uri)
     tok = get_tokenizer(tokenizer)
-    files = resolve_all(sources)
+    files = without_outputs(resolve_all(sources), out_uri)
     summary = PrepareSummary(out_uri=out_uri, workers=workers, pool=pool, tokenizer=tok.record(),
                              long_document_threshold=seq_len + 1 if seq_len else None)
     start = time.perf_counter()

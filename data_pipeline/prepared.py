@@ -76,13 +76,16 @@ def check_recorded_tokenizer(prefix: str, tokenizer, where: str) -> bool:
     return True
 
 
-def check_ids_in_vocab(tokens: IndexedTokens, tokenizer, where: str, source: str) -> None:
-    """Every id of `tokens` (a copy of prefix `source`) below the tokenizer's vocabulary (a scan in
-    bounded chunks)."""
-    top = -1
+def check_ids_in_vocab(tokens: IndexedTokens, tokenizer, where: str, source: str, fix: str | None = None) -> None:
+    """Every id of `tokens` (a copy of prefix `source`) in 0..vocabulary-1 (a scan in bounded chunks)."""
+    top, low = -1, 0
+    signed = np.dtype(tokens.dtype).kind == "i"
     for start in range(0, len(tokens.tokens), _SCAN_CHUNK):
-        top = max(top, int(np.max(tokens.tokens[start:start + _SCAN_CHUNK])))
-    if top >= tokenizer.vocab_size:
-        raise DataError(f"{where}: {bin_path(source)} holds token id {top}, outside the vocabulary of "
-                        f"tokenizer {tokenizer.name!r} ({tokenizer.vocab_size} ids): it was tokenized with another "
-                        f"tokenizer; set data.tokenizer to that one")
+        chunk = tokens.tokens[start:start + _SCAN_CHUNK]
+        top = max(top, int(np.max(chunk)))
+        low = min(low, int(np.min(chunk))) if signed else 0
+    if top >= tokenizer.vocab_size or low < 0:
+        bad = top if top >= tokenizer.vocab_size else low
+        raise DataError(f"{where}: {bin_path(source)} holds token id {bad}, outside the vocabulary of "
+                        f"tokenizer {tokenizer.name!r} ({tokenizer.vocab_size} ids): "
+                        + (fix or "it was tokenized with another tokenizer; set data.tokenizer to that one"))

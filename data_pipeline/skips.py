@@ -65,7 +65,8 @@ def _fix(kind: str, stats, options: FixOptions) -> str | None:
         return (f"jsonl needs one JSON object per line; for plain text files "
                 f"{options.set(options.format, 'text')}")
     if kind == "invalid_utf8":
-        return "documents must be UTF-8 text: convert other encodings (iconv -t utf-8), leave out binary files"
+        return ("documents must be UTF-8 text: convert other encodings (iconv -t utf-8), leave out binary files, "
+                "and fix the writer of records whose JSON escapes a lone surrogate (\\ud800-\\udfff)")
     if kind == "unreadable_files":
         return f"check the files are what {options.format} says (corrupt parquet, truncated gzip?)"
     return None

@@ -34,6 +34,9 @@ class SourceFile:
     uri: str
     format: str
     field: str = "text"
+    stamp: str = ""
+    """Size and modification time (or ETag/generation) as listed: the data cache key covers them, so
+    a file that changes after a cache was built gets a new cache, not the stale one."""
 
 
 @dataclass
@@ -120,25 +123,54 @@ def resolve_source(uri: str, format: str = "auto", field: str = "text") -> list[
     fs, path = fs_and_path(uri)
     try:
         if any(c in path for c in "*?["):
-            paths = fs.glob(path)
+            infos = fs.glob(path, detail=True)
         elif fs.isdir(path):
-            paths = fs.find(path)
+            infos = fs.find(path, detail=True)
         elif fs.exists(path):
-            paths = [path]
+            infos = {path: fs.info(path)}
         else:
             raise DataError(f"data source not found: {uri}")
-        paths = [p for p in sorted(paths) if not os.path.basename(p).startswith((".", "_")) and not fs.isdir(p)]
+        infos = {p: i for p, i in infos.items() if not os.path.basename(p).startswith((".", "_"))
+                 and i.get("type") != "directory"}
     except PermissionError as exc:
         raise DataError(f"no permission to read data source {uri}: {exc}") from exc
+    paths = sorted(set(infos) - prepared_outputs(infos))
     if not paths:
-        raise DataError(f"data source matched no files: {uri}")
-    files = [SourceFile(fs.unstrip_protocol(p), format if format != "auto" else infer_format(p), field)
-             for p in paths]
+        raise DataError(f"data source matched no files: {uri}" + (
+            " (only prepared .bin/.idx datasets, which are not text: give their prefix as a source)" if infos else ""))
+    files = [SourceFile(fs.unstrip_protocol(p), format if format != "auto" else infer_format(p), field,
+                        stamp(infos[p])) for p in paths]
     if is_local(fs):  # devices, FIFOs, oversized files: refused here, before anything is read
         limit = max_file_bytes()
         for p, f in zip(paths, files):
             check_local_file(uri, p, f.format, limit)
     return files
+
+
+def prepared_outputs(paths) -> set[str]:
+    """The files among `paths` that `prepare` wrote: `P.bin` and `P.idx` when both are there, and
+    `P.summary.json` beside either. A directory holding a corpus and its prepared copy is read as the
+    corpus only (token ids read as text would be garbage documents)."""
+    paths = set(paths)
+    found = set()
+    for p in paths:
+        if p.endswith(".idx") and p[:-4] + ".bin" in paths:
+            found |= {p, p[:-4] + ".bin"}
+    prefixes = {p[:-4] for p in paths if p.endswith((".bin", ".idx"))}
+    found |= {p for p in paths if p.endswith(".summary.json") and p[:-len(".summary.json")] in prefixes}
+    return found
+
+
+_TIME_KEYS = ("mtime", "LastModified", "updated", "created")  # the first one present
+_VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash")
+
+
+def stamp(info: dict) -> str:
+    """A file's size and modification stamp from an fsspec info record (local mtime, S3's LastModified and
+    ETag, GCS's updated and generation). Not a local file's ctime: hard-linking a prepared prefix into a
+    cache changes it, and the key must not."""
+    when = next((str(info[k]) for k in _TIME_KEYS if k in info), None)
+    return json.dumps([info.get("size"), when, *(str(info[k]) for k in _VERSION_KEYS if k in info)])
 
 
 def read_documents(src: SourceFile, stats: ReadStats) -> Iterator[str]:
@@ -220,11 +252,26 @@ def _jsonl_documents(f, src: SourceFile, stats: ReadStats) -> Iterator[str]:
             _count_string_fields(record, stats)
         elif not text:
             stats.skip("empty_documents", where)
+        elif (bad := lone_surrogate(text)) is not None:
+            stats.skip("invalid_utf8", f"{where} (lone surrogate {text[bad]!r} at character {bad} of {src.field!r})")
         else:
             stats.documents += 1
             yield text
     if stats.bytes_read == before:
         stats.skip("empty_files", src.uri)
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate (U+D800-U+DFFF) in `text`, else None. JSON may escape one
+    (`"\\ud800"`) and Python decodes it, but it is no character: it has no UTF-8 encoding, so every
+    tokenizer fails on it."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 def _count_string_fields(record, stats: ReadStats) -> None:
@@ -255,13 +302,37 @@ def _parquet_documents(f, src: SourceFile, stats: ReadStats) -> Iterator[str]:
                                      f"group", limit)
         table = pf.read_row_group(g, columns=[src.field])
         stats.bytes_read += table.nbytes
-        for text in table.column(src.field).to_pylist():
+        for text in _column_texts(table.column(src.field)):
             where = f"{src.uri} row {row}"
             row += 1
-            if not isinstance(text, str):
+            if text is _UNDECODABLE:
+                stats.skip("invalid_utf8", where)
+            elif not isinstance(text, str):
                 stats.skip("missing_field", f"{where} (null or non-string {src.field!r})")
             elif not text:
                 stats.skip("empty_documents", where)
             else:
                 stats.documents += 1
                 yield text
+
+
+_UNDECODABLE = object()
+
+
+def _column_texts(column) -> list:
+    """The values of a parquet text column; a row that is not UTF-8 (a writer that skipped arrow's
+    validation) becomes `_UNDECODABLE` instead of failing its whole row group."""
+    import pyarrow as pa
+
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        values = column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()).to_pylist()
+        return [v if v is None else _decode_or_mark(v) for v in values]
+
+
+def _decode_or_mark(raw: bytes):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _UNDECODABLE

@@ -129,13 +129,18 @@ def preflight(spec: JobSpec, resume: bool):
     return layout, spec
 
 
-def prepare_data(spec: JobSpec) -> None:
+def prepare_data(spec: JobSpec) -> str:
+    """Build or load the job's data cache, verified (token ids included), before Ray starts; returns the
+    cache directory the workers load, so that they read what was verified here."""
     t0 = time.monotonic()
     data = prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed,
-                           cache_uri=data_cache_uri(spec))
+                           cache_uri=data_cache_uri(spec), verify_ids=True)
     print(f"[raytron] data ready in {time.monotonic() - t0:.1f}s: {len(data.train)} train / "
           f"{len(data.valid)} valid samples of {spec.train.seq_len} tokens at {data.cache_uri}", flush=True)
+    for line in data.skip_reports():
+        print(f"[raytron] {line}", flush=True)
     check_eval_split(spec, len(data.valid))  # refused here, before any worker starts
+    return data.cache_uri
 
 
 def _started(spec: JobSpec) -> bool:
@@ -220,7 +225,7 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
     layout, spec = preflight(spec, resume)
     claim_run(spec)  # held until this driver's record is written; dropped (with an empty new run) if refused first
     try:
-        prepare_data(spec)
+        data_dir = prepare_data(spec)
         if resume:
             reap_dead_driver(spec.run_uri)  # what a crashed driver of this run left here (launcher/leftovers.py)
         _init_ray(spec, address)
@@ -245,7 +250,7 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
         _drop_ray_checkpoint_snapshot(spec)
         return Trainer(
             train_worker,
-            train_loop_config={"spec": spec.to_dict(), "layout": layout.to_dict()},
+            train_loop_config={"spec": spec.to_dict(), "layout": layout.to_dict(), "data_dir": data_dir},
             torch_config=PreemptibleTorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo",
                                                 timeout_s=spec.fault.collective_timeout_s,
                                                 preemption_grace_s=spec.fault.preemption_grace_s),

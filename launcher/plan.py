@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ranks", type=int, default=64,
                    help="print at most this many rows of the rank table (default 64; 0 for all)")
     p.add_argument("--resume-from", default=None, metavar="URI",
-                   help="say whether this checkpoint (run dir, checkpoints/ or step dir) loads under the "
-                        "config's layout and what gets resharded; reads manifests only")
+                   help="say whether this checkpoint (run dir, checkpoints/, a step dir or one under "
+                        "checkpoints/rejected/) loads under the config's layout and what gets resharded; verifies "
+                        "it as the resume does (manifest, sizes, SHA-256, tensor names), unpickles nothing")
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -46,9 +47,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return run_resume_plan(args, out, err)
     try:
         spec = load_spec(args.config, args.overrides, args.name)
-        from .validate import validate_job
+        from .validate import check_data_cache, validate_job
 
         layout = validate_job(spec)
+        check_data_cache(spec)
         report = build_report(spec, layout)
     except ConfigError as exc:
         print(f"raytron plan: invalid config {args.config}: {exc}", file=err)

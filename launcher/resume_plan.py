@@ -1,10 +1,13 @@
 """`raytron plan CONFIG --resume-from URI`: will that checkpoint load under this config's layout?
 
-Offline and instant: reads the manifest and lists files, never a tensor. The answer mirrors what
-`restore_checkpoint` will do: the newest committed step whose files are all there with their recorded
-sizes (SHA-256 is checked at load time), the same model/data/sample fields (the resume hash), the same
-engine, and a layout the job validates with. When it loads, the plan says what gets resharded.
-URI: a run directory, its `checkpoints/` folder, or one `step-NNNNNNNNN/` directory.
+Offline (no Ray, no tensor unpickled). The answer mirrors what `restore_checkpoint` will do, with the same
+verification: the newest committed step whose manifest has the right shape and step, whose files are all
+there with their recorded sizes and SHA-256 (every file of the step it picks is read once) and cover every
+tensor of the model, the same model/data/sample fields (the resume hash), the same engine, and a layout the
+job validates with. When it loads, the plan says what gets resharded. `submit --resume` runs the same check
+before Ray starts, so a run whose every checkpoint is corrupt is refused there, not in the workers.
+URI: a run directory, its `checkpoints/` folder, one `step-NNNNNNNNN/` directory, or a step a resume set
+aside (`checkpoints/rejected/step-NNNNNNNNN-<time>/`: the plan says why it fails verification).
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..parallelism.checkpoint import CheckpointError, CheckpointStore
+from ..parallelism.checkpoint import REJECTED, CheckpointError, CheckpointStore
 from .strict_yaml import ConfigError
 
 _STEP_DIR = re.compile(r"^(.*)/step-(\d{9})$")
+_REJECTED_DIR = re.compile(rf"^(.*/{REJECTED})/(step-(\d{{9}})-[^/]+)$")
 
 
 @dataclass
@@ -29,8 +33,25 @@ class ResumePlan:
     spec: object = None  # the job as the resume trains it (train.schedule_steps from the checkpoint)
 
 
+class _SetAsideStep(CheckpointStore):
+    """One step folder that a resume set aside under `rejected/`, read through the store's own checks."""
+
+    def __init__(self, rejected_uri: str, folder: str, step: int):
+        super().__init__(rejected_uri)
+        self.folder, self.step = folder, step
+
+    def step_path(self, step: int) -> str:
+        return f"{self.root}/{self.folder}" if step == self.step else super().step_path(step)
+
+    def listed_steps(self) -> list[int]:
+        return [self.step] if self.fs.isdir(self.step_path(self.step)) else []
+
+
 def locate(uri: str) -> tuple[CheckpointStore, int | None]:
     uri = uri.rstrip("/")
+    m = _REJECTED_DIR.match(uri)
+    if m:
+        return _SetAsideStep(m.group(1), m.group(2), int(m.group(3))), int(m.group(3))
     m = _STEP_DIR.match(uri)
     if m:
         return CheckpointStore(m.group(1)), int(m.group(2))
@@ -38,27 +59,32 @@ def locate(uri: str) -> tuple[CheckpointStore, int | None]:
 
 
 def _pick(store: CheckpointStore, step: int | None, plan: ResumePlan) -> dict | None:
-    """The manifest resume would use (shallow verify: names and sizes), or None with reasons."""
+    """The manifest resume would use (verified as the resume verifies it), or None with reasons."""
     if step is not None:
         if step not in store.committed_steps():
             plan.reasons.append(f"step {step} has no COMMITTED marker under {store.uri} (an interrupted save)")
             return None
         try:
-            return store.verify(step, deep=False)
+            manifest = store.verify(step)
         except CheckpointError as exc:
             plan.reasons.append(str(exc))
             return None
-    chosen, skipped = store.latest(deep=False)
+        if isinstance(store, _SetAsideStep):
+            plan.notes.append(f"this step was set aside by a resume; to resume from it, move "
+                              f"{store.step_path(step)} back to {store.uri.rsplit('/', 1)[0]}/step-{step:09d}")
+        return manifest
+    chosen, skipped = store.latest()
     plan.notes += [f"skipped {s}" for s in skipped]
     if chosen is None:
-        plan.reasons.append(f"no committed checkpoint with all its files under {store.uri}")
+        plan.reasons.append(f"no committed checkpoint with all its files under {store.uri}"
+                            + (f" ({'; '.join(skipped)})" if skipped else ""))
         return None
     plan.step, plan.source = chosen.step, chosen.path
     committed = store.committed_steps()
     plan.notes += [f"step {s} has no COMMITTED marker (an interrupted save): not used"
                    for s in store.listed_steps() if s > chosen.step and s not in committed]
-    plan.notes.append("files are checked by name and size here; their SHA-256 at load, where a corrupted newest "
-                      "step is skipped (and set aside if newer than the step resumed from)")
+    if skipped:
+        plan.notes.append("the resume skips the same steps and sets aside those newer than the step it uses")
     return chosen.manifest
 
 

@@ -122,6 +122,19 @@ def check_eval_split(spec: JobSpec, valid_samples: int) -> None:
                       f"{spec.train.seq_len} tokens: {fix}")
 
 
+def check_data_cache(spec: JobSpec) -> None:
+    """plan: a data cache this job already built, checked cheaply (manifest, each .bin/.idx header and sizes);
+    `submit` verifies it in full (arrays, token ids) before Ray starts."""
+    from ..data_pipeline import DataError
+    from ..data_pipeline.job import check_built_cache
+    from .worker import data_cache_uri
+
+    try:
+        check_built_cache(spec.data, spec.train.seq_len, spec.train.seed, data_cache_uri(spec))
+    except DataError as exc:
+        raise ConfigError("data.cache_uri", f"the job's data cache is damaged: {exc}") from None
+
+
 def resolved_model_config(spec: JobSpec):
     """The ModelConfig the workers build: the registry's, its vocabulary the tokenizer's (launcher/vocab.py)."""
     return model_config_from_spec(with_tokenizer_vocab(spec))
@@ -187,4 +200,4 @@ def _check_local_writable(uri: str, path: str) -> None:
 
 
 __all__ = ["validate_job", "check_storage", "check_kinds", "check_local_gpus", "check_host_memory",
-           "check_eval_split", "host_memory", "resolved_model_config"]
+           "check_eval_split", "check_data_cache", "host_memory", "resolved_model_config"]

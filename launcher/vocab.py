@@ -3,7 +3,8 @@
 `with_tokenizer_vocab(spec)` is the spec whose `model.overrides.vocab_size` is the tokenizer's padded
 vocabulary (`data_pipeline.tokenizer.padded_vocab_size`), replacing the flavor's own; a user override
 below the tokenizer's ids is a ConfigError. `check_prepared_sources` refuses prepared .bin/.idx sources
-recorded with another tokenizer. Both run in `validate_job`, so `plan` and `submit` refuse before Ray.
+recorded with another tokenizer, or whose two files disagree (truncated, bad dtype byte). Both run in
+`validate_job`, so `plan` and `submit` refuse before Ray.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 
 from ..data_pipeline import DataError, get_tokenizer
+from ..data_pipeline.indexed import check_prefix_files, idx_path
 from ..data_pipeline.prepared import check_prefix_exists, check_recorded_tokenizer, indexed_prefix
+from ..data_pipeline.storage import exists
 from ..data_pipeline.tokenizer import Tokenizer, padded_vocab_size
 from .spec import JobSpec
 from .strict_yaml import ConfigError
@@ -58,7 +61,8 @@ def vocab_line(spec: JobSpec, flavor_vocab: int, model_vocab: int, dim: int, tie
 
 
 def check_prepared_sources(spec: JobSpec, tokenizer: Tokenizer, check_paths: bool = False) -> None:
-    """Prepared-prefix sources: recorded with this tokenizer (and present, with `check_paths`)."""
+    """Prepared-prefix sources: .bin and .idx consistent, recorded with this tokenizer (and present, with
+    `check_paths`)."""
     for i, src in enumerate(spec.data.sources):
         path = f"data.sources[{i}].uri"
         try:
@@ -67,6 +71,8 @@ def check_prepared_sources(spec: JobSpec, tokenizer: Tokenizer, check_paths: boo
                 continue
             if check_paths:
                 check_prefix_exists(prefix, "prepared source")
+            if check_paths or exists(idx_path(prefix)):  # header and sizes: a few small reads
+                check_prefix_files(prefix, f"prepare it again (raytron data prepare ... --out {prefix} --force)")
             check_recorded_tokenizer(prefix, tokenizer, "prepared source")
         except DataError as exc:
             raise ConfigError(path, str(exc)) from None

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..data_pipeline import prepare_for_job
+from ..data_pipeline import DataError, load_prepared, prepare_for_job
 from ..parallelism.checkpoint import CheckpointStore
 from ..parallelism.estimate import flops_per_token
 from ..parallelism.layout import ParallelLayout
@@ -35,7 +35,8 @@ def train_worker(config: dict) -> None:
     layout = ParallelLayout.from_dict(config["layout"])
     guard = FaultGuard.start(spec, rank, world, node_id=ray.get_runtime_context().get_node_id())
     try:
-        result = run_training(spec, layout, rank, world, report=ray.train.report, guard=guard)
+        result = run_training(spec, layout, rank, world, report=ray.train.report, guard=guard,
+                              data_dir=config.get("data_dir"))
     except StopTraining as stop:
         # Every rank stops together and returns normally: Ray Train must not restart a job whose
         # next attempt would hit the same numbers; the driver reports it as failed.
@@ -54,14 +55,14 @@ def train_worker(config: dict) -> None:
 
 
 def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, report=None,
-                 guard: FaultGuard | None = None) -> dict:
+                 guard: FaultGuard | None = None, data_dir: str | None = None) -> dict:
     """Train `spec` on this rank (torch.distributed already initialized). Returns final metrics.
-    `guard` (launcher/resilience.py) handles preemption, hangs, NaN/spikes; one is made if not given."""
+    `guard` (launcher/resilience.py) handles preemption, hangs, NaN/spikes; one is made if not given.
+    `data_dir`: the data cache directory the driver built and verified (else found by its key)."""
     guard = guard or FaultGuard.start(spec, rank, world)
     if not spec.resources.use_gpu:
         torch.set_num_threads(spec.resources.torch_threads)
-    data = prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed,
-                           cache_uri=data_cache_uri(spec))
+    data = _load_data(spec, data_dir)
     engine = build_engine(spec, layout, rank, world, data.tokenizer)
     store = CheckpointStore(f"{spec.run_uri}/checkpoints", keep=spec.checkpoint.keep)
     guard.attach(engine)
@@ -132,6 +133,18 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
     if writer:
         writer.close()
     return last
+
+
+def _load_data(spec: JobSpec, data_dir: str | None):
+    """The job's datasets; a damaged cache stops the job (every rank loads the same cache, so all stop here
+    together) with the file named, instead of a traceback and a restart that would meet it again."""
+    try:
+        if data_dir:
+            return load_prepared(data_dir, spec.data, spec.train.seq_len, spec.train.seed)
+        return prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed,
+                               cache_uri=data_cache_uri(spec))
+    except DataError as exc:
+        raise StopTraining(f"data: {exc}", exc) from None
 
 
 def _log_step(writer: MetricsWriter, step: int, last: dict, expert_load: list[float] | None) -> None:

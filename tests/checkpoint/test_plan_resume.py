@@ -101,7 +101,6 @@ def test_plan_names_a_newer_uncommitted_step_it_passes_over(tmp_path):
     assert plan.ok and plan.step == STEP
     text = format_plan(plan)
     assert f"note: step {STEP + 2} has no COMMITTED marker (an interrupted save): not used" in text
-    assert "SHA-256 at load" in text
 
 
 def test_plan_refuses_train_steps_below_the_checkpoint_as_submit_does(tmp_path):
@@ -142,3 +141,60 @@ def test_resume_with_more_steps_keeps_the_lr_schedule(tmp_path, capsys):
     replanned = plan_resume(load_job(tmp_path, "src", 2, 2, 100, **{"train.schedule_steps": 100}), run)
     assert replanned.spec.train.schedule_steps == 100
     assert any("the schedule changes here" in n for n in replanned.notes), format_plan(replanned)
+
+
+def _flip_last_byte(path: str) -> None:
+    """Same size, other bytes: only the SHA-256 tells (flipping again restores the file)."""
+    with open(path, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)[0]
+        f.seek(-1, 2)
+        f.write(bytes([last ^ 0xFF]))
+
+
+def _corrupt(store: CheckpointStore, step: int, name: str) -> None:
+    _flip_last_byte(f"{store.step_path(step)}/{name}")
+
+
+def test_checkpoints_corrupt_by_hash_only_are_refused_before_ray(tmp_path, capsys):
+    """Every committed step has the right sizes but a corrupted shard: plan answers NO and submit --resume is
+    refused in the driver (before, both passed the size check and every worker failed at load)."""
+    from raytron.launcher.driver import check_resumable
+    from raytron.launcher.strict_yaml import ConfigError
+
+    run = fake_checkpoint(tmp_path, "src", workers=2, ep=2)
+    fake_checkpoint(tmp_path, "src", workers=2, ep=2, step=STEP + 2)
+    store = CheckpointStore(f"{run}/checkpoints", keep=5)
+    _corrupt(store, STEP + 2, "state-00001.pt")
+    plan = plan_resume(load_job(tmp_path, "src", 2, 2, 10), run)
+    assert plan.ok and plan.step == STEP, format_plan(plan)  # falls back, as the resume does
+    assert any(f"step {STEP + 2}: shard state-00001.pt fails its SHA-256 check" in n for n in plan.notes)
+    _corrupt(store, STEP, "rng-00000.pt")
+    plan = plan_resume(load_job(tmp_path, "src", 2, 2, 10), run)
+    assert not plan.ok and "no committed checkpoint with all its files" in format_plan(plan)
+    with pytest.raises(ConfigError, match="cannot resume under this config: no committed checkpoint") as exc:
+        check_resumable(load_job(tmp_path, "src", 2, 2, 10))
+    assert exc.value.path == "--resume" and f"step {STEP}: shard rng-00000.pt fails its SHA-256 check" in str(exc.value)
+    sets = [a for kv in job_overrides(tmp_path, 2, 2, 10, 1) for a in ("--set", kv)]
+    assert main(["plan", CONFIG, *sets, "--name", "src", "--resume-from", run]) == 2
+    err = capsys.readouterr().err
+    assert "answer: NO" in err and "fails its SHA-256 check" in err, err
+
+
+def test_plan_reads_a_step_a_resume_set_aside(tmp_path, capsys):
+    run = fake_checkpoint(tmp_path, "src", workers=2, ep=2)
+    store = CheckpointStore(f"{run}/checkpoints")
+    _corrupt(store, STEP, "state-00000.pt")
+    folder = store.set_aside(STEP)
+    assert "/rejected/step-" in folder
+    uri = store.fs.unstrip_protocol(folder)
+    plan = plan_resume(load_job(tmp_path, "src", 2, 2, 10), uri)
+    assert not plan.ok and plan.step == STEP, format_plan(plan)
+    assert f"step {STEP}: shard state-00000.pt fails its SHA-256 check" in plan.reasons[0]
+    _flip_last_byte(f"{folder}/state-00000.pt")  # repaired: it loads, and the plan says how to use it
+    plan = plan_resume(load_job(tmp_path, "src", 2, 2, 10), folder)
+    assert plan.ok and plan.step == STEP, format_plan(plan)
+    assert any(f"move {folder} back to" in n and f"step-{STEP:09d}" in n for n in plan.notes), format_plan(plan)
+    sets = [a for kv in job_overrides(tmp_path, 2, 2, 10, 1) for a in ("--set", kv)]
+    assert main(["plan", CONFIG, *sets, "--name", "src", "--resume-from", folder + "/"]) == 0
+    assert "answer: YES" in capsys.readouterr().out
