@@ -85,12 +85,11 @@ def _qkv(cfg, prefix: str, tp: int, rank: int) -> list[Piece]:
 
 
 def _mla_pieces(cfg, prefix: str, tp: int, rank: int) -> dict[str, list[Piece]]:
-    """Multi-head latent attention (models/mla.py) as megatron's MLASelfAttention: the up projections
-    and `linear_proj` split by heads like attention's, the latent norms replicated; the down projections
-    are ColumnParallelLinear (rows split over TP, megatron gathers their output)."""
+    """Multi-head latent attention (models/mla.py) as megatron's MLASelfAttention (parallelism/megatron_mla.py):
+    the up projections and `linear_proj` split by heads like attention's, the latent down projections and
+    norms replicated over TP."""
     h, qk = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    out = {"linear_kv_down_proj.weight": [_column(f"{prefix}.wkv_a.weight", cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                                                  tp, rank)],
+    out = {"linear_kv_down_proj.weight": [_whole(f"{prefix}.wkv_a.weight", cfg.kv_lora_rank + cfg.qk_rope_head_dim)],
            "kv_layernorm.weight": [_whole(f"{prefix}.kv_norm.weight", cfg.kv_lora_rank)],
            "linear_kv_up_proj.weight": [_column(f"{prefix}.wkv_b.weight", h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                                                 tp, rank)],
@@ -98,7 +97,7 @@ def _mla_pieces(cfg, prefix: str, tp: int, rank: int) -> dict[str, list[Piece]]:
     if not cfg.q_lora_rank:
         out["linear_q_proj.weight"] = [_column(f"{prefix}.wq.weight", h * qk, tp, rank)]
         return out
-    out["linear_q_down_proj.weight"] = [_column(f"{prefix}.wq_a.weight", cfg.q_lora_rank, tp, rank)]
+    out["linear_q_down_proj.weight"] = [_whole(f"{prefix}.wq_a.weight", cfg.q_lora_rank)]
     out["q_layernorm.weight"] = [_whole(f"{prefix}.q_norm.weight", cfg.q_lora_rank)]
     out["linear_q_up_proj.weight"] = [_column(f"{prefix}.wq_b.weight", h * qk, tp, rank)]
     return out

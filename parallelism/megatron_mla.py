@@ -1,12 +1,14 @@
 """Multi-head latent attention (models/mla.py, `attention: mla`) in the megatron engine: megatron-core
-0.16.1's MLASelfAttention with megatron's column/row-parallel linears, raytron's RMSNorm on the latents
-and raytron's SDPA core attention (parallelism/megatron_modules.py), so no Transformer Engine is needed.
+0.16.1's MLASelfAttention with megatron's column/row-parallel linears for the up and output projections,
+replicated latent down projections (LatentSelfAttention: megatron's own column-parallel ones give wrong
+RoPE-key gradients under TP), raytron's RMSNorm on the latents and raytron's SDPA core attention
+(parallelism/megatron_modules.py), so no Transformer Engine is needed.
 
 megatron-core computes the reference's math: q = [nope, rope] per head (from the query latent or the
 hidden state), `linear_kv_down_proj` gives [kv latent; shared RoPE key], `linear_kv_up_proj` gives
-[key nope; value] per head, RoPE in rotate-half form on the RoPE channels only (rope_type "rope",
-unfused: megatron-core's MLA fusion is for YaRN only), softmax scale 1/sqrt(nope + rope). Its
-MLATransformerConfig applies to the whole model, which is why `attention` is one field per model.
+[key nope; value] per head, RoPE on the RoPE channels only, rotating DeepSeek's adjacent channel pairs
+as the reference does (rope_type "rope", unfused: megatron-core's MLA fusion is for YaRN only), softmax
+scale 1/sqrt(nope + rope). Its MLATransformerConfig applies to the whole model, which is why `attention` is one field per model.
 The weight mapping is parallelism/megatron_mapping.py `_mla_pieces`; what the engine refuses with MLA
 (layouts, masks) is parallelism/megatron_blocks.py `mla_gaps`.
 """
@@ -32,10 +34,11 @@ def mla_config_fields(cfg) -> dict:
 
 
 def mla_attention_spec() -> ModuleSpec:
-    """megatron's MLASelfAttention (bf16 linears: FP8 is refused with MLA, megatron_blocks.mla_gaps)."""
+    """megatron's MLASelfAttention with replicated down projections (LatentSelfAttention); bf16 linears
+    (FP8 is refused with MLA, megatron_blocks.mla_gaps). The down projections given here are replaced."""
     allow_mla_without_te()
     column, row = ColumnParallelLinear, RowParallelLinear
-    return ModuleSpec(module=MLASelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+    return ModuleSpec(module=LatentSelfAttention, params={"attn_mask_type": AttnMaskType.causal},
                       submodules=MLASelfAttentionSubmodules(
                           linear_q_proj=column, linear_q_down_proj=ColumnParallelLinear, linear_q_up_proj=column,
                           linear_kv_down_proj=ColumnParallelLinear, linear_kv_up_proj=column,

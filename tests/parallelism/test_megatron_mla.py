@@ -28,7 +28,7 @@ def test_mla_tp_pp_match_reference(tmp_path, overrides):
     from tests.parallelism import megatron_hybrid_ranks
 
     out = tmp_path / "result.json"
-    layouts = [{"tp": 2}, {"pp": 2}]
+    layouts = [{"tp": 2, "ep": 2}, {"pp": 2}]  # experts over EP: this harness reduces no expert-DP gradients
     spawn_ranks(megatron_hybrid_ranks.equivalence, 2, "moe", "debug-mla", overrides, layouts, str(out), timeout=240)
     records = json.loads(out.read_text())
     assert [[r["layers"] for r in rec["ranks"]] for rec in records] == [[[1, 2], [1, 2]], [[1], [2]]]
