@@ -8,7 +8,8 @@ megatron-core computes the reference's math: q = [nope, rope] per head (from the
 hidden state), `linear_kv_down_proj` gives [kv latent; shared RoPE key], `linear_kv_up_proj` gives
 [key nope; value] per head, RoPE on the RoPE channels only, rotating DeepSeek's adjacent channel pairs
 as the reference does (rope_type "rope", unfused: megatron-core's MLA fusion is for YaRN only), softmax
-scale 1/sqrt(nope + rope). Its MLATransformerConfig applies to the whole model, which is why `attention` is one field per model.
+scale 1/sqrt(nope + rope). Its MLATransformerConfig applies to the whole model, which is why `attention` is
+one field per model.
 The weight mapping is parallelism/megatron_mapping.py `_mla_pieces`; what the engine refuses with MLA
 (layouts, masks) is parallelism/megatron_blocks.py `mla_gaps`.
 """

@@ -129,7 +129,7 @@ def test_plan_counts_latent_attention_parameters(tmp_path):
     f.write_text(yaml.safe_dump(job(MEGATRON_JOB, model__flavor="deepseek-small-mla")))
     code, out, err = run_plan(str(f))
     assert code == 0, err
-    total, active = param_counts(get_config("moe", "deepseek-small-mla"))
-    gqa_total, _ = param_counts(get_config("moe", "deepseek-small"))
+    total, active = param_counts(get_config("moe", "deepseek-small-mla", vocab_size=264))  # the byte tokenizer's
+    gqa_total, _ = param_counts(get_config("moe", "deepseek-small", vocab_size=264))
     assert total != gqa_total
     assert f"params     total {_fmt_count(total)}, active {_fmt_count(active)}" in out
