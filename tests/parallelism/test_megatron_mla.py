@@ -3,7 +3,8 @@ MLASelfAttention under TP2 (+SP) and PP2 on CPU equals the reference (the rank p
 tests/parallelism/megatron_hybrid_ranks.py: per-token loss within 1e-5, every rank's gradients within 1e-4
 of the reference's cut the same way, weights gathered back bitwise), and what the engine refuses with MLA
 is named by field (parallelism/megatron_blocks.py `mla_gaps`). One-process CPU equivalence of the
-`moe/debug-mla` flavor is in tests/parallelism/test_megatron_mapping.py."""
+`moe/debug-mla` flavor is in tests/parallelism/test_megatron_mapping.py, the engine's whole step (megatron's
+schedule, DDP, distributed optimizer; recomputation) in tests/parallelism/test_megatron_step.py (`moe-mla-*`)."""
 
 from __future__ import annotations
 
