@@ -23,8 +23,7 @@ _SHAPE_FIELDS = {"vocab_size": "vocab_size", "dim": "hidden_size", "num_heads": 
                  "tie_embeddings": "tie_word_embeddings", "num_experts": "num_local_experts",
                  "top_k": "num_experts_per_tok"}
 _KEYS = {**_SHAPE_FIELDS, "num_layers": "num_hidden_layers", "head_dim": "head_dim", "ffn_dim": "intermediate_size",
-         "moe_ffn_dim": "intermediate_size", "pattern": "sliding_window", "window": "sliding_window",
-         "attention": "model_type"}  # Llama/Mistral/Mixtral attention is grouped-query (`gqa`)
+         "moe_ffn_dim": "intermediate_size", "pattern": "sliding_window", "window": "sliding_window"}
 _HEADER_MAX = 100 * 2**20  # safetensors' own limit on a header
 
 
@@ -120,8 +119,6 @@ def check_init_from(spec, job_cfg) -> None:
 
 def _differences(job, ckpt) -> list[tuple[str, object, object]]:
     out = [(f, getattr(job, f), getattr(ckpt, f)) for f in _SHAPE_FIELDS if getattr(job, f) != getattr(ckpt, f)]
-    if job.attention != ckpt.attention:
-        out.append(("attention", job.attention, ckpt.attention))
     if len(job.layer_pattern()) != len(ckpt.layer_pattern()):
         out.append(("num_layers", len(job.layer_pattern()) // 2, len(ckpt.layer_pattern()) // 2))
     elif job.layer_pattern() != ckpt.layer_pattern():  # windowed (`W`) or not
