@@ -4,6 +4,8 @@ Layer-pattern characters (Megatron's hybrid convention): `*` causal attention, `
 attention, `B` block-sparse attention (static pattern, ours),
 `G` Gated DeltaNet, `M` Mamba2, `-` SwiGLU MLP, `E` MoE, `|` pipeline-stage boundary
 (ignored by the single-device model). A dense transformer block is `*-`, an MoE block is `*E`.
+The attention layers (`*`, `W`, `B`) are grouped-query attention, or multi-head latent attention
+(models/mla.py) with `attention: mla`.
 """
 
 from __future__ import annotations
@@ -78,6 +80,20 @@ class ModelConfig:
     """Nearest key blocks (diagonal included) each query block attends."""
     sparse_global_blocks: int = 1
     """Leading key blocks every query block attends (attention sinks)."""
+    # attention kind of the `*`, `W`, `B` layers
+    attention: Literal["gqa", "mla"] = "gqa"
+    """`gqa`: grouped-query attention (num_kv_heads, head_dim); `mla`: DeepSeek-V2/V3 multi-head latent
+    attention (models/mla.py: q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim)."""
+    q_lora_rank: int = 0
+    """MLA: rank of the RMS-normalised query latent; 0 projects queries from the hidden state directly."""
+    kv_lora_rank: int = 32
+    """MLA: rank of the RMS-normalised key/value latent shared by all heads."""
+    qk_nope_head_dim: int = 16
+    """MLA: per-head query/key channels without position encoding (expanded from the latents)."""
+    qk_rope_head_dim: int = 8
+    """MLA: RoPE channels of each query head and of the one key part shared by all heads (even)."""
+    v_head_dim: int = 16
+    """MLA: per-head value channels."""
 
     def __post_init__(self) -> None:
         small = [f"{name}={getattr(self, name)}" for name in ("vocab_size", "dim", "num_heads", "num_kv_heads")
@@ -91,6 +107,10 @@ class ModelConfig:
             raise ValueError(f"pattern {self.pattern!r}: unknown layer kinds {bad}; allowed {LAYER_CHARS!r} and '|'")
         if self.dim % self.num_heads and not self.head_dim:
             raise ValueError(f"dim {self.dim} not divisible by num_heads {self.num_heads}; set head_dim")
+        if self.attention not in ("gqa", "mla"):
+            raise ValueError(f"attention {self.attention!r}: use 'gqa' or 'mla'")
+        if self.attention == "mla":
+            self._check_mla()
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
         if "W" in self.layer_pattern() and self.window <= 0:
@@ -99,6 +119,18 @@ class ModelConfig:
             raise ValueError(f"pattern {self.pattern!r} has block-sparse layers but sparse_block={self.sparse_block}")
         if "E" in self.layer_pattern() and not (1 <= self.top_k <= self.num_experts):
             raise ValueError(f"MoE layers need 1 <= top_k ({self.top_k}) <= num_experts ({self.num_experts})")
+
+    def _check_mla(self) -> None:
+        small = [f"{name}={getattr(self, name)}" for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                                               "v_head_dim") if getattr(self, name) < 1]
+        if small or self.q_lora_rank < 0:
+            raise ValueError(f"attention 'mla' with {', '.join(small) or f'q_lora_rank={self.q_lora_rank}'}; "
+                             "the ranks and head sizes must be >= 1 (q_lora_rank >= 0)")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim {self.qk_rope_head_dim} must be even (RoPE rotates channel pairs)")
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(f"attention 'mla' expands a key and a value for every query head from the shared "
+                             f"latent: set num_kv_heads = num_heads ({self.num_heads}), not {self.num_kv_heads}")
 
     @property
     def attn_head_dim(self) -> int:

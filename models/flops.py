@@ -9,6 +9,8 @@ Two conventions for attention's score and value products:
   per query as Megatron does, sliding-window and block-sparse the mean number their masks allow.
 - "counted": every query meets all S keys, as a dense SDPA (or a masked one) computes and as
   FlopCounterMode counts it; this is what the tests compare with a counted forward + backward.
+Multi-head latent attention (`attention: mla`) counts its down/up projections and scores over
+qk_nope_head_dim + qk_rope_head_dim channels, values over v_head_dim.
 Linear-sequence layers count their chunked form (intra-chunk C x C products, the triangular solve of
 Gated DeltaNet as C^2 FLOPs per right-hand side column, the state carried between chunks), in both
 conventions. MoE counts the router and the top_k routed plus shared experts a token activates.
@@ -40,9 +42,22 @@ def _mean_keys(cfg: ModelConfig, kind: str, seq: int) -> float:
     return total / seq
 
 
+def _mla_matrix_params(cfg: ModelConfig) -> int:
+    """Weights of one multi-head latent attention layer's projections (models/mla.py); each is used once
+    per token, so they are also its projection multiply-adds per token."""
+    d, h, qr, kvr = cfg.dim, cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank
+    qk, rope, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    q = d * qr + qr * h * qk if qr else d * h * qk
+    return q + d * (kvr + rope) + kvr * h * (cfg.qk_nope_head_dim + v) + h * v * d
+
+
 def _layer_forward_flops(kind: str, cfg: ModelConfig, seq: int, counted: bool) -> float:
     """Forward matmul FLOPs per token of one layer of `kind`."""
     d = cfg.dim
+    if kind in "*WB" and cfg.attention == "mla":  # scores over nope + rope channels, values over v_head_dim
+        keys = seq if counted else _mean_keys(cfg, kind, seq)
+        channels = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+        return 2 * _mla_matrix_params(cfg) + 2 * cfg.num_heads * channels * keys
     if kind in "*WB":
         h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.attn_head_dim
         keys = seq if counted else _mean_keys(cfg, kind, seq)
@@ -85,6 +100,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "megatron"
 def _layer_params(kind: str, cfg: ModelConfig) -> tuple[int, int]:
     """(total, active) parameters of one layer of `kind`, its pre-norm included."""
     d = cfg.dim
+    if kind in "*WB" and cfg.attention == "mla":
+        norms = cfg.q_lora_rank + cfg.kv_lora_rank + d  # latent norms, pre-norm
+        return _mla_matrix_params(cfg) + norms, _mla_matrix_params(cfg) + norms
     if kind in "*WB":
         n = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.attn_head_dim + cfg.num_heads * cfg.attn_head_dim * d
         return n + d, n + d

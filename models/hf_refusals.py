@@ -13,6 +13,12 @@ _SUPPORTED = ("export writes LlamaForCausalLM (blocks `*-`), MistralForCausalLM 
 
 
 def _layer_problem(cfg: ModelConfig, index: int, kind: str) -> str | None:
+    if kind in "*WB" and cfg.attention == "mla":
+        return (f"layer {index} is multi-head latent attention (attention=mla): Llama, Mistral and Mixtral have "
+                "grouped-query attention only; DeepseekV2ForCausalLM and DeepseekV3ForCausalLM, the transformers "
+                "classes with latent attention, pair it with DeepSeek's MoE (group-limited routing, "
+                "routed_scaling_factor, first_k_dense_replace dense layers) and their own weight names "
+                "(kv_a_proj_with_mqa, kv_b_proj), which this exporter does not write, so MLA models are not exported")
     if kind == "G":
         return (f"layer {index} is Gated DeltaNet (`G`): the only transformers class with Gated DeltaNet layers, "
                 "Qwen3-Next (Qwen3NextForCausalLM), RMS-normalises q and k per head in its attention layers "

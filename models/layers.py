@@ -37,6 +37,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) of x [batch, heads, seq, d] by frequency i: DeepSeek's
+    layout for latent attention's RoPE channels (megatron-core's MLA applies it the same way)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
 class Attention(nn.Module):
     """Grouped-query causal attention with RoPE; `window` > 0 makes it sliding-window, `sparse` gives it
     a static block-sparse pattern; `doc_ids` [B, S] in forward confines it to each packed document."""

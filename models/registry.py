@@ -27,11 +27,20 @@ FLAVORS: dict[str, dict[str, dict]] = {
         "deepseek-small": dict(vocab_size=32000, dim=1024, num_layers=12, num_heads=16, num_kv_heads=16,
                                num_experts=64, top_k=6, moe_ffn_dim=352, shared_experts=2,
                                router="sigmoid", bias_update_rate=1e-3),
+        # deepseek-small with DeepSeek-V2-Lite-style multi-head latent attention (no query latent)
+        "deepseek-small-mla": dict(vocab_size=32000, dim=1024, num_layers=12, num_heads=16, num_kv_heads=16,
+                                   num_experts=64, top_k=6, moe_ffn_dim=352, shared_experts=2,
+                                   router="sigmoid", bias_update_rate=1e-3, attention="mla", kv_lora_rank=256,
+                                   qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64),
         # same shape as `debug`, exercising the other router / balancing / capacity settings
         "debug-sigmoid": dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8, top_k=2,
                               moe_ffn_dim=32, shared_experts=1, router="sigmoid", bias_update_rate=1e-2),
         "debug-capacity": dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2,
                                moe_ffn_dim=96, capacity_factor=1.25),
+        # `debug` with multi-head latent attention (query and key/value latents)
+        "debug-mla": dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=4, num_experts=4, top_k=2, moe_ffn_dim=96,
+                          attention="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                          qk_rope_head_dim=8, v_head_dim=16),
     },
     # 3:1 linear:attention hybrids (pattern chars in config.py); chunk_size 64 for real flavors
     "hybrid": {

@@ -9,17 +9,19 @@ from torch import nn
 from .config import ModelConfig
 from ..ops.attention import BlockSparse
 from .layers import Attention, RMSNorm, SwiGLU
+from .mla import MultiLatentAttention
 from .moe import MoE
 
 
 def make_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
-    """The module for one layer-pattern character."""
+    """The module for one layer-pattern character (attention layers of the kind cfg.attention selects)."""
+    attn = MultiLatentAttention if cfg.attention == "mla" else Attention
     if kind == "*":
-        return Attention(cfg)
+        return attn(cfg)
     if kind == "W":
-        return Attention(cfg, window=cfg.window)
+        return attn(cfg, window=cfg.window)
     if kind == "B":
-        return Attention(cfg, sparse=BlockSparse(cfg.sparse_block, cfg.sparse_local_blocks, cfg.sparse_global_blocks))
+        return attn(cfg, sparse=BlockSparse(cfg.sparse_block, cfg.sparse_local_blocks, cfg.sparse_global_blocks))
     if kind == "-":
         return SwiGLU(cfg.dim, cfg.ffn_dim)
     if kind == "E":

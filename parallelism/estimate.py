@@ -86,7 +86,12 @@ def layer_activation_elements(cfg: Any, kind: str, seq_len: int, dense_mask: boo
     path; FlexAttention on GPU does not)."""
     d, heads = cfg.dim, cfg.num_heads
     out = 3.0 * d + 1  # pre-norm: its input, x * rsqrt, the normalized output; rsqrt
-    if kind in ATTENTION_KINDS:
+    if kind in ATTENTION_KINDS and cfg.attention == "mla":
+        latents, qkv, o = _mla_activation_elements(cfg)
+        out += latents + qkv + 2 * o + heads  # + SDPA output, its copy and log-sum-exp as below
+        if dense_mask and kind in "WB":
+            out += seq_len
+    elif kind in ATTENTION_KINDS:
         hd = cfg.attn_head_dim
         # q and k after RoPE, v, SDPA output and its [b, s, heads*hd] copy, one log-sum-exp per head
         out += 3 * heads * hd + 2 * cfg.num_kv_heads * hd + heads
@@ -118,6 +123,9 @@ def selective_activation_elements(cfg: Any, kind: str, seq_len: int, engine: str
     norm = 3.0 * cfg.dim + 1
     if engine == "deepspeed":
         return norm
+    if kind in ATTENTION_KINDS and cfg.attention == "mla":
+        latents, qkv, o = _mla_activation_elements(cfg)
+        return norm + latents + qkv + o
     if kind in ATTENTION_KINDS:
         return norm + 2 * cfg.num_heads * cfg.attn_head_dim + 2 * cfg.num_kv_heads * cfg.attn_head_dim
     h, inner = cfg.linear_heads, cfg.linear_heads * cfg.linear_head_dim
@@ -125,6 +133,16 @@ def selective_activation_elements(cfg: Any, kind: str, seq_len: int, engine: str
         return norm + 5 * inner + 2 * h
     conv = inner + 2 * cfg.ssm_state_dim
     return norm + (inner + conv + h) + 2 * conv + 4 * inner + 4 * h
+
+
+def _mla_activation_elements(cfg: Any) -> tuple[float, float, float]:
+    """Multi-head latent attention (models/mla.py) per token: (latent tensors: the query latent, its norm's
+    product and output, the down projection's [kv latent; RoPE key] output, the kv norm's product and
+    output; q, k and v as the core attention takes them; one output-sized tensor, [heads * v_head_dim])."""
+    h, qr, kvr, rope = cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    latents = (3 * qr + 1 if qr else 0) + (kvr + rope) + 2 * kvr + 1
+    qk = h * (cfg.qk_nope_head_dim + rope)
+    return float(latents), float(2 * qk + h * cfg.v_head_dim), float(h * cfg.v_head_dim)
 
 
 def _linear_activation_elements(cfg: Any, kind: str) -> float:

@@ -76,8 +76,9 @@ def pipeline_split(cfg, pp: int, vpp: int = 1) -> dict[str, int]:
     return {"num_layers_in_first_pipeline_stage": counts[0], "num_layers_in_last_pipeline_stage": counts[-1]}
 
 
-def megatron_pattern_gaps(cfg, layout) -> list[tuple[str, str]]:
-    """(field, reason) for the layer-pattern limits of the megatron engine under `layout`."""
+def megatron_pattern_gaps(cfg, layout, precision: str = "bf16") -> list[tuple[str, str]]:
+    """(field, reason) for the layer-pattern and attention-kind limits of the megatron engine under `layout`
+    (and train.precision `precision`: see mla_gaps)."""
     try:
         kinds = blocks(cfg)
         pipeline_split(cfg, layout.pp, layout.vpp)
@@ -92,4 +93,30 @@ def megatron_pattern_gaps(cfg, layout) -> list[tuple[str, str]]:
         gaps.append(("layout.tp", f"got {layout.tp}; Mamba2's B/C state channels (ssm_state_dim "
                                   f"{cfg.ssm_state_dim}) are split over tp before being gathered, so tp "
                                   f"must divide {cfg.ssm_state_dim}"))
+    return gaps + mla_gaps(cfg, layout, precision)
+
+
+def mla_gaps(cfg, layout, precision: str = "bf16") -> list[tuple[str, str]]:
+    """(field, reason) for what the megatron engine cannot run with multi-head latent attention
+    (`attention: mla`, parallelism/megatron_mla.py) under `layout` and train.precision `precision`."""
+    if cfg.attention != "mla":
+        return []
+    gaps = [(exc.field, exc.reason) for exc in [mla_model_refusal(cfg)] if exc is not None]
+    if layout.cp > 1:
+        gaps.append(("layout.cp", f"got {layout.cp}; context parallelism is not mapped for multi-head latent "
+                     "attention (attention: mla): use cp: 1"))
+    if precision == "fp8":
+        gaps.append(("train.precision", "fp8 with attention: mla: megatron-core's MLASelfAttention accepts only its "
+                     "own ColumnParallelLinear for the latent down projections, so MLA has no FP8 GEMM path; use "
+                     "precision: bf16"))
     return gaps
+
+
+def mla_model_refusal(cfg) -> UnsupportedArchitecture | None:
+    """The layout-independent MLA limit (the engine's check_supported raises it): masked attention layers."""
+    masked = sorted({m for m in cfg.layer_pattern() if m in "WB"})
+    if cfg.attention != "mla" or not masked:
+        return None
+    return _refuse("model.overrides.attention", f"mla with {''.join(masked)} layers: the megatron engine maps "
+                   "latent attention onto megatron-core's MLASelfAttention for full causal `*` layers only; use "
+                   "`*` layers or engine: deepspeed")

@@ -231,6 +231,10 @@ class MaskedCoreAttention(MegatronModule):
 def self_attention_spec(kind: str, cfg) -> dict:
     """megatron_spec.layer_spec keywords for a layer whose sequence mixer is `kind` (see models/config.py)."""
     if kind == "*":
+        if cfg.attention == "mla":
+            from .megatron_mla import mla_attention_spec
+
+            return {"self_attention": mla_attention_spec()}
         return {}
     if kind == "W":
         return {"core_attention": functools.partial(MaskedCoreAttention, window=cfg.window)}

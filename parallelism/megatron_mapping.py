@@ -84,6 +84,25 @@ def _qkv(cfg, prefix: str, tp: int, rank: int) -> list[Piece]:
     return pieces
 
 
+def _mla_pieces(cfg, prefix: str, tp: int, rank: int) -> dict[str, list[Piece]]:
+    """Multi-head latent attention (models/mla.py) as megatron's MLASelfAttention (parallelism/megatron_mla.py):
+    the up projections and `linear_proj` split by heads like attention's, the latent down projections and
+    norms replicated over TP."""
+    h, qk = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    out = {"linear_kv_down_proj.weight": [_whole(f"{prefix}.wkv_a.weight", cfg.kv_lora_rank + cfg.qk_rope_head_dim)],
+           "kv_layernorm.weight": [_whole(f"{prefix}.kv_norm.weight", cfg.kv_lora_rank)],
+           "linear_kv_up_proj.weight": [_column(f"{prefix}.wkv_b.weight", h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                                tp, rank)],
+           "linear_proj.weight": [_row(f"{prefix}.wo.weight", h * cfg.v_head_dim, tp, rank)]}
+    if not cfg.q_lora_rank:
+        out["linear_q_proj.weight"] = [_column(f"{prefix}.wq.weight", h * qk, tp, rank)]
+        return out
+    out["linear_q_down_proj.weight"] = [_whole(f"{prefix}.wq_a.weight", cfg.q_lora_rank)]
+    out["q_layernorm.weight"] = [_whole(f"{prefix}.q_norm.weight", cfg.q_lora_rank)]
+    out["linear_q_up_proj.weight"] = [_column(f"{prefix}.wq_b.weight", h * qk, tp, rank)]
+    return out
+
+
 def _swiglu(prefix: str, hidden: int, parts: int, rank: int, index=None, stacked=False) -> dict:
     """fc1 = [gate; up] column shards, fc2 = down row shard; `stacked` = reference expert tensors [E, ...]."""
     w = "" if stacked else ".weight"
@@ -101,6 +120,8 @@ def _block_pieces(cfg, g: int, c: ChunkCoords) -> dict[str, list[Piece]]:
 
         mixer = mixer_pieces(cfg, cfg.layer_pattern()[2 * g], f"{attn}.mixer", c.tp, c.tp_rank)
         out.update({f"self_attention.{k}": v for k, v in mixer.items()})
+    elif cfg.attention == "mla":
+        out.update({f"self_attention.{k}": v for k, v in _mla_pieces(cfg, f"{attn}.mixer", c.tp, c.tp_rank).items()})
     else:  # attention of any mask (*, W, B): same weights
         out["self_attention.linear_qkv.weight"] = _qkv(cfg, f"{attn}.mixer", c.tp, c.tp_rank)
         out["self_attention.linear_proj.weight"] = [_row(f"{attn}.mixer.wo.weight",

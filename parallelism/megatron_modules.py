@@ -147,8 +147,9 @@ class SDPACoreAttention(MegatronModule):
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None):
-        super().__init__(config=config)
+                 cp_comm_type: str | None = None, pg_collection=None, k_channels: int | None = None,
+                 v_channels: int | None = None):
+        super().__init__(config=config)  # k/v_channels: key and value widths, given by multi-latent attention
         if attn_mask_type != AttnMaskType.causal:
             raise NotImplementedError(f"SDPACoreAttention supports causal masks only, got {attn_mask_type}")
         if (attention_dropout if attention_dropout is not None else config.attention_dropout) != 0:

@@ -36,7 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from .megatron_kernels import install_wgrad_accumulation_fusion
-from .megatron_blocks import UnsupportedArchitecture, blocks, pipeline_split
+from .megatron_blocks import UnsupportedArchitecture, blocks, mla_model_refusal, pipeline_split
 from .megatron_modules import (GroupedMLPExperts, ReferenceRouter, RMSNorm, SDPACoreAttention, allow_moe_without_te,
                                install_fused_cross_entropy, install_fused_rope, install_fused_swiglu)
 
@@ -46,6 +46,9 @@ def check_supported(cfg) -> bool:
     Layer patterns: parallelism/megatron_blocks.py ((mixer, ffn) pairs, hybrids included)."""
     pattern = cfg.layer_pattern()
     blocks(cfg)
+    refusal = mla_model_refusal(cfg)  # latent attention on masked layers
+    if refusal is not None:
+        raise refusal
     moe = "E" in pattern
     if moe:
         for field, bad, why in (("router", cfg.router != "softmax", "only the softmax router is mapped"),
@@ -106,6 +109,12 @@ def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool
             moe_router_pre_softmax=not cfg.norm_topk, moe_grouped_gemm=False, moe_permute_fusion=False,
             moe_shared_expert_intermediate_size=(cfg.moe_ffn_dim * cfg.shared_experts or None))
         allow_moe_without_te()
+    if cfg.attention == "mla":  # multi-head latent attention (parallelism/megatron_mla.py)
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        from .megatron_mla import mla_config_fields
+
+        return MLATransformerConfig(**{**kwargs, **mla_config_fields(cfg)})
     return TransformerConfig(**kwargs)
 
 

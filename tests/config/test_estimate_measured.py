@@ -32,6 +32,8 @@ CASES = [
     ("hybrid", "debug", 2, 192, dict(dim=96, linear_heads=6, linear_head_dim=24, chunk_size=32, num_heads=6,
                                      num_kv_heads=3, window=48, ssm_state_dim=32)),
     ("hybrid", "debug-moe", 2, 256, dict(chunk_size=32, sparse_block=32)),
+    ("moe", "debug-mla", 2, 128, dict(dim=96, num_heads=6, num_kv_heads=6, q_lora_rank=40, kv_lora_rank=48,
+                                     qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=20)),
 ]
 IDS = [f"{c[0]}-{c[1]}" for c in CASES]
 

@@ -116,3 +116,20 @@ def test_python_O_still_refuses(tmp_path, change, field):
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
     assert field in proc.stderr and proc.stdout == ""
+
+
+def test_plan_counts_latent_attention_parameters(tmp_path):
+    """`moe/deepseek-small-mla`: plan's parameter line is the registry's count of the MLA model (its latent
+    projections, not grouped-query attention's)."""
+    from raytron.launcher.plan import _fmt_count
+    from raytron.models import get_config, param_counts
+    from tests.config.config_helpers import MEGATRON_JOB
+
+    f = tmp_path / "job.yaml"
+    f.write_text(yaml.safe_dump(job(MEGATRON_JOB, model__flavor="deepseek-small-mla")))
+    code, out, err = run_plan(str(f))
+    assert code == 0, err
+    total, active = param_counts(get_config("moe", "deepseek-small-mla", vocab_size=264))  # the byte tokenizer's
+    gqa_total, _ = param_counts(get_config("moe", "deepseek-small", vocab_size=264))
+    assert total != gqa_total
+    assert f"params     total {_fmt_count(total)}, active {_fmt_count(active)}" in out

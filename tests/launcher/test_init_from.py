@@ -179,3 +179,8 @@ def test_fsspec_directory_round_trip(tmp_path, capsys):
     loaded = reference_state(uri, model.cfg)
     assert set(loaded) == set(model.state_dict())
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_latent_attention_job_refuses_a_grouped_query_checkpoint(hf_dir, capsys):
+    code, err = plan(capsys, hf_dir, "--set", "model.flavor=debug-mla")
+    assert code == 2 and "model.init_from" in err and "layer 0 is multi-head latent attention" in err, err

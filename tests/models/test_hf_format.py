@@ -168,6 +168,7 @@ def test_import_names_a_tensor_of_the_wrong_shape_or_missing():
     ("moe", "debug", {"norm_topk": False}, "norm_topk=false"),
     ("moe", "debug", {"shared_experts": 1}, "shared_experts=1"),
     ("moe", "debug-capacity", {}, "capacity_factor=1.25"),
+    ("moe", "debug-mla", {}, "layer 0 is multi-head latent attention.*DeepseekV3ForCausalLM"),
     ("moe", "debug", {"bias_update_rate": 0.01}, "bias_update_rate=0.01"),
     ("moe", "debug", {"pattern": "*-*E"}, "mixes dense"),
     ("dense", "debug", {"pattern": "*--*"}, "not a stack of attention"),

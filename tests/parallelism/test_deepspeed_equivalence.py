@@ -61,6 +61,7 @@ def reference_losses(spec) -> list[dict]:
     (2, 2, 0, "moe/debug"),  # replicated: the engine computes the norm (expert part summed over EP) and clips
     (2, 1, 3, "dense/debug"), (2, 1, 3, "hybrid/debug"),  # parameters partitioned too (MoE refuses ZeRO-3)
     (2, 2, 2, "moe/debug-capacity"),  # the reference's token dropping, kept weights not renormalized
+    (2, 2, 2, "moe/debug-mla"),  # multi-head latent attention: the reference modules under ZeRO
 ])
 def test_engine_matches_reference(tmp_path, world, ep, zero_stage, model):
     out = tmp_path / "engine.json"

@@ -39,7 +39,8 @@ def _blocks(num_blocks: int, pp: int, vpp: int, pp_rank: int, v: int) -> tuple[i
 
 _MODELS = [("dense", "debug", {}), ("moe", "debug", {}), ("moe", "debug", {"shared_experts": 1}),
            ("dense", "debug", {"num_layers": 4, "tie_embeddings": True}),
-           ("hybrid", "debug", {}), ("hybrid", "debug-moe", {})]  # G/*/M/W and G/B/* mixers
+           ("hybrid", "debug", {}), ("hybrid", "debug-moe", {}),  # G/*/M/W and G/B/* mixers
+           ("moe", "debug-mla", {}), ("moe", "debug-mla", {"q_lora_rank": 0})]  # latent attention
 _LAYOUTS = [(1, 1, 1, 1, 1), (2, 1, 1, 1, 1), (1, 2, 1, 1, 1), (2, 2, 1, 2, 1), (1, 2, 2, 2, 2), (2, 1, 1, 4, 1)]
 
 
@@ -121,12 +122,13 @@ def _megatron_twin(family: str, flavor: str, seed: int = 0, precision: str = "bf
     return ref, model, pieces
 
 
-@pytest.mark.parametrize("family,flavor", [("dense", "debug"), ("moe", "debug"), ("hybrid", "debug"),
-                                           ("hybrid", "debug-moe")])
-def test_megatron_cpu_matches_reference(cpu_megatron, family, flavor):
+@pytest.mark.parametrize("family,flavor,overrides", [
+    ("dense", "debug", {}), ("moe", "debug", {}), ("hybrid", "debug", {}), ("hybrid", "debug-moe", {}),
+    ("moe", "debug-mla", {}), ("moe", "debug-mla", {"q_lora_rank": 0})])  # MLA: megatron_mla.py
+def test_megatron_cpu_matches_reference(cpu_megatron, family, flavor, overrides):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    ref, model, pieces = _megatron_twin(family, flavor)
+    ref, model, pieces = _megatron_twin(family, flavor, **overrides)
     tokens = torch.randint(0, ref.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     per_token = model(tokens[:, :-1], None, None, labels=tokens[:, 1:])

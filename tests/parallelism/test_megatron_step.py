@@ -33,6 +33,8 @@ pytestmark = pytest.mark.slow
 from tests.checkpoint.ckpt_helpers import spawn_ranks  # noqa: E402
 from tests.parallelism import megatron_cpu_schedule  # noqa: E402
 
+# moe/debug as moe/debug-mla (the other MLA fields' defaults are that flavor's)
+MLA = {"attention": "mla", "num_kv_heads": 4, "q_lora_rank": 32}
 CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     "moe-TP2": ("moe", {}, {"tp": 2}),
     "dense-PP2v2": ("dense", {"num_layers": 4}, {"pp": 2, "vpp": 2}),
@@ -44,6 +46,7 @@ CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     # first step: megatron overlaps only from the second step on), gradients must not change
     "dense-DP2": ("dense", {}, {}),
     "moe-shared-EP2": ("moe", {"shared_experts": 1}, {"ep": 2}),  # megatron's SharedExpertMLP beside the experts
+    "moe-mla-TP2": ("moe", MLA, {"tp": 2}),  # multi-head latent attention (parallelism/megatron_mla.py)
     "dense-DP2-overlap": ("dense", {}, {"overlap": "wired"}),
     "moe-DP2-overlap": ("moe", {}, {"overlap": "wired"}),
     # train.overlap_moe_comm at EP2 x DP2 (2 micro-batches a rank: one forward-and-backward overlapped step)
@@ -126,6 +129,7 @@ def test_without_overlap_reductions_start_at_finalize(results):
 RECOMPUTE_CASES = {  # train.recompute: megatron's core-attention / MLP / full-layer checkpointing and ours
     "hybrid-TP2": ("hybrid", {}, {"tp": 2}),  # GDN and Mamba2 cores, SDPA and masked attention cores, MLPs
     "moe-EP2": ("moe", {}, {"ep": 2}),  # MoE layers recomputed whole under `full`
+    "moe-mla-EP2": ("moe", MLA, {"ep": 2}),  # megatron's MLASelfAttention with its core attention recomputed
     # core attention recomputed inside the schedule plan's attention node (train.overlap_moe_comm; last:
     # its CUDA stream shims stay installed in the rank processes)
     "moe-EP2-overlap-moe": ("moe", {}, {"ep": 2, "overlap_moe": True}),
