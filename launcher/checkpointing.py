@@ -34,6 +34,7 @@ from ..data_pipeline import DataCursor
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
 from ..parallelism.ds_state import gather_state, load_state, merge_shards
 from ..parallelism.schedule import schedule_of
+from ..run_dir import step_folder
 from .canary import canary_restore, layout_changed
 
 
@@ -233,7 +234,7 @@ def _report(report, metrics: dict, committed_step: int | None) -> None:
     from ray.train import Checkpoint, CheckpointUploadMode
 
     storage = ray.train.get_context().get_storage()
-    path = f"{storage.experiment_fs_path}/checkpoints/step-{committed_step:09d}"
+    path = f"{storage.experiment_fs_path}/checkpoints/{step_folder(committed_step)}"
     report(clean, checkpoint=Checkpoint(path=path, filesystem=storage.storage_filesystem),
            checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 

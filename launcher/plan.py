@@ -10,8 +10,8 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from .spec import JobSpec, load_spec
-from .strict_yaml import ConfigError
+from ..config.spec import JobSpec, load_spec
+from ..config.strict_yaml import ConfigError
 
 EXIT_INVALID = 2
 

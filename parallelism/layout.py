@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..typed import ConfigError, check
 
 if TYPE_CHECKING:
-    from ..launcher.spec import JobSpec
+    from ..config.spec import JobSpec
 
 ATTENTION_KINDS = "*WB"
 """Layer-pattern characters of attention layers (causal, sliding-window, block-sparse)."""

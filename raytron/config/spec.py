@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import fsspec
-
 from .strict_yaml import MAX_DEPTH, MAX_DOCUMENT_BYTES, ConfigError, load_yaml, parse_scalar
+from .. import storage
+from ..run_dir import DATA_CACHE, RunDir
 from ..typed import build, check, to_dict
 
 
@@ -395,6 +395,16 @@ class JobSpec:
     def run_uri(self) -> str:
         return f"{self.checkpoint.uri.rstrip('/')}/{self.name}"
 
+    @property
+    def run_dir(self) -> RunDir:
+        """The paths of this run's records (raytron/run_dir.py)."""
+        return RunDir(self.run_uri)
+
+    @property
+    def data_cache_uri(self) -> str:
+        """Where prepared data is cached: data.cache_uri, else `<checkpoint.uri>/_data_cache`."""
+        return self.data.cache_uri or f"{self.checkpoint.uri.rstrip('/')}/{DATA_CACHE}"
+
     def to_dict(self) -> dict:
         return to_dict(self)
 
@@ -466,11 +476,11 @@ def spec_from_dict(raw: Any, overrides: list[str] = ()) -> JobSpec:
 def load_spec(path: str, overrides: list[str] = (), name: str | None = None) -> JobSpec:
     """Read a job YAML (local path or fsspec URI), apply overrides, validate."""
     try:
-        with fsspec.open(path, "r", encoding="utf-8") as f:
+        with storage.open_file(path, "r", encoding="utf-8") as f:
             text = f.read(MAX_DOCUMENT_BYTES + 1)  # load_yaml refuses anything longer
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, storage.StorageError) as exc:
         raise ConfigError("", f"cannot read config {path}: {exc}") from None
     raw = load_yaml(text, str(path))
     if name is not None and isinstance(raw, dict):
