@@ -279,7 +279,7 @@ def restore_checkpoint(engine, store: CheckpointStore, spec, rank: int,
     ops.load(engine, state)
     world = dist.get_world_size()
     if canary == "always" or (canary == "auto" and layout_changed(manifest, engine.layout, world)):
-        canary_restore(engine, state, step, manifest, world)
+        canary_restore(engine, state_ops(engine).gather(engine)[0], state, step, manifest, world)
     rng_name = f"rng-{rank:05d}.pt"
     if manifest["world_size"] == world and rng_name in manifest["files"]:
         _set_rng_state(store.read_shard(step, rng_name, manifest))

@@ -11,11 +11,7 @@ import argparse
 import sys
 
 from ..run_dir import RunDir
-
-EXIT_FAILED = 1
-EXIT_INVALID = 2
-EXIT_PREEMPTED = 3
-EXIT_ABORTED = 130  # a second Ctrl-C: the shell's convention for SIGINT
+from .exit_codes import EXIT_ABORTED, EXIT_FAILED, EXIT_INVALID, EXIT_PREEMPTED
 
 
 def _add_submit(subparsers) -> None:

@@ -31,8 +31,8 @@ import torch
 from .. import storage
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
 from ..run_dir import STEP_PATTERN, RunDir
+from .exit_codes import EXIT_INVALID
 
-EXIT_INVALID = 2
 _EXPERT_KEY = re.compile(r"^(.*)#(\d+)$")
 
 

@@ -12,8 +12,7 @@ from typing import Any, TextIO
 
 from ..config.spec import JobSpec, load_spec
 from ..config.strict_yaml import ConfigError
-
-EXIT_INVALID = 2
+from .exit_codes import EXIT_INVALID
 
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:

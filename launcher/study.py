@@ -19,6 +19,7 @@ import time
 
 from .. import storage
 from ..config.strict_yaml import ConfigError
+from .exit_codes import EXIT_FAILED, EXIT_INVALID
 from .study_config import FAMILIES, FamilyPlan, load_study, study_fingerprint
 
 RECORD = "study.json"
@@ -39,8 +40,6 @@ def add_subparser(subparsers) -> None:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from .cli import EXIT_FAILED, EXIT_INVALID
-
     # the command as typed when run as `raytron ...`; otherwise (in-process callers, tests) its equivalent
     typed = sys.argv and os.path.basename(sys.argv[0]) == "raytron" and "study" in sys.argv
     command = shlex.join(["raytron", *sys.argv[1:]]) if typed else shlex.join(["raytron", "study", args.config])

@@ -27,9 +27,10 @@ from typing import IO, Any, Iterator
 import fsspec
 from fsspec.utils import infer_compression
 
-__all__ = ["StorageError", "fs_and_path", "is_local", "local_path", "join", "exists", "isfile", "modified", "read_bytes",
-           "open_file", "list_names", "makedirs", "remove", "rmdir", "open_atomic", "write_bytes_atomic", "append_bytes",
-           "staged_file", "create_exclusive", "upload_dir", "local_scratch_root", "infer_compression"]
+__all__ = ["StorageError", "fs_and_path", "is_local", "local_path", "join", "exists", "isfile", "modified",
+           "read_bytes", "open_file", "list_names", "makedirs", "remove", "rmdir", "open_atomic",
+           "write_bytes_atomic", "append_bytes", "staged_file", "create_exclusive", "upload_dir",
+           "local_scratch_root", "infer_compression"]
 
 
 class StorageError(ValueError):
