@@ -48,9 +48,9 @@ def _run_cli(args: argparse.Namespace) -> int:
         interrupt = _parse_interrupt(args.interrupt_at, plans)
         stem = os.path.splitext(os.path.basename(args.config))[0]
         out = args.out or f"{base.checkpoint.uri.rstrip('/')}/study-{stem}"
-        if "://" in out and not out.startswith("file://"):
+        if not storage.is_local_uri(out):
             raise ConfigError("--out", f"got {out!r}; the study directory (report, plots) must be a local path")
-        out = out.removeprefix("file://")
+        out = storage.absolute_uri(out)
         return 0 if run_study(study, base, plans, out, command, interrupt, args.address) else EXIT_FAILED
     except (ConfigError, ValueError, FileNotFoundError, PermissionError, ConnectionError) as exc:
         print(f"raytron: error: {exc}", file=sys.stderr)
@@ -66,10 +66,6 @@ def _parse_interrupt(text: str | None, plans: list[FamilyPlan]) -> tuple[str, in
         raise ConfigError("--interrupt-at", f"got {text!r}; expected FAMILY:STEP with FAMILY one of "
                                             f"{', '.join(names)} and STEP within its train.steps")
     return name, int(step)
-
-
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def _claim_study_dir(out: str, fingerprint: str, command: str) -> dict:
@@ -184,7 +180,7 @@ def run_study(study, base, plans: list[FamilyPlan], out: str, command: str, inte
     from .study_measure import read_metrics, summarize_run, validation_bytes
     from .study_report import write_outputs
 
-    out = _absolute(out)
+    out = storage.absolute_uri(out)
     plans = [dataclasses.replace(p, spec=dataclasses.replace(
         p.spec, checkpoint=dataclasses.replace(p.spec.checkpoint, uri=out))) for p in plans]
     record = _claim_study_dir(out, study_fingerprint(study, base, plans), command)

@@ -27,10 +27,10 @@ from typing import IO, Any, Iterator
 import fsspec
 from fsspec.utils import infer_compression
 
-__all__ = ["StorageError", "fs_and_path", "is_local", "local_path", "join", "exists", "isfile", "modified",
-           "read_bytes", "open_file", "list_names", "makedirs", "remove", "rmdir", "open_atomic",
-           "write_bytes_atomic", "append_bytes", "staged_file", "create_exclusive", "upload_dir",
-           "local_scratch_root", "infer_compression"]
+__all__ = ["StorageError", "fs_and_path", "is_local", "is_local_uri", "absolute_uri", "local_path", "join", "exists",
+           "isfile", "modified", "read_bytes", "open_file", "list_names", "makedirs", "remove", "rmdir", "open_atomic",
+           "write_bytes_atomic", "append_bytes", "staged_file", "create_exclusive", "upload_dir", "local_scratch_root",
+           "infer_compression"]
 
 
 class StorageError(ValueError):
@@ -53,6 +53,19 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """The filesystem is this machine's own disk (renames are atomic, paths work with `open`)."""
     protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocol or "local" in protocol
+
+
+def is_local_uri(uri: str) -> bool:
+    """`uri` names a local path (no scheme, or file:// / local://), decided from the text alone: for
+    settings checked before any filesystem is resolved (an s3:// URI must not need s3fs to be read)."""
+    return "://" not in uri or uri.startswith(("file://", "local://"))
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute against this process's directory (scheme dropped); URIs unchanged."""
+    if not is_local_uri(uri):
+        return uri
+    return os.path.abspath(uri.removeprefix("file://").removeprefix("local://"))
 
 
 def local_path(uri: str) -> str | None:

@@ -504,15 +504,6 @@ __all__ = ["JobSpec", "ModelSpec", "LayoutSpec", "ResourcesSpec", "TrainSpec", "
            "apply_overrides", "Path"]
 
 
-def _absolute(uri: str) -> str:
-    """A local relative path made absolute against this process's directory; URIs pass unchanged."""
-    if "://" in uri and not uri.startswith("file://"):
-        return uri
-    import os
-
-    return os.path.abspath(uri.removeprefix("file://"))
-
-
 def resolve_local_paths(spec: JobSpec) -> JobSpec:
     """The spec with relative local paths (checkpoint root, data cache, data sources) made absolute.
 
@@ -520,10 +511,11 @@ def resolve_local_paths(spec: JobSpec) -> JobSpec:
     so `./runs` would otherwise name a different place on every process."""
     data = dataclasses.replace(
         spec.data,
-        cache_uri=None if spec.data.cache_uri is None else _absolute(spec.data.cache_uri),
-        sources=tuple(src if src.uri.startswith("builtin://") else dataclasses.replace(src, uri=_absolute(src.uri))
+        cache_uri=None if spec.data.cache_uri is None else storage.absolute_uri(spec.data.cache_uri),
+        sources=tuple(src if src.uri.startswith("builtin://")
+                      else dataclasses.replace(src, uri=storage.absolute_uri(src.uri))
                       for src in spec.data.sources))
-    checkpoint = dataclasses.replace(spec.checkpoint, uri=_absolute(spec.checkpoint.uri))
+    checkpoint = dataclasses.replace(spec.checkpoint, uri=storage.absolute_uri(spec.checkpoint.uri))
     model = spec.model if spec.model.init_from is None else dataclasses.replace(
-        spec.model, init_from=_absolute(spec.model.init_from))
+        spec.model, init_from=storage.absolute_uri(spec.model.init_from))
     return dataclasses.replace(spec, data=data, checkpoint=checkpoint, model=model)
