@@ -88,7 +88,7 @@ def local_runs(root: str) -> list[RunSummary]:
     for name in storage.list_names(root):
         if name.startswith("_"):
             continue  # _data_cache and other non-run folders
-        summary = read_run(f"{root.rstrip('/')}/{name}")
+        summary = read_run(RunDir.under(root, name).uri)
         if summary:
             out.append(summary)
     return out
@@ -141,7 +141,7 @@ def _local_run_uri(root: str, name: str) -> str:
     problem = run_name_problem(name)
     if problem is not None:
         raise ValueError(f"{name!r} is not a run name: {problem}")
-    return f"{root.rstrip('/')}/{name}"
+    return RunDir.under(root, name).uri
 
 
 def _job_for(client, ref: str):

@@ -26,6 +26,11 @@ DATA_CACHE = "_data_cache"
 """Folder of the prepared-data cache under the root of all runs (names starting with `_` are no runs)."""
 
 
+def data_cache_under(root: str) -> str:
+    """The default prepared-data cache of the runs under `root` (a job's checkpoint.uri)."""
+    return f"{root.rstrip('/')}/{DATA_CACHE}"
+
+
 def step_folder(step: int) -> str:
     """The name of step `step`'s folder inside checkpoints/."""
     return f"step-{step:09d}"
@@ -40,6 +45,11 @@ class RunDir:
 
     def __post_init__(self):
         object.__setattr__(self, "uri", self.uri.rstrip("/"))
+
+    @classmethod
+    def under(cls, root: str, name: str) -> "RunDir":
+        """Run `name` under `root`, the root of all runs (a job's checkpoint.uri)."""
+        return cls(f"{root.rstrip('/')}/{name}")
 
     @classmethod
     def given(cls, uri: str) -> "RunDir":

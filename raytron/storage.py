@@ -198,11 +198,19 @@ def _abandon(f) -> None:
         f.close()
         return
     discard()  # fsspec buffered files: drops the buffer, aborts a multipart upload
-    f.closed = True  # so that neither we nor __del__ close (= upload) it
+    try:
+        f.closed = True  # so that neither we nor __del__ close (= upload) it
+    except AttributeError:  # a file whose close() uploads nothing (memory:// commits when opened)
+        pass
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    with open_atomic(uri) as f:
+    """`uri` holds `data`, appearing whole or not at all (local: staged and renamed; else one PUT)."""
+    fs, path = fs_and_path(uri)
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    with staged_file(uri) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
 

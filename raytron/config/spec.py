@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from .strict_yaml import MAX_DEPTH, MAX_DOCUMENT_BYTES, ConfigError, load_yaml, parse_scalar
 from .. import storage
-from ..run_dir import DATA_CACHE, RunDir
+from ..run_dir import RunDir, data_cache_under
 from ..typed import build, check, to_dict
 
 
@@ -393,7 +393,7 @@ class JobSpec:
 
     @property
     def run_uri(self) -> str:
-        return f"{self.checkpoint.uri.rstrip('/')}/{self.name}"
+        return RunDir.under(self.checkpoint.uri, self.name).uri
 
     @property
     def run_dir(self) -> RunDir:
@@ -403,7 +403,7 @@ class JobSpec:
     @property
     def data_cache_uri(self) -> str:
         """Where prepared data is cached: data.cache_uri, else `<checkpoint.uri>/_data_cache`."""
-        return self.data.cache_uri or f"{self.checkpoint.uri.rstrip('/')}/{DATA_CACHE}"
+        return self.data.cache_uri or data_cache_under(self.checkpoint.uri)
 
     def to_dict(self) -> dict:
         return to_dict(self)
