@@ -63,4 +63,4 @@ class FaultInjector:
         uri = marker_uri(self.run_uri, self.attempt, f"{kind}-rank-{self.rank:05d}.json")
         storage.makedirs(uri.rsplit("/", 1)[0])
         storage.write_bytes_atomic(uri, json.dumps({"pid": os.getpid(), "rank": self.rank, "step": step,
-                                       "attempt": self.attempt, "time": time.time()}).encode())
+                                                    "attempt": self.attempt, "time": time.time()}).encode())

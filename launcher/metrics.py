@@ -105,7 +105,8 @@ class MetricsWriter:
 
     def flush(self) -> None:
         self.writer.flush()
-        storage.write_bytes_atomic(self.jsonl_uri, ("\n".join(self._records) + "\n").encode() if self._records else b"")
+        text = "\n".join(self._records) + "\n" if self._records else ""
+        storage.write_bytes_atomic(self.jsonl_uri, text.encode())
         if self._staging:
             storage.upload_dir(self._staging, self.tb_uri)
 
