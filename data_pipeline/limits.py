@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 import stat
 
-from fsspec.utils import infer_compression
-
 from .errors import DataError
+from .storage import infer_compression
 
 MAX_FILE_BYTES_ENV = "RAYTRON_DATA_MAX_FILE_BYTES"
 _MIN_DEFAULT = 256 << 20

@@ -40,7 +40,7 @@ BATCH_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class SourceSpecLike:
-    """uri/format/field, like launcher.spec.SourceSpec, for callers without a JobSpec (the CLI)."""
+    """uri/format/field, like raytron.config.spec.SourceSpec, for callers without a JobSpec (the CLI)."""
 
     uri: str
     format: str = "auto"

@@ -16,22 +16,15 @@ import socket
 import time
 import traceback
 
-import fsspec
+from .. import storage
+from ..run_dir import RunDir
 
 RANK_STATUSES = ("running", "completed", "preempted", "stopped", "failed", "hung")
 
 
-def worker_groups_uri(run_uri: str) -> str:
-    return f"{run_uri.rstrip('/')}/worker_groups"
-
-
 def next_attempt(run_uri: str) -> int:
     """The index of a new worker group: one past the highest recorded (call on one rank only)."""
-    fs, root = fsspec.core.url_to_fs(worker_groups_uri(run_uri))
-    if not fs.exists(root):
-        return 0
-    indices = [int(p.rstrip("/").rsplit("/", 1)[-1]) for p in fs.ls(root, detail=False)
-               if p.rstrip("/").rsplit("/", 1)[-1].isdigit()]
+    indices = [int(name) for name in storage.list_names(RunDir(run_uri).worker_groups) if name.isdigit()]
     return max(indices, default=-1) + 1
 
 
@@ -39,7 +32,7 @@ class RankRecord:
     """This rank's record in this attempt; `update` rewrites the whole (small) JSON file."""
 
     def __init__(self, run_uri: str, attempt: int, rank: int, world: int, node_id: str | None = None):
-        self.uri = f"{worker_groups_uri(run_uri)}/{attempt:04d}/rank-{rank:05d}.json"
+        self.uri = RunDir(run_uri).rank_record(attempt, rank)
         self.data: dict = {"attempt": attempt, "rank": rank, "world": world, "node_id": node_id,
                            "hostname": socket.gethostname(), "pid": os.getpid(),
                            "pid_create_time": _create_time(), "started": time.time(),
@@ -48,11 +41,8 @@ class RankRecord:
     def update(self, **fields) -> None:
         self.data.update(fields)
         self.data["updated"] = time.time()
-        fs, path = fsspec.core.url_to_fs(self.uri)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        fs.pipe_file(tmp, json.dumps(self.data, default=str).encode())
-        fs.mv(tmp, path)
+        storage.makedirs(self.uri.rsplit("/", 1)[0])
+        storage.write_bytes_atomic(self.uri, json.dumps(self.data, default=str).encode())
 
     def event(self, kind: str, **fields) -> None:
         """Append a notable event (rollback, spike, preemption request) and persist the record."""
@@ -75,21 +65,17 @@ def _create_time() -> float | None:
 
 def read_attempts(run_uri: str, since: int = 0) -> dict[int, dict[int, dict]]:
     """{attempt: {rank: record}} for attempts >= since (missing or torn files are skipped)."""
-    fs, root = fsspec.core.url_to_fs(worker_groups_uri(run_uri))
+    run = RunDir(run_uri)
     out: dict[int, dict[int, dict]] = {}
-    if not fs.exists(root):
-        return out
-    for d in fs.ls(root, detail=False):
-        name = d.rstrip("/").rsplit("/", 1)[-1]
+    for name in storage.list_names(run.worker_groups):
         if not name.isdigit() or int(name) < since:
             continue
         ranks: dict[int, dict] = {}
-        for f in fs.ls(d, detail=False):
-            base = f.rsplit("/", 1)[-1]
+        for base in storage.list_names(run.attempt_dir(int(name))):
             if not (base.startswith("rank-") and base.endswith(".json")):
                 continue
             try:
-                rec = json.loads(fs.cat_file(f))
+                rec = json.loads(storage.read_bytes(storage.join(run.attempt_dir(int(name)), base)))
             except (OSError, ValueError):
                 continue
             ranks[int(rec["rank"])] = rec
@@ -99,4 +85,4 @@ def read_attempts(run_uri: str, since: int = 0) -> dict[int, dict[int, dict]]:
 
 def marker_uri(run_uri: str, attempt: int, name: str) -> str:
     """A small file tests wait for (e.g. the `pause` fault's PID marker)."""
-    return f"{worker_groups_uri(run_uri)}/{attempt:04d}/{name}"
+    return storage.join(RunDir(run_uri).attempt_dir(attempt), name)

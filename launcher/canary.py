@@ -41,12 +41,10 @@ def _describe(layout: dict, world: int) -> str:
     return f"world {world} " + " ".join(f"{k}={layout.get(k)}" for k in keys if k in layout)
 
 
-def canary_restore(engine, source_state: dict, step: int, manifest: dict, world: int) -> int:
-    """Collective. Raises CheckpointError naming the first tensor whose digest differs from the source
-    checkpoint's after resharding. Returns the number of tensors compared."""
-    from .checkpointing import state_ops  # checkpointing imports this module
-
-    tensors, _ = state_ops(engine).gather(engine)
+def canary_restore(engine, tensors: dict, source_state: dict, step: int, manifest: dict, world: int) -> int:
+    """Collective. `tensors`: this rank's share of the state `engine` holds after loading. Raises
+    CheckpointError naming the first tensor whose digest differs from the source checkpoint's after
+    resharding. Returns the number of tensors compared."""
     gathered: list = [None] * world
     dist.all_gather_object(gathered, state_digests(tensors))
     got: dict[str, str] = {}

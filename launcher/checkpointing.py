@@ -34,6 +34,7 @@ from ..data_pipeline import DataCursor
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
 from ..parallelism.ds_state import gather_state, load_state, merge_shards
 from ..parallelism.schedule import schedule_of
+from ..run_dir import step_folder
 from .canary import canary_restore, layout_changed
 
 
@@ -233,7 +234,7 @@ def _report(report, metrics: dict, committed_step: int | None) -> None:
     from ray.train import Checkpoint, CheckpointUploadMode
 
     storage = ray.train.get_context().get_storage()
-    path = f"{storage.experiment_fs_path}/checkpoints/step-{committed_step:09d}"
+    path = f"{storage.experiment_fs_path}/checkpoints/{step_folder(committed_step)}"
     report(clean, checkpoint=Checkpoint(path=path, filesystem=storage.storage_filesystem),
            checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
@@ -278,7 +279,7 @@ def restore_checkpoint(engine, store: CheckpointStore, spec, rank: int,
     ops.load(engine, state)
     world = dist.get_world_size()
     if canary == "always" or (canary == "auto" and layout_changed(manifest, engine.layout, world)):
-        canary_restore(engine, state, step, manifest, world)
+        canary_restore(engine, state_ops(engine).gather(engine)[0], state, step, manifest, world)
     rng_name = f"rng-{rank:05d}.pt"
     if manifest["world_size"] == world and rng_name in manifest["files"]:
         _set_rng_state(store.read_shard(step, rng_name, manifest))

@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_FAILED = 1
-EXIT_INVALID = 2
-EXIT_PREEMPTED = 3
-EXIT_ABORTED = 130  # a second Ctrl-C: the shell's convention for SIGINT
+from ..run_dir import RunDir
+from .exit_codes import EXIT_ABORTED, EXIT_FAILED, EXIT_INVALID, EXIT_PREEMPTED
 
 
 def _add_submit(subparsers) -> None:
@@ -35,7 +33,7 @@ def _add_submit(subparsers) -> None:
 
 
 def _run_submit(args: argparse.Namespace) -> int:
-    from .spec import ConfigError, load_spec
+    from ..config.spec import ConfigError, load_spec
 
     try:
         spec = load_spec(args.config, args.overrides, args.name)
@@ -58,13 +56,12 @@ def _run_submit(args: argparse.Namespace) -> int:
               f"(`raytron submit CONFIG --name NAME --resume` continues)", file=sys.stderr)
         return EXIT_ABORTED
     print(f"\n[raytron] job {outcome.status}: {spec.name}")
-    print(f"[raytron]   run directory:  {outcome.run_uri}")
-    print(f"[raytron]   checkpoints:    {outcome.run_uri}/checkpoints (last committed step: "
-          f"{outcome.last_checkpoint})")
-    print(f"[raytron]   tensorboard:    {outcome.run_uri}/tensorboard  "
-          f"(tensorboard --logdir {outcome.run_uri}/tensorboard)")
+    run = RunDir(outcome.run_uri)
+    print(f"[raytron]   run directory:  {run.uri}")
+    print(f"[raytron]   checkpoints:    {run.checkpoints} (last committed step: {outcome.last_checkpoint})")
+    print(f"[raytron]   tensorboard:    {run.tensorboard}  (tensorboard --logdir {run.tensorboard})")
     if hasattr(outcome, "budget_line"):
-        print(f"[raytron]   faults:         {outcome.budget_line()} ({outcome.run_uri}/outcome.json)")
+        print(f"[raytron]   faults:         {outcome.budget_line()} ({run.outcome})")
     if outcome.status != "completed":
         print(f"raytron: job {outcome.status}: {outcome.error}", file=sys.stderr)
         return EXIT_PREEMPTED if outcome.status == "preempted" else EXIT_FAILED

@@ -12,25 +12,21 @@ import os
 import socket
 import time
 
-import fsspec
-
+from .. import storage
 from ..data_pipeline import prepare_for_job
 from ..parallelism.checkpoint import CheckpointStore
 from .leftovers import live_process, reap_dead_driver, record_driver
 from .outcome import JobOutcome, supervise
 from .preemption import DriverInterrupt, PreemptibleTorchConfig
-from .spec import JobSpec, resolve_local_paths, spec_to_yaml
-from .strict_yaml import ConfigError
+from ..config.spec import JobSpec, resolve_local_paths, spec_to_yaml
+from ..config.strict_yaml import ConfigError
 from .validate import check_eval_split, check_local_gpus, validate_job
-from .worker import data_cache_uri, train_worker
-
-
-CLAIM = ".claim"  # created exclusively by the submit starting a run (new or resumed), until driver.json exists
+from .worker import train_worker
 
 
 def _run_exists(spec: JobSpec) -> bool:
-    fs, root = fsspec.core.url_to_fs(spec.run_uri)
-    return any(fs.exists(f"{root}/{name}") for name in ("config.yaml", "checkpoints", CLAIM))
+    run = spec.run_dir
+    return any(storage.exists(uri) for uri in (run.config, run.checkpoints, run.claim))
 
 
 def claim_run(spec: JobSpec) -> None:
@@ -38,9 +34,9 @@ def claim_run(spec: JobSpec) -> None:
     one is refused; held until the driver's record (driver.json, which later resumes check) is written.
     (Exclusive create is atomic on local and shared filesystems; an object store without conditional
     writes falls back to check-then-write.)"""
-    fs, root = fsspec.core.url_to_fs(spec.run_uri)
+    run = spec.run_dir
     try:
-        fs.makedirs(root, exist_ok=True)
+        storage.makedirs(run.uri)
     except (FileExistsError, NotADirectoryError):
         raise ConfigError("name", f"{spec.run_uri} is a file, not a run directory; choose another --name") from None
     import psutil
@@ -50,48 +46,40 @@ def claim_run(spec: JobSpec) -> None:
     taken = ConfigError("name", f"another submit is starting run {spec.name!r} at {spec.run_uri}; wait for it "
                                 "to start, or choose another --name")
     try:
-        with fs.open(f"{root}/{CLAIM}", "xb") as f:
-            f.write(body)
+        storage.create_exclusive(run.claim, body)
     except FileExistsError:
         raise taken from None
-    except (ValueError, NotImplementedError):
-        # A filesystem whose open() rejects mode "x" (local, memory and s3fs accept it: s3fs by a conditional
-        # PUT): claim by check-then-write, which narrows the window to one round trip instead of closing it.
-        if fs.exists(f"{root}/{CLAIM}"):
-            raise taken from None
-        fs.pipe_file(f"{root}/{CLAIM}", body)
 
 
 def clear_stale_claim(spec: JobSpec) -> None:
     """A claim left by a submit that died on this host (its process is gone) is removed: a killed submit
     must not keep the run. A live claimant, or one on another host, is named with the file to delete."""
-    fs, root = fsspec.core.url_to_fs(spec.run_uri)
-    if not fs.exists(f"{root}/{CLAIM}"):
+    claim = spec.run_dir.claim
+    if not storage.exists(claim):
         return
     try:
-        rec = json.loads(fs.cat_file(f"{root}/{CLAIM}"))
+        rec = json.loads(storage.read_bytes(claim))
     except (ValueError, FileNotFoundError):
         rec = {}
     rec = rec if isinstance(rec, dict) else {}
     here = rec.get("host") == socket.gethostname()
     if here and isinstance(rec.get("pid"), int) and live_process(rec["pid"], rec.get("create_time")) is None:
-        fs.rm(f"{root}/{CLAIM}")
+        storage.remove(claim)
         print(f"[raytron] removed the claim on run {spec.name!r} left by a submit that died (pid {rec['pid']})")
         return
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["time"])) if "time" in rec else "?"
     raise ConfigError("name", f"run {spec.name!r} is being started or resumed by another submit (host "
                               f"{rec.get('host', '?')}, pid {rec.get('pid', '?')}, since {since}); if that submit "
-                              f"is gone, delete {spec.run_uri}/{CLAIM} and submit again")
+                              f"is gone, delete {claim} and submit again")
 
 
 def release_claim(spec: JobSpec, started: bool) -> None:
     """Drop the claim: once the run's records are written (`started`: config.yaml exists), or, when the
     submit was refused before that, together with the run directory if nothing else is in it."""
-    fs, root = fsspec.core.url_to_fs(spec.run_uri)
-    if fs.exists(f"{root}/{CLAIM}"):
-        fs.rm(f"{root}/{CLAIM}")
-    if not started and fs.exists(root) and not fs.ls(root, detail=False):
-        fs.rmdir(root)
+    run = spec.run_dir
+    storage.remove(run.claim)
+    if not started and storage.exists(run.uri) and not storage.list_names(run.uri):
+        storage.rmdir(run.uri)
 
 
 def check_resumable(spec: JobSpec) -> JobSpec:
@@ -101,14 +89,14 @@ def check_resumable(spec: JobSpec) -> JobSpec:
     the checkpoint records, unless train.schedule_steps is set)."""
     from .resume_plan import plan_resume
 
-    if not CheckpointStore(f"{spec.run_uri}/checkpoints").committed_steps():
-        raise ConfigError("--resume", f"run {spec.name!r} has no committed checkpoint under {spec.run_uri}/checkpoints "
+    if not CheckpointStore(spec.run_dir.checkpoints).committed_steps():
+        raise ConfigError("--resume", f"run {spec.name!r} has no committed checkpoint under {spec.run_dir.checkpoints} "
                           "(it stopped before its first save), so --resume would start it at step 0: start it "
                           f"anew under another --name, or delete {spec.run_uri} and submit it without --resume")
     plan = plan_resume(spec, spec.run_uri)
     if not plan.ok:
         raise ConfigError("--resume", f"run {spec.name!r} cannot resume under this config: {'; '.join(plan.reasons)}; "
-                                      f"resume with the run's own config ({spec.run_uri}/config.yaml) and train.steps "
+                                      f"resume with the run's own config ({spec.run_dir.config}) and train.steps "
                                       "above its step, or start a new run under another --name")
     return plan.spec
 
@@ -134,7 +122,7 @@ def prepare_data(spec: JobSpec) -> str:
     cache directory the workers load, so that they read what was verified here."""
     t0 = time.monotonic()
     data = prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed,
-                           cache_uri=data_cache_uri(spec), verify_ids=True)
+                           cache_uri=spec.data_cache_uri, verify_ids=True)
     print(f"[raytron] data ready in {time.monotonic() - t0:.1f}s: {len(data.train)} train / "
           f"{len(data.valid)} valid samples of {spec.train.seq_len} tokens at {data.cache_uri}", flush=True)
     for line in data.skip_reports():
@@ -144,18 +132,16 @@ def prepare_data(spec: JobSpec) -> str:
 
 
 def _started(spec: JobSpec) -> bool:
-    fs, root = fsspec.core.url_to_fs(spec.run_uri)
-    return fs.exists(f"{root}/config.yaml")
+    return storage.exists(spec.run_dir.config)
 
 
 def write_run_record(spec: JobSpec, layout, resume: bool) -> None:
     """The resolved config (config.yaml) and an append-only attempt log (attempts.jsonl)."""
-    fs, root = fsspec.core.url_to_fs(spec.run_uri)
-    fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(f"{root}/config.yaml", spec_to_yaml(spec).encode())
+    run = spec.run_dir
+    storage.makedirs(run.uri)
+    storage.write_bytes_atomic(run.config, spec_to_yaml(spec).encode())
     entry = {"time": time.time(), "resume": resume, "layout": layout.to_dict(), "steps": spec.train.steps}
-    old = fs.cat_file(f"{root}/attempts.jsonl") if fs.exists(f"{root}/attempts.jsonl") else b""
-    fs.pipe_file(f"{root}/attempts.jsonl", old + (json.dumps(entry) + "\n").encode())
+    storage.append_bytes(run.attempts_log, (json.dumps(entry) + "\n").encode())
 
 
 def _init_ray(spec: JobSpec, address: str | None) -> None:
@@ -202,7 +188,7 @@ def _storage(spec: JobSpec):
     name), on the run's own filesystem, so our committed checkpoints are Ray-managed in place."""
     import pyarrow.fs
 
-    fs, root = fsspec.core.url_to_fs(spec.checkpoint.uri)
+    fs, root = storage.fs_and_path(spec.checkpoint.uri)
     return root, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
@@ -212,10 +198,7 @@ def _drop_ray_checkpoint_snapshot(spec: JobSpec) -> None:
     raytron finds checkpoints by listing committed steps; Ray's snapshot is only bookkeeping, and it
     goes stale once retention deletes a step it lists (Ray then refuses to start the run). Ray
     rebuilds its record from the checkpoints reported after the relaunch."""
-    fs, root = fsspec.core.url_to_fs(spec.run_uri)
-    path = f"{root}/checkpoint_manager_snapshot.json"
-    if fs.exists(path):
-        fs.rm(path)
+    storage.remove(spec.run_dir.ray_snapshot)
 
 
 def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> JobOutcome:
@@ -262,7 +245,7 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
                                                                max_preemption_failures=max_preemptions)),
         )
 
-    store = CheckpointStore(f"{spec.run_uri}/checkpoints", keep=spec.checkpoint.keep)
+    store = CheckpointStore(spec.run_dir.checkpoints, keep=spec.checkpoint.keep)
     # Failure and preemption budgets, the relaunch after a preemption, outcome.json: launcher/outcome.py.
     # Ctrl-C / SIGTERM to this process preempts the whole run (launcher/preemption.py DriverInterrupt).
     with DriverInterrupt(spec.run_uri, spec.fault.preemption_grace_s) as interrupt:

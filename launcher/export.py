@@ -24,16 +24,15 @@ import os
 import posixpath
 import re
 import sys
-import uuid
 from typing import Any
 
-import fsspec
 import torch
 
-from ..data_pipeline.storage import is_local
+from .. import storage
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
+from ..run_dir import STEP_PATTERN, RunDir
+from .exit_codes import EXIT_INVALID
 
-EXIT_INVALID = 2
 _EXPERT_KEY = re.compile(r"^(.*)#(\d+)$")
 
 
@@ -62,8 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def checkpoints_uri(run_uri: str) -> str:
-    run_uri = run_uri.rstrip("/")
-    return run_uri if run_uri.endswith("/checkpoints") else f"{run_uri}/checkpoints"
+    return RunDir.given(run_uri).checkpoints
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,7 +98,7 @@ def export_checkpoint(run_uri: str, step: int | None, out: str, force: bool = Fa
     store = CheckpointStore(checkpoints_uri(run_uri))
     step, manifest = choose_step(store, step)
     state = reference_state(store, step, manifest)
-    write_atomic(out_fs, out_path, {k: v.contiguous() for k, v in state.items()},
+    write_atomic(out, {k: v.contiguous() for k, v in state.items()},
                  {"step": str(step), "engine": manifest.get("engine", ""), "source": store.uri}, force)
     return step, len(state)
 
@@ -153,7 +151,7 @@ def choose_step(store: CheckpointStore, step: int | None) -> tuple[int, dict]:
 
 def _location(fs: Any, path: str) -> tuple[str, str]:
     """(protocol, normalized absolute path) to compare locations: symlinks and `..` resolved locally."""
-    if is_local(fs):
+    if storage.is_local(fs):
         return "file", os.path.realpath(path)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol, posixpath.normpath("/" + fs._strip_protocol(path).lstrip("/"))
@@ -168,17 +166,16 @@ def _inside(child: tuple[str, str], parent: tuple[str, str]) -> bool:
 def check_paths(run_uri: str, out: str, force: bool, directory: bool = False) -> tuple[Any, str]:
     """Refuse (ValueError) a RUN_URI that is a file and an --out that cannot or must not be written,
     before any checkpoint is read; (fs, path) of --out. `directory`: --out is a directory to create."""
-    run_fs, run_path = fsspec.core.url_to_fs(run_uri)
-    if run_fs.isfile(run_path):
+    if storage.isfile(run_uri):
         raise ValueError(f"RUN_URI {run_uri} is a file, not a run directory: pass the run directory "
                          f"<checkpoint.uri>/<name> (the folder that holds checkpoints/)")
-    ck_fs, ck_path = fsspec.core.url_to_fs(checkpoints_uri(run_uri))
-    out_fs, out_path = fsspec.core.url_to_fs(out)
+    ck_fs, ck_path = storage.fs_and_path(checkpoints_uri(run_uri))
+    out_fs, out_path = storage.fs_and_path(out)
     if _inside(_location(out_fs, out_path), _location(ck_fs, ck_path)):
         raise ValueError(f"--out {out} is inside the run's checkpoints directory {checkpoints_uri(run_uri)}; "
                          f"it would damage committed checkpoints (refused even with --force): "
                          f"choose an --out outside it")
-    if any(re.fullmatch(r"step-\d{9}", part) for part in out_path.replace(os.sep, "/").split("/")[:-1]):
+    if any(STEP_PATTERN.fullmatch(part) for part in out_path.replace(os.sep, "/").split("/")[:-1]):
         raise ValueError(f"--out {out} is inside a checkpoint step folder; it would damage a committed "
                          f"checkpoint (refused even with --force): choose an --out outside it")
     if directory:
@@ -191,7 +188,7 @@ def check_paths(run_uri: str, out: str, force: bool, directory: bool = False) ->
     if out_fs.exists(out_path) and not force:
         raise ValueError(f"--out {out} already exists: pass --force to replace it, or choose another --out")
     parent = posixpath.dirname(out_path.rstrip("/"))
-    if is_local(out_fs) and parent:
+    if storage.is_local(out_fs) and parent:
         if out_fs.isfile(parent):
             raise ValueError(f"--out {out}: {parent} is a file, not a directory: choose an --out in a directory")
         if not out_fs.isdir(parent):
@@ -202,44 +199,18 @@ def check_paths(run_uri: str, out: str, force: bool, directory: bool = False) ->
     return out_fs, out_path
 
 
-def _file_mode(path: str) -> int:
-    """The mode of the file `path` replaces, else what a new file gets under this process's umask."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def write_atomic(fs: Any, path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                 force: bool) -> None:
-    """Write safetensors under a temporary name beside `path`, then rename it to `path` (one atomic
-    rename locally; a server-side copy of a finished object on object storage), so an interrupted
-    export leaves no truncated file under `path`; the temporary is removed on any failure."""
+def write_atomic(out: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], force: bool) -> None:
+    """Write safetensors to `out` through a temporary file that becomes `out` only when complete
+    (storage.staged_file: a rename beside it locally, one upload to object storage), so an interrupted
+    export leaves no truncated file under that name; without `force`, a file that appeared at `out`
+    while this export ran is kept."""
     import safetensors.torch
 
-    parent, name = posixpath.split(path.rstrip("/"))
-    tmp = f"{parent}/.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        if is_local(fs):
+        with storage.staged_file(out, replace=force) as tmp:
             safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        else:
-            fs.pipe_file(tmp, safetensors.torch.save(tensors, metadata=metadata))
-        if not force and fs.exists(path):  # created by someone else while this export ran
-            raise ValueError(f"--out {path} appeared while exporting: pass --force to replace it")
-        if is_local(fs):
-            os.chmod(tmp, _file_mode(path))  # safetensors writes 0600; keep the replaced file's or umask's
-            os.replace(tmp, path)
-        else:
-            fs.mv(tmp, path)
-    except BaseException:
-        try:
-            if fs.exists(tmp):
-                fs.rm(tmp)
-        except OSError:
-            pass
-        raise
+    except FileExistsError:
+        raise ValueError(f"--out {out} appeared while exporting: pass --force to replace it") from None
 
 
 def reference_state(store: CheckpointStore, step: int, manifest: dict) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..data_pipeline.storage import is_local, local_scratch_root
+from ..storage import is_local, local_scratch_root
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -39,14 +39,14 @@ def parse_size(text: str) -> int:
 
 def run_spec(run_uri: str):
     """The run's resolved job config (`<run>/config.yaml`); ValueError naming the file when absent."""
-    from .export import checkpoints_uri
-    from .spec import ConfigError, load_spec
+    from ..config.spec import ConfigError, load_spec
+    from ..run_dir import RunDir
 
-    root = checkpoints_uri(run_uri)[: -len("/checkpoints")]
+    config = RunDir.given(run_uri).config
     try:
-        return load_spec(f"{root}/config.yaml")
+        return load_spec(config)
     except ConfigError as exc:
-        raise ValueError(f"{root}/config.yaml (the run's config, needed for the model and tokenizer): {exc}") from None
+        raise ValueError(f"{config} (the run's config, needed for the model and tokenizer): {exc}") from None
 
 
 def check_exportable(spec) -> None:

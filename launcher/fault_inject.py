@@ -13,9 +13,9 @@ import json
 import os
 import time
 
-import fsspec
 import torch
 
+from .. import storage
 from .attempts import marker_uri
 
 
@@ -60,7 +60,7 @@ class FaultInjector:
             time.sleep(0.1)
 
     def _marker(self, kind: str, step: int) -> None:
-        fs, path = fsspec.core.url_to_fs(marker_uri(self.run_uri, self.attempt, f"{kind}-rank-{self.rank:05d}.json"))
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, json.dumps({"pid": os.getpid(), "rank": self.rank, "step": step,
-                                       "attempt": self.attempt, "time": time.time()}).encode())
+        uri = marker_uri(self.run_uri, self.attempt, f"{kind}-rank-{self.rank:05d}.json")
+        storage.makedirs(uri.rsplit("/", 1)[0])
+        storage.write_bytes_atomic(uri, json.dumps({"pid": os.getpid(), "rank": self.rank, "step": step,
+                                                    "attempt": self.attempt, "time": time.time()}).encode())

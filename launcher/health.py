@@ -22,8 +22,10 @@ import threading
 import time
 import traceback
 
-import fsspec
 import torch
+
+from .. import storage
+from ..run_dir import RunDir
 
 HANG_EXIT_CODE = 70
 
@@ -159,13 +161,12 @@ class SkipLog:
     restart from an older checkpoint skips the same samples again."""
 
     def __init__(self, run_uri: str):
-        self.uri = f"{run_uri.rstrip('/')}/skipped_samples.jsonl"
+        self.uri = RunDir(run_uri).skipped_samples
         self.windows: dict[int, int] = {}  # start sample -> end sample
-        fs, path = fsspec.core.url_to_fs(self.uri)
-        if fs.exists(path):
+        if storage.exists(self.uri):
             import json
 
-            for line in fs.cat_file(path).decode().splitlines():
+            for line in storage.read_bytes(self.uri).decode().splitlines():
                 if line.strip():
                     rec = json.loads(line)
                     self.windows[rec["start_sample"]] = rec["end_sample"]
@@ -175,9 +176,7 @@ class SkipLog:
 
         self.windows[entry["start_sample"]] = entry["end_sample"]
         if write:
-            fs, path = fsspec.core.url_to_fs(self.uri)
-            old = fs.cat_file(path) if fs.exists(path) else b""
-            fs.pipe_file(path, old + (json.dumps(entry) + "\n").encode())
+            storage.append_bytes(self.uri, (json.dumps(entry) + "\n").encode())
 
     def apply(self, cursor):
         """Advance `cursor` past any skipped window that starts where it stands."""

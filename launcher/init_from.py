@@ -13,8 +13,8 @@ import json
 import posixpath
 import struct
 
-from ..data_pipeline.storage import fs_and_path
-from .strict_yaml import ConfigError
+from ..storage import fs_and_path
+from ..config.strict_yaml import ConfigError
 
 FIELD = "model.init_from"
 # ModelConfig fields a transformers Llama/Mistral/Mixtral checkpoint fixes (config.json key in brackets)
@@ -88,7 +88,7 @@ def check_init_from(spec, job_cfg) -> None:
     from ..models.hf_format import HFFormatError, check_hf_tensors, hf_model_type
     from ..parallelism.checkpoint import CheckpointStore
 
-    if CheckpointStore(f"{spec.run_uri}/checkpoints").committed_steps():
+    if CheckpointStore(spec.run_dir.checkpoints).committed_steps():
         return  # the run continues from its own checkpoint and never reads init_from again
     root = spec.model.init_from
     config, ckpt = checkpoint_config(root)

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .strict_yaml import ConfigError
+from ..config.strict_yaml import ConfigError
 
 RUN_KEY = "raytron_run"
 """Job metadata key naming the run (how `status/logs/stop NAME` find a run's jobs)."""
@@ -128,7 +128,7 @@ def stage_job(spec, resume: bool, root: Path) -> tuple[dict, str]:
     """Write what travels with the job under `root`; returns (runtime_env, entrypoint)."""
     import raytron
 
-    from .spec import spec_to_yaml
+    from ..config.spec import spec_to_yaml
 
     work, code = root / "job", root / "code" / "raytron"
     work.mkdir(parents=True)
@@ -165,7 +165,7 @@ def submit_remote(spec, address: str, resume: bool = False, detach: bool = False
     from .placement import plan_placement, worker_resources
     from .validate import validate_job
 
-    from .spec import spec_to_yaml
+    from ..config.spec import spec_to_yaml
 
     out = out or sys.stdout
     layout = validate_job(spec)

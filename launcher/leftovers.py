@@ -18,19 +18,15 @@ import signal
 import socket
 import time
 
-import fsspec
-
 try:
     import psutil
 except ImportError:  # pragma: no cover - psutil is a dependency; without it nothing is recorded or reaped
     psutil = None
 
+from .. import storage
+from ..config.strict_yaml import ConfigError
+from ..run_dir import RunDir
 from .attempts import read_attempts
-from .strict_yaml import ConfigError
-
-
-def _record_uri(run_uri: str) -> str:
-    return f"{run_uri.rstrip('/')}/driver.json"
 
 
 def live_process(pid: int, create_time: float | None) -> psutil.Process | None:
@@ -58,17 +54,16 @@ def record_driver(run_uri: str, embedded: bool) -> None:
                 continue
     rec = {"pid": me.pid, "create_time": me.create_time(), "hostname": socket.gethostname(),
            "embedded": embedded, "time": time.time(), "processes": procs}
-    fs, path = fsspec.core.url_to_fs(_record_uri(run_uri))
-    fs.pipe_file(path, json.dumps(rec).encode())
+    storage.write_bytes_atomic(RunDir(run_uri).driver_record, json.dumps(rec).encode())
 
 
 def reap_dead_driver(run_uri: str, grace_s: float = 5.0) -> list[int]:
     """Before a resume: refuse if the run's previous driver still runs here; else kill (by PID) what is
     left of it and of its workers. Returns the PIDs that were signalled."""
-    fs, path = fsspec.core.url_to_fs(_record_uri(run_uri))
-    if psutil is None or not fs.exists(path):
+    path = RunDir(run_uri).driver_record
+    if psutil is None or not storage.exists(path):
         return []
-    rec = json.loads(fs.cat_file(path))
+    rec = json.loads(storage.read_bytes(path))
     if rec.get("hostname") != socket.gethostname() or rec.get("pid") == os.getpid():
         return []
     if live_process(rec["pid"], rec.get("create_time")) is not None:

@@ -20,7 +20,8 @@ import os
 import tempfile
 import time
 
-import fsspec
+from .. import storage
+from ..run_dir import RunDir
 
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets; the first name
 # that occurs in torch.cuda.get_device_name() wins, so variants come before their family.
@@ -63,33 +64,25 @@ def peak_memory_gib(cuda: bool) -> dict[str, float]:
     return {"memory/rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}
 
 
-def _local_path(uri: str) -> str | None:
-    fs, path = fsspec.core.url_to_fs(uri)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return path if "file" in protocols or "local" in protocols else None
-
-
 class MetricsWriter:
-    def __init__(self, tb_uri: str, start_step: int, total_steps: int):
+    def __init__(self, run: RunDir, start_step: int, total_steps: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb_uri = tb_uri.rstrip("/")
-        local = _local_path(self.tb_uri)
+        self.tb_uri, self.jsonl_uri = run.tensorboard, run.metrics
+        local = storage.local_path(self.tb_uri)
         self._staging = None if local else tempfile.mkdtemp(prefix="raytron-tb-")
         logdir = local or self._staging
         os.makedirs(logdir, exist_ok=True)
         self.writer = SummaryWriter(log_dir=logdir, purge_step=start_step + 1 if start_step else None)
         self.start_step, self.total_steps = start_step, total_steps
         self._t0 = time.monotonic()
-        self.jsonl_uri = self.tb_uri.rsplit("/", 1)[0] + "/metrics.jsonl"
         self._records = self._kept_records(start_step)
 
     def _kept_records(self, start_step: int) -> list[str]:
         """Lines of metrics.jsonl up to the resumed step (later ones are about to be redone)."""
-        fs, path = fsspec.core.url_to_fs(self.jsonl_uri)
-        if not fs.exists(path):
+        if not storage.exists(self.jsonl_uri):
             return []
-        lines = fs.cat_file(path).decode().splitlines()
+        lines = storage.read_bytes(self.jsonl_uri).decode().splitlines()
         return [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start_step]
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -112,11 +105,10 @@ class MetricsWriter:
 
     def flush(self) -> None:
         self.writer.flush()
-        fs, path = fsspec.core.url_to_fs(self.jsonl_uri)
-        fs.pipe_file(path, ("\n".join(self._records) + "\n").encode() if self._records else b"")
+        text = "\n".join(self._records) + "\n" if self._records else ""
+        storage.write_bytes_atomic(self.jsonl_uri, text.encode())
         if self._staging:
-            fs, root = fsspec.core.url_to_fs(self.tb_uri)
-            fs.put(self._staging.rstrip("/") + "/", root, recursive=True)
+            storage.upload_dir(self._staging, self.tb_uri)
 
     def close(self) -> None:
         self.flush()

@@ -20,8 +20,8 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-import fsspec
-
+from .. import storage
+from ..run_dir import RunDir
 from .attempts import next_attempt, read_attempts
 
 # Substrings of errors that a rank gets because *another* rank died or stalled (collateral damage).
@@ -69,8 +69,8 @@ class JobOutcome:
         return d
 
     def write(self) -> None:
-        fs, root = fsspec.core.url_to_fs(self.run_uri)
-        fs.pipe_file(f"{root}/outcome.json", json.dumps(self.to_dict(), indent=1, default=str).encode())
+        storage.write_bytes_atomic(RunDir(self.run_uri).outcome,
+                                   json.dumps(self.to_dict(), indent=1, default=str).encode())
 
     def budget_line(self) -> str:
         cap = lambda n: "unlimited" if n == -1 else str(n)  # noqa: E731
@@ -202,11 +202,11 @@ def supervise(spec, make_trainer, store, interrupt=None) -> JobOutcome:
     elif last_kind == "preempted":
         outcome.status = "preempted"
         resume = (f"`raytron submit CONFIG --name {spec.name} --resume` (CONFIG: yours, or the run's own "
-                  f"{spec.run_uri}/config.yaml) continues from step {outcome.last_checkpoint}")
+                  f"{spec.run_dir.config}) continues from step {outcome.last_checkpoint}")
         if interrupt is not None and interrupt.received:
             outcome.error = f"stopped by {interrupt.received} to the driver, checkpoint committed; {resume}"
         else:
             outcome.error = f"preempted {preemptions} times, past fault.max_preemptions={fault.max_preemptions}; {resume}"
     outcome.write()
-    print(f"[raytron] outcome {outcome.status}: {outcome.budget_line()} ({spec.run_uri}/outcome.json)", flush=True)
+    print(f"[raytron] outcome {outcome.status}: {outcome.budget_line()} ({spec.run_dir.outcome})", flush=True)
     return outcome

@@ -24,7 +24,7 @@ import math
 from typing import Any, Iterable
 
 from ..parallelism.layout import ParallelLayout
-from .strict_yaml import ConfigError
+from ..config.strict_yaml import ConfigError
 
 NODE_ID_LABEL = "ray.io/node-id"
 

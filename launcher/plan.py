@@ -10,10 +10,9 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from .spec import JobSpec, load_spec
-from .strict_yaml import ConfigError
-
-EXIT_INVALID = 2
+from ..config.spec import JobSpec, load_spec
+from ..config.strict_yaml import ConfigError
+from .exit_codes import EXIT_INVALID
 
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..parallelism.checkpoint import REJECTED, CheckpointError, CheckpointStore
-from .strict_yaml import ConfigError
+from ..parallelism.checkpoint import CheckpointError, CheckpointStore
+from ..config.strict_yaml import ConfigError
+from ..run_dir import REJECTED, STEP_PATTERN, RunDir
 
-_STEP_DIR = re.compile(r"^(.*)/step-(\d{9})$")
+_STEP_DIR = re.compile(rf"^(.*)/{STEP_PATTERN.pattern}$")
 _REJECTED_DIR = re.compile(rf"^(.*/{REJECTED})/(step-(\d{{9}})-[^/]+)$")
 
 
@@ -55,7 +56,7 @@ def locate(uri: str) -> tuple[CheckpointStore, int | None]:
     m = _STEP_DIR.match(uri)
     if m:
         return CheckpointStore(m.group(1)), int(m.group(2))
-    return CheckpointStore(uri if uri.endswith("/checkpoints") else f"{uri}/checkpoints"), None
+    return CheckpointStore(RunDir.given(uri).checkpoints), None
 
 
 def _pick(store: CheckpointStore, step: int | None, plan: ResumePlan) -> dict | None:
@@ -137,7 +138,7 @@ def resumed_spec(spec, manifest: dict):
     recorded = manifest.get("schedule")
     if spec.train.schedule_steps is not None or not recorded:
         return spec
-    from .spec import replace
+    from ..config.spec import replace
 
     return replace(spec, train=replace(spec.train, schedule_steps=recorded["total_steps"]))
 
@@ -208,7 +209,7 @@ def format_plan(plan: ResumePlan, layout_desc: str = "") -> str:
 
 def run_resume_plan(args, out, err) -> int:
     """`plan --resume-from`: exit 0 when the checkpoint loads under the config, 2 when it does not."""
-    from .spec import load_spec
+    from ..config.spec import load_spec
 
     try:
         spec = load_spec(args.config, args.overrides, args.name)

@@ -15,8 +15,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-import fsspec
-
+from .. import storage
+from ..run_dir import RunDir
 from .jobs import RUN_KEY, TERMINAL, URI_KEY, find_jobs, follow, is_jobs_address, jobs_client, report_end, wait_terminal
 
 
@@ -37,19 +37,18 @@ def read_run(run_uri: str) -> RunSummary | None:
     """Summary of one run directory (None when it is not a run)."""
     from ..parallelism.checkpoint import CheckpointStore
 
-    fs, root = fsspec.core.url_to_fs(run_uri)
-    if not fs.exists(f"{root}/config.yaml"):
+    run = RunDir(run_uri)
+    if not storage.exists(run.config):
         return None
-    name = root.rstrip("/").rsplit("/", 1)[-1]
-    summary = RunSummary(name, run_uri, "unknown")
+    summary = RunSummary(run.name, run_uri, "unknown")
     try:
         import yaml
 
-        summary.steps = yaml.safe_load(fs.cat_file(f"{root}/config.yaml"))["train"]["steps"]
+        summary.steps = yaml.safe_load(storage.read_bytes(run.config))["train"]["steps"]
     except Exception:  # noqa: BLE001 - a damaged record still lists
         pass
-    if fs.exists(f"{root}/metrics.jsonl"):
-        lines = fs.cat_file(f"{root}/metrics.jsonl").decode().splitlines()
+    if storage.exists(run.metrics):
+        lines = storage.read_bytes(run.metrics).decode().splitlines()
         for line in reversed(lines):
             try:
                 rec = json.loads(line)
@@ -58,42 +57,38 @@ def read_run(run_uri: str) -> RunSummary | None:
             summary.step, summary.loss = rec.get("step"), rec.get("loss")
             break
         try:
-            summary.updated = fs.modified(f"{root}/metrics.jsonl").timestamp()
+            summary.updated = storage.modified(run.metrics)
         except Exception:  # noqa: BLE001 - not every filesystem knows mtimes
             pass
     try:
-        steps = CheckpointStore(f"{run_uri}/checkpoints").committed_steps()
+        steps = CheckpointStore(run.checkpoints).committed_steps()
         summary.last_checkpoint = steps[-1] if steps else None
     except Exception:  # noqa: BLE001
         pass
     done = summary.steps is not None and summary.step is not None and summary.step >= summary.steps
-    summary.state = _outcome_state(fs, root) or ("completed" if done else "incomplete")
+    summary.state = _outcome_state(run) or ("completed" if done else "incomplete")
     return summary
 
 
-def _outcome_state(fs, root: str) -> str | None:
+def _outcome_state(run: RunDir) -> str | None:
     """The typed outcome of the run's last submit (outcome.json: completed / preempted / failed), if it
     is not older than the newest attempt (a resume in progress has no outcome yet)."""
     try:
-        if not fs.exists(f"{root}/outcome.json"):
+        if not storage.exists(run.outcome):
             return None
-        if fs.modified(f"{root}/outcome.json") < fs.modified(f"{root}/attempts.jsonl"):
+        if storage.modified(run.outcome) < storage.modified(run.attempts_log):
             return "incomplete"
-        return str(json.loads(fs.cat_file(f"{root}/outcome.json"))["status"])
+        return str(json.loads(storage.read_bytes(run.outcome))["status"])
     except Exception:  # noqa: BLE001 - no mtimes on this filesystem, or a damaged record
         return None
 
 
 def local_runs(root: str) -> list[RunSummary]:
-    fs, base = fsspec.core.url_to_fs(root)
-    if not fs.exists(base):
-        return []
     out = []
-    for path in sorted(fs.ls(base, detail=False)):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
+    for name in storage.list_names(root):
         if name.startswith("_"):
             continue  # _data_cache and other non-run folders
-        summary = read_run(f"{root.rstrip('/')}/{name}")
+        summary = read_run(RunDir.under(root, name).uri)
         if summary:
             out.append(summary)
     return out
@@ -141,12 +136,12 @@ def format_table(runs: list[RunSummary]) -> str:
 
 def _local_run_uri(root: str, name: str) -> str:
     """<root>/<name> for a valid run name (never a path that leaves the root, such as '..')."""
-    from .spec import run_name_problem
+    from ..config.spec import run_name_problem
 
     problem = run_name_problem(name)
     if problem is not None:
         raise ValueError(f"{name!r} is not a run name: {problem}")
-    return f"{root.rstrip('/')}/{name}"
+    return RunDir.under(root, name).uri
 
 
 def _job_for(client, ref: str):
@@ -207,9 +202,9 @@ def run_logs(args: argparse.Namespace) -> int:
             print(f"raytron: error: no run named {args.name!r} under {args.root}", file=sys.stderr)
             return 2
         # A local run's console went to the terminal that ran it; its record is metrics.jsonl.
-        fs, root = fsspec.core.url_to_fs(summary.run_uri)
-        if fs.exists(f"{root}/metrics.jsonl"):
-            sys.stdout.write(fs.cat_file(f"{root}/metrics.jsonl").decode())
+        metrics = RunDir(summary.run_uri).metrics
+        if storage.exists(metrics):
+            sys.stdout.write(storage.read_bytes(metrics).decode())
         return 0
     client = jobs_client(args.address)
     job = _job_for(client, args.name)

@@ -17,10 +17,10 @@ import shlex
 import sys
 import time
 
-import fsspec
-
+from .. import storage
+from ..config.strict_yaml import ConfigError
+from .exit_codes import EXIT_FAILED, EXIT_INVALID
 from .study_config import FAMILIES, FamilyPlan, load_study, study_fingerprint
-from .strict_yaml import ConfigError
 
 RECORD = "study.json"
 
@@ -40,8 +40,6 @@ def add_subparser(subparsers) -> None:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from .cli import EXIT_FAILED, EXIT_INVALID
-
     # the command as typed when run as `raytron ...`; otherwise (in-process callers, tests) its equivalent
     typed = sys.argv and os.path.basename(sys.argv[0]) == "raytron" and "study" in sys.argv
     command = shlex.join(["raytron", *sys.argv[1:]]) if typed else shlex.join(["raytron", "study", args.config])
@@ -50,9 +48,9 @@ def _run_cli(args: argparse.Namespace) -> int:
         interrupt = _parse_interrupt(args.interrupt_at, plans)
         stem = os.path.splitext(os.path.basename(args.config))[0]
         out = args.out or f"{base.checkpoint.uri.rstrip('/')}/study-{stem}"
-        if "://" in out and not out.startswith("file://"):
+        if not storage.is_local_uri(out):
             raise ConfigError("--out", f"got {out!r}; the study directory (report, plots) must be a local path")
-        out = out.removeprefix("file://")
+        out = storage.absolute_uri(out)
         return 0 if run_study(study, base, plans, out, command, interrupt, args.address) else EXIT_FAILED
     except (ConfigError, ValueError, FileNotFoundError, PermissionError, ConnectionError) as exc:
         print(f"raytron: error: {exc}", file=sys.stderr)
@@ -70,48 +68,42 @@ def _parse_interrupt(text: str | None, plans: list[FamilyPlan]) -> tuple[str, in
     return name, int(step)
 
 
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else os.path.abspath(uri)
-
-
 def _claim_study_dir(out: str, fingerprint: str, command: str) -> dict:
     """The study record: written on the first run; a later run must be the same study."""
-    fs, root = fsspec.core.url_to_fs(out)
-    path = f"{root}/{RECORD}"
-    if fs.exists(path):
-        record = json.loads(fs.cat_file(path))
+    path = storage.join(out, RECORD)
+    if storage.exists(path):
+        record = json.loads(storage.read_bytes(path))
         if record.get("fingerprint") != fingerprint:
             raise ConfigError("--out", f"{out} holds another study (fingerprint {record.get('fingerprint')}, this one "
                                        f"{fingerprint}): its families would not be comparable; choose another --out")
         return record
-    fs.makedirs(root, exist_ok=True)
+    storage.makedirs(out)
     record = {"fingerprint": fingerprint, "created": time.time(), "command": command, "wall_s": {}}
-    fs.pipe_file(path, json.dumps(record, indent=1).encode())
+    storage.write_bytes_atomic(path, json.dumps(record, indent=1).encode())
     return record
 
 
 def _save_record(out: str, record: dict) -> None:
-    fs, root = fsspec.core.url_to_fs(out)
-    fs.pipe_file(f"{root}/{RECORD}", json.dumps(record, indent=1).encode())
+    storage.write_bytes_atomic(storage.join(out, RECORD), json.dumps(record, indent=1).encode())
 
 
 def _state(spec) -> tuple[str, int | None]:
     """('new' | 'partial' | 'completed', last committed step) of a family's run directory."""
     from ..parallelism.checkpoint import CheckpointStore
 
-    fs, root = fsspec.core.url_to_fs(spec.run_uri)
-    if not fs.exists(f"{root}/config.yaml"):
+    run = spec.run_dir
+    if not storage.exists(run.config):
         return "new", None
-    steps = CheckpointStore(f"{spec.run_uri}/checkpoints").committed_steps()
+    steps = CheckpointStore(run.checkpoints).committed_steps()
     last = max(steps) if steps else None
-    outcome = json.loads(fs.cat_file(f"{root}/outcome.json")) if fs.exists(f"{root}/outcome.json") else {}
+    outcome = json.loads(storage.read_bytes(run.outcome)) if storage.exists(run.outcome) else {}
     done = outcome.get("status") == "completed" and last == spec.train.steps
     return ("completed" if done else "partial"), last
 
 
 def _with_interrupt(spec, step: int):
     """The family's spec with the test hook's injected failure at `step` and no restart budget."""
-    from .spec import FaultInjectSpec
+    from ..config.spec import FaultInjectSpec
 
     fault = dataclasses.replace(spec.fault, max_failures=0,
                                 inject=FaultInjectSpec(kind="exception", step=step, rank=0, attempt=0))
@@ -159,17 +151,16 @@ def _sweep(plan: FamilyPlan, study, out: str) -> list[dict]:
     """The family's throughput sweep, cached in its run directory (a resumed study does not redo it)."""
     from .study_measure import sweep_family
 
-    fs, root = fsspec.core.url_to_fs(plan.spec.run_uri)
-    path = f"{root}/study_sweep.json"
+    path = plan.spec.run_dir.study_sweep
     seqs = sorted({*study.contexts, plan.spec.train.seq_len})
-    if fs.exists(path):
-        cached = json.loads(fs.cat_file(path))
+    if storage.exists(path):
+        cached = json.loads(storage.read_bytes(path))
         if [r["seq"] for r in cached] == seqs:
             return cached
     print(f"[study] sweep {plan.name}: forward+backward at contexts {seqs}", flush=True)
     rows = sweep_family(plan.cfg, seqs, study.sweep, study.mode, plan.spec.resources.torch_threads,
                         plan.spec.train.seed)
-    fs.pipe_file(path, json.dumps(rows, indent=1).encode())
+    storage.write_bytes_atomic(path, json.dumps(rows, indent=1).encode())
     return rows
 
 
@@ -189,7 +180,7 @@ def run_study(study, base, plans: list[FamilyPlan], out: str, command: str, inte
     from .study_measure import read_metrics, summarize_run, validation_bytes
     from .study_report import write_outputs
 
-    out = _absolute(out)
+    out = storage.absolute_uri(out)
     plans = [dataclasses.replace(p, spec=dataclasses.replace(
         p.spec, checkpoint=dataclasses.replace(p.spec.checkpoint, uri=out))) for p in plans]
     record = _claim_study_dir(out, study_fingerprint(study, base, plans), command)

@@ -20,8 +20,8 @@ from ..models.config import ModelConfig
 from ..models.flops import param_counts
 from ..models.registry import FLAVORS, get_config
 from ..typed import ConfigError, build, check, to_dict
-from .spec import JobSpec, load_spec
-from .strict_yaml import load_yaml
+from ..config.spec import JobSpec, load_spec
+from ..config.strict_yaml import load_yaml
 
 # study family -> (layer-pattern unit, registry family of its base flavor). The unit is repeated to
 # `layers` layers. `sliding_window` is pure `W-` (no global layers): it shows what the window alone costs.

@@ -14,15 +14,16 @@ import math
 import time
 import weakref
 
-import fsspec
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .. import storage
 from ..models.config import ModelConfig
 from ..models.flops import flops_per_token
 from ..models.transformer import Transformer
+from ..run_dir import RunDir
 
 # Dense bf16 tensor-core peak FLOP/s per device name substring, for MFU when the run's metrics lack one.
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
@@ -125,9 +126,8 @@ def validation_bytes(spec) -> tuple[int, int]:
     end of training (launcher/worker.evaluate: the first eval_batches global batches), every target
     token counted as the loss counts it. Each sample decodes on its own, as the loss sees it."""
     from ..data_pipeline import get_tokenizer, prepare_for_job
-    from .worker import data_cache_uri
 
-    data = prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed, cache_uri=data_cache_uri(spec))
+    data = prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed, cache_uri=spec.data_cache_uri)
     tok = get_tokenizer(spec.data.tokenizer)
     gbs, tokens, nbytes = spec.train.global_batch_size, 0, 0
     for i in range(spec.train.eval_batches):
@@ -139,10 +139,10 @@ def validation_bytes(spec) -> tuple[int, int]:
 
 
 def read_metrics(run_uri: str) -> list[dict]:
-    fs, path = fsspec.core.url_to_fs(f"{run_uri}/metrics.jsonl")
-    if not fs.exists(path):
+    path = RunDir(run_uri).metrics
+    if not storage.exists(path):
         return []
-    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
 
 
 def summarize_run(spec, cfg: ModelConfig, records: list[dict], val: tuple[int, int], device_name: str | None) -> dict:
@@ -151,7 +151,7 @@ def summarize_run(spec, cfg: ModelConfig, records: list[dict], val: tuple[int, i
     MFU and peak memory when recorded (GPU MFU computed from models/flops.py when not)."""
     steps = sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
     if not steps or steps[-1]["step"] != spec.train.steps or steps[-1].get("val_loss") is None:
-        raise ValueError(f"{spec.run_uri}/metrics.jsonl does not end with the final step "
+        raise ValueError(f"{spec.run_dir.metrics} does not end with the final step "
                          f"{spec.train.steps} and its validation loss")
     tokens_per_step = spec.train.global_batch_size * spec.train.seq_len
     timed = [r["tokens_per_sec"] for r in steps[1:]] or [steps[0]["tokens_per_sec"]]

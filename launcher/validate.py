@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 
-import fsspec
-
+from .. import storage
 from ..parallelism.layout import ParallelLayout, model_config_from_spec, model_facts_from_spec
 from ..parallelism.layout_rules import engine_gaps
 from ..data_pipeline.prepared import indexed_prefix
-from .spec import JobSpec
-from .strict_yaml import ConfigError
+from ..config.spec import JobSpec
+from ..config.strict_yaml import ConfigError
 from .vocab import check_prepared_sources, job_tokenizer, with_tokenizer_vocab
 
 BUILTIN_SCHEME = "builtin://"
@@ -127,10 +126,9 @@ def check_data_cache(spec: JobSpec) -> None:
     `submit` verifies it in full (arrays, token ids) before Ray starts."""
     from ..data_pipeline import DataError
     from ..data_pipeline.job import check_built_cache
-    from .worker import data_cache_uri
 
     try:
-        check_built_cache(spec.data, spec.train.seq_len, spec.train.seed, data_cache_uri(spec))
+        check_built_cache(spec.data, spec.train.seq_len, spec.train.seed, spec.data_cache_uri)
     except DataError as exc:
         raise ConfigError("data.cache_uri", f"the job's data cache is damaged: {exc}") from None
 
@@ -147,7 +145,7 @@ def check_storage(spec: JobSpec) -> None:
             continue  # prepared prefixes: check_prepared_sources
         path = f"data.sources[{i}].uri"
         try:
-            fs, root = fsspec.core.url_to_fs(src.uri)
+            fs, root = storage.fs_and_path(src.uri)
             if not root.strip("/"):
                 raise ConfigError(path, f"got {src.uri!r}, the root of a whole store; set a bucket and path, "
                                         "e.g. s3://bucket/corpus/")
@@ -166,8 +164,7 @@ def check_storage(spec: JobSpec) -> None:
 def _check_not_a_file(uri: str, path: str) -> None:
     """A folder setting that names an existing file (prepared data would be written inside it)."""
     try:
-        fs, root = fsspec.core.url_to_fs(uri)
-        is_file = fs.isfile(root)
+        is_file = storage.isfile(uri)
     except Exception as exc:  # noqa: BLE001 - any storage failure: the folder cannot be used
         raise ConfigError(path, f"cannot read {uri!r}: {type(exc).__name__}: {exc}; use a directory "
                                 "you can write") from None
@@ -177,14 +174,13 @@ def _check_not_a_file(uri: str, path: str) -> None:
 
 
 def _check_local_writable(uri: str, path: str) -> None:
-    if "://" in uri and not uri.startswith("file://"):
-        try:  # an unknown scheme, or one whose fsspec package is not installed
-            fsspec.core.url_to_fs(uri)
-        except (ValueError, ImportError) as exc:
-            raise ConfigError(path, f"got {uri!r}: {exc}; use a local path or the URI of an installed fsspec "
-                                    "filesystem (s3:// needs s3fs, gs:// gcsfs)") from None
+    try:  # an unknown scheme, or one whose fsspec package is not installed
+        local = storage.local_path(uri)
+    except storage.StorageError as exc:
+        raise ConfigError(path, f"got {uri!r}: {exc.reason}; use a local path or the URI of an installed fsspec "
+                                "filesystem (s3:// needs s3fs, gs:// gcsfs)") from None
+    if local is None:
         return  # object stores: writability is only known by writing; the first save reports it
-    local = uri.removeprefix("file://")
     probe = os.path.abspath(local)
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)

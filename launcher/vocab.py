@@ -16,8 +16,8 @@ from ..data_pipeline.indexed import check_prefix_files, idx_path
 from ..data_pipeline.prepared import check_prefix_exists, check_recorded_tokenizer, indexed_prefix
 from ..data_pipeline.storage import exists
 from ..data_pipeline.tokenizer import Tokenizer, padded_vocab_size
-from .spec import JobSpec
-from .strict_yaml import ConfigError
+from ..config.spec import JobSpec
+from ..config.strict_yaml import ConfigError
 
 
 def job_tokenizer(spec: JobSpec) -> Tokenizer:

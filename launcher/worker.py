@@ -17,12 +17,8 @@ from ..parallelism.layout import ParallelLayout
 from .checkpointing import CheckpointSaver, restore_checkpoint
 from .metrics import MetricsWriter, device_peak_flops, mfu, model_flops_rate, peak_memory_gib
 from .resilience import FaultGuard, NumericsError, StopTraining
-from .spec import JobSpec, spec_from_dict
+from ..config.spec import JobSpec, spec_from_dict
 from .vocab import with_tokenizer_vocab
-
-
-def data_cache_uri(spec: JobSpec) -> str:
-    return spec.data.cache_uri or f"{spec.checkpoint.uri.rstrip('/')}/_data_cache"
 
 
 def train_worker(config: dict) -> None:
@@ -64,7 +60,7 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
         torch.set_num_threads(spec.resources.torch_threads)
     data = _load_data(spec, data_dir)
     engine = build_engine(spec, layout, rank, world, data.tokenizer)
-    store = CheckpointStore(f"{spec.run_uri}/checkpoints", keep=spec.checkpoint.keep)
+    store = CheckpointStore(spec.run_dir.checkpoints, keep=spec.checkpoint.keep)
     guard.attach(engine)
     start_step, cursor = restore_checkpoint(engine, store, spec, rank)
     if start_step == 0 and spec.model.init_from:  # a run of its own is never overwritten by init_from
@@ -75,7 +71,7 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
             print(f"[raytron] weights initialized from {spec.model.init_from}", flush=True)
     guard.resumed(start_step)
     saver = CheckpointSaver(store, spec, layout, rank, world, report)  # async per checkpoint.async_save
-    writer = MetricsWriter(f"{spec.run_uri}/tensorboard", start_step, spec.train.steps) if rank == 0 else None
+    writer = MetricsWriter(spec.run_dir, start_step, spec.train.steps) if rank == 0 else None
     # Ranks of one DP replica (its TP/PP/CP ranks) read the same samples; EP folds over DP.
     dp_rank, dp = layout.coords(rank)["dp"], layout.dp
     last: dict = {"step": start_step}
@@ -98,7 +94,7 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
             step, cursor = guard.roll_back(err, cursor, lambda: restore_checkpoint(engine, store, spec, rank))
             if writer:
                 writer.close()
-                writer = MetricsWriter(f"{spec.run_uri}/tensorboard", step, spec.train.steps)
+                writer = MetricsWriter(spec.run_dir, step, spec.train.steps)
             continue
         engine.after_step()
         cursor = cursor.advance(spec.train.global_batch_size)
@@ -142,7 +138,7 @@ def _load_data(spec: JobSpec, data_dir: str | None):
         if data_dir:
             return load_prepared(data_dir, spec.data, spec.train.seq_len, spec.train.seed)
         return prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed,
-                               cache_uri=data_cache_uri(spec))
+                               cache_uri=spec.data_cache_uri)
     except DataError as exc:
         raise StopTraining(f"data: {exc}", exc) from None
 

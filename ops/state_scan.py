@@ -25,9 +25,12 @@ The Triton kernel keeps h (and G) in float32 registers for a whole sequence: one
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+
+from . import state_scan_triton as _triton
 
 KERNELS = ("reference", "torch", "triton")
 
@@ -77,8 +80,7 @@ class StateScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, uv, kt, decay, kernel: str):
         if kernel == "triton":
-            from .state_scan_triton import scan_fwd
-            states, u = scan_fwd(w, uv, kt, decay)
+            states, u = _triton.scan_fwd(w, uv, kt, decay)
         else:
             states, u = _scan_fwd_torch(w, uv, kt, decay)
         ctx.kernel = kernel
@@ -91,8 +93,7 @@ class StateScan(torch.autograd.Function):
         d_states = torch.zeros_like(states) if d_states is None else d_states
         d_u = torch.zeros_like(u) if d_u is None else d_u
         if ctx.kernel == "triton":
-            from .state_scan_triton import scan_bwd
-            grads = scan_bwd(w, kt, decay, states, u, d_states, d_u)
+            grads = _triton.scan_bwd(w, kt, decay, states, u, d_states, d_u)
         else:
             grads = _scan_bwd_torch(w, kt, decay, states, u, d_states, d_u)
         return (*grads, None)
@@ -108,13 +109,11 @@ def choose_kernel(kt: torch.Tensor, uv: torch.Tensor, kernel: str | None = None)
             raise ValueError(f"scan kernel {kernel!r} (argument or RAYTRON_SCAN_KERNEL): expected one of "
                              f"{', '.join(KERNELS)}")
         if kernel == "triton":
-            from .state_scan_triton import check_supported
-            check_supported(kt, uv)
+            _check_triton(kt, uv)
         return kernel
     if kt.device.type == "cuda":
-        from .state_scan_triton import check_supported, unsupported_reason
-        if unsupported_reason(kt, uv) is None:  # else shapes Triton tiles cannot take (chunk < 16)
-            check_supported(kt, uv)
+        if _triton.unsupported_reason(kt, uv) is None:  # else shapes Triton tiles cannot take (chunk < 16)
+            _check_triton(kt, uv)
             return "triton"
     return "torch"
 
@@ -141,3 +140,40 @@ class _NoWScan(torch.autograd.Function):
     def backward(ctx, d_states):
         _, d_uv, d_kt, d_decay, _ = StateScan.backward(ctx, d_states, None)
         return d_uv, d_kt, d_decay, None
+
+
+def _check_triton(kt: torch.Tensor, uv: torch.Tensor) -> None:
+    """The Triton kernel takes these operands and agrees with the PyTorch kernel on this device/dtype."""
+    _triton.check_supported(kt, uv)
+    _self_check(kt.device.index or 0, kt.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _self_check(device_index: int, dtype: torch.dtype) -> None:
+    """Run a small scan (with and without w, d_v spanning two blocks) through Triton and PyTorch and
+    refuse the Triton kernel if outputs or gradients disagree beyond the dtype's rounding."""
+    gen = torch.Generator(device=f"cuda:{device_index}").manual_seed(0)
+    dev, (bh, n, c, dk, dv) = f"cuda:{device_index}", (3, 5, 64, 128, 80)  # the 1b flavors' tile sizes
+    kt = torch.nn.functional.normalize(torch.randn(bh, n, c, dk, device=dev, generator=gen), dim=-1)
+    w = 0.1 * torch.randn(bh, n, c, dk, device=dev, generator=gen)
+    uv = torch.randn(bh, n, c, dv, device=dev, generator=gen)
+    decay = torch.rand(bh, n, device=dev, generator=gen)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for with_w in (True, False):
+        results = []
+        for kernel in ("triton", "torch"):
+            inputs = [x.to(dtype).requires_grad_() for x in ((w,) if with_w else ()) + (uv, kt, decay)]
+            outs = StateScan.apply(*inputs, kernel) if with_w else (_NoWScan.apply(*inputs, kernel),)
+            probes = [torch.randn(o.shape, device=dev, generator=gen.manual_seed(i)) for i, o in enumerate(outs)]
+            loss = sum((o.float() * p).sum() for o, p in zip(outs, probes))
+            grads = torch.autograd.grad(loss, inputs)
+            results.append([o.detach().float() for o in outs] + [g.float() for g in grads])
+        for i, (fast, ref) in enumerate(zip(*results)):
+            err = float((fast - ref).norm() / ref.norm().clamp_min(1e-12))
+            if not err < tol:
+                raise RuntimeError(
+                    f"the Triton state-scan kernel disagrees with the PyTorch kernel on this GPU "
+                    f"({torch.cuda.get_device_name(device_index)}, Triton {_triton.triton.__version__}, "
+                    f"{dtype}): "
+                    f"tensor {i} {'with' if with_w else 'without'} w has relative error {err:.2e} > {tol}; "
+                    "refusing to train with it. Set RAYTRON_SCAN_KERNEL=torch to use the PyTorch kernel.")

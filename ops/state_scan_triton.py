@@ -8,13 +8,11 @@ float32 accumulation; float32 inputs use IEEE float32 dots (no TF32), so float32
 PyTorch kernel to rounding.
 
 Trust: the first use on a device and dtype runs a small forward+backward against the PyTorch kernel
-and raises if they disagree, so an unverified GPU/Triton combination refuses instead of training on
-wrong gradients (the failure mode of fla's gated kernels on Hopper with Triton < 3.7.1).
+(ops/state_scan.py `_self_check`) and raises if they disagree, so an unverified GPU/Triton combination
+refuses instead of training on wrong gradients (the failure mode of fla's gated kernels on Hopper with Triton < 3.7.1).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -48,11 +46,11 @@ def unsupported_reason(kt: torch.Tensor, uv: torch.Tensor) -> str | None:
 
 
 def check_supported(kt: torch.Tensor, uv: torch.Tensor) -> None:
+    """Refuse operands the kernel cannot take (the first-use self-check is ops/state_scan.py's)."""
     reason = unsupported_reason(kt, uv)
     if reason:
         raise ValueError(f"scan kernel 'triton' cannot run here: {reason}; use kernel 'torch' "
                          "(or unset RAYTRON_SCAN_KERNEL)")
-    _self_check(kt.device.index or 0, kt.dtype)
 
 
 if triton is not None:
@@ -157,35 +155,3 @@ def scan_bwd(w, kt, decay, states, u, d_states, d_u):
         PRECISION=_precision(kt.dtype), num_warps=4, num_stages=stages)
     d_w = None if d_w is None else d_w.sum(0).to(w.dtype)
     return d_w, d_uv, d_kt.sum(0).to(kt.dtype), d_decay.sum(0).to(decay.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _self_check(device_index: int, dtype: torch.dtype) -> None:
-    """Run a small scan (with and without w, d_v spanning two blocks) through Triton and PyTorch and
-    refuse the Triton kernel if outputs or gradients disagree beyond the dtype's rounding."""
-    from .state_scan import StateScan, _NoWScan
-
-    gen = torch.Generator(device=f"cuda:{device_index}").manual_seed(0)
-    dev, (bh, n, c, dk, dv) = f"cuda:{device_index}", (3, 5, 64, 128, 80)  # the 1b flavors' tile sizes
-    kt = torch.nn.functional.normalize(torch.randn(bh, n, c, dk, device=dev, generator=gen), dim=-1)
-    w = 0.1 * torch.randn(bh, n, c, dk, device=dev, generator=gen)
-    uv = torch.randn(bh, n, c, dv, device=dev, generator=gen)
-    decay = torch.rand(bh, n, device=dev, generator=gen)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for with_w in (True, False):
-        results = []
-        for kernel in ("triton", "torch"):
-            inputs = [x.to(dtype).requires_grad_() for x in ((w,) if with_w else ()) + (uv, kt, decay)]
-            outs = StateScan.apply(*inputs, kernel) if with_w else (_NoWScan.apply(*inputs, kernel),)
-            probes = [torch.randn(o.shape, device=dev, generator=gen.manual_seed(i)) for i, o in enumerate(outs)]
-            loss = sum((o.float() * p).sum() for o, p in zip(outs, probes))
-            grads = torch.autograd.grad(loss, inputs)
-            results.append([o.detach().float() for o in outs] + [g.float() for g in grads])
-        for i, (fast, ref) in enumerate(zip(*results)):
-            err = float((fast - ref).norm() / ref.norm().clamp_min(1e-12))
-            if not err < tol:
-                raise RuntimeError(
-                    f"the Triton state-scan kernel disagrees with the PyTorch kernel on this GPU "
-                    f"({torch.cuda.get_device_name(device_index)}, Triton {triton.__version__}, {dtype}): "
-                    f"tensor {i} {'with' if with_w else 'without'} w has relative error {err:.2e} > {tol}; "
-                    "refusing to train with it. Set RAYTRON_SCAN_KERNEL=torch to use the PyTorch kernel.")

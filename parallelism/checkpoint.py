@@ -25,15 +25,16 @@ import re
 import time
 from dataclasses import dataclass
 
-import fsspec
 import torch
+
+from .. import storage
+from ..run_dir import REJECTED, STEP_PATTERN, step_folder
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 MANIFEST = "manifest.json"
-REJECTED = "rejected"  # committed steps that failed verification, set aside by a resume (never deleted)
-_STEP_RE = re.compile(r"step-(\d{9})$")
+_STEP_RE = re.compile(rf"{STEP_PATTERN.pattern}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")  # a plain name inside the step folder
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _EXPERT_KEY = re.compile(r"^(.*)#(\d+)$")  # deepspeed writes experts one by one: `<stacked name>#<expert>`
@@ -59,15 +60,15 @@ def _sha256(data: bytes) -> str:
 
 
 class CheckpointStore:
-    def __init__(self, uri: str, keep: int = 2, storage_options: dict | None = None):
+    def __init__(self, uri: str, keep: int = 2):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
+        self.fs, self.root = storage.fs_and_path(self.uri)
         self.keep = keep
-        self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self._local = storage.is_local(self.fs)
 
     # ---- layout -------------------------------------------------------------------------
     def step_path(self, step: int) -> str:
-        return f"{self.root}/step-{step:09d}"
+        return f"{self.root}/{step_folder(step)}"
 
     def listed_steps(self) -> list[int]:
         self.fs.invalidate_cache()  # other processes write steps: never trust a cached listing
@@ -115,18 +116,11 @@ class CheckpointStore:
         full = {**manifest, "step": step, "files": {r["name"]: {k: v for k, v in r.items() if k != "name"}
                                                    for r in files}, "created": time.time()}
         self.fs.pipe_file(f"{base}/{MANIFEST}", json.dumps(full, indent=1, sort_keys=True).encode())
-        self._write_marker(base, step)
+        # the marker appears whole or not at all (storage's commit rule), so a listed marker means committed
+        storage.write_bytes_atomic(f"{self.uri}/{step_folder(step)}/{MARKER}",
+                                   json.dumps({"step": step, "time": time.time()}).encode())
         self.apply_retention()
         return CommittedStep(step, base, full)
-
-    def _write_marker(self, base: str, step: int) -> None:
-        body = json.dumps({"step": step, "time": time.time()}).encode()
-        if self._local:
-            tmp = f"{base}/.{MARKER}.tmp"
-            self.fs.pipe_file(tmp, body)
-            self.fs.mv(tmp, f"{base}/{MARKER}")
-        else:  # one PUT is atomic on object storage
-            self.fs.pipe_file(f"{base}/{MARKER}", body)
 
     def apply_retention(self) -> list[int]:
         """Delete all but the newest `keep` committed steps, and uncommitted steps older than the
@@ -195,7 +189,7 @@ class CheckpointStore:
         run can commit that step number again. For a committed step that failed verification and that a
         resume from an older step will write anew (write-once would otherwise refuse it). Returns the path."""
         src = self.step_path(step)
-        dest = f"{self.root}/{REJECTED}/step-{step:09d}-{time.strftime('%Y%m%dT%H%M%S')}"
+        dest = f"{self.root}/{REJECTED}/{step_folder(step)}-{time.strftime('%Y%m%dT%H%M%S')}"
         self.fs.makedirs(f"{self.root}/{REJECTED}", exist_ok=True)
         if self._local:
             self.fs.mv(src, dest, recursive=True)  # one rename

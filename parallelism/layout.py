@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..typed import ConfigError, check
+from .layout_rules import check_engine, check_model, derive_dp, resolve_model_config
 
 if TYPE_CHECKING:
-    from ..launcher.spec import JobSpec
+    from ..config.spec import JobSpec
 
 ATTENTION_KINDS = "*WB"
 """Layer-pattern characters of attention layers (causal, sliding-window, block-sparse)."""
@@ -216,8 +217,6 @@ class ParallelLayout:
     @classmethod
     def from_spec(cls, spec: "JobSpec", model_facts: ModelFacts) -> "ParallelLayout":
         """Derive and validate the layout of `spec` for a model: every rule, errors name the field."""
-        from .layout_rules import check_engine, check_model, derive_dp
-
         lay, res, train = spec.layout, spec.resources, spec.train
         check_engine(spec)  # engine refusals first: they explain the layout fields best
         layout = cls(world_size=res.workers, tp=lay.tp, pp=lay.pp, cp=lay.cp, dp=derive_dp(spec),
@@ -294,8 +293,6 @@ def model_facts_from_config(cfg: Any) -> ModelFacts:
 
 def model_config_from_spec(spec: "JobSpec") -> Any:
     """The registry's model config for `spec.model` (imports raytron.models lazily)."""
-    from .layout_rules import resolve_model_config
-
     return resolve_model_config(spec)
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..typed import ConfigError, check, convert
 
 if TYPE_CHECKING:
-    from ..launcher.spec import JobSpec
+    from ..config.spec import JobSpec
     from .layout import ModelFacts, ParallelLayout
 
 _DEEPSPEED_SCOPE = ("engine deepspeed here is ZeRO data parallelism + DeepSpeed-MoE expert parallelism "

@@ -246,18 +246,3 @@ def self_attention_spec(kind: str, cfg) -> dict:
         raise ValueError(f"no megatron module for layer kind {kind!r}")
     return {"self_attention": ModuleSpec(module=mixers[kind], params={"model_cfg": cfg})}
 
-
-def stage_layer_specs(cfg, tcfg, vp_stage: int | None, precision: str = "bf16") -> list[ModuleSpec]:
-    """Layer specs of this pipeline stage (chunk `vp_stage`): megatron's own split and offset, so the
-    global layer numbers (and so the weight mapping) follow megatron."""
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    from .megatron_blocks import blocks
-    from .megatron_spec import layer_spec
-
-    kinds = blocks(cfg)
-    first = get_transformer_layer_offset(tcfg, vp_stage=vp_stage)
-    count = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
-    return [layer_spec(ffn == "E", precision=precision, **self_attention_spec(mixer, cfg))
-            for mixer, ffn in kinds[first:first + count]]

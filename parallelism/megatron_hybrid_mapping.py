@@ -1,6 +1,6 @@
 """Weight mapping of the linear-sequence mixers (Gated DeltaNet `G`, Mamba2 `M`) between the reference
 (models/gated_deltanet.py, models/mamba2.py) and their megatron twins (parallelism/megatron_hybrid.py),
-in the pieces language of parallelism/megatron_mapping.py. Names are relative to the mixer: reference
+in the pieces language of parallelism/megatron_pieces.py. Names are relative to the mixer: reference
 `layers.{i}.mixer.*`, megatron `decoder.layers.{j}.self_attention.*`.
 
 TP rank r of tp holds heads [r*H/tp, (r+1)*H/tp) (I = H*d channels in all, I_r = I/tp of them here):
@@ -15,12 +15,12 @@ TP rank r of tp holds heads [r*H/tp, (r+1)*H/tp) (I = H*d channels in all, I_r =
 
 from __future__ import annotations
 
-from .megatron_mapping import Piece, _row, _shard
+from .megatron_pieces import Piece, row, shard
 
 
 def _rows(ref: str, offset: int, count: int, parts: int, rank: int) -> Piece:
     """Rank's shard of rows [offset, offset + count) of reference tensor `ref`."""
-    start, length = _shard(count, parts, rank)
+    start, length = shard(count, parts, rank)
     return Piece(ref, None, 0, offset + start, length)
 
 
@@ -33,7 +33,7 @@ def gated_deltanet_pieces(cfg, prefix: str, tp: int, rank: int) -> dict[str, lis
             "A_log": [_rows(f"{prefix}.A_log", 0, heads, tp, rank)],
             "dt_bias": [_rows(f"{prefix}.dt_bias", 0, heads, tp, rank)],
             "o_norm.weight": [Piece(f"{prefix}.o_norm.weight", None, 0, 0, cfg.linear_head_dim)],
-            "out_proj.weight": [_row(f"{prefix}.out_proj.weight", inner, tp, rank)]}
+            "out_proj.weight": [row(f"{prefix}.out_proj.weight", inner, tp, rank)]}
 
 
 def mamba2_pieces(cfg, prefix: str, tp: int, rank: int) -> dict[str, list[Piece]]:
@@ -45,7 +45,7 @@ def mamba2_pieces(cfg, prefix: str, tp: int, rank: int) -> dict[str, list[Piece]
     conv = [_rows(c, 0, inner, tp, rank), _rows(c, inner, n, tp, rank), _rows(c, inner + n, n, tp, rank)]
     out = {"in_proj.weight": proj, "conv_weight": conv,
            "norm_weight": [_rows(f"{prefix}.norm.weight", 0, inner, tp, rank)],
-           "out_proj.weight": [_row(f"{prefix}.out_proj.weight", inner, tp, rank)]}
+           "out_proj.weight": [row(f"{prefix}.out_proj.weight", inner, tp, rank)]}
     for name in ("A_log", "dt_bias", "D"):
         out[name] = [_rows(f"{prefix}.{name}", 0, heads, tp, rank)]
     return out

@@ -22,17 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class Piece:
-    ref_name: str
-    """Reference parameter name."""
-    index: int | None
-    """Leading index into a stacked reference tensor (expert id), or None."""
-    dim: int
-    """Dimension of the (indexed) reference tensor that is sliced."""
-    start: int
-    length: int
+from .megatron_hybrid_mapping import mixer_pieces
+from .megatron_pieces import Piece, column, row, shard, whole
 
 
 @dataclass(frozen=True)
@@ -53,29 +44,9 @@ class ChunkCoords:
     etp_rank: int = 0
 
 
-def _shard(n: int, parts: int, rank: int) -> tuple[int, int]:
-    if n % parts:
-        raise ValueError(f"dimension {n} does not split into {parts} shards")
-    return rank * (n // parts), n // parts
-
-
-def _column(ref: str, n: int, parts: int, rank: int, index=None) -> Piece:
-    start, length = _shard(n, parts, rank)
-    return Piece(ref, index, 0, start, length)
-
-
-def _row(ref: str, n: int, parts: int, rank: int, index=None) -> Piece:
-    start, length = _shard(n, parts, rank)
-    return Piece(ref, index, 1, start, length)
-
-
-def _whole(ref: str, n: int) -> Piece:
-    return Piece(ref, None, 0, 0, n)
-
-
 def _qkv(cfg, prefix: str, tp: int, rank: int) -> list[Piece]:
     hd, groups, per_group = cfg.attn_head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-    first, count = _shard(groups, tp, rank)
+    first, count = shard(groups, tp, rank)
     pieces = []
     for g in range(first, first + count):
         pieces += [Piece(f"{prefix}.wq.weight", None, 0, g * per_group * hd, per_group * hd),
@@ -89,48 +60,46 @@ def _mla_pieces(cfg, prefix: str, tp: int, rank: int) -> dict[str, list[Piece]]:
     the up projections and `linear_proj` split by heads like attention's, the latent down projections and
     norms replicated over TP."""
     h, qk = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    out = {"linear_kv_down_proj.weight": [_whole(f"{prefix}.wkv_a.weight", cfg.kv_lora_rank + cfg.qk_rope_head_dim)],
-           "kv_layernorm.weight": [_whole(f"{prefix}.kv_norm.weight", cfg.kv_lora_rank)],
-           "linear_kv_up_proj.weight": [_column(f"{prefix}.wkv_b.weight", h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+    out = {"linear_kv_down_proj.weight": [whole(f"{prefix}.wkv_a.weight", cfg.kv_lora_rank + cfg.qk_rope_head_dim)],
+           "kv_layernorm.weight": [whole(f"{prefix}.kv_norm.weight", cfg.kv_lora_rank)],
+           "linear_kv_up_proj.weight": [column(f"{prefix}.wkv_b.weight", h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                                                 tp, rank)],
-           "linear_proj.weight": [_row(f"{prefix}.wo.weight", h * cfg.v_head_dim, tp, rank)]}
+           "linear_proj.weight": [row(f"{prefix}.wo.weight", h * cfg.v_head_dim, tp, rank)]}
     if not cfg.q_lora_rank:
-        out["linear_q_proj.weight"] = [_column(f"{prefix}.wq.weight", h * qk, tp, rank)]
+        out["linear_q_proj.weight"] = [column(f"{prefix}.wq.weight", h * qk, tp, rank)]
         return out
-    out["linear_q_down_proj.weight"] = [_whole(f"{prefix}.wq_a.weight", cfg.q_lora_rank)]
-    out["q_layernorm.weight"] = [_whole(f"{prefix}.q_norm.weight", cfg.q_lora_rank)]
-    out["linear_q_up_proj.weight"] = [_column(f"{prefix}.wq_b.weight", h * qk, tp, rank)]
+    out["linear_q_down_proj.weight"] = [whole(f"{prefix}.wq_a.weight", cfg.q_lora_rank)]
+    out["q_layernorm.weight"] = [whole(f"{prefix}.q_norm.weight", cfg.q_lora_rank)]
+    out["linear_q_up_proj.weight"] = [column(f"{prefix}.wq_b.weight", h * qk, tp, rank)]
     return out
 
 
 def _swiglu(prefix: str, hidden: int, parts: int, rank: int, index=None, stacked=False) -> dict:
     """fc1 = [gate; up] column shards, fc2 = down row shard; `stacked` = reference expert tensors [E, ...]."""
     w = "" if stacked else ".weight"
-    return {"linear_fc1.weight": [_column(f"{prefix}.w_gate{w}", hidden, parts, rank, index),
-                                  _column(f"{prefix}.w_up{w}", hidden, parts, rank, index)],
-            "linear_fc2.weight": [_row(f"{prefix}.w_down{w}", hidden, parts, rank, index)]}
+    return {"linear_fc1.weight": [column(f"{prefix}.w_gate{w}", hidden, parts, rank, index),
+                                  column(f"{prefix}.w_up{w}", hidden, parts, rank, index)],
+            "linear_fc2.weight": [row(f"{prefix}.w_down{w}", hidden, parts, rank, index)]}
 
 
 def _block_pieces(cfg, g: int, c: ChunkCoords) -> dict[str, list[Piece]]:
     attn, ffn = f"layers.{2 * g}", f"layers.{2 * g + 1}"
-    out = {"input_layernorm.weight": [_whole(f"{attn}.norm.weight", cfg.dim)],
-           "pre_mlp_layernorm.weight": [_whole(f"{ffn}.norm.weight", cfg.dim)]}
+    out = {"input_layernorm.weight": [whole(f"{attn}.norm.weight", cfg.dim)],
+           "pre_mlp_layernorm.weight": [whole(f"{ffn}.norm.weight", cfg.dim)]}
     if cfg.layer_pattern()[2 * g] in "GM":  # linear-sequence mixers: parallelism/megatron_hybrid_mapping.py
-        from .megatron_hybrid_mapping import mixer_pieces
-
         mixer = mixer_pieces(cfg, cfg.layer_pattern()[2 * g], f"{attn}.mixer", c.tp, c.tp_rank)
         out.update({f"self_attention.{k}": v for k, v in mixer.items()})
     elif cfg.attention == "mla":
         out.update({f"self_attention.{k}": v for k, v in _mla_pieces(cfg, f"{attn}.mixer", c.tp, c.tp_rank).items()})
     else:  # attention of any mask (*, W, B): same weights
         out["self_attention.linear_qkv.weight"] = _qkv(cfg, f"{attn}.mixer", c.tp, c.tp_rank)
-        out["self_attention.linear_proj.weight"] = [_row(f"{attn}.mixer.wo.weight",
-                                                         cfg.num_heads * cfg.attn_head_dim, c.tp, c.tp_rank)]
+        out["self_attention.linear_proj.weight"] = [row(f"{attn}.mixer.wo.weight",
+                                                        cfg.num_heads * cfg.attn_head_dim, c.tp, c.tp_rank)]
     if cfg.layer_pattern()[2 * g + 1] == "-":
         out.update({f"mlp.{k}": v for k, v in _swiglu(f"{ffn}.mixer", cfg.ffn_dim, c.tp, c.tp_rank).items()})
         return out
-    out["mlp.router.weight"] = [_whole(f"{ffn}.mixer.router.weight", cfg.num_experts)]
-    first, count = _shard(cfg.num_experts, c.ep, c.ep_rank)
+    out["mlp.router.weight"] = [whole(f"{ffn}.mixer.router.weight", cfg.num_experts)]
+    first, count = shard(cfg.num_experts, c.ep, c.ep_rank)
     for j in range(count):
         pieces = _swiglu(f"{ffn}.mixer", cfg.moe_ffn_dim, c.etp, c.etp_rank, index=first + j, stacked=True)
         out.update({f"mlp.experts.local_experts.{j}.{k}": v for k, v in pieces.items()})
@@ -144,13 +113,13 @@ def chunk_pieces(cfg, c: ChunkCoords) -> dict[str, list[Piece]]:
     """Megatron parameter name (inside one GPTModel chunk) -> the reference pieces it is made of."""
     out: dict[str, list[Piece]] = {}
     if c.pre_process:
-        out["embedding.word_embeddings.weight"] = [_column("embed.weight", cfg.vocab_size, c.tp, c.tp_rank)]
+        out["embedding.word_embeddings.weight"] = [column("embed.weight", cfg.vocab_size, c.tp, c.tp_rank)]
     for local, g in enumerate(c.blocks):
         out.update({f"decoder.layers.{local}.{k}": v for k, v in _block_pieces(cfg, g, c).items()})
     if c.post_process:
-        out["decoder.final_layernorm.weight"] = [_whole("norm.weight", cfg.dim)]
+        out["decoder.final_layernorm.weight"] = [whole("norm.weight", cfg.dim)]
         if not cfg.tie_embeddings:
-            out["output_layer.weight"] = [_column("output.weight", cfg.vocab_size, c.tp, c.tp_rank)]
+            out["output_layer.weight"] = [column("output.weight", cfg.vocab_size, c.tp, c.tp_rank)]
     return out
 
 

@@ -31,12 +31,14 @@ from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (TransformerLayer, TransformerLayerSubmodules,
+                                                         get_transformer_layer_offset)
 
 from .megatron_kernels import install_wgrad_accumulation_fusion
 from .megatron_blocks import UnsupportedArchitecture, blocks, mla_model_refusal, pipeline_split
+from .megatron_hybrid import self_attention_spec
 from .megatron_modules import (GroupedMLPExperts, ReferenceRouter, RMSNorm, SDPACoreAttention, allow_moe_without_te,
                                install_fused_cross_entropy, install_fused_rope, install_fused_swiglu)
 
@@ -176,11 +178,19 @@ def layer_spec(moe: bool, self_attention: ModuleSpec | None = None, core_attenti
         pre_mlp_layernorm=RMSNorm, mlp=mlp, mlp_bda=get_bias_dropout_add))
 
 
+def stage_layer_specs(cfg, tcfg, vp_stage: int | None, precision: str = "bf16") -> list[ModuleSpec]:
+    """Layer specs of this pipeline stage (chunk `vp_stage`): megatron's own split and offset, so the
+    global layer numbers (and so the weight mapping) follow megatron."""
+    kinds = blocks(cfg)
+    first = get_transformer_layer_offset(tcfg, vp_stage=vp_stage)
+    count = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
+    return [layer_spec(ffn == "E", precision=precision, **self_attention_spec(mixer, cfg))
+            for mixer, ffn in kinds[first:first + count]]
+
+
 def build_model_chunks(cfg, tcfg: TransformerConfig, seq_len: int, precision: str = "bf16") -> list[GPTModel]:
     """This rank's GPTModel chunks (one per virtual pipeline stage), parallel_state already initialized.
     precision: train.precision (layer_spec)."""
-    from .megatron_hybrid import stage_layer_specs  # imports layer_spec from here
-
     check_supported(cfg)
     # megatron's process-global MoE aux-loss log is sized by the first model's layer count: a later model
     # of another depth in the same process (tests, the GPU equivalence program) would index past it

@@ -83,7 +83,7 @@ def _rank(rank: int, world: int, port: int, uri: str, repeats: int, out: str, la
 
     from raytron.data_pipeline import DataCursor
     from raytron.launcher.checkpointing import CheckpointSaver, restore_checkpoint
-    from raytron.launcher.spec import load_spec
+    from raytron.config.spec import load_spec
     from raytron.parallelism.checkpoint import CheckpointStore
 
     torch.set_num_threads(1)

@@ -50,7 +50,7 @@ def _log(t_start: float, msg: str) -> None:
 
 
 def _spec(args, uri: str):
-    from raytron.launcher.spec import load_spec
+    from raytron.config.spec import load_spec
     from raytron.launcher.validate import validate_job
 
     sets = [f"model.family={args.family}", f"model.flavor={args.flavor}", "layout.dp=1", "resources.workers=1",

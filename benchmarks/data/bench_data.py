@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from raytron.data_pipeline import BUILTIN_STDLIB, DataCursor, prepare, prepare_for_job
-from raytron.launcher.spec import DataSpec, SourceSpec
+from raytron.config.spec import DataSpec, SourceSpec
 
 
 def bench_prepare(tmp: Path, workers: int, pool: str, copies: int) -> dict:

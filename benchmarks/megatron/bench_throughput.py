@@ -148,7 +148,7 @@ def make_spec(family, flavor, overrides, gbs, mbs, overlap: bool = False, overla
               recompute: str = "none", precision: str = "bf16"):
     """A job spec for the engine without a YAML: the config's defaults, this benchmark's training
     settings (mutable, so fp8_parity.py can change steps and LR)."""
-    from raytron.launcher.spec import ResourcesSpec, TrainSpec
+    from raytron.config.spec import ResourcesSpec, TrainSpec
 
     train = SimpleNamespace(**{**_defaults(TrainSpec), **dict(
         seed=1234, seq_len=SEQ, lr=3e-4, min_lr=3e-4, warmup_steps=0, steps=10**6, weight_decay=0.1,

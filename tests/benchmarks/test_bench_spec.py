@@ -4,7 +4,7 @@ job config: every field the engines read exists, and the values pass the config'
 import dataclasses
 
 from benchmarks.megatron import bench_throughput
-from raytron.launcher.spec import ResourcesSpec, TrainSpec
+from raytron.config.spec import ResourcesSpec, TrainSpec
 from raytron.parallelism.schedule import lr_multiplier
 
 

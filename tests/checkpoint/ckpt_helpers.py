@@ -29,7 +29,7 @@ def job_overrides(root: Path, workers: int, ep: int, steps: int, every: int, **e
 
 
 def load_job(root: Path, name: str, workers: int, ep: int, steps: int, every: int = 1, **extra):
-    from raytron.launcher.spec import load_spec
+    from raytron.config.spec import load_spec
 
     return load_spec(CONFIG, job_overrides(root, workers, ep, steps, every, **extra), name)
 

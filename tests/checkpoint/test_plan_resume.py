@@ -160,7 +160,7 @@ def test_checkpoints_corrupt_by_hash_only_are_refused_before_ray(tmp_path, capsy
     """Every committed step has the right sizes but a corrupted shard: plan answers NO and submit --resume is
     refused in the driver (before, both passed the size check and every worker failed at load)."""
     from raytron.launcher.driver import check_resumable
-    from raytron.launcher.strict_yaml import ConfigError
+    from raytron.config.strict_yaml import ConfigError
 
     run = fake_checkpoint(tmp_path, "src", workers=2, ep=2)
     fake_checkpoint(tmp_path, "src", workers=2, ep=2, step=STEP + 2)

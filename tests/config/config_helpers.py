@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from raytron.launcher.spec import JobSpec, spec_from_dict
+from raytron.config.spec import JobSpec, spec_from_dict
 from raytron.launcher.validate import validate_job
 
 # deepspeed: 4 workers, moe/debug (4 experts, 4 heads / 2 kv heads, 2 blocks), EP=2 folded over DP=4.

@@ -9,8 +9,8 @@ import pytest
 from tests.config.config_helpers import DEEPSPEED_JOB, DEEPSPEED_YAML, validate_raw
 
 from raytron.launcher.cli import main
-from raytron.launcher.spec import load_spec
-from raytron.launcher.strict_yaml import MAX_DEPTH, ConfigError
+from raytron.config.spec import load_spec
+from raytron.config.strict_yaml import MAX_DEPTH, ConfigError
 from raytron.typed import EXCERPT_MAX, excerpt
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from raytron.launcher.plan import main as plan_main
-from raytron.launcher.spec import load_spec
+from raytron.config.spec import load_spec
 from raytron.launcher.validate import validate_job
 from raytron.typed import ConfigError
 

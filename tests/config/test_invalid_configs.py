@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from tests.config.config_helpers import DEEPSPEED_JOB, DEEPSPEED_YAML, MEGATRON_JOB, job, validate_raw
 
-from raytron.launcher.spec import load_spec
-from raytron.launcher.strict_yaml import ConfigError
+from raytron.config.spec import load_spec
+from raytron.config.strict_yaml import ConfigError
 
 DS, MG = DEEPSPEED_JOB, MEGATRON_JOB
 

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from raytron.launcher.strict_yaml import ConfigError
+from raytron.config.strict_yaml import ConfigError
 from raytron.parallelism.layout import GROUP_KINDS, ModelFacts, ParallelLayout
 
 LAYOUTS = [

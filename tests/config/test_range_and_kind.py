@@ -10,7 +10,7 @@ import pytest
 from tests.config.config_helpers import DEEPSPEED_JOB, MEGATRON_JOB, job, validate_raw
 
 from raytron.launcher.cli import main
-from raytron.launcher.strict_yaml import ConfigError
+from raytron.config.strict_yaml import ConfigError
 
 DS = DEEPSPEED_JOB
 CONFIG = str(Path(__file__).resolve().parents[2] / "cluster_configs" / "local_debug.yaml")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from raytron.launcher.cli import main
-from raytron.launcher.strict_yaml import ConfigError
+from raytron.config.strict_yaml import ConfigError
 from tests.checkpoint.ckpt_helpers import CONFIG as CKPT_CONFIG, job_overrides, load_job
 
 CORPUS = Path(__file__).resolve().parent
@@ -83,7 +83,7 @@ CACHE_DAMAGE = {
 @pytest.fixture(scope="module")
 def built_cache(tmp_path_factory) -> Path:
     from raytron.data_pipeline import prepare_for_job
-    from raytron.launcher.spec import load_spec
+    from raytron.config.spec import load_spec
 
     root = tmp_path_factory.mktemp("cache")
     spec = load_spec(str(CORPUS / "configs" / "base.yaml"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from raytron.launcher.spec import DataSpec, SourceSpec
+from raytron.config.spec import DataSpec, SourceSpec
 
 
 def make_text_corpus(root, n_docs=12, seed=0) -> dict[str, str]:

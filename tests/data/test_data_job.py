@@ -12,7 +12,7 @@ import pytest
 
 from raytron.data_pipeline import BlendedDataset, ByteTokenizer, DataError, PackedDataset, cache_key, prepare_for_job
 from raytron.data_pipeline import job as job_mod
-from raytron.launcher.spec import DataSpec, SourceSpec
+from raytron.config.spec import DataSpec, SourceSpec
 
 from tests.data.datapipe_helpers import data_spec, load_job_data, make_text_corpus, write_jsonl
 

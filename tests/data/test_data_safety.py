@@ -68,7 +68,7 @@ def test_prepare_cli_counts_them_and_strict_exits_1(tmp_path, capsys):
 
 def test_submit_preparation_reports_the_skips(tmp_path, capsys):
     from raytron.launcher.driver import prepare_data
-    from raytron.launcher.spec import load_spec
+    from raytron.config.spec import load_spec
     from tests.checkpoint.ckpt_helpers import CONFIG
 
     path = tmp_path / "s.jsonl"
@@ -195,7 +195,7 @@ def test_a_damaged_cache_is_refused_with_the_file_and_the_fix(corpus, tmp_path, 
 
 def test_a_worker_stops_on_a_damaged_cache_without_a_restart(corpus, tmp_path):
     from raytron.launcher.health import StopTraining
-    from raytron.launcher.spec import load_spec
+    from raytron.config.spec import load_spec
     from raytron.launcher.worker import _load_data
     from tests.checkpoint.ckpt_helpers import CONFIG
 

@@ -14,8 +14,8 @@ import yaml
 
 from raytron.data_pipeline import DataError, IndexedDatasetWriter, get_tokenizer, prepare, prepare_for_job
 from raytron.launcher import plan
-from raytron.launcher.spec import DataSpec, SourceSpec, spec_from_dict
-from raytron.launcher.strict_yaml import ConfigError
+from raytron.config.spec import DataSpec, SourceSpec, spec_from_dict
+from raytron.config.strict_yaml import ConfigError
 from raytron.launcher.validate import validate_job
 
 from tests.data.datapipe_helpers import make_text_corpus

@@ -41,7 +41,7 @@ def one_rank():
 def test_megatron_engine_starts_from_transformers_weights(one_rank):
     transformers = pytest.importorskip("transformers")
     from raytron import models
-    from raytron.launcher.spec import load_spec
+    from raytron.config.spec import load_spec
     from raytron.launcher.validate import validate_job
     from raytron.launcher.vocab import with_tokenizer_vocab
     from raytron.models.hf_format import from_hf_config, from_hf_state

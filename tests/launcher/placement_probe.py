@@ -16,7 +16,7 @@ GPU = {"CPU": 1.0, "fake_gpu": 1.0}
 
 
 def job_layout(workers: int, nodes: int, tp: int):
-    from raytron.launcher.spec import spec_from_dict
+    from raytron.config.spec import spec_from_dict
     from raytron.launcher.validate import validate_job
 
     return validate_job(spec_from_dict({
@@ -49,7 +49,7 @@ def main(address: str, out_dir: Path) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raytron.launcher.placement import cluster_nodes, plan_placement
-    from raytron.launcher.strict_yaml import ConfigError
+    from raytron.config.strict_yaml import ConfigError
 
     ray.init(address=address, logging_level="WARNING")
     nodes = cluster_nodes()

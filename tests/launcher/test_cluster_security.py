@@ -6,8 +6,8 @@ import pytest
 
 from raytron.launcher.cluster import ClusterSecurityError, check_bind, find_token, is_loopback
 from raytron.launcher.jobs import check_no_secrets, check_remote_paths, secret_values
-from raytron.launcher.spec import spec_from_dict
-from raytron.launcher.strict_yaml import ConfigError
+from raytron.config.spec import spec_from_dict
+from raytron.config.strict_yaml import ConfigError
 
 from tests.launcher.cluster_helpers import cli_env, raytron
 

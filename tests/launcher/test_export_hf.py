@@ -13,7 +13,7 @@ import torch
 
 from raytron import models
 from raytron.launcher.cli import main as cli_main
-from raytron.launcher.spec import load_spec, spec_to_yaml
+from raytron.config.spec import load_spec, spec_to_yaml
 from raytron.parallelism.checkpoint import CheckpointStore
 
 transformers = pytest.importorskip("transformers")

@@ -195,17 +195,15 @@ def test_atomic_write_keeps_the_usual_file_mode(tmp_path):
     import os
     import stat
 
-    import fsspec
     import torch
 
     from raytron.launcher.export import write_atomic
 
-    fs = fsspec.filesystem("file")
     new = tmp_path / "new.safetensors"
-    write_atomic(fs, str(new), {"w": torch.zeros(2)}, {}, force=False)
+    write_atomic(str(new), {"w": torch.zeros(2)}, {}, force=False)
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask
     new.chmod(0o640)
-    write_atomic(fs, str(new), {"w": torch.ones(2)}, {}, force=True)
+    write_atomic(str(new), {"w": torch.ones(2)}, {}, force=True)
     assert stat.S_IMODE(new.stat().st_mode) == 0o640

@@ -16,7 +16,7 @@ import pytest
 from raytron.data_pipeline import DataCursor
 from raytron.launcher.health import LossSpikeError, NumericsGuard, SkipLog
 from raytron.launcher.outcome import classify, culprit
-from raytron.launcher.spec import ConfigError, FaultSpec, load_spec
+from raytron.config.spec import ConfigError, FaultSpec, load_spec
 
 from tests.launcher.ft_helpers import CONFIG
 

@@ -13,6 +13,7 @@ from raytron.launcher.metrics import (DENSE_BF16_PEAK, MetricsWriter, device_pea
 from raytron.models.moe import routing_entropy
 from raytron.parallelism.deepspeed_engine import StepMetrics
 from raytron.parallelism.estimate import flops_per_token
+from raytron.run_dir import RunDir
 
 
 def test_peak_lookup_by_gpu_name():
@@ -85,7 +86,7 @@ def test_load_max_over_mean():
 
 
 def test_progress_line_shows_mfu_memory_and_router(tmp_path):
-    writer = MetricsWriter(str(tmp_path / "tensorboard"), 0, 10)
+    writer = MetricsWriter(RunDir(str(tmp_path)), 0, 10)
     base = {"loss": 2.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_sec": 1000.0}
     gpu = writer.progress(1, {**base, "mfu": 0.523, "memory/max_allocated_gib": 70.25,
                               "moe/router_entropy": 1.2, "moe/load_max_over_mean": 1.5})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from raytron.launcher.spec import resolve_local_paths, spec_from_dict
+from raytron.config.spec import resolve_local_paths, spec_from_dict
 
 
 def _spec(ckpt: str, source: str, cache: str | None = None):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from raytron.launcher.placement import NodeInfo, plan_placement, verify_rank_nodes
-from raytron.launcher.spec import spec_from_dict
-from raytron.launcher.strict_yaml import ConfigError
+from raytron.config.spec import spec_from_dict
+from raytron.config.strict_yaml import ConfigError
 from raytron.launcher.validate import validate_job
 from raytron.parallelism.layout import ParallelLayout
 

@@ -9,8 +9,8 @@ import pytest
 
 from raytron.launcher import driver
 from raytron.launcher.cli import main
-from raytron.launcher.spec import load_spec
-from raytron.launcher.strict_yaml import ConfigError
+from raytron.config.spec import load_spec
+from raytron.config.strict_yaml import ConfigError
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "cluster_configs" / "local_debug.yaml")
 

@@ -110,9 +110,10 @@ def test_grouped_expert_gemm_bf16():
 
 def test_triton_scan_refuses_when_it_disagrees(monkeypatch):
     """The first-use self-check turns a wrong kernel (here: a backward off by 1%) into a clear refusal."""
+    from raytron.ops import state_scan
     from raytron.ops import state_scan_triton as sst
 
     good = sst.scan_bwd
     monkeypatch.setattr(sst, "scan_bwd", lambda *a: tuple(None if g is None else g * 1.01 for g in good(*a)))
     with pytest.raises(RuntimeError, match="refusing to train with it.*RAYTRON_SCAN_KERNEL=torch"):
-        sst._self_check.__wrapped__(torch.cuda.current_device(), torch.float32)
+        state_scan._self_check.__wrapped__(torch.cuda.current_device(), torch.float32)

@@ -12,7 +12,7 @@ STEPS, GBS, MBS, SEQ = 3, 8, 2, 32
 
 
 def job_spec(ep: int, zero_stage: int, workers: int, model: str = "moe/debug", precision: str = "auto"):
-    from raytron.launcher.spec import spec_from_dict
+    from raytron.config.spec import spec_from_dict
 
     return spec_from_dict({
         "name": "eq", "model": dict(zip(("family", "flavor"), model.split("/"))), "checkpoint": {"uri": "/tmp/unused"},
@@ -51,7 +51,7 @@ def recompute_gradients(rank: int, world: int, family: str, ep: int, out: str) -
     (gradients after the DP all-reduce)."""
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
-    from raytron.launcher.spec import spec_from_dict
+    from raytron.config.spec import spec_from_dict
     from raytron.launcher.validate import validate_job
     from raytron.parallelism.deepspeed_engine import DeepSpeedEngine
 

@@ -56,7 +56,7 @@ def test_every_family_and_metric_present_and_finite(study):
 def test_bits_per_byte_from_tokenizer(study):
     """bpb = total validation nats / ln 2 / bytes, bytes decoded from the evaluated validation tokens."""
     from raytron.data_pipeline import prepare_for_job
-    from raytron.launcher.spec import load_spec
+    from raytron.config.spec import load_spec
 
     out, results = study
     spec = load_spec(str(out / "full_attention" / "config.yaml"))

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import fsspec
-
 from .strict_yaml import MAX_DEPTH, MAX_DOCUMENT_BYTES, ConfigError, load_yaml, parse_scalar
+from .. import storage
+from ..run_dir import RunDir, data_cache_under
 from ..typed import build, check, to_dict
 
 
@@ -393,7 +393,17 @@ class JobSpec:
 
     @property
     def run_uri(self) -> str:
-        return f"{self.checkpoint.uri.rstrip('/')}/{self.name}"
+        return RunDir.under(self.checkpoint.uri, self.name).uri
+
+    @property
+    def run_dir(self) -> RunDir:
+        """The paths of this run's records (raytron/run_dir.py)."""
+        return RunDir(self.run_uri)
+
+    @property
+    def data_cache_uri(self) -> str:
+        """Where prepared data is cached: data.cache_uri, else `<checkpoint.uri>/_data_cache`."""
+        return self.data.cache_uri or data_cache_under(self.checkpoint.uri)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -466,11 +476,11 @@ def spec_from_dict(raw: Any, overrides: list[str] = ()) -> JobSpec:
 def load_spec(path: str, overrides: list[str] = (), name: str | None = None) -> JobSpec:
     """Read a job YAML (local path or fsspec URI), apply overrides, validate."""
     try:
-        with fsspec.open(path, "r", encoding="utf-8") as f:
+        with storage.open_file(path, "r", encoding="utf-8") as f:
             text = f.read(MAX_DOCUMENT_BYTES + 1)  # load_yaml refuses anything longer
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, storage.StorageError) as exc:
         raise ConfigError("", f"cannot read config {path}: {exc}") from None
     raw = load_yaml(text, str(path))
     if name is not None and isinstance(raw, dict):
@@ -494,15 +504,6 @@ __all__ = ["JobSpec", "ModelSpec", "LayoutSpec", "ResourcesSpec", "TrainSpec", "
            "apply_overrides", "Path"]
 
 
-def _absolute(uri: str) -> str:
-    """A local relative path made absolute against this process's directory; URIs pass unchanged."""
-    if "://" in uri and not uri.startswith("file://"):
-        return uri
-    import os
-
-    return os.path.abspath(uri.removeprefix("file://"))
-
-
 def resolve_local_paths(spec: JobSpec) -> JobSpec:
     """The spec with relative local paths (checkpoint root, data cache, data sources) made absolute.
 
@@ -510,10 +511,11 @@ def resolve_local_paths(spec: JobSpec) -> JobSpec:
     so `./runs` would otherwise name a different place on every process."""
     data = dataclasses.replace(
         spec.data,
-        cache_uri=None if spec.data.cache_uri is None else _absolute(spec.data.cache_uri),
-        sources=tuple(src if src.uri.startswith("builtin://") else dataclasses.replace(src, uri=_absolute(src.uri))
+        cache_uri=None if spec.data.cache_uri is None else storage.absolute_uri(spec.data.cache_uri),
+        sources=tuple(src if src.uri.startswith("builtin://")
+                      else dataclasses.replace(src, uri=storage.absolute_uri(src.uri))
                       for src in spec.data.sources))
-    checkpoint = dataclasses.replace(spec.checkpoint, uri=_absolute(spec.checkpoint.uri))
+    checkpoint = dataclasses.replace(spec.checkpoint, uri=storage.absolute_uri(spec.checkpoint.uri))
     model = spec.model if spec.model.init_from is None else dataclasses.replace(
-        spec.model, init_from=_absolute(spec.model.init_from))
+        spec.model, init_from=storage.absolute_uri(spec.model.init_from))
     return dataclasses.replace(spec, data=data, checkpoint=checkpoint, model=model)
