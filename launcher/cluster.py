@@ -42,9 +42,11 @@ def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False  # a host name other than localhost: it resolves to whatever the network says
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, an IPv6 socket bound to IPv4 loopback
+    return (mapped or ip).is_loopback
 
 
 def find_token(env: dict[str, str] | None = None) -> str | None:
@@ -166,7 +168,9 @@ def stop_nodes(nodes: list[StartedNode], timeout: float = 30.0) -> None:
 
 
 def ray_start_command(opts: NodeOptions, ports: dict[str, int]) -> list[str]:
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+    from .ray_loopback import ray_start_module  # a loopback node binds loopback (see there)
+
+    cmd = [sys.executable, "-m", ray_start_module(opts.node_ip), "start", "--block", "--disable-usage-stats",
            f"--node-ip-address={opts.node_ip}", f"--temp-dir={opts.temp_dir}",
            # Every listening port chosen here, so several nodes (and other clusters) share one machine.
            f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
