@@ -86,8 +86,8 @@ def check_bind(host: str, env: dict[str, str] | None = None) -> None:
 
 
 def _default_token_auth(env: dict[str, str]) -> None:
-    """Token auth on unless the caller chose a mode: Ray's GCS and raylet gRPC ports listen on every
-    interface even when the dashboard is on loopback, and without a token they accept any driver."""
+    """Token auth on unless the caller chose a mode: without a token Ray's GCS and raylet accept any
+    driver that reaches them (on a networked node they listen on every interface: ray_loopback.py)."""
     if env.get(AUTH_MODE_ENV):
         return
     env[AUTH_MODE_ENV] = "token"

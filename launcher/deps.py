@@ -61,6 +61,37 @@ def check_cluster_deps(address: str, probe: Probe) -> None:
                                        "Dockerfile, cluster_configs/ray/vm_cluster.yaml)")
 
 
+def task_probe(timeout_s: float = 120.0) -> Probe:
+    """A probe that runs PROBE from a Ray task, in the Python of the cluster's workers (this process is
+    connected to the cluster: `raytron submit --address HOST:PORT`)."""
+
+    def probe(modules: list[str]) -> dict:
+        import ray
+
+        def run(script: str, names: list[str]) -> str:  # nested: shipped by value, the cluster needs no raytron
+            import subprocess
+            import sys
+
+            return subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True,
+                                  timeout=60).stdout
+
+        try:
+            out = ray.get(ray.remote(num_cpus=0)(run).remote(PROBE, modules), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ConnectionError(f"the cluster did not run the dependency check (a Ray task) within "
+                                  f"{timeout_s:.0f}s") from None
+        return _result(out, "a Ray task")
+
+    return probe
+
+
+def _result(output: str, where: str) -> dict:
+    for line in output.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    raise ConnectionError(f"the cluster's dependency check ({where}) printed no result: {output[-500:]}")
+
+
 def job_probe(client, env_vars: dict[str, str], timeout_s: float = 120.0) -> Probe:
     """A probe that runs PROBE as a tiny Ray Job (the job driver's Python is the one raytron's job gets)."""
 
@@ -79,10 +110,7 @@ def job_probe(client, env_vars: dict[str, str], timeout_s: float = 120.0) -> Pro
             time.sleep(0.5)
         logs = client.get_job_logs(sid)
         client.delete_job(sid)
-        for line in logs.splitlines():
-            if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
-        raise ConnectionError(f"the cluster's dependency check (job {sid}) printed no result: {logs[-500:]}")
+        return _result(logs, f"job {sid}")
 
     return probe
 

@@ -16,6 +16,7 @@ import fsspec
 
 from ..data_pipeline import prepare_for_job
 from ..parallelism.checkpoint import CheckpointStore
+from .deps import check_cluster_deps, task_probe
 from .leftovers import live_process, reap_dead_driver, record_driver
 from .outcome import JobOutcome, supervise
 from .preemption import DriverInterrupt, PreemptibleTorchConfig
@@ -171,6 +172,7 @@ def _init_ray(spec: JobSpec, address: str | None, console: WarningCollapser) -> 
             pin_loopback()  # Ray would turn 127.0.0.1 into this machine's network address (ray_loopback.py)
         ray.init(address=address, log_to_driver=True)
         install_console(console)
+        check_cluster_deps(address, task_probe())  # the workers' Python has raytron's dependencies
         return
     need = spec.resources.workers * spec.resources.cpus_per_worker + 1
     # The dashboard serves Ray's state API, which Ray Train's controller watchdog polls. A minimal Ray

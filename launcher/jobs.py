@@ -10,7 +10,8 @@ cluster instead of starting an embedded Ray. What travels with the job (runtime 
 
 Before anything is submitted the client validates the config and the layout, refuses paths that
 would resolve inside the job's temporary directory, asks the cluster's state API for its nodes and
-refuses a layout they cannot place, and refuses a second live job for the same run. Secrets never
+refuses a layout they cannot place, refuses a second live job for the same run, and refuses a cluster
+whose Python lacks one of raytron's dependencies (launcher/deps.py). Secrets never
 travel in the job: not in the config, the entrypoint, the metadata or the runtime environment (the
 cluster's nodes take credentials from their own environment, instance role or a mounted file).
 """

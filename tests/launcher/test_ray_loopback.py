@@ -146,3 +146,8 @@ def test_remote_submit_names_a_missing_dependency_in_seconds(head, tmp_path):
     assert took < 120, f"refused after {took:.0f}s"
     client = JobSubmissionClient(node.dashboard_url, headers={"Authorization": f"Bearer {(head_tmp / 'token').read_text()}"})
     assert not [j for j in client.list_jobs() if (j.metadata or {}).get("raytron_run")], "no training job was submitted"
+    # Driving the cluster from here (its GCS address): the workers' Python is checked the same way.
+    proc = raytron(["submit", CONFIG, "--address", node.gcs_address, "--set", f"checkpoint.uri={tmp_path}/runs2",
+                    *FAST], env, tmp_path, timeout=300)
+    assert proc.returncode == 2 and "deepspeed (pip: deepspeed)" in proc.stderr, proc.stdout + proc.stderr
+    assert not (tmp_path / "runs2" / "local-debug").exists(), "the refused run left nothing"
