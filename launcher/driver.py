@@ -22,7 +22,7 @@ from .outcome import JobOutcome, supervise
 from .preemption import DriverInterrupt, PreemptibleTorchConfig
 from .ray_console import WarningCollapser, print_summary
 from .ray_console import install as install_console
-from .ray_loopback import check_token_auth, init_embedded, loopback_address, pin_loopback
+from .ray_loopback import check_token_auth, init_embedded, join
 from .spec import JobSpec, resolve_local_paths, spec_to_yaml
 from .strict_yaml import ConfigError
 from .validate import check_eval_split, check_local_gpus, validate_job
@@ -168,9 +168,7 @@ def _init_ray(spec: JobSpec, address: str | None, console: WarningCollapser) -> 
     # driver joins that cluster rather than starting an embedded Ray next to it.
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        if loopback_address(address):
-            pin_loopback()  # Ray would turn 127.0.0.1 into this machine's network address (ray_loopback.py)
-        ray.init(address=address, log_to_driver=True)
+        join(address, log_to_driver=True)
         install_console(console)
         check_cluster_deps(address, task_probe())  # the workers' Python has raytron's dependencies
         return

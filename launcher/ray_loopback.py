@@ -60,6 +60,17 @@ def loopback_address(address: str) -> bool:
     return is_loopback(host.strip("[]"))
 
 
+def join(address: str, **init_kwargs) -> None:
+    """ray.init() on an existing cluster. A loopback one (`raytron cluster start` on this machine) is
+    reached at 127.0.0.1, which Ray would otherwise replace by the machine's network address, where
+    nothing listens."""
+    import ray
+
+    if loopback_address(address):
+        pin_loopback()
+    ray.init(address=address, **init_kwargs)
+
+
 def loopback_interface() -> str | None:
     """The name of the network interface that holds 127.0.0.1 (`lo` on Linux, `lo0` on macOS)."""
     import psutil
