@@ -355,7 +355,8 @@ def _run_start(args: argparse.Namespace) -> int:
         print(f"[raytron]   workers join:  raytron cluster start --address {node.gcs_address}")
         print(f"[raytron]   submit jobs:   raytron submit CONFIG --address {node.dashboard_url}")
         if is_loopback(opts.node_ip):  # Ray's own clients would look for it at the machine's network address
-            print(f"[raytron]   Ray's CLI:     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray status --address {node.gcs_address}")
+            print(f"[raytron]   Ray's CLI:     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray status "
+                  f"--address {node.gcs_address}")
         off = os.environ.get(AUTH_MODE_ENV, "token").lower() != "token"
         print(f"[raytron]   token auth:    {'OFF (RAY_AUTH_MODE=disabled): keep it on loopback' if off else 'on'}")
     print(f"[raytron]   stop:          raytron cluster stop --temp-dir {node.temp_dir}")

@@ -40,8 +40,9 @@ def test_missing_modules_are_named_with_their_distribution():
         asked.append(modules)
         return {"missing": ["fsspec", "yaml"], "python": "/usr/bin/python3", "version": "3.11.2"}
 
-    with pytest.raises(ConfigError, match=r"--address: the cluster at http://h:8265 .*lacks raytron's dependencies: "
-                                          r"fsspec \(pip: fsspec\), yaml \(pip: pyyaml\) \[/usr/bin/python3, Python 3.11.2\]"):
+    named = (r"--address: the cluster at http://h:8265 .*lacks raytron's dependencies: fsspec \(pip: fsspec\), "
+             r"yaml \(pip: pyyaml\) \[/usr/bin/python3, Python 3.11.2\]")
+    with pytest.raises(ConfigError, match=named):
         check_cluster_deps("http://h:8265", probe)
     assert asked == [sorted(REQUIRED)]
     check_cluster_deps("http://h:8265", lambda modules: {"missing": []})  # all there: no error

@@ -144,7 +144,8 @@ def test_remote_submit_names_a_missing_dependency_in_seconds(head, tmp_path):
     assert "lacks raytron's dependencies: deepspeed (pip: deepspeed)" in proc.stderr, proc.stderr
     assert "torch" not in proc.stderr.split("dependencies:")[1].split("[")[0], "only what is missing is named"
     assert took < 120, f"refused after {took:.0f}s"
-    client = JobSubmissionClient(node.dashboard_url, headers={"Authorization": f"Bearer {(head_tmp / 'token').read_text()}"})
+    token = (head_tmp / "token").read_text()
+    client = JobSubmissionClient(node.dashboard_url, headers={"Authorization": f"Bearer {token}"})
     assert not [j for j in client.list_jobs() if (j.metadata or {}).get("raytron_run")], "no training job was submitted"
     # Driving the cluster from here (its GCS address): the workers' Python is checked the same way.
     proc = raytron(["submit", CONFIG, "--address", node.gcs_address, "--set", f"checkpoint.uri={tmp_path}/runs2",
