@@ -55,13 +55,13 @@ def check_address(address: str | None) -> None:
     if address and not is_jobs_address(address) and not _RAY_ADDRESS.match(address):
         raise ConfigError("--address", f"got {address!r}; use the dashboard's http://HOST:8265 (a Ray Job) or a "
                                        "Ray address HOST:PORT / ray://HOST:10001 (drive the cluster from here)")
-    if address and address != "auto" and not is_jobs_address(address):
-        check_reachable(address)
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
     """A Ray address (HOST:PORT, ray://HOST:PORT) must accept a connection now: ray.init() would retry
     an address where nothing listens for minutes, after the data was prepared."""
+    if not address or address == "auto" or is_jobs_address(address):
+        return
     host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         host, port = address.split("://", 1)[-1].rstrip("/"), "10001"  # ray://HOST: Ray Client's default port
