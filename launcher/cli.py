@@ -37,9 +37,10 @@ def _run_submit(args: argparse.Namespace) -> int:
 
     try:
         spec = load_spec(args.config, args.overrides, args.name)
-        from .jobs import check_address, is_jobs_address
+        from .jobs import check_address, check_reachable, is_jobs_address
 
         check_address(args.address)
+        check_reachable(args.address)
 
         if is_jobs_address(args.address):
             from .jobs import submit_remote

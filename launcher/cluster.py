@@ -42,9 +42,11 @@ def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False  # a host name other than localhost: it resolves to whatever the network says
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, an IPv6 socket bound to IPv4 loopback
+    return (mapped or ip).is_loopback
 
 
 def find_token(env: dict[str, str] | None = None) -> str | None:
@@ -84,8 +86,8 @@ def check_bind(host: str, env: dict[str, str] | None = None) -> None:
 
 
 def _default_token_auth(env: dict[str, str]) -> None:
-    """Token auth on unless the caller chose a mode: Ray's GCS and raylet gRPC ports listen on every
-    interface even when the dashboard is on loopback, and without a token they accept any driver."""
+    """Token auth on unless the caller chose a mode: without a token Ray's GCS and raylet accept any
+    driver that reaches them (on a networked node they listen on every interface: ray_loopback.py)."""
     if env.get(AUTH_MODE_ENV):
         return
     env[AUTH_MODE_ENV] = "token"
@@ -166,7 +168,9 @@ def stop_nodes(nodes: list[StartedNode], timeout: float = 30.0) -> None:
 
 
 def ray_start_command(opts: NodeOptions, ports: dict[str, int]) -> list[str]:
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+    from .ray_loopback import ray_start_module  # a loopback node binds loopback (see there)
+
+    cmd = [sys.executable, "-m", ray_start_module(opts.node_ip), "start", "--block", "--disable-usage-stats",
            f"--node-ip-address={opts.node_ip}", f"--temp-dir={opts.temp_dir}",
            # Every listening port chosen here, so several nodes (and other clusters) share one machine.
            f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
@@ -350,6 +354,9 @@ def _run_start(args: argparse.Namespace) -> int:
     if opts.head:
         print(f"[raytron]   workers join:  raytron cluster start --address {node.gcs_address}")
         print(f"[raytron]   submit jobs:   raytron submit CONFIG --address {node.dashboard_url}")
+        if is_loopback(opts.node_ip):  # Ray's own clients would look for it at the machine's network address
+            print(f"[raytron]   Ray's CLI:     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray status "
+                  f"--address {node.gcs_address}")
         off = os.environ.get(AUTH_MODE_ENV, "token").lower() != "token"
         print(f"[raytron]   token auth:    {'OFF (RAY_AUTH_MODE=disabled): keep it on loopback' if off else 'on'}")
     print(f"[raytron]   stop:          raytron cluster stop --temp-dir {node.temp_dir}")

@@ -15,9 +15,13 @@ import time
 from .. import storage
 from ..data_pipeline import prepare_for_job
 from ..parallelism.checkpoint import CheckpointStore
+from .deps import check_cluster_deps, task_probe
 from .leftovers import live_process, reap_dead_driver, record_driver
 from .outcome import JobOutcome, supervise
 from .preemption import DriverInterrupt, PreemptibleTorchConfig
+from .ray_console import WarningCollapser, print_summary
+from .ray_console import install as install_console
+from .ray_loopback import check_token_auth, init_embedded, join
 from ..config.spec import JobSpec, resolve_local_paths, spec_to_yaml
 from ..config.strict_yaml import ConfigError
 from .validate import check_eval_split, check_local_gpus, validate_job
@@ -144,7 +148,7 @@ def write_run_record(spec: JobSpec, layout, resume: bool) -> None:
     storage.append_bytes(run.attempts_log, (json.dumps(entry) + "\n").encode())
 
 
-def _init_ray(spec: JobSpec, address: str | None) -> None:
+def _init_ray(spec: JobSpec, address: str | None, console: WarningCollapser) -> None:
     import ray
 
     # Ray Train would re-route worker print() through its logger, which doubles every console line.
@@ -155,22 +159,21 @@ def _init_ray(spec: JobSpec, address: str | None) -> None:
     # driver joins that cluster rather than starting an embedded Ray next to it.
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        join(address, log_to_driver=True)
+        install_console(console)
+        check_cluster_deps(address, task_probe())  # the workers' Python has raytron's dependencies
         return
     need = spec.resources.workers * spec.resources.cpus_per_worker + 1
-    # The dashboard serves Ray's state API, which Ray Train's controller watchdog polls; it is bound
-    # to loopback so the embedded cluster's job API is never reachable from the network. A minimal Ray
+    # The dashboard serves Ray's state API, which Ray Train's controller watchdog polls. A minimal Ray
     # (the GPU machines' wheelhouse lacks opencensus/opentelemetry) runs without it: the watchdog then
-    # only warns that the state API is unavailable.
+    # only warns that the state API is unavailable (collapsed on the console: launcher/ray_console.py).
     from ray._private.utils import get_dashboard_dependency_error
 
     missing = get_dashboard_dependency_error()
     if missing is not None:
         print(f"[raytron] Ray dashboard off ({missing}); Ray Train's state-API watchdog will warn", flush=True)
-    # address="local": always a fresh instance of this process's own. Without it ray.init() joins the
-    # newest cluster it finds on the host (`ray start`, or a stale /tmp/ray/ray_current_cluster).
-    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=missing is None,
-             dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    init_embedded(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=missing is None)
+    install_console(console)
 
 
 def _place(spec: JobSpec, layout):
@@ -205,16 +208,20 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
     """Run `spec` to completion under Ray Train; returns the outcome (never hangs on a failed group)."""
     spec = resolve_local_paths(spec)
     check_local_gpus(spec, address)
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        check_token_auth()  # the embedded Ray's auth, refused before any data is prepared
     layout, spec = preflight(spec, resume)
     claim_run(spec)  # held until this driver's record is written; dropped (with an empty new run) if refused first
+    console = WarningCollapser()
     try:
         data_dir = prepare_data(spec)
         if resume:
             reap_dead_driver(spec.run_uri)  # what a crashed driver of this run left here (launcher/leftovers.py)
-        _init_ray(spec, address)
+        _init_ray(spec, address, console)
         placement = _place(spec, layout)  # refuses a layout the cluster cannot place, before any record or worker
         write_run_record(spec, layout, resume)
-        record_driver(spec.run_uri, embedded=not (address or os.environ.get("RAY_ADDRESS")))
+        embedded = not (address or os.environ.get("RAY_ADDRESS"))
+        record_driver(spec.run_uri, embedded=embedded)
     except BaseException:
         release_claim(spec, started=_started(spec))
         raise
@@ -236,7 +243,8 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
             train_loop_config={"spec": spec.to_dict(), "layout": layout.to_dict(), "data_dir": data_dir},
             torch_config=PreemptibleTorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo",
                                                 timeout_s=spec.fault.collective_timeout_s,
-                                                preemption_grace_s=spec.fault.preemption_grace_s),
+                                                preemption_grace_s=spec.fault.preemption_grace_s,
+                                                local_rendezvous=embedded),
             scaling_config=ScalingConfig(num_workers=spec.resources.workers, use_gpu=spec.resources.use_gpu,
                                          resources_per_worker={"CPU": spec.resources.cpus_per_worker},
                                          **placement.scaling_options()),
@@ -248,5 +256,8 @@ def run_job(spec: JobSpec, resume: bool = False, address: str | None = None) -> 
     store = CheckpointStore(spec.run_dir.checkpoints, keep=spec.checkpoint.keep)
     # Failure and preemption budgets, the relaunch after a preemption, outcome.json: launcher/outcome.py.
     # Ctrl-C / SIGTERM to this process preempts the whole run (launcher/preemption.py DriverInterrupt).
-    with DriverInterrupt(spec.run_uri, spec.fault.preemption_grace_s) as interrupt:
-        return supervise(spec, make_trainer, store, interrupt)
+    try:
+        with DriverInterrupt(spec.run_uri, spec.fault.preemption_grace_s) as interrupt:
+            return supervise(spec, make_trainer, store, interrupt)
+    finally:
+        print_summary(console)

@@ -10,7 +10,8 @@ cluster instead of starting an embedded Ray. What travels with the job (runtime 
 
 Before anything is submitted the client validates the config and the layout, refuses paths that
 would resolve inside the job's temporary directory, asks the cluster's state API for its nodes and
-refuses a layout they cannot place, and refuses a second live job for the same run. Secrets never
+refuses a layout they cannot place, refuses a second live job for the same run, and refuses a cluster
+whose Python lacks one of raytron's dependencies (launcher/deps.py). Secrets never
 travel in the job: not in the config, the entrypoint, the metadata or the runtime environment (the
 cluster's nodes take credentials from their own environment, instance role or a mounted file).
 """
@@ -21,6 +22,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -34,6 +36,8 @@ URI_KEY = "raytron_run_uri"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_KEY$)", re.I)
 CODE_DIRS = ("launcher", "parallelism", "models", "data_pipeline", "ops")
+JOB_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONUNBUFFERED": "1"}
+"""Environment of a job's driver (not secrets): worker prints not re-routed by Ray Train, unbuffered output."""
 
 
 def is_jobs_address(address: str | None) -> bool:
@@ -51,6 +55,22 @@ def check_address(address: str | None) -> None:
     if address and not is_jobs_address(address) and not _RAY_ADDRESS.match(address):
         raise ConfigError("--address", f"got {address!r}; use the dashboard's http://HOST:8265 (a Ray Job) or a "
                                        "Ray address HOST:PORT / ray://HOST:10001 (drive the cluster from here)")
+
+
+def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """A Ray address (HOST:PORT, ray://HOST:PORT) must accept a connection now: ray.init() would retry
+    an address where nothing listens for minutes, after the data was prepared."""
+    if not address or address == "auto" or is_jobs_address(address):
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        host, port = address.split("://", 1)[-1].rstrip("/"), "10001"  # ray://HOST: Ray Client's default port
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"--address {address}: nothing answers there ({exc.strerror or exc}); start the "
+                              "cluster, or give the head's GCS address HOST:6379 (ray://HOST:10001 for Ray "
+                              "Client, http://HOST:8265 for a Ray Job)") from None
 
 
 def auth_headers() -> dict[str, str]:
@@ -142,8 +162,7 @@ def stage_job(spec, resume: bool, root: Path) -> tuple[dict, str]:
     runtime_env = {
         "working_dir": str(work),
         "py_modules": [str(code)],
-        # Not secrets: how the driver prints and which accelerator DeepSpeed builds for.
-        "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONUNBUFFERED": "1"},
+        "env_vars": dict(JOB_ENV),
     }
     entrypoint = "python -m raytron.launcher.cli submit job.yaml" + (" --resume" if resume else "")
     return runtime_env, entrypoint
@@ -162,6 +181,7 @@ def submission_id(name: str) -> str:
 def submit_remote(spec, address: str, resume: bool = False, detach: bool = False, out=None) -> int:
     """Submit `spec` as a Ray Job at `address`; follow its logs to the end unless `detach`.
     Returns the CLI exit code (0 succeeded, 1 failed or stopped, 2 refused)."""
+    from .deps import check_cluster_deps, job_probe
     from .placement import plan_placement, worker_resources
     from .validate import validate_job
 
@@ -178,6 +198,7 @@ def submit_remote(spec, address: str, resume: bool = False, detach: bool = False
                                   f"({live[-1].status}); `raytron stop {spec.name} --address {address}` first")
     plan = plan_placement(layout, cluster_nodes_over_http(address), worker_resources(spec))
     print(f"[raytron] {layout.describe()}\n[raytron] {plan.describe()}", file=out, flush=True)
+    check_cluster_deps(address, job_probe(client, JOB_ENV))  # the cluster's Python has raytron's dependencies
     sid = submission_id(spec.name)
     metadata = {RUN_KEY: spec.name, URI_KEY: spec.run_uri}
     with tempfile.TemporaryDirectory(prefix="raytron-job-") as tmp:

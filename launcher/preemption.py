@@ -20,8 +20,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +109,20 @@ class PreemptionSignal:
 class _PreemptibleTorchBackend(_TorchBackend):
     """Ray Train's torch backend, plus the SIGTERM handler on every worker of the group."""
 
+    def on_start(self, worker_group, backend_config) -> None:
+        if not backend_config.local_rendezvous:
+            return super().on_start(worker_group, backend_config)
+        import ray
+        from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group
+
+        # Ray's on_start with a FileStore: a fresh file per group start (a relaunch never meets a stale one).
+        url = f"file://{tempfile.gettempdir()}/raytron-rendezvous-{uuid.uuid4().hex}"
+        worker_group.execute(_set_torch_distributed_env_vars)
+        ray.get([worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend_config.backend,
+                                                   world_rank=i, world_size=len(worker_group), init_method=url,
+                                                   timeout_s=backend_config.timeout_s)
+                 for i in range(len(worker_group))])
+
     def on_training_start(self, worker_group, backend_config) -> None:
         super().on_training_start(worker_group, backend_config)
         worker_group.execute(install_sigterm_handler, backend_config.preemption_grace_s)
@@ -117,6 +133,9 @@ class PreemptibleTorchConfig(TorchConfig):
     """TorchConfig(backend, timeout_s) whose workers treat SIGTERM as a preemption."""
 
     preemption_grace_s: float = 60.0
+    local_rendezvous: bool = False
+    """All workers on this machine (the embedded Ray): the process group meets in a file under the temp
+    dir instead of Ray's TCP rendezvous, whose store (torch's TCPStore) listens on every interface."""
 
     @property
     def backend_cls(self):

@@ -94,6 +94,18 @@ def _checkpointed(forward):
         return forward(*args, **kwargs)
     return run
 
+def _skip_shm_build() -> None:
+    """DeepSpeed's communication backend loads its shared-memory kernels when it starts, and on a CPU
+    accelerator that is a C++ build on first use (about a minute, and a compiler the machine may lack).
+    Those kernels serve only `inference_all_reduce`; training's all-reduces go to torch.distributed
+    (gloo / NCCL), so the backend starts without them."""
+    import importlib
+
+    # By module path: `import deepspeed.comm.torch as m` binds the attribute `deepspeed.comm.torch`,
+    # which is the torch package that deepspeed.comm re-exports.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def _zero_clips(layout) -> bool:
     """ZeRO 1-3 clip inside DeepSpeed's optimizer and report the norm; ZeRO-0 is clipped by the engine."""
     return layout.zero_stage > 0
@@ -113,6 +125,7 @@ class DeepSpeedEngine:
         gaps = engine_gaps(spec, cfg, layout, "deepspeed")  # the limits plan lists, submit refuses
         if gaps:
             raise ValueError(f"{gaps[0][0]}: the deepspeed engine cannot run this job: {gaps[0][1]}")
+        _skip_shm_build()
         ds_dist.init_distributed(dist_backend="nccl" if spec.resources.use_gpu else "gloo",
                                  dist_init_required=False, verbose=False)
         self.device = torch.device("cuda", torch.cuda.current_device()) if spec.resources.use_gpu else torch.device("cpu")

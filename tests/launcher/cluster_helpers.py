@@ -34,3 +34,23 @@ def raytron(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> 
     """Run `raytron ARGS` (python -m raytron.launcher.cli) outside the repository root."""
     return subprocess.run([sys.executable, "-m", "raytron.launcher.cli", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
+
+
+def listening_sockets(pid: int) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket of process `pid` and its descendants."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for proc in procs:
+        try:
+            name = proc.name()
+            found |= {(name, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:  # ended meanwhile
+            continue
+    return found

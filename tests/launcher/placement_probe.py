@@ -49,9 +49,10 @@ def main(address: str, out_dir: Path) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raytron.launcher.placement import cluster_nodes, plan_placement
+    from raytron.launcher.ray_loopback import join
     from raytron.config.strict_yaml import ConfigError
 
-    ray.init(address=address, logging_level="WARNING")
+    join(address, logging_level="WARNING")  # a loopback cluster: stays at 127.0.0.1
     nodes = cluster_nodes()
     layout = job_layout(workers=4, nodes=2, tp=2)
     plan = plan_placement(layout, nodes, GPU)

@@ -262,17 +262,24 @@ def test_embedded_ray_never_joins_another_instance_on_the_host(tmp_path, monkeyp
     """No --address and no RAY_ADDRESS: the driver asks Ray for a fresh local instance, so a `ray start`
     cluster (or a stale /tmp/ray/ray_current_cluster) on the machine changes nothing."""
     import ray
-    from ray._private import services
+    from ray._private import ray_constants, services
 
     from raytron.launcher import driver
+    from raytron.launcher.ray_console import WarningCollapser
 
     calls = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):  # restored afterwards
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    driver._init_ray(load_spec(CONFIG, [f"checkpoint.uri={tmp_path}"]), None)
+    monkeypatch.setattr(driver, "install_console", lambda console: True)
+    driver._init_ray(load_spec(CONFIG, [f"checkpoint.uri={tmp_path}"]), None, WarningCollapser())
     [kwargs] = calls
-    assert kwargs["dashboard_host"] == "127.0.0.1"
+    assert kwargs["dashboard_host"] == "127.0.0.1" and kwargs["_node_ip_address"] == "127.0.0.1"
+    assert os.environ["RAY_AUTH_MODE"] == "token" and ray_constants.ENABLE_RAY_CLUSTER is False
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: "127.0.0.1:6379")  # stale file
     monkeypatch.setattr(services, "find_gcs_addresses", lambda: ["127.0.0.1:6379"])
     assert services.canonicalize_bootstrap_address(None) is not None, "a bare ray.init() would join it"
