@@ -167,9 +167,13 @@ def stop_nodes(nodes: list[StartedNode], timeout: float = 30.0) -> None:
         node.stop(timeout)
 
 
-def ray_start_command(opts: NodeOptions, ports: dict[str, int]) -> list[str]:
-    from .ray_loopback import ray_start_module  # a loopback node binds loopback (see there)
+def ray_start_module(node_ip: str) -> str:
+    """The module `raytron cluster start` runs `ray start` through for a node advertising `node_ip`: a
+    loopback node goes through launcher/ray_loopback.py, which keeps every Ray service on loopback."""
+    return f"{__package__}.ray_loopback" if is_loopback(node_ip) else "ray.scripts.scripts"
 
+
+def ray_start_command(opts: NodeOptions, ports: dict[str, int]) -> list[str]:
     cmd = [sys.executable, "-m", ray_start_module(opts.node_ip), "start", "--block", "--disable-usage-stats",
            f"--node-ip-address={opts.node_ip}", f"--temp-dir={opts.temp_dir}",
            # Every listening port chosen here, so several nodes (and other clusters) share one machine.

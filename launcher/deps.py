@@ -96,13 +96,13 @@ def job_probe(client, env_vars: dict[str, str], timeout_s: float = 120.0) -> Pro
     """A probe that runs PROBE as a tiny Ray Job (the job driver's Python is the one raytron's job gets)."""
 
     def probe(modules: list[str]) -> dict:
-        from .jobs import TERMINAL
+        from ray.job_submission import JobStatus
 
         entrypoint = f"python -c {shlex.quote(PROBE)} {' '.join(modules)}"
         sid = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env_vars},
                                 metadata={"raytron_probe": "dependencies"})
         deadline = time.monotonic() + timeout_s
-        while str(client.get_job_status(sid)) not in TERMINAL:
+        while not JobStatus(str(client.get_job_status(sid))).is_terminal():
             if time.monotonic() > deadline:
                 client.stop_job(sid)
                 raise ConnectionError(f"the cluster did not run the dependency check (job {sid}) within "

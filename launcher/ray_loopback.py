@@ -104,11 +104,6 @@ def init_embedded(num_cpus: int, include_dashboard: bool) -> None:
              dashboard_host=LOOPBACK, log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
-def ray_start_module(node_ip: str) -> str:
-    """The module `raytron cluster start` runs `ray start` through for a node advertising `node_ip`."""
-    return __name__ if is_loopback(node_ip) else "ray.scripts.scripts"
-
-
 def main(argv: list[str] | None = None) -> None:
     """`python -m raytron.launcher.ray_loopback start ARGS`: Ray's `ray start` for a loopback node.
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from raytron.launcher.cluster import is_loopback
-from raytron.launcher.ray_loopback import check_token_auth, embedded_auth, loopback_address, ray_start_module
+from raytron.launcher.cluster import ray_start_module
+from raytron.launcher.ray_loopback import check_token_auth, embedded_auth, loopback_address
 from raytron.typed import ConfigError
 
 from tests.launcher.cluster_helpers import REPO, cli_env, listening_sockets, raytron
