@@ -339,19 +339,19 @@ def reference_router_stats(family: str, overrides: dict) -> list:
     """[aux loss (mean over micro-batches of the per-layer sum), expert load fractions, token-mean routing
     entropy computed from the reference routers' probabilities] of the reference model over the global batch
     (the order of MegatronEngine._router_stats)."""
-    from raytron.models.moe import MoE, Router
+    from raytron.models.moe import MoE
 
     model = build_reference(family, overrides)
     entropy, load, aux = [0.0, 0], 0, 0.0
 
-    def on_route(module, inputs, output):
-        probs = output[2]
+    def on_moe(module, inputs, output):
+        _, _, probs = module.router(inputs[0].reshape(-1, inputs[0].shape[-1]))
         entropy[0] += float(-(probs * probs.log()).sum())
         entropy[1] += probs.shape[0]
 
     for m in model.modules():
-        if isinstance(m, Router):
-            m.register_forward_hook(on_route)
+        if isinstance(m, MoE):
+            m.register_forward_hook(on_moe)
     micro = global_batch(model.cfg.vocab_size).split(MICRO)
     with torch.no_grad():
         for mb in micro:
@@ -403,7 +403,7 @@ def recompute_matches_none(rank: int, world: int, cases: list, out: str) -> None
             engine.routers = [m for c in engine.chunks for m in c.modules() if isinstance(m, ReferenceRouter)]
             router = engine._router_stats(ga)
             case[mode] = [loss, float(stats[0]), len(grads[mode]), saved[0],
-                          *(router[k] for k in ("aux_loss", "expert_load", "router_entropy"))]
+                          router.get("aux_loss", 0.0), router.get("expert_load"), router.get("router_entropy")]
         if engine.routers:
             case["reference"] = reference_router_stats(family, overrides)
         results.append(case)
