@@ -88,3 +88,10 @@ def test_routing_bias_resumes(tmp_path_factory):
     assert straight[1]["expert_bias"] != straight[STEPS]["expert_bias"], "the bias moved at step 2"
     assert resumed[STEPS]["expert_bias"] == straight[STEPS]["expert_bias"]
     assert resumed[STEPS]["loss"] == straight[STEPS]["loss"]
+    from safetensors.torch import load_file
+
+    from raytron.launcher.export import main as export_main
+
+    assert export_main([str(root / "bias"), "--out", str(root / "bias.safetensors")]) == 0
+    exported = load_file(str(root / "bias.safetensors"))
+    assert [exported[f"layers.{i}.mixer.router.expert_bias"].tolist() for i in (1, 3)] == straight[STEPS]["expert_bias"]
