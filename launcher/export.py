@@ -7,8 +7,9 @@ The file holds exactly the reference model's `state_dict()` (raytron.models.buil
 **overrides)), so `model.load_state_dict(safetensors.torch.load_file(FILE))` works with no raytron
 engine installed. From a deepspeed checkpoint: experts saved one by one as `<layer>.mixer.w_gate#<e>`
 are stacked back to [experts, ffn, dim] (w_down to [experts, dim, ffn]); DeepSpeed's gate is already
-saved as `<layer>.mixer.router.weight`; the router's `expert_bias` buffer, which DeepSpeed-MoE lacks
-(the engine refuses aux-loss-free balancing), is exported as zeros. Only verified, committed steps are
+saved as `<layer>.mixer.router.weight`; the router's `expert_bias` comes from the checkpoint's buffers
+(both engines save sigmoid routers' bias under its reference name), or zeros where a checkpoint has none
+(softmax routers in the megatron engine). Only verified, committed steps are
 read, and only with `weights_only` loading. Exit 0 on success, 2 when the checkpoint cannot be exported.
 
 Paths are checked before the checkpoint is read: RUN_URI must be a directory; --out must name a file
@@ -221,7 +222,10 @@ def reference_state(store: CheckpointStore, step: int, manifest: dict) -> dict[s
         raise CheckpointError(f"step {step}: export of {engine!r} checkpoints is not supported")
     params: dict[str, torch.Tensor] = {}
     for name in sorted(n for n in manifest["files"] if n.startswith("state-")):
-        params.update(store.read_shard(step, name, manifest).get("params", {}))
+        shard = store.read_shard(step, name, manifest)
+        params.update(shard.get("params", {}))
+        # sigmoid routers' aux-loss-free bias: model state the engines save among their buffers
+        params.update({n: t for n, t in shard.get("buffers", {}).items() if n.endswith("router.expert_bias")})
     return to_reference(params, manifest["model"], step)
 
 

@@ -90,6 +90,23 @@ class MetricsWriter:
             if value is not None:
                 self.writer.add_scalar(key, value, step)
 
+    def moe(self, step: int, expert_load: list[float] | None, expert_bias: list[list[float]] | None) -> None:
+        """Per-expert MoE statistics: `moe/expert_load/<e>` (share of the step's assignments, summed over
+        layers); for routers with the aux-loss-free bias, `moe/expert_bias/<e>` (mean over layers),
+        `moe/expert_bias_absmax` and one histogram of each layer's biases (`moe/expert_bias_layer<l>`)."""
+        for i, v in enumerate(expert_load or []):
+            self.writer.add_scalar(f"moe/expert_load/{i}", v, step)
+        if not expert_bias:
+            return
+        import torch
+
+        bias = torch.tensor(expert_bias, dtype=torch.float64)  # [MoE layers, experts]
+        for i, v in enumerate(bias.mean(0).tolist()):
+            self.writer.add_scalar(f"moe/expert_bias/{i}", v, step)
+        self.writer.add_scalar("moe/expert_bias_absmax", float(bias.abs().max()), step)
+        for layer, row in enumerate(bias):
+            self.writer.add_histogram(f"moe/expert_bias_layer{layer}", row, step)
+
     def record(self, step: int, values: dict) -> None:
         """Full-precision metrics of one step, for `metrics.jsonl` (exact comparisons, scripts)."""
         self._records.append(json.dumps({"step": step, **values}))

@@ -99,7 +99,7 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
         engine.after_step()
         cursor = cursor.advance(spec.train.global_batch_size)
         elapsed = time.perf_counter() - t0
-        last = {"step": step, "loss": m.loss, "aux_loss": m.aux_loss, "lr": m.lr, "grad_norm": m.grad_norm,
+        last = {"step": step, "loss": m.loss, "aux_loss": m.aux_loss, "z_loss": m.z_loss, "lr": m.lr, "grad_norm": m.grad_norm,
                 "tokens_per_sec": m.tokens / elapsed, "step_time": elapsed, "val_loss": None,
                 "mfu": mfu(flops, m.tokens / elapsed, world, peak),
                 "model_tflops_per_device": model_flops_rate(flops, m.tokens / elapsed, world) / 1e12,
@@ -107,7 +107,7 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
         if _due(step, spec.train.eval_every, spec.train.steps):
             last["val_loss"] = evaluate(engine, data.valid, spec, dp_rank, dp)
         if writer and (step % spec.train.log_every == 0 or step == spec.train.steps):
-            _log_step(writer, step, {**last, **peak_memory_gib(spec.resources.use_gpu)}, m.expert_load)
+            _log_step(writer, step, {**last, **peak_memory_gib(spec.resources.use_gpu)}, m)
         if _due(step, spec.checkpoint.every, spec.train.steps):
             if writer:
                 writer.flush()
@@ -143,13 +143,14 @@ def _load_data(spec: JobSpec, data_dir: str | None):
         raise StopTraining(f"data: {exc}", exc) from None
 
 
-def _log_step(writer: MetricsWriter, step: int, last: dict, expert_load: list[float] | None) -> None:
-    """TensorBoard scalars, the full-precision metrics.jsonl line and the console progress line."""
+def _log_step(writer: MetricsWriter, step: int, last: dict, m) -> None:
+    """TensorBoard scalars (and the MoE per-expert ones of StepMetrics `m`), the full-precision
+    metrics.jsonl line and the console progress line."""
     scalars = {k: v for k, v in last.items() if k != "step"}
+    expert_bias = getattr(m, "expert_bias", None)
     writer.scalars(step, scalars)
-    writer.record(step, {**scalars, "expert_load": expert_load})
-    if expert_load:
-        writer.scalars(step, {f"moe/expert_load/{i}": v for i, v in enumerate(expert_load)})
+    writer.record(step, {**scalars, "expert_load": m.expert_load, "expert_bias": expert_bias})
+    writer.moe(step, m.expert_load, expert_bias)
     print(writer.progress(step, last), flush=True)
 
 

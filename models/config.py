@@ -61,7 +61,19 @@ class ModelConfig:
     capacity_factor: float = 0.0
     """Tokens per expert = capacity_factor * tokens * k / experts, excess dropped; 0 = dropless."""
     bias_update_rate: float = 0.0
-    """Aux-loss-free balancing: per-expert routing bias nudged by this rate toward uniform load (0 = off)."""
+    """Aux-loss-free balancing (DeepSeek-V3): after each optimizer step every MoE layer's per-expert
+    routing bias moves by this rate toward uniform load, `bias += rate * sign(mean load - load)`, the load
+    counted over the step's whole global batch (0 = off). The bias only selects experts; the combine
+    weights stay the unbiased scores. It is model state: checkpointed and resumed with the weights."""
+    n_group: int = 1
+    """Node/device-limited routing (DeepSeek-V3's `n_group`): the experts form this many equal groups
+    and each token picks from `topk_group` of them only (1 = no limit)."""
+    topk_group: int = 1
+    """Groups each token may route into (DeepSeek-V3's `topk_group`), the ones with the largest sum of
+    their top (top_k // topk_group) selection scores (scores plus routing bias); at most n_group."""
+    routed_scaling_factor: float = 1.0
+    """Multiplies the routed experts' combine weights (after any top-k normalisation), as DeepSeek-V3's
+    `routed_scaling_factor`; shared experts are not scaled."""
     # linear-sequence layers
     linear_heads: int = 4
     """Heads of Gated DeltaNet / Mamba2 layers."""
@@ -117,8 +129,24 @@ class ModelConfig:
             raise ValueError(f"pattern {self.pattern!r} has sliding-window layers but window={self.window}")
         if "B" in self.layer_pattern() and self.sparse_block <= 0:
             raise ValueError(f"pattern {self.pattern!r} has block-sparse layers but sparse_block={self.sparse_block}")
-        if "E" in self.layer_pattern() and not (1 <= self.top_k <= self.num_experts):
+        if "E" in self.layer_pattern():
+            self._check_routing()
+
+    def _check_routing(self) -> None:
+        if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"MoE layers need 1 <= top_k ({self.top_k}) <= num_experts ({self.num_experts})")
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            raise ValueError(f"n_group {self.n_group} must be >= 1 and divide num_experts {self.num_experts}")
+        per_group = self.num_experts // self.n_group
+        if not 1 <= self.topk_group <= self.n_group or self.top_k < self.topk_group:
+            raise ValueError(f"topk_group {self.topk_group} must be in [1, n_group {self.n_group}] and <= top_k "
+                             f"{self.top_k} (each chosen group is ranked by its top top_k // topk_group scores)")
+        if self.topk_group * per_group < self.top_k:
+            raise ValueError(f"topk_group {self.topk_group} groups of {per_group} experts cannot hold top_k "
+                             f"{self.top_k} experts; raise topk_group or lower n_group")
+        if self.bias_update_rate < 0 or self.routed_scaling_factor <= 0:
+            raise ValueError(f"bias_update_rate ({self.bias_update_rate}) must be >= 0 and routed_scaling_factor "
+                             f"({self.routed_scaling_factor}) > 0")
 
     def _check_mla(self) -> None:
         small = [f"{name}={getattr(self, name)}" for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",

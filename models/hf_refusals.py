@@ -60,6 +60,12 @@ def _moe_problems(cfg: ModelConfig) -> list[str]:
         problems.append(f"bias_update_rate={cfg.bias_update_rate} (aux-loss-free routing bias): Mixtral has no "
                         "routing bias; DeepSeek-V3's e_score_correction_bias comes with a sigmoid router and "
                         "latent attention")
+    if cfg.n_group > 1:
+        problems.append(f"n_group={cfg.n_group}, topk_group={cfg.topk_group} (group-limited routing): Mixtral "
+                        "routes over all experts; DeepSeek-V3's groups come with a sigmoid router and latent attention")
+    if cfg.routed_scaling_factor != 1.0:
+        problems.append(f"routed_scaling_factor={cfg.routed_scaling_factor}: Mixtral does not scale the routed "
+                        "experts' weights")
     return problems
 
 

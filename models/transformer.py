@@ -97,5 +97,9 @@ class Transformer(nn.Module):
         """MoE load-balancing losses of the last forward, one per MoE layer."""
         return [m.last_aux_loss for m in self.modules() if isinstance(m, MoE) and m.last_aux_loss is not None]
 
+    def z_losses(self) -> list[torch.Tensor]:
+        """Router z-losses of the last forward (unweighted), one per MoE layer."""
+        return [m.last_z_loss for m in self.modules() if isinstance(m, MoE) and m.last_z_loss is not None]
+
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

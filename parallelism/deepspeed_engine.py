@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 
 from .. import models
 from ..models.transformer import SEQUENCE_MIXERS
-from .deepspeed_moe import swap_moe_layers
+from .deepspeed_moe import DeepSpeedMoE, swap_moe_layers
 from .layout_rules import engine_gaps, resolved_precision
 from .schedule import lr_multiplier
 
@@ -33,6 +33,8 @@ class StepMetrics:
     tokens: int  # tokens in the global batch
     expert_load: list[float] | None = None  # fraction of assignments per expert, summed over MoE layers
     router_entropy: float | None = None  # mean over MoE layers and tokens of the routing distribution's entropy
+    z_loss: float = 0.0  # mean router z-loss (summed over MoE layers; unweighted)
+    expert_bias: list[list[float]] | None = None  # aux-loss-free routing bias per MoE layer (sigmoid routers)
 
     @property
     def load_max_over_mean(self) -> float | None:
@@ -146,6 +148,9 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_ds_config(spec, layout))
         self._check_ep_groups()
+        for m in self.module.modules():  # before any checkpoint loads a routing bias into them
+            if isinstance(m, DeepSpeedMoE):
+                m.router.keep_fp32()
         # Optional callback(local_loss_sum) run at the gradient-accumulation boundary, after the last
         # backward and before the optimizer update (launcher/health.py: NaN/Inf check, fault injection).
         self.before_optimizer_step = None
@@ -165,48 +170,56 @@ class DeepSpeedEngine:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def _forward_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """batch [mbs, seq+1] -> (LM loss, aux loss) for this micro-batch."""
+    def _forward_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """batch [mbs, seq+1] -> (LM loss, aux loss, router z-loss) for this micro-batch (MoE losses summed
+        over layers, unweighted)."""
         batch = batch.to(self.device)
         tokens, targets = batch[:, :-1], batch[:, 1:]
         logits = self.engine(tokens)
         lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        aux = [m.last_aux_loss for m in self.module.modules()
-               if getattr(m, "last_aux_loss", None) is not None and m is not self.module]
-        aux_total = torch.stack(aux).sum() if aux else torch.zeros((), device=lm.device)
-        return lm, aux_total
+        aux, z = (torch.stack(v).sum() if v else torch.zeros((), device=lm.device)
+                  for v in (self._side_losses("last_aux_loss"), self._side_losses("last_z_loss")))
+        return lm, aux, z
+
+    def _side_losses(self, attr: str) -> list[torch.Tensor]:
+        return [getattr(m, attr) for m in self.module.modules()
+                if getattr(m, attr, None) is not None and m is not self.module]
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> StepMetrics:
         """One optimizer step over this rank's micro-batches (len == grad_accum)."""
         if len(micro_batches) != self.layout.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, layout needs {self.layout.grad_accum}")
         self.engine.train()
-        lm_sum = torch.zeros((), dtype=torch.float64)
-        aux_sum = torch.zeros((), dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64)  # LM loss, aux loss, z-loss
         load = entropy = grad_norm = None
         lr = self.scheduler.get_last_lr()[0]
+        train = self.spec.train
         for i, batch in enumerate(micro_batches):
-            lm, aux = self._forward_loss(batch)
-            self.engine.backward(lm + self.spec.train.aux_loss_coef * aux)  # all-reduces at the GA boundary
-            lm_sum += lm.detach().double().cpu()
-            aux_sum += aux.detach().double().cpu()
+            lm, aux, z = self._forward_loss(batch)
+            # all-reduces at the GA boundary
+            self.engine.backward(lm + train.aux_loss_coef * aux + getattr(train, "router_z_loss_coef", 0.0) * z)
+            sums += torch.stack([lm.detach(), aux.detach(), z.detach()]).double().cpu()
             if i == len(micro_batches) - 1:  # GA boundary: the next step() updates
                 if not _zero_clips(self.layout):
                     grad_norm = self._clip_replicated()
                 if self.before_optimizer_step is not None:
-                    self.before_optimizer_step(lm_sum + aux_sum)
+                    self.before_optimizer_step(sums[0] + sums[1])
             self.engine.step()
             load = self._accumulate(load, "last_load")
             entropy = self._accumulate(entropy, "last_entropy")
-        stats = torch.stack([lm_sum, aux_sum]) / len(micro_batches)
+        for m in self.module.modules():  # aux-loss-free bias updates (collective: load summed over ranks)
+            if isinstance(m, DeepSpeedMoE):
+                m.update_bias()
+        stats = sums / len(micro_batches)
         torch.distributed.all_reduce(stats)
         stats /= self.world
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         tokens = self.spec.train.global_batch_size * self.spec.train.seq_len
-        return StepMetrics(loss=float(stats[0]), aux_loss=float(stats[1]), tokens=tokens, lr=lr,
-                           grad_norm=float(grad_norm if grad_norm is not None else float("nan")),
-                           expert_load=self._global_load(load), router_entropy=self._global_entropy(entropy))
+        return StepMetrics(loss=float(stats[0]), aux_loss=float(stats[1]), z_loss=float(stats[2]), tokens=tokens,
+                           lr=lr, grad_norm=float(grad_norm if grad_norm is not None else float("nan")),
+                           expert_load=self._global_load(load), router_entropy=self._global_entropy(entropy),
+                           expert_bias=self.expert_bias())
 
     def _accumulate(self, total, attr: str):
         """`total` plus the sum over MoE layers of their `attr` tensor from the last forward."""
@@ -288,7 +301,10 @@ class DeepSpeedEngine:
                 buf.copy_(ref_sd[name])
 
     def after_step(self) -> None:
-        """Hooks that run outside autograd after each optimizer step (aux-loss-free bias updates)."""
-        for m in self.module.modules():
-            if hasattr(m, "update_bias"):
-                m.update_bias()
+        """Nothing to do: the routing biases are updated at the end of train_step, as megatron-core does."""
+
+    def expert_bias(self) -> list[list[float]] | None:
+        """Routing bias of each MoE layer (every rank holds the same), for the metrics; None without any."""
+        biases = [m.router.expert_bias.tolist() for m in self.module.modules()
+                  if isinstance(m, DeepSpeedMoE) and m.cfg.router == "sigmoid"]
+        return biases or None

@@ -1,27 +1,42 @@
 """Expert parallelism for the deepspeed engine: the reference MoE layer re-expressed with DeepSpeed-MoE.
 
-`DeepSpeedMoE` replaces a `raytron.models.MoE` module from outside the model. Its gate is DeepSpeed's
-top-2 softmax gate configured to compute exactly the reference router (no gate noise, no second-expert
-sampling, no random token selection); with a capacity factor its gate is replaced by the reference's
-dropping (`reference_capacity_gate`: DeepSpeed's own renormalizes the kept weights after dropping, the
-reference does not), so both train the same model. Its experts are
+`DeepSpeedMoE` replaces a `raytron.models.MoE` module from outside the model. DeepSpeed's MOELayer
+dispatches, exchanges (EP all-to-all) and runs the experts; its gate's forward is the reference's routing
+(`DeepSpeedMoE._gate` over models/moe.py `route`): softmax or sigmoid scores, normalised top-k of any k,
+the aux-loss-free expert bias, node/device-limited groups, the routed scaling factor, the z-loss and the
+reference's capacity dropping (DeepSpeed's own gates are top-1/2/k softmax only, and renormalise the kept
+weights after dropping, which the reference does not), so both train the same model. Its experts are
 the local slice of the reference's stacked experts, and shared experts stay dense. Weight names map
 both ways between the reference (`mixer.w_gate[e]`) and DeepSpeed (`...deepspeed_experts.{e_local}.w_gate.weight`).
 """
 
 from __future__ import annotations
 
-import functools
 import re
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..models import MoE
-from ..models.moe import routing_entropy
 from ..models.layers import SwiGLU
-from ..models.moe import capacity_slots, expert_capacity
+from ..models.moe import (bias_step, capacity_slots, expert_capacity, load_balancing_loss, route, router_z_loss,
+                          routing_entropy)
+
+
+class _RouterState(nn.Module):
+    """Holds the reference router's `expert_bias` buffer under the reference's name (`...mixer.router.
+    expert_bias`), so checkpoints and `load_reference` move it without renaming."""
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("expert_bias", bias.detach().clone().float(), persistent=True)
+
+    def keep_fp32(self) -> None:
+        """bf16 training casts buffers with the model; sign steps of bias_update_rate need fp32."""
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias.data = self.expert_bias.data.float()
 
 
 class DeepSpeedMoE(nn.Module):
@@ -32,7 +47,6 @@ class DeepSpeedMoE(nn.Module):
         from deepspeed.moe.layer import MoE as DSMoE
 
         cfg = ref.cfg
-        _check_supported(cfg)
         self.cfg, self.ep_size, self.ep_rank = cfg, ep_size, ep_rank
         self.num_local = cfg.num_experts // ep_size
         self.moe = DSMoE(
@@ -40,13 +54,14 @@ class DeepSpeedMoE(nn.Module):
             ep_size=ep_size, k=cfg.top_k, capacity_factor=cfg.capacity_factor or 1.0,
             eval_capacity_factor=cfg.capacity_factor or 1.0, min_capacity=0, noisy_gate_policy=None,
             drop_tokens=cfg.capacity_factor > 0, use_rts=False, top2_2nd_expert_sampling=False)
-        if cfg.capacity_factor > 0:
-            gate = self.moe.deepspeed_moe.gate
-            gate.forward = functools.partial(reference_capacity_gate, gate.wg, cfg)
+        self.moe.deepspeed_moe.gate.forward = self._gate  # the reference's routing (module docstring)
+        self.router = _RouterState(ref.router.expert_bias)
         self.shared = ref.shared
         self.last_aux_loss: torch.Tensor | None = None
+        self.last_z_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
         self.last_entropy: torch.Tensor | None = None  # [entropy sum, tokens] of the last forward
+        self.step_load: torch.Tensor | None = None  # this rank's load over the step's training forwards
         self.load_reference(ref.state_dict())
 
     @torch.no_grad()
@@ -60,50 +75,54 @@ class DeepSpeedMoE(nn.Module):
             expert.w_down.weight.copy_(ref_state["w_down"][e])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.router.keep_fp32()
         out, aux, counts = self.moe(x)
         self.last_aux_loss, self.last_load = aux, counts.detach()
-        with torch.no_grad():  # DeepSpeed's gate keeps its logits to itself: recompute them (dim x E per token)
-            logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.moe.deepspeed_moe.gate.wg.weight.float())
-            self.last_entropy = routing_entropy(logits, "softmax")
+        if self.training and self.cfg.bias_update_rate > 0 and torch._C._current_graph_task_id() == -1:
+            # (a layer recomputed in backward, train.recompute full, routed these tokens already)
+            self.step_load = counts.detach() if self.step_load is None else self.step_load + counts.detach()
         if self.shared is not None:
             out = out + self.shared(x)
         return out
 
+    def _gate(self, x: torch.Tensor, used_token=None, sparse_routes: bool = True, use_tutel: bool = False):
+        """The reference router (models/moe.py `route`, its capacity or dropless) in the sparse-route form
+        DeepSpeed's MOELayer consumes: (aux loss, capacity, experts, expert ids [k, S] (-1 = dropped), slots
+        [k, S], weights [k, S], kept assignments per expert). Dropless: the capacity is the largest expert
+        load over the EP group, as DeepSpeed's own gates size it. Kept weights are not renormalised."""
+        if not sparse_routes or use_tutel:
+            raise ValueError("the reference gate serves DeepSpeed's sparse-route MOELayer only (no tutel)")
+        cfg, e = self.cfg, self.cfg.num_experts
+        gate = self.moe.deepspeed_moe.gate
+        logits = F.linear(x.float(), gate.wg.weight.float())
+        ids, weights, probs = route(logits, cfg, self.router.expert_bias)
+        slots = capacity_slots(ids, e)
+        if cfg.capacity_factor > 0:
+            capacity = expert_capacity(cfg, x.shape[0])
+        else:
+            most = torch.bincount(ids.reshape(-1), minlength=e).max()
+            if gate.ep_group is not None and dist.get_world_size(gate.ep_group) > 1:
+                dist.all_reduce(most, op=dist.ReduceOp.MAX, group=gate.ep_group)
+            capacity = max(int(most), 1)
+        keep = slots < capacity
+        self.last_z_loss = router_z_loss(logits)
+        self.last_entropy = routing_entropy(logits, cfg.router)
+        counts = torch.bincount(ids[keep], minlength=e).detach()
+        routes = torch.where(keep, ids, -1).t().to(torch.int32)
+        return (load_balancing_loss(probs, ids, e), capacity, e, routes, (slots * keep).t().to(torch.int32),
+                (weights * keep).t(), counts)
 
-def reference_capacity_gate(wg: nn.Linear, cfg, x: torch.Tensor, used_token=None, sparse_routes: bool = True,
-                            use_tutel: bool = False):
-    """The reference router with capacity (models/moe.py), in the sparse-route form DeepSpeed's MOELayer
-    consumes: (aux loss, capacity, experts, expert ids [2, S] (-1 = dropped), slots [2, S], weights [2, S],
-    kept assignments per expert). Weights are normalized over the top-2 *before* dropping and not after."""
-    if not sparse_routes or use_tutel:
-        raise ValueError("reference_capacity_gate serves DeepSpeed's sparse-route MOELayer only (no tutel)")
-    e = cfg.num_experts
-    probs = torch.softmax(F.linear(x.float(), wg.weight.float()), -1)
-    _, ids = torch.topk(probs, cfg.top_k, dim=-1)
-    weights = probs.gather(-1, ids)
-    weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
-    capacity = expert_capacity(cfg, x.shape[0])
-    slots = capacity_slots(ids, e)
-    keep = slots < capacity
-    aux = e * (probs.mean(0) * F.one_hot(ids[:, 0], e).float().mean(0)).sum()
-    counts = torch.bincount(ids[keep], minlength=e).detach()
-    routes = torch.where(keep, ids, -1).t().to(torch.int32)
-    return aux, capacity, e, routes, (slots * keep).t().to(torch.int32), (weights * keep).t(), counts
-
-
-def _check_supported(cfg) -> None:
-    problems = []
-    if cfg.router != "softmax":
-        problems.append(f"router={cfg.router!r} (DeepSpeed-MoE gates are softmax only)")
-    if cfg.top_k != 2:
-        problems.append(f"top_k={cfg.top_k} (DeepSpeed's k>2 gate has different semantics; use 2)")
-    if not cfg.norm_topk:
-        problems.append("norm_topk=false (DeepSpeed's top-2 gate always renormalizes)")
-    if cfg.bias_update_rate > 0:
-        problems.append("bias_update_rate > 0 (aux-loss-free balancing is not in DeepSpeed-MoE)")
-    if problems:
-        raise ValueError("the deepspeed engine cannot run this MoE config: " + "; ".join(problems)
-                         + ". Change the model overrides or use engine: megatron.")
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """The reference's aux-loss-free update (models/moe.py `bias_step`) over the step's global load:
+        every rank routes its own tokens over all experts, so the load is summed over the world. Collective."""
+        if self.cfg.bias_update_rate <= 0:
+            return
+        load = self.step_load if self.step_load is not None else torch.zeros(self.cfg.num_experts)
+        load = load.to(self.router.expert_bias.device, torch.float64)
+        dist.all_reduce(load)
+        self.router.expert_bias.copy_(bias_step(self.router.expert_bias, load, self.cfg.bias_update_rate))
+        self.step_load = None
 
 
 _DS_EXPERT = re.compile(r"^(.*)\.mixer\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w_gate|w_up|w_down)\.weight$")

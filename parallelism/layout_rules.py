@@ -185,9 +185,9 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
 
     Distinct from the layout rules above: these are engine limits, not inconsistencies. `plan` lists
     them and still exits 0 (the layout is sound); `submit` refuses the job before Ray starts. The engines
-    raise the same refusals when built directly (parallelism/megatron_spec.py, deepspeed_moe.py)."""
+    raise the same refusals when built directly (parallelism/megatron_spec.py)."""
     gaps: list[tuple[str, str]] = []
-    lay, pattern = layout or spec.layout, cfg.layer_pattern()  # an engine passes the layout it was given
+    lay = layout or spec.layout  # an engine passes the layout it was given
     overlap = getattr(spec.train, "overlap_grad_reduce", False)
     overlap_moe = getattr(spec.train, "overlap_moe_comm", False)
     if (engine or spec.engine) == "megatron":
@@ -209,11 +209,7 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
         if getattr(getattr(spec, "layout", None), "offload", "none") != "none":
             gaps.append(("layout.offload", f"{spec.layout.offload!r}: ZeRO-Offload is a deepspeed-engine option "
                          "(use engine: deepspeed with zero_stage 1-3) or set offload: none"))
-        for name, bad, why in (("router", cfg.router != "softmax", "only the softmax router is mapped"),
-                               ("capacity_factor", cfg.capacity_factor > 0, "token-dropping order differs"),
-                               ("bias_update_rate", cfg.bias_update_rate > 0, "aux-loss-free bias is not mapped")):
-            if cfg.num_experts and bad:
-                gaps.append((f"model.overrides.{name}", f"{getattr(cfg, name)!r}: {why} in the megatron engine"))
+        gaps += megatron_router_gaps(cfg)
     else:
         if overlap:
             gaps.append(("train.overlap_grad_reduce", "a megatron-engine option; the deepspeed engine does not "
@@ -223,13 +219,30 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
                          "overlap); the deepspeed engine has no such schedule: turn it off"))
         gaps += _deepspeed_memory_gaps(spec, lay)
     gaps += _precision_gaps(spec, cfg, lay, engine or spec.engine)
-    if (engine or spec.engine) != "megatron" and cfg.num_experts and "E" in pattern:
-        for name, bad, why in (("router", cfg.router != "softmax", "DeepSpeed-MoE gates are softmax only"),
-                               ("top_k", cfg.top_k != 2, "DeepSpeed's k>2 gate has other semantics; use 2"),
-                               ("bias_update_rate", cfg.bias_update_rate > 0, "no aux-loss-free balancing")):
-            if bad:
-                gaps.append((f"model.overrides.{name}", f"{getattr(cfg, name)!r}: {why}"))
     return gaps
+
+
+def megatron_router_gaps(cfg: Any) -> list[tuple[str, str]]:
+    """MoE routing options megatron-core 0.16.1's TopKRouter computes otherwise than the reference
+    (models/moe.py `route`); the deepspeed engine runs each of them (its gate is the reference's routing,
+    parallelism/deepspeed_moe.py). Shared with parallelism/megatron_spec.py, which refuses them at build."""
+    if not cfg.num_experts or "E" not in cfg.layer_pattern():
+        return []
+    rules = (
+        ("capacity_factor", cfg.capacity_factor > 0, "megatron-core drops tokens per rank by probability or "
+         "position, not in the reference's order (first choices before second ones, earlier tokens first)"),
+        ("bias_update_rate", cfg.bias_update_rate > 0 and cfg.router == "softmax",
+         "megatron-core adds the aux-loss-free routing bias to sigmoid scores only; set model.overrides.router: sigmoid"),
+        ("norm_topk", cfg.router == "sigmoid" and not cfg.norm_topk,
+         "megatron-core always renormalises the top-k sigmoid scores (norm_topk: true)"),
+        ("top_k", cfg.top_k == 1 and cfg.norm_topk, "megatron-core does not renormalise a single chosen score "
+         "(the reference's weight is then 1); set model.overrides.norm_topk: false"),
+        ("n_group", cfg.n_group > 1 and cfg.router == "softmax" and cfg.norm_topk,
+         "with the softmax router and norm_topk megatron-core ranks the groups by logits, the reference by "
+         "probabilities; use router sigmoid or norm_topk false"),
+    )
+    return [(f"model.overrides.{name}", f"{getattr(cfg, name)!r}: {why} (engine: deepspeed runs it)")
+            for name, bad, why in rules if bad]
 
 
 def _deepspeed_memory_gaps(spec: "JobSpec", lay: Any) -> list[tuple[str, str]]:

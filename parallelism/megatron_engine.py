@@ -20,7 +20,8 @@ from .. import models
 from .deepspeed_engine import StepMetrics
 from .layout_rules import engine_gaps
 from .megatron_kernels import install_multi_tensor_kernels, use_fused_adam
-from .megatron_mapping import ChunkCoords, chunk_pieces, from_megatron, tied_aliases, to_megatron
+from .megatron_mapping import (ChunkCoords, buffer_pieces, chunk_buffers, chunk_pieces, from_megatron, tied_aliases,
+                               to_megatron)
 from .megatron_modules import ReferenceRouter, split_for_context_parallel
 from .megatron_spec import build_model_chunks, transformer_config
 from .schedule import lr_multiplier
@@ -81,6 +82,16 @@ def chunk_coords(chunk, layout) -> ChunkCoords:
                        etp=layout.etp, etp_rank=ps.get_expert_tensor_parallel_rank())
 
 
+def unwrapped_buffers(chunk) -> dict[str, torch.Tensor]:
+    """A chunk's buffers named inside its GPTModel, whatever wraps it (DDP, Float16Module: `module.`)."""
+    out = {}
+    for name, buf in chunk.named_buffers():
+        while name.startswith("module."):
+            name = name[len("module."):]
+        out[name] = buf
+    return out
+
+
 class MegatronEngine:
     """build(spec, layout) -> engine; train_step(micro_batches) -> StepMetrics; eval_loss(batches)."""
 
@@ -101,6 +112,7 @@ class MegatronEngine:
         # perform_initialization stays on even when the reference weights overwrite it: megatron-core
         # sets the tensor-parallel attributes (used by grad-norm and clipping) only in its init path
         self.tcfg = transformer_config(self.model_cfg, layout, aux_loss_coef=spec.train.aux_loss_coef,
+                                       z_loss_coef=getattr(spec.train, "router_z_loss_coef", 0.0),
                                        perform_initialization=True,
                                        overlap_moe_comm=bool(getattr(spec.train, "overlap_moe_comm", False)),
                                        recompute=getattr(spec.train, "recompute", "none"))
@@ -112,6 +124,7 @@ class MegatronEngine:
             check_fast_path(self.device)  # plan cannot see the GPUs: refuse pre-Ada ones before building
         chunks = build_model_chunks(self.model_cfg, self.tcfg, spec.train.seq_len, precision)
         self.pieces = [chunk_pieces(self.model_cfg, chunk_coords(c, layout)) for c in chunks]
+        self.buffers = [chunk_buffers(self.model_cfg, chunk_coords(c, layout)) for c in chunks]
         if init_from_reference:
             torch.manual_seed(spec.train.seed)  # identical reference weights on every rank
             ref_sd = models.build(spec.model.family, spec.model.flavor, **spec.model.overrides).state_dict()
@@ -133,6 +146,16 @@ class MegatronEngine:
                     if params[name].shape != value.shape:
                         raise RuntimeError(f"{name}: megatron shape {tuple(params[name].shape)}, mapped {tuple(value.shape)}")
                     params[name].copy_(value)
+        self.load_buffers(chunks, ref_sd)
+
+    @torch.no_grad()
+    def load_buffers(self, chunks, ref_named: dict) -> None:
+        """Routing biases from reference-named tensors (a reference state dict or a checkpoint's buffers)."""
+        for chunk, names in zip(chunks, self.buffers):
+            buffers = unwrapped_buffers(chunk)
+            for name, ref in names.items():
+                if ref in ref_named:
+                    buffers[name].copy_(ref_named[ref].to(buffers[name].device, buffers[name].dtype))
 
     def _wrap(self, chunks):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -220,32 +243,47 @@ class MegatronEngine:
         outputs = self._run(micro_batches, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         self.steps_done += 1
-        aux, load, entropy = self._router_stats(len(micro_batches))
+        router = {"aux_loss": 0.0, **self._router_stats(len(micro_batches))}
         tokens = self.spec.train.global_batch_size * self.spec.train.seq_len
-        return StepMetrics(loss=self._mean_lm_loss(outputs), aux_loss=aux, lr=lr, tokens=tokens,
-                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                           expert_load=load, router_entropy=entropy)
+        return StepMetrics(loss=self._mean_lm_loss(outputs), lr=lr, tokens=tokens,
+                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), **router)
 
-    def _router_stats(self, num_micro: int) -> tuple[float, list[float] | None, float | None]:
-        """(mean over micro-batches of the summed per-layer aux loss, expert load fractions, token-mean
-        routing entropy). Every MoE layer routes the same tokens (TP/SP copies count alike on every
-        layer), so the entropy pooled over all ranks' routers is the mean over layers of each layer's mean."""
+    def _router_stats(self, num_micro: int) -> dict:
+        """StepMetrics' router fields: aux_loss and z_loss (means over micro-batches of the per-layer sums),
+        expert_load fractions, token-mean router_entropy, expert_bias per MoE layer. Every MoE layer routes
+        the same tokens (TP/SP copies count alike on every layer), so the entropy pooled over all ranks'
+        routers is the mean over layers of each layer's mean. Collective."""
         if not self.model_cfg.num_experts:
-            return 0.0, None, None
+            return {}
         e = self.model_cfg.num_experts
-        stats = torch.zeros(3 + e, device=self.device, dtype=torch.float64)
+        stats = torch.zeros(4 + e, device=self.device, dtype=torch.float64)
         for router in self.routers:
-            aux, load, entropy = router.pop_records()
-            if aux is not None:
-                stats[0] += aux.double()
-            if load is not None:
-                stats[1:1 + e] += load.double()
-            if entropy is not None:
-                stats[1 + e:] += entropy
+            aux, load, entropy, z = router.pop_records()
+            for value, at in ((aux, slice(0, 1)), (z, slice(1, 2)), (load, slice(2, 2 + e)), (entropy, slice(2 + e, None))):
+                if value is not None:
+                    stats[at] += value.double()
         dist.all_reduce(stats)
-        load = stats[1:1 + e] / stats[1:1 + e].sum().clamp_min(1)
-        entropy = float(stats[1 + e] / stats[2 + e].clamp_min(1))
-        return float(stats[0] / (self.layout.dp * num_micro)), load.tolist(), entropy
+        load = stats[2:2 + e] / stats[2:2 + e].sum().clamp_min(1)
+        per_step = self.layout.dp * num_micro
+        return {"aux_loss": float(stats[0] / per_step), "z_loss": float(stats[1] / per_step),
+                "expert_load": load.tolist(), "router_entropy": float(stats[2 + e] / stats[3 + e].clamp_min(1)),
+                "expert_bias": self._expert_bias()}
+
+    def _expert_bias(self) -> list[list[float]] | None:
+        """Routing bias per MoE layer (in layer order) gathered from the pipeline stages holding them; the
+        copies on TP/DP/EP ranks are equal (megatron-core updates them from all-reduced counts). Collective."""
+        if self.model_cfg.router != "sigmoid":
+            return None
+        pattern = self.model_cfg.layer_pattern()
+        moe_blocks = [g for g in range(len(pattern) // 2) if pattern[2 * g + 1] == "E"]
+        e = self.model_cfg.num_experts
+        sums = torch.zeros(len(moe_blocks), e + 1, device=self.device, dtype=torch.float64)
+        for router in self.routers:
+            row = moe_blocks.index(router.layer_number - 1)
+            sums[row, :e] += router.expert_bias.double()
+            sums[row, e] += 1
+        dist.all_reduce(sums)
+        return (sums[:, :e] / sums[:, e:].clamp_min(1)).tolist()
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:
@@ -258,15 +296,16 @@ class MegatronEngine:
         return loss
 
     def after_step(self) -> None:
-        """Nothing to do: models with routing-bias updates are refused by megatron_spec."""
+        """Nothing to do: megatron-core updates the routing biases in finalize_model_grads, each step."""
 
     # ---- weights in reference form ----------------------------------------------------------------------
     def export_reference(self) -> dict[str, torch.Tensor]:
         """Full reference state dict (the model's bf16 weights, as fp32) on every rank. Collective; gathers every
         shard through all_gather_object, so meant for tests and debug-to-1B scales, not for checkpoints."""
-        params = [dict(self._master_params(c)) for c in self.chunks]
-        mine = [(pieces, {n: p.detach().float().cpu() for n, p in ps.items()})
-                for pieces, ps in zip(self.pieces, params)]
+        params = [{**dict(self._master_params(c)), **unwrapped_buffers(c)} for c in self.chunks]
+        mine = [({**pieces, **buffer_pieces(self.model_cfg, names)}, {n: params_[n].detach().float().cpu()
+                                                                       for n in [*pieces, *names]})
+                for pieces, names, params_ in zip(self.pieces, self.buffers, params)]
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         with torch.device("meta"):

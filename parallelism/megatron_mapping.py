@@ -123,6 +123,21 @@ def chunk_pieces(cfg, c: ChunkCoords) -> dict[str, list[Piece]]:
     return out
 
 
+def chunk_buffers(cfg, c: ChunkCoords) -> dict[str, str]:
+    """Megatron buffer name (inside one GPTModel chunk) -> reference name: the aux-loss-free routing bias
+    of sigmoid routers (TopKRouter's `expert_bias`, whole and replicated on every TP/DP/EP rank)."""
+    if cfg.router != "sigmoid":
+        return {}
+    pattern = cfg.layer_pattern()
+    return {f"decoder.layers.{local}.mlp.router.expert_bias": f"layers.{2 * g + 1}.mixer.router.expert_bias"
+            for local, g in enumerate(c.blocks) if pattern[2 * g + 1] == "E"}
+
+
+def buffer_pieces(cfg, buffers: dict[str, str]) -> dict[str, list[Piece]]:
+    """`chunk_buffers` as whole-tensor pieces, for `from_megatron`."""
+    return {name: [whole(ref, cfg.num_experts)] for name, ref in buffers.items()}
+
+
 def _cat_dim(pieces: list[Piece]) -> int:
     return pieces[0].dim
 
@@ -148,8 +163,8 @@ def from_megatron(parts: list[tuple[dict[str, list[Piece]], dict[str, torch.Tens
                   aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Full reference state dict from (pieces, megatron tensors) of chunks covering every shard at least
     once (replicas are allowed and must agree). `aliases` (see `tied_aliases`) are filled from their
-    source. Other reference entries no chunk covers must be routing-bias buffers (zero: this engine
-    refuses models that update them)."""
+    source. Other reference entries no chunk covers must be routing-bias buffers: zero (softmax routers,
+    which never hold one in megatron; sigmoid routers' biases come as `buffer_pieces`)."""
     aliases = aliases or {}
     full = {name: torch.empty(shape, dtype=dtype) for name, shape in ref_shapes.items()}
     covered: dict[str, dict[Piece, int]] = {name: {} for name in ref_shapes}  # unique pieces -> numel

@@ -10,7 +10,8 @@ implementation without Transformer Engine.
 - `GroupedMLPExperts`: megatron's SequentialMLP experts run as grouped GEMMs (torch._grouped_mm).
 - `ReferenceRouter`: megatron's TopKRouter with the reference load-balancing loss: Switch/GShard's
   `E * sum_e P_e * f_e` with f_e the fraction of tokens whose *first* choice is e (megatron counts every
-  one of the k choices). Scaling, the autograd attachment and TP/CP reduction stay megatron's own.
+  one of the k choices). Scaling, the autograd attachment and TP/CP reduction stay megatron's own, as do
+  sigmoid scores, the expert bias, group-limited routing and the z-loss.
 - Installed into megatron-core where Transformer Engine would provide them: `fused_rope` (RoPE, cos/sin
   tables taken once per call), `_bias_swiglu` (the Triton SwiGLU of ops/swiglu.py for the MLP activation)
   and `fused_cross_entropy`.
@@ -238,25 +239,23 @@ def _recomputing() -> bool:
 
 class ReferenceRouter(TopKRouter):
     """TopKRouter whose aux loss counts first choices only (see the module docstring), and which records
-    its per-forward aux loss and expert load for the engine's metrics."""
+    its per-forward aux loss, z-loss and expert load for the engine's metrics. Routing, z-loss and the
+    expert-bias token counts are megatron-core's own (topk_routing_with_score_function, apply_z_loss,
+    _apply_expert_bias); the first choice is the best chosen expert by score + bias, as the reference's."""
 
     def __init__(self, config, pg_collection=None):
         super().__init__(config=config, pg_collection=pg_collection)
         self.recorded_aux: list[torch.Tensor] = []  # this rank's share of each forward's aux loss
+        self.recorded_z: list[torch.Tensor] = []  # this rank's share of each forward's z-loss
         self.recorded_load: list[torch.Tensor] = []  # assignments per expert on this rank's tokens
         self.recorded_entropy: list[torch.Tensor] = []  # [routing entropy sum, tokens] per forward
 
-    def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask: bool = False):
+    def _reference_aux_loss(self, probs, scores_for_aux_loss, first_choice):
         coeff = self.get_aux_loss_coeff("aux_loss")
-        if coeff == 0:
-            return probs
-        if with_padding_mask:
-            raise NotImplementedError("ReferenceRouter: padding masks are not supported")
-        first = F.one_hot(scores_for_aux_loss.argmax(-1), self.config.num_moe_experts).sum(0)
-        first = first.float()
+        first = F.one_hot(first_choice, self.config.num_moe_experts).sum(0).float()
         if self.tp_cp_group.size() > 1:
             torch.distributed.all_reduce(first, group=self.tp_cp_group)
-        local_tokens = routing_map.shape[0]
+        local_tokens = first_choice.shape[0]
         total_tokens = local_tokens * self.tp_cp_group.size()
         # megatron's f_e = tokens_per_expert / (T * k): pass first-choice counts * k to get count / T
         aux = moe_utils.switch_load_balancing_loss_func(
@@ -268,18 +267,43 @@ class ReferenceRouter(TopKRouter):
         return self.attach_and_log_load_balancing_loss(probs, coeff, aux, "load_balancing_loss",
                                                        self.tp_cp_group, valid_token_count=local_tokens)
 
+    def _first_choice(self, logits: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
+        """Each token's chosen expert of highest selection score (score + bias), the reference's ids[:, 0]."""
+        with torch.no_grad():
+            scores = torch.softmax(logits, -1) if self.score_function == "softmax" else torch.sigmoid(logits)
+            if self.expert_bias is not None:
+                scores = scores + self.expert_bias
+            return scores.masked_fill(~routing_map, float("-inf")).argmax(-1)
+
     def routing(self, logits: torch.Tensor, padding_mask=None):
-        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if padding_mask is not None:
+            raise NotImplementedError("ReferenceRouter: padding masks are not supported")
+        logits = logits.view(-1, self.config.num_moe_experts)
+        logits = self.apply_z_loss(logits)
+        cfg = self.config
+        probs, routing_map = moe_utils.topk_routing_with_score_function(
+            logits, self.topk, use_pre_softmax=cfg.moe_router_pre_softmax, num_groups=cfg.moe_router_num_groups,
+            group_topk=cfg.moe_router_group_topk, scaling_factor=cfg.moe_router_topk_scaling_factor,
+            score_function=self.score_function, expert_bias=self.expert_bias, fused=False)
+        grad = self.training and torch.is_grad_enabled()
+        if grad and self.is_aux_loss_enabled():
+            _, scores_for_aux_loss = moe_utils.compute_routing_scores_for_aux_loss(logits, self.topk, self.score_function)
+            probs = self._reference_aux_loss(probs, scores_for_aux_loss, self._first_choice(logits, routing_map))
+        self._apply_expert_bias(routing_map)  # counts this step's tokens for the bias update (grad only)
+        if grad and cfg.moe_z_loss_coeff:
+            with torch.no_grad():
+                self.recorded_z.append(moe_utils.z_loss_func(logits, 1.0).float() / self.tp_cp_group.size())
         if not _recomputing():
             self.recorded_load.append(routing_map.sum(0).detach().float())
             self.recorded_entropy.append(routing_entropy(logits, self.score_function))
         return probs, routing_map
 
-    def pop_records(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(sum of recorded aux losses, summed expert load, [entropy sum, tokens]) since the last call;
-        clears the records."""
+    def pop_records(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(sum of recorded aux losses, summed expert load, [entropy sum, tokens], sum of recorded z-losses)
+        since the last call; clears the records."""
         aux = torch.stack(self.recorded_aux).sum() if self.recorded_aux else None
         load = torch.stack(self.recorded_load).sum(0) if self.recorded_load else None
         entropy = torch.stack(self.recorded_entropy).sum(0) if self.recorded_entropy else None
-        self.recorded_aux, self.recorded_load, self.recorded_entropy = [], [], []
-        return aux, load, entropy
+        z = torch.stack(self.recorded_z).sum() if self.recorded_z else None
+        self.recorded_aux, self.recorded_load, self.recorded_entropy, self.recorded_z = [], [], [], []
+        return aux, load, entropy, z

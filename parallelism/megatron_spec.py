@@ -5,8 +5,9 @@ TransformerLayer is one sequence mixer followed by one MLP/MoE layer. A pattern 
 maps onto one megatron layer per pair, block g holding reference layers 2g (mixer, its norm =
 `input_layernorm`) and 2g+1 (MLP/MoE, its norm = `pre_mlp_layernorm`); hybrid mixers (sliding-window,
 block-sparse, Gated DeltaNet, Mamba2) come from parallelism/megatron_hybrid.py, the pattern rules and
-pipeline split from parallelism/megatron_blocks.py. Anything else (unpaired patterns, sigmoid routers,
-capacity, routing bias) is refused with the reason, so no run trains a different model than the reference.
+pipeline split from parallelism/megatron_blocks.py. Anything else (unpaired patterns, routing options
+megatron-core computes otherwise, parallelism/layout_rules.py `megatron_router_gaps`) is refused with the
+reason, so no run trains a different model than the reference.
 
 Modules: megatron's SelfAttention (QKV/projection as Column/RowParallelLinear) with our SDPA core
 attention, megatron's MLP / MoELayer (SequentialMLP's experts as grouped GEMMs, all-to-all dispatcher) with our router
@@ -36,6 +37,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (TransformerLayer, TransformerLayerSubmodules,
                                                          get_transformer_layer_offset)
 
+from .layout_rules import megatron_router_gaps
 from .megatron_kernels import install_wgrad_accumulation_fusion
 from .megatron_blocks import UnsupportedArchitecture, blocks, mla_model_refusal, pipeline_split
 from .megatron_hybrid import self_attention_spec
@@ -52,23 +54,19 @@ def check_supported(cfg) -> bool:
     if refusal is not None:
         raise refusal
     moe = "E" in pattern
-    if moe:
-        for field, bad, why in (("router", cfg.router != "softmax", "only the softmax router is mapped"),
-                                ("capacity_factor", cfg.capacity_factor > 0, "token dropping order differs"),
-                                ("bias_update_rate", cfg.bias_update_rate > 0, "aux-loss-free bias not mapped")):
-            if bad:
-                raise UnsupportedArchitecture(f"model.{field}={getattr(cfg, field)!r}: {why} in the megatron engine")
+    for field, reason in megatron_router_gaps(cfg):
+        raise UnsupportedArchitecture(f"{field}: {reason}")
     return moe
 
 
-def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool = True,
+def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, on_gpu: bool = True,
                        perform_initialization: bool = True, overlap_moe_comm: bool = False,
                        recompute: str = "none") -> TransformerConfig:
     """megatron TransformerConfig of reference config `cfg` under `layout`: bf16 compute and the
     all-to-all token dispatcher on GPU; fp32 and the all-gather dispatcher (no CUDA streams) on CPU,
     where megatron is only used by the single-process mapping tests. `overlap_moe_comm`: megatron's
     EP all-to-all overlap (train.overlap_moe_comm; GPU only, megatron-core asserts bf16 and ep > 1).
-    `recompute`: train.recompute (see recompute_fields)."""
+    `recompute`: train.recompute (see recompute_fields). `z_loss_coef`: train.router_z_loss_coef."""
     moe = check_supported(cfg)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     kwargs = dict(
@@ -109,7 +107,8 @@ def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool
             moe_router_load_balancing_type="aux_loss" if aux_loss_coef > 0 else "none",
             moe_aux_loss_coeff=aux_loss_coef, moe_token_dispatcher_type="alltoall" if on_gpu else "allgather", moe_router_dtype="fp32",
             moe_router_pre_softmax=not cfg.norm_topk, moe_grouped_gemm=False, moe_permute_fusion=False,
-            moe_shared_expert_intermediate_size=(cfg.moe_ffn_dim * cfg.shared_experts or None))
+            moe_shared_expert_intermediate_size=(cfg.moe_ffn_dim * cfg.shared_experts or None),
+            **router_fields(cfg, z_loss_coef))
         allow_moe_without_te()
     if cfg.attention == "mla":  # multi-head latent attention (parallelism/megatron_mla.py)
         from megatron.core.transformer.transformer_config import MLATransformerConfig
@@ -118,6 +117,21 @@ def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool
 
         return MLATransformerConfig(**{**kwargs, **mla_config_fields(cfg)})
     return TransformerConfig(**kwargs)
+
+
+def router_fields(cfg, z_loss_coef: float) -> dict:
+    """TopKRouter fields of the reference's routing options (models/moe.py `route`): sigmoid scores, the
+    aux-loss-free bias (megatron-core updates it in finalize_model_grads from the step's token counts
+    all-reduced over TP x CP x DP, the reference's rule), node/device-limited groups, the routed scaling
+    factor and the z-loss. What it would compute otherwise is refused (megatron_router_gaps). Sigmoid
+    routers always hold the bias (rate 0 keeps it fixed), so a bias loaded from a checkpoint still routes."""
+    groups = cfg.n_group > 1
+    return dict(
+        moe_router_score_function=cfg.router, moe_router_enable_expert_bias=cfg.router == "sigmoid",
+        moe_router_bias_update_rate=cfg.bias_update_rate,
+        moe_router_num_groups=cfg.n_group if groups else None, moe_router_group_topk=cfg.topk_group if groups else None,
+        moe_router_topk_scaling_factor=cfg.routed_scaling_factor if cfg.routed_scaling_factor != 1.0 else None,
+        moe_z_loss_coeff=z_loss_coef or None)
 
 
 def recompute_fields(recompute: str) -> dict:

@@ -2,7 +2,8 @@
 
 Saved: every reference parameter's full fp32 master value and full Adam moments (`exp_avg`,
 `exp_avg_sq`) under its *reference* name (MoE experts stay stacked `[E, ...]` as in the reference
-model), plus the optimizer step and the engine's step count. Nothing is stored in megatron's TP/PP/EP
+model), plus the optimizer step, the engine's step count and the routing biases of sigmoid routers
+(`buffers`, reference names, as the deepspeed engine saves them). Nothing is stored in megatron's TP/PP/EP
 shard or distributed-optimizer bucket form, so a checkpoint loads under any TP/PP/EP/CP/DP layout:
 `load_state` cuts the reference tensors with the weight mapping (parallelism/megatron_mapping.py) and
 each rank takes its distributed-optimizer range.
@@ -169,7 +170,28 @@ def snapshot_state(engine) -> dict:
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     return {"local": local, "contribute": contribute, "has_moments": has_moments, "optimizer_step": step,
-            "steps_done": engine.steps_done}
+            "steps_done": engine.steps_done, "biases": _snapshot_biases(engine)}
+
+
+def _snapshot_biases(engine) -> dict[str, torch.Tensor]:
+    """Reference name -> routing bias (host copy) of this rank's routers, from the first TP / DP(xCP) rank
+    of each pipeline stage only (the others hold equal copies), so the gathering reduce adds zeros to it."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_tensor_model_parallel_rank() or ps.get_data_parallel_rank(with_context_parallel=True):
+        return {}
+    from .megatron_engine import unwrapped_buffers
+
+    return {ref: unwrapped_buffers(chunk)[name].detach().float().cpu().clone()
+            for chunk, names in zip(engine.chunks, engine.buffers) for name, ref in names.items()}
+
+
+def _reference_biases(engine) -> list[str]:
+    """Reference names of every routing bias the model holds in this engine (all pipeline stages)."""
+    if engine.model_cfg.router != "sigmoid":
+        return []
+    pattern = engine.model_cfg.layer_pattern()
+    return [f"layers.{i}.mixer.router.expert_bias" for i, kind in enumerate(pattern) if kind == "E"]
 
 
 @torch.no_grad()
@@ -210,9 +232,16 @@ def assemble_state(engine, snapshot: dict, group=None) -> tuple[dict, bool]:
             if has_moments:
                 for k, m in enumerate(MOMENTS, start=1):
                     tensors[m][ref_name] = host[k].clone()
+    biases = {}
+    for ref_name in _reference_biases(engine):  # one holder contributes, the others add zeros: exact
+        out = torch.zeros(engine.model_cfg.num_experts, dtype=torch.float32, device=device)
+        if ref_name in snapshot.get("biases", {}):
+            out.copy_(snapshot["biases"][ref_name])
+        dist.reduce(out, dst=0, group=group)
+        biases[ref_name] = out.cpu()
     if dist.get_rank() != 0:
         return {}, False
-    tensors["buffers"] = {}
+    tensors["buffers"] = biases
     tensors["meta"] = {"engine": "megatron", "optimizer_step": snapshot["optimizer_step"],
                        "has_moments": has_moments, "steps_done": snapshot["steps_done"]}
     return tensors, True
@@ -267,4 +296,5 @@ def load_state(engine, state: dict) -> None:
             current = opt._get_main_param_and_optimizer_states(param)
             for key, value in shard.items():
                 current[key].copy_(value.to(current[key].device))
+    engine.load_buffers(engine.chunks, state.get("buffers", {}))
     engine.steps_done = int(meta["steps_done"])

@@ -155,6 +155,9 @@ class TrainSpec:
     """Global batches of held-out data per evaluation."""
     aux_loss_coef: float = 0.01
     """Weight of the MoE load-balancing loss in the total loss."""
+    router_z_loss_coef: float = 0.0
+    """Weight of the MoE router z-loss (ST-MoE: the token mean of logsumexp(router logits)^2, summed over
+    MoE layers) in the total loss; keeps router logits small (1e-3 is a common start; 0 = off)."""
     overlap_grad_reduce: bool = False
     """megatron engine: start each gradient bucket's data-parallel reduction during the last micro-batch's
     backward instead of after it (Megatron-LM's --overlap-grad-reduce). Same gradients; pp must be 1."""
@@ -190,6 +193,8 @@ class TrainSpec:
         check(self.schedule_steps is None or self.schedule_steps >= 1, f"{path}.schedule_steps",
               f"got {self.schedule_steps}; must be >= 1, or null (train.steps, or the resumed checkpoint's)")
         check(self.eval_every >= 0, f"{path}.eval_every", f"got {self.eval_every}; must be >= 0")
+        for name in ("aux_loss_coef", "router_z_loss_coef"):
+            check(getattr(self, name) >= 0, f"{path}.{name}", f"got {getattr(self, name)}; must be >= 0 (0 = off)")
         check(self.grad_clip >= 0, f"{path}.grad_clip", f"got {self.grad_clip}; must be >= 0 (0 disables)")
         check(0 <= self.seed <= SEED_MAX, f"{path}.seed", f"got {self.seed}; must be in [0, {SEED_MAX}]")
 

@@ -72,3 +72,26 @@ def test_zero2_resumes_under_zero3_on_another_dp(runs):
     assert zero3[STEPS] == pytest.approx(zero2[STEPS], rel=FIRST_LOSS_RTOL), \
         f"step {STEPS} under ZeRO-3, dp 1 after ZeRO-2 + offload, dp 2: {zero3[STEPS]!r} vs {zero2[STEPS]!r}"
     assert read_json(runs / "canary-to-z3.json")["tensors"] > 0, "the canary compared the restored state"
+
+
+def test_routing_bias_resumes(tmp_path_factory):
+    """moe/debug-sigmoid (aux-loss-free bias updated every step) on ZeRO-2, EP2: the bias is model state,
+    so the resumed step 2 starts from step 1's bias and ends where the straight run does."""
+    root = tmp_path_factory.mktemp("zero-bias")
+    case = {"ep": 2, "layout.zero_stage": 2, "model.flavor": "debug-sigmoid"}
+    spec = load_job(root, "warm", 2, 2, STEPS, **{"model.flavor": "debug-sigmoid"})
+    prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed, cache_uri=str(root / "_data_cache"))
+    _train(root, "bias", 2, case)
+    _resume_copy(root, "bias", "bias-resumed")
+    _train(root, "bias-resumed", 2, case)
+    straight, resumed = metrics(root / "bias"), metrics(root / "bias-resumed")
+    assert straight[1]["expert_bias"] != straight[STEPS]["expert_bias"], "the bias moved at step 2"
+    assert resumed[STEPS]["expert_bias"] == straight[STEPS]["expert_bias"]
+    assert resumed[STEPS]["loss"] == straight[STEPS]["loss"]
+    from safetensors.torch import load_file
+
+    from raytron.launcher.export import main as export_main
+
+    assert export_main([str(root / "bias"), "--out", str(root / "bias.safetensors")]) == 0
+    exported = load_file(str(root / "bias.safetensors"))
+    assert [exported[f"layers.{i}.mixer.router.expert_bias"].tolist() for i in (1, 3)] == straight[STEPS]["expert_bias"]

@@ -17,9 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "cluster_configs"
 @pytest.mark.parametrize("config, overrides, field", [
     ("hybrid_moe_32gpu.yaml", ["layout.cp=2", "layout.dp=4"], "layout.cp"),  # CP with linear-sequence layers
     ("hybrid_moe_32gpu.yaml", ["model.overrides.pattern=GEG*|E*E"], "model.overrides.pattern"),  # mark inside a pair
-    ("moe_olmoe_8gpu.yaml", ["engine=deepspeed", "layout.zero_stage=2", "train.overlap_moe_comm=false"],
-     "model.overrides.top_k"),  # top-8 on DeepSpeed-MoE
-    ("local_debug.yaml", ["model.overrides.router=sigmoid"], "model.overrides.router"),
+    ("gpu_megatron_2gpu.yaml", ["model.overrides.capacity_factor=1.25"], "model.overrides.capacity_factor"),
     ("local_debug.yaml", ["train.overlap_grad_reduce=true"], "train.overlap_grad_reduce"),  # deepspeed engine
     ("dense_1b_8gpu.yaml", ["train.overlap_grad_reduce=true", "layout.pp=2", "layout.tp=2", "layout.dp=null"],
      "train.overlap_grad_reduce"),  # megatron with pp > 1
@@ -49,6 +47,37 @@ def test_overlap_moe_comm_refusals(config, overrides, reason):
     with pytest.raises(ConfigError) as err:
         validate_job(spec, runnable=True)
     assert err.value.path == "train.overlap_moe_comm" and reason in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["model.overrides.capacity_factor=1.25"], "model.overrides.capacity_factor"),  # another dropping order
+    (["model.overrides.bias_update_rate=0.01"], "model.overrides.bias_update_rate"),  # bias on softmax scores
+    (["model.overrides.router=sigmoid", "model.overrides.norm_topk=false"], "model.overrides.norm_topk"),
+    (["model.overrides.top_k=1"], "model.overrides.top_k"),  # a single score left unnormalised
+    (["model.overrides.n_group=2"], "model.overrides.n_group"),  # softmax groups ranked by logits
+])
+def test_megatron_router_refusals_name_the_engine_that_can(overrides, field, capsys):
+    """Routing options megatron-core computes otherwise than the reference: plan names the option and
+    the deepspeed engine, which runs each of them (tests/parallelism/test_deepspeed_equivalence.py)."""
+    spec = load_spec(str(CONFIGS / "gpu_megatron_2gpu.yaml"), overrides)
+    validate_job(spec)
+    with pytest.raises(ConfigError) as err:
+        validate_job(spec, runnable=True)
+    assert err.value.path == field and "engine: deepspeed runs it" in str(err.value), str(err.value)
+    validate_job(load_spec(str(CONFIGS / "local_debug.yaml"), overrides), runnable=True)
+    assert plan_main([str(CONFIGS / "gpu_megatron_2gpu.yaml"), *[a for o in overrides for a in ("--set", o)]]) == 0
+    assert f"NOT RUNNABLE YET on engine megatron: {field}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("gpu_megatron_2gpu.yaml", []), ("local_debug.yaml", []),
+    ("moe_olmoe_8gpu.yaml", ["engine=deepspeed", "layout.zero_stage=2", "train.overlap_moe_comm=false"]),  # top-8
+])
+@pytest.mark.parametrize("flavor", ["deepseek-small", "debug-sigmoid"])
+def test_deepseek_routing_runs_on_both_engines(config, overrides, flavor):
+    """Sigmoid routers with the aux-loss-free bias and shared experts (DeepSeek-V3 style) on either engine."""
+    sets = [f"model.flavor={flavor}", *overrides]
+    validate_job(load_spec(str(CONFIGS / config), sets), runnable=True)
 
 
 def test_plan_lists_gap_and_still_exits_zero(capsys):

@@ -94,3 +94,26 @@ def test_progress_line_shows_mfu_memory_and_router(tmp_path):
     cpu = writer.progress(1, {**base, "mfu": None, "model_tflops_per_device": 0.0123, "memory/rss_peak_gib": 1.5})
     assert "MFU" not in cpu and "model TFLOP/s 0.0123" in cpu and "mem 1.50 GiB" in cpu
     writer.close()
+
+
+def test_moe_statistics_reach_tensorboard(tmp_path):
+    """Per-expert load, and for biased routers the per-expert bias (mean over layers), its largest magnitude
+    and one histogram per layer, are TensorBoard events of the step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = MetricsWriter(str(tmp_path / "run" / "tensorboard"), 0, 10)
+    bias = [[0.01, -0.02, 0.0, 0.01], [0.03, 0.0, -0.01, -0.02]]
+    writer.moe(3, [0.25, 0.5, 0.125, 0.125], bias)
+    writer.moe(4, [0.25] * 4, None)  # softmax router: load only
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"histograms": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+
+    def values(tag):
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    assert values("moe/expert_load/1") == [(3, 0.5), (4, 0.25)]
+    assert values("moe/expert_bias/0") == [(3, pytest.approx(0.02))] and values("moe/expert_bias/3")[0][1] == pytest.approx(-0.005)
+    assert values("moe/expert_bias_absmax") == [(3, pytest.approx(0.03))]
+    assert {"moe/expert_bias_layer0", "moe/expert_bias_layer1"} <= set(events.Tags()["histograms"])
+    assert not any(t.startswith("moe/expert_bias") for t in scalars if values(t)[-1][0] == 4)

@@ -170,6 +170,8 @@ def test_import_names_a_tensor_of_the_wrong_shape_or_missing():
     ("moe", "debug-capacity", {}, "capacity_factor=1.25"),
     ("moe", "debug-mla", {}, "layer 0 is multi-head latent attention.*DeepseekV3ForCausalLM"),
     ("moe", "debug", {"bias_update_rate": 0.01}, "bias_update_rate=0.01"),
+    ("moe", "debug", {"n_group": 2, "topk_group": 1}, "n_group=2, topk_group=1"),
+    ("moe", "debug", {"routed_scaling_factor": 2.5}, "routed_scaling_factor=2.5"),
     ("moe", "debug", {"pattern": "*-*E"}, "mixes dense"),
     ("dense", "debug", {"pattern": "*--*"}, "not a stack of attention"),
 ])

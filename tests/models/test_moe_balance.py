@@ -81,3 +81,69 @@ def test_moe_capacity_drop_counts():
     with torch.no_grad():
         dropless = moe(x)
     assert moe.last_dropped == 0 and not torch.allclose(out, dropless)
+
+
+def _naive_route(probs: torch.Tensor, bias: torch.Tensor, k: int, n_group: int, topk_group: int) -> torch.Tensor:
+    """DeepSeek-V3's group-limited top-k written token by token: rank the groups by the sum of their top
+    (k // topk_group) biased scores, keep the best topk_group groups, take the top k experts inside them."""
+    out = []
+    for row in probs + bias:
+        groups = row.view(n_group, -1)
+        rank = groups.topk(k // topk_group, dim=-1).values.sum(-1)
+        allowed = set(rank.topk(topk_group).indices.tolist())
+        candidates = [(float(row[e]), e) for e in range(row.numel()) if e // groups.shape[1] in allowed]
+        out.append([e for _, e in sorted(candidates, reverse=True)[:k]])
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_group_limited_routing(router):
+    from raytron.models.moe import route
+
+    cfg = ModelConfig(dim=16, num_experts=8, top_k=4, moe_ffn_dim=8, pattern="E", router=router, n_group=4,
+                      topk_group=2, routed_scaling_factor=2.5)
+    g = torch.Generator().manual_seed(0)
+    logits, bias = torch.randn(64, 8, generator=g), 0.1 * torch.randn(8, generator=g)
+    ids, weights, _ = route(logits, cfg, bias)
+    scores = torch.softmax(logits, -1) if router == "softmax" else torch.sigmoid(logits)
+    assert torch.equal(ids, _naive_route(scores, bias, 4, 4, 2))
+    assert {len(set((row // 2).tolist())) for row in ids} <= {1, 2}  # at most topk_group groups per token
+    unlimited, _, _ = route(logits, cfg.replace(n_group=1, topk_group=1), bias)
+    assert not torch.equal(ids, unlimited), "the group limit must change some token's experts here"
+    expected = scores.gather(-1, ids)
+    assert torch.allclose(weights, 2.5 * expected / expected.sum(-1, keepdim=True))  # unbiased, normalised, scaled
+
+
+def test_router_z_loss_is_mean_squared_logsumexp():
+    moe, x = _skewed_moe(router="sigmoid")
+    moe(x)
+    logits = moe.router.logits(x)
+    assert torch.allclose(moe.last_z_loss, (torch.logsumexp(logits, -1) ** 2).mean())
+    moe.last_z_loss.backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+def test_bias_update_counts_every_training_forward_of_the_step():
+    """update_bias uses the load summed over every training forward since the last update (all the
+    micro-batches of a step), and eval-mode forwards do not count."""
+    from raytron.models.moe import bias_step
+
+    moe, x = _skewed_moe(router="sigmoid", bias_update_rate=0.01)
+    with torch.no_grad():
+        moe(x[:100])
+        first = moe.last_load.clone()
+        moe(x[100:])
+        total = first + moe.last_load
+        moe.eval()
+        moe(x)  # not counted
+        moe.train()
+        moe.update_bias()
+    assert torch.equal(moe.router.expert_bias, bias_step(torch.zeros(8), total, 0.01))
+    assert moe.step_load is None
+
+
+@pytest.mark.parametrize("changes", [dict(n_group=3), dict(n_group=4, topk_group=5), dict(n_group=4, topk_group=3),
+                                     dict(n_group=8, topk_group=1), dict(bias_update_rate=-1.0)])
+def test_routing_fields_are_checked(changes):
+    with pytest.raises(ValueError):
+        ModelConfig(dim=16, num_experts=8, top_k=2, moe_ffn_dim=8, pattern="E", **changes)

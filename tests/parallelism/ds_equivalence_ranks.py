@@ -11,12 +11,16 @@ from tests.checkpoint.ckpt_helpers import write_json
 STEPS, GBS, MBS, SEQ = 3, 8, 2, 32
 
 
-def job_spec(ep: int, zero_stage: int, workers: int, model: str = "moe/debug", precision: str = "auto"):
+def job_spec(ep: int, zero_stage: int, workers: int, model: str = "moe/debug", precision: str = "auto",
+             overrides: dict | None = None, z_loss: float = 0.0):
+    """`model` "family/flavor" with model `overrides`; `z_loss`: train.router_z_loss_coef."""
     from raytron.config.spec import spec_from_dict
 
     return spec_from_dict({
-        "name": "eq", "model": dict(zip(("family", "flavor"), model.split("/"))), "checkpoint": {"uri": "/tmp/unused"},
-        "train": {"precision": precision, "steps": 10, "seq_len": SEQ, "micro_batch_size": MBS, "global_batch_size": GBS, "lr": 1e-3},
+        "name": "eq", "model": {**dict(zip(("family", "flavor"), model.split("/"))), "overrides": overrides or {}},
+        "checkpoint": {"uri": "/tmp/unused"},
+        "train": {"precision": precision, "steps": 10, "seq_len": SEQ, "micro_batch_size": MBS, "global_batch_size": GBS,
+                  "lr": 1e-3, "router_z_loss_coef": z_loss},
         "data": {"sources": [{"uri": "builtin://python-stdlib"}]},
         "layout": {"ep": ep, "zero_stage": zero_stage}, "resources": {"workers": workers}})
 
@@ -27,20 +31,21 @@ def batch() -> torch.Tensor:
 
 
 def deepspeed_losses(rank: int, world: int, ep: int, zero_stage: int, out: str, model: str = "moe/debug",
-                     precision: str = "auto") -> None:
+                     precision: str = "auto", overrides: dict | None = None, z_loss: float = 0.0) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
     from raytron.launcher.validate import validate_job
     from raytron.parallelism.deepspeed_engine import DeepSpeedEngine
 
-    spec = job_spec(ep, zero_stage, world, model, precision)
+    spec = job_spec(ep, zero_stage, world, model, precision, overrides, z_loss)
     engine = DeepSpeedEngine(spec, validate_job(spec), rank, world)
     per_rank = GBS // world
     mine = batch()[rank * per_rank:(rank + 1) * per_rank]
     records = []
     for _ in range(STEPS):
         m = engine.train_step(list(mine.split(MBS)))
-        records.append({"loss": m.loss, "aux_loss": m.aux_loss, "grad_norm": m.grad_norm})
+        records.append({"loss": m.loss, "aux_loss": m.aux_loss, "z_loss": m.z_loss, "grad_norm": m.grad_norm,
+                        "expert_bias": m.expert_bias})
     if rank == 0:
         write_json(out, records)
 
@@ -74,7 +79,7 @@ def recompute_gradients(rank: int, world: int, family: str, ep: int, out: str) -
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            lm, aux = engine._forward_loss(mine)
+            lm, aux, _ = engine._forward_loss(mine)
         engine.engine.backward(lm + spec.train.aux_loss_coef * aux)
         results[mode] = {"loss": [float(lm), float(aux)], "saved": saved[0],
                          "grads": {n: p.grad.flatten().tolist() for n, p in engine.module.named_parameters()

@@ -63,7 +63,7 @@ class CpuEngine:
 
         from raytron import models
         from raytron.parallelism.megatron_engine import check_groups, chunk_coords
-        from raytron.parallelism.megatron_mapping import chunk_pieces
+        from raytron.parallelism.megatron_mapping import chunk_buffers, chunk_pieces
         from raytron.parallelism.megatron_spec import build_model_chunks, transformer_config
 
         torch.cuda.current_device = lambda: "cpu"  # see the module docstring
@@ -82,6 +82,7 @@ class CpuEngine:
         tcfg = transformer_config(self.model_cfg, layout, on_gpu=False)
         self.chunks = build_model_chunks(self.model_cfg, tcfg, seq_len=32)
         self.pieces = [chunk_pieces(self.model_cfg, chunk_coords(c, layout)) for c in self.chunks]
+        self.buffers = [chunk_buffers(self.model_cfg, chunk_coords(c, layout)) for c in self.chunks]
         params = [p for c in self.chunks for p in c.parameters()]
         dense = [p for p in params if getattr(p, "allreduce", True)]
         experts = [p for p in params if not getattr(p, "allreduce", True)]
@@ -94,18 +95,26 @@ class CpuEngine:
     def _master_params(chunk):
         return chunk.named_parameters()
 
+    def load_buffers(self, chunks, ref_named: dict) -> None:
+        from raytron.parallelism.megatron_engine import MegatronEngine
+
+        MegatronEngine.load_buffers(self, chunks, ref_named)
+
 
 def reference_state(family: str, seed: int = 0, overrides: dict | None = None) -> dict:
     """A full reference-named state with distinct random values in every section."""
     from raytron import models
 
     torch.manual_seed(seed)
-    shapes = {n: p.shape for n, p in models.build(family, "debug", **(overrides or {})).named_parameters()}
+    model = models.build(family, "debug", **(overrides or {}))
+    shapes = {n: p.shape for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(seed)
+    biases = [n for n, _ in model.named_buffers() if n.endswith("router.expert_bias") and model.cfg.router == "sigmoid"]
     return {"params": {n: torch.randn(s, generator=g) for n, s in shapes.items()},
             "exp_avg": {n: torch.randn(s, generator=g) for n, s in shapes.items()},
             "exp_avg_sq": {n: torch.rand(s, generator=g) for n, s in shapes.items()},
-            "buffers": {}, "meta": {"engine": "megatron", "optimizer_step": 7, "has_moments": True, "steps_done": 7}}
+            "buffers": {n: torch.randn(model.cfg.num_experts, generator=g) for n in biases},  # sigmoid routers' bias
+            "meta": {"engine": "megatron", "optimizer_step": 7, "has_moments": True, "steps_done": 7}}
 
 
 def round_trip(rank: int, world: int, family: str, layouts: list[dict], out: str, overrides: dict | None = None) -> None:
@@ -128,6 +137,7 @@ def round_trip(rank: int, world: int, family: str, layouts: list[dict], out: str
         if rank == 0:
             a, b = state_digests(want), state_digests(got)
             results.append({"layout": kw, "tensors": len(a), "steps_done": got["meta"]["steps_done"],
+                            "biases": sum(k.startswith("buffers/") for k in b),
                             "optimizer_step": got["meta"]["optimizer_step"],
                             "mismatch": sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))})
         dist.barrier()

@@ -114,7 +114,7 @@ def _cpu_rng_shims() -> None:
 
 
 def cpu_engine(family: str, overrides: dict, layout, overlap: str = "", overlap_moe: bool = False,
-               recompute: str = "none"):
+               recompute: str = "none", z_coef: float = 0.0):
     """A MegatronEngine on CPU (see the module docstring): megatron's groups for `layout`, the reference's
     weights in this rank's chunks, chunks wrapped in megatron DDP; no optimizer. `overlap`: "" (off) or
     "wired" (overlap_grad_reduce, with the engine's attach_grad_sync). `overlap_moe`: train.overlap_moe_comm,
@@ -126,7 +126,7 @@ def cpu_engine(family: str, overrides: dict, layout, overlap: str = "", overlap_
 
     from raytron import models
     from raytron.parallelism.megatron_engine import MegatronEngine, attach_grad_sync, check_groups, chunk_coords
-    from raytron.parallelism.megatron_mapping import chunk_pieces
+    from raytron.parallelism.megatron_mapping import chunk_buffers, chunk_pieces
     from raytron.parallelism.megatron_spec import build_model_chunks, transformer_config
 
     if ps.model_parallel_is_initialized():
@@ -142,14 +142,15 @@ def cpu_engine(family: str, overrides: dict, layout, overlap: str = "", overlap_
     engine.spec = SimpleNamespace(model=SimpleNamespace(family=family, flavor="debug", overrides=overrides),
                                   train=SimpleNamespace(seq_len=SEQ, aux_loss_coef=AUX_COEF))
     engine.model_cfg = models.get_config(family, "debug", **overrides)
-    tcfg = transformer_config(engine.model_cfg, layout, aux_loss_coef=AUX_COEF, on_gpu=False, recompute=recompute)
+    tcfg = transformer_config(engine.model_cfg, layout, aux_loss_coef=AUX_COEF, z_loss_coef=z_coef, on_gpu=False,
+                              recompute=recompute)
     if overlap_moe:
         _cpu_stream_shims()
         tcfg.moe_token_dispatcher_type, tcfg.overlap_moe_expert_parallel_comm = "alltoall", True
     chunks = build_model_chunks(engine.model_cfg, tcfg, SEQ)
     engine.pieces = [chunk_pieces(engine.model_cfg, chunk_coords(c, layout)) for c in chunks]
-    torch.manual_seed(SEED)
-    engine._load_chunks(chunks, models.build(family, "debug", **overrides).state_dict())
+    engine.buffers = [chunk_buffers(engine.model_cfg, chunk_coords(c, layout)) for c in chunks]
+    engine._load_chunks(chunks, build_reference(family, overrides).state_dict())
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=bool(overlap))
     engine.chunks = [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
                      for i, c in enumerate(chunks)]
@@ -164,24 +165,42 @@ def global_batch(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (GLOBAL, SEQ + 1), generator=torch.Generator().manual_seed(SEED + 1))
 
 
-def reference_step(family: str, overrides: dict) -> dict:
-    """The reference model's loss, gradients and gradient norm over the global batch (mean over micro-batches
-    of LM loss + AUX_COEF * aux loss: the engine's objective)."""
+def build_reference(family: str, overrides: dict):
+    """The seeded reference model; sigmoid routers start from a nonzero routing bias (as after some
+    training), so that the bias's effect on routing is compared too."""
     from raytron import models
 
     torch.manual_seed(SEED)
     model = models.build(family, "debug", **overrides)
+    g = torch.Generator().manual_seed(SEED + 2)
+    for moe in model.moe_layers():
+        if moe.cfg.router == "sigmoid":
+            moe.router.expert_bias.copy_(0.05 * torch.randn(moe.cfg.num_experts, generator=g))
+    return model
+
+
+def reference_step(family: str, overrides: dict, z_coef: float = 0.0) -> dict:
+    """The reference model's loss, gradients and gradient norm over the global batch (mean over micro-batches
+    of LM loss + AUX_COEF * aux loss + z_coef * z-loss: the engine's objective), and its state after the
+    step's aux-loss-free bias update."""
+    model = build_reference(family, overrides)
     micro = global_batch(model.cfg.vocab_size).split(MICRO)
     lm_losses = []
     for mb in micro:
         logits = model(mb[:, :-1])
         lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mb[:, 1:].reshape(-1))
         aux = torch.stack(model.aux_losses()).sum() if model.aux_losses() else torch.zeros(())
-        ((lm + AUX_COEF * aux) / len(micro)).backward()
+        z = torch.stack(model.z_losses()).sum() if model.z_losses() else torch.zeros(())
+        ((lm + AUX_COEF * aux + z_coef * z) / len(micro)).backward()
         lm_losses.append(lm.item())
+    bias_delta = 0.0  # largest change of a routing bias by the step's update
+    for moe in model.moe_layers():
+        before = moe.router.expert_bias.clone()
+        moe.update_bias()
+        bias_delta = max(bias_delta, float((moe.router.expert_bias - before).abs().max()))
     grads = {n: p.grad for n, p in model.named_parameters()}
     return {"state": model.state_dict(), "grads": grads, "loss": sum(lm_losses) / len(lm_losses),
-            "grad_norm": float(torch.nn.utils.get_total_norm(list(grads.values())))}
+            "grad_norm": float(torch.nn.utils.get_total_norm(list(grads.values()))), "bias_delta": bias_delta}
 
 
 def distributed_optimizer_grad_norm(engine) -> float:
@@ -271,10 +290,11 @@ def _one_case(rank: int, world: int, family: str, overrides: dict, fields: dict)
 
     fields = dict(fields)
     overlap, overlap_moe = fields.pop("overlap", ""), fields.pop("overlap_moe", False)
+    z_coef = fields.pop("z_loss", 0.0)  # train.router_z_loss_coef
     dp = world // (fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1))
     layout = ParallelLayout(world_size=world, micro_batch_size=MICRO, global_batch_size=GLOBAL, **{"dp": dp, **fields})
-    engine = cpu_engine(family, overrides, layout, overlap, overlap_moe)
-    ref = reference_step(family, overrides)
+    engine = cpu_engine(family, overrides, layout, overlap, overlap_moe, z_coef=z_coef)
+    ref = reference_step(family, overrides, z_coef)
     micro = global_batch(engine.model_cfg.vocab_size).split(MICRO)
     dp_rank, ga = layout.coords(rank)["dp"], layout.grad_accum
     launched: list[bool] = []  # per bucket group at finish_grad_sync: was its reduction already in flight?
@@ -300,6 +320,7 @@ def _one_case(rank: int, world: int, family: str, overrides: dict, fields: dict)
             "bad_grads": {r: sorted(n for n, e in got["errors"].items() if e > 1e-4) for r, got in enumerate(everyone)
                           if any(e > 1e-4 for e in got["errors"].values())},
             "export_mismatch": sorted(n for n, v in ref["state"].items() if not torch.equal(exported[n], v)),
+            "bias_delta": ref["bias_delta"],
             "blocks": [r["blocks"] for r in everyone]}
 
 
@@ -318,21 +339,19 @@ def reference_router_stats(family: str, overrides: dict) -> list:
     """[aux loss (mean over micro-batches of the per-layer sum), expert load fractions, token-mean routing
     entropy computed from the reference routers' probabilities] of the reference model over the global batch
     (the order of MegatronEngine._router_stats)."""
-    from raytron import models
-    from raytron.models.moe import MoE, Router
+    from raytron.models.moe import MoE
 
-    torch.manual_seed(SEED)
-    model = models.build(family, "debug", **overrides)
+    model = build_reference(family, overrides)
     entropy, load, aux = [0.0, 0], 0, 0.0
 
-    def on_route(module, inputs, output):
-        probs = output[2]
+    def on_moe(module, inputs, output):
+        _, _, probs = module.router(inputs[0].reshape(-1, inputs[0].shape[-1]))
         entropy[0] += float(-(probs * probs.log()).sum())
         entropy[1] += probs.shape[0]
 
     for m in model.modules():
-        if isinstance(m, Router):
-            m.register_forward_hook(on_route)
+        if isinstance(m, MoE):
+            m.register_forward_hook(on_moe)
     micro = global_batch(model.cfg.vocab_size).split(MICRO)
     with torch.no_grad():
         for mb in micro:
@@ -382,7 +401,9 @@ def recompute_matches_none(rank: int, world: int, cases: list, out: str) -> None
             stats = torch.tensor([worst], dtype=torch.float64)
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)
             engine.routers = [m for c in engine.chunks for m in c.modules() if isinstance(m, ReferenceRouter)]
-            case[mode] = [loss, float(stats[0]), len(grads[mode]), saved[0], *engine._router_stats(ga)]
+            router = engine._router_stats(ga)
+            case[mode] = [loss, float(stats[0]), len(grads[mode]), saved[0],
+                          router.get("aux_loss", 0.0), router.get("expert_load"), router.get("router_entropy")]
         if engine.routers:
             case["reference"] = reference_router_stats(family, overrides)
         results.append(case)

@@ -29,7 +29,7 @@ def reference_losses(spec) -> list[dict]:
     from raytron.parallelism.schedule import lr_at
 
     torch.manual_seed(spec.train.seed)
-    model = models.build(spec.model.family, spec.model.flavor)
+    model = models.build(spec.model.family, spec.model.flavor, **spec.model.overrides)
     params = list(model.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": spec.train.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -41,18 +41,23 @@ def reference_losses(spec) -> list[dict]:
             group["lr"] = lr_at(step, lr=spec.train.lr, min_lr=spec.train.min_lr,
                                 warmup_steps=spec.train.warmup_steps, total_steps=spec.train.steps)
         opt.zero_grad()
-        lm_total = aux_total = dropped = 0.0
+        lm_total = aux_total = z_total = dropped = 0.0
         for mb in micro:
             logits = model(mb[:, :-1])
             lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mb[:, 1:].reshape(-1))
             aux = torch.stack(model.aux_losses()).sum() if model.aux_losses() else torch.zeros(())
-            ((lm + spec.train.aux_loss_coef * aux) / len(micro)).backward()
+            z = torch.stack(model.z_losses()).sum() if model.z_losses() else torch.zeros(())
+            ((lm + spec.train.aux_loss_coef * aux + spec.train.router_z_loss_coef * z) / len(micro)).backward()
             lm_total += lm.item() / len(micro)
             aux_total += aux.item() / len(micro)
+            z_total += z.item() / len(micro)
             dropped += sum(m.last_dropped for m in model.moe_layers())
         norm = torch.nn.utils.clip_grad_norm_(params, spec.train.grad_clip)
         opt.step()
-        out.append({"loss": lm_total, "aux_loss": aux_total, "grad_norm": float(norm), "dropped": dropped})
+        for moe in model.moe_layers():  # aux-loss-free bias over the step's global batch
+            moe.update_bias()
+        out.append({"loss": lm_total, "aux_loss": aux_total, "z_loss": z_total, "grad_norm": float(norm),
+                    "dropped": dropped, "expert_bias": [m.router.expert_bias.tolist() for m in model.moe_layers()]})
     return out
 
 
@@ -73,6 +78,33 @@ def test_engine_matches_reference(tmp_path, world, ep, zero_stage, model):
     for step, (e, r) in enumerate(zip(engine, ref), start=1):
         for key in ("loss", "aux_loss", "grad_norm"):
             assert math.isclose(e[key], r[key], rel_tol=RTOL), f"step {step} {key}: engine {e[key]} vs reference {r[key]}"
+
+
+# MoE routing options (models/moe.py `route`) through the engine's reference gate in DeepSpeed's MOELayer;
+# 3 steps, so the routing biases updated after steps 1 and 2 steer the routing of the next steps.
+ROUTER_CASES = {
+    # moe/debug-sigmoid: sigmoid scores, normalised top-2, aux-loss-free bias, a shared expert (DeepSeek-V3)
+    "sigmoid-bias-EP2": ("moe/debug-sigmoid", {}, 0.0),
+    # top-4 within 2 of 4 expert groups, routed scaling, z-loss (as moe/deepseek-small's router, smaller)
+    "groups-z-EP2": ("moe/debug-sigmoid", {"top_k": 4, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5},
+                     1e-2),
+    # the sigmoid router with capacity dropping (the reference's order, kept weights not renormalised)
+    "sigmoid-capacity-EP2": ("moe/debug-sigmoid", {"capacity_factor": 1.0}, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUTER_CASES))
+def test_router_options_match_reference(tmp_path, case):
+    model, overrides, z_loss = ROUTER_CASES[case]
+    out = tmp_path / "engine.json"
+    spawn_ranks(ranks.deepspeed_losses, 2, 2, 2, str(out), model, "auto", overrides, z_loss, timeout=300)
+    engine = read_json(out)
+    ref = reference_losses(ranks.job_spec(2, 2, 2, model, overrides=overrides, z_loss=z_loss))
+    assert ref[-1]["expert_bias"] != ref[0]["expert_bias"] and any(any(b) for b in ref[0]["expert_bias"])
+    for step, (e, r) in enumerate(zip(engine, ref), start=1):
+        for key in ("loss", "aux_loss", "z_loss", "grad_norm"):
+            assert math.isclose(e[key], r[key], rel_tol=RTOL), f"step {step} {key}: engine {e[key]} vs reference {r[key]}"
+        assert e["expert_bias"] == r["expert_bias"], f"step {step}: routing bias after the update differs"
 
 
 @pytest.mark.parametrize("world,ep,zero_stage,model", [(2, 2, 2, "moe/debug"), (2, 1, 3, "dense/debug")])

@@ -42,3 +42,13 @@ def test_state_round_trip_interleaved(tmp_path, family):
                 timeout=400)
     (result,) = json.loads(out.read_text())
     assert result["tensors"] > 0 and result["mismatch"] == [], result
+
+
+def test_routing_bias_round_trip(tmp_path):
+    """Sigmoid routers' aux-loss-free bias (a buffer, replicated on every TP/DP/EP rank, one per pipeline
+    stage's MoE layers) is saved under its reference name and loaded back bit for bit."""
+    out = tmp_path / "result.json"
+    spawn_ranks(megatron_cpu_ranks.round_trip, 2, "moe", [{"pp": 2}, {"tp": 2, "ep": 2}], str(out),
+                {"router": "sigmoid", "bias_update_rate": 0.01}, timeout=400)
+    for r in json.loads(out.read_text()):
+        assert r["mismatch"] == [] and r["biases"] == 2, r

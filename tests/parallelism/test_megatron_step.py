@@ -65,6 +65,50 @@ CASES_4 = {  # 4 ranks
 OVERLAP_MOE = [name for name, (_, _, fields) in {**CASES, **CASES_4}.items() if fields.get("overlap_moe")]
 
 
+# MoE routing options (models/moe.py `route`): megatron-core's TopKRouter with them equals the reference.
+# Sigmoid routers start from a nonzero routing bias (megatron_cpu_schedule.build_reference), so the bias
+# steers the routing; "export" then also compares the bias after megatron-core's update in
+# finalize_model_grads with the reference's update_bias, bit for bit. Layout field "z_loss":
+# train.router_z_loss_coef.
+ROUTER_CASES = {
+    # DeepSeek-V3 style: sigmoid scores, normalised top-k, aux-loss-free bias, a shared expert; EP2 x DP2
+    "sigmoid-bias-shared-EP2": ("moe", {"router": "sigmoid", "bias_update_rate": 0.01, "shared_experts": 1},
+                                {"ep": 2}),
+    # moe/deepseek-small's router (64 experts, top-6, 2 shared experts, bias rate 1e-3) at debug width; EP2
+    "deepseek-small-router-EP2": ("moe", {"router": "sigmoid", "bias_update_rate": 1e-3, "num_experts": 64, "top_k": 6,
+                                          "moe_ffn_dim": 16, "shared_experts": 2}, {"ep": 2}),
+    # node-limited groups (2 of 4 groups of 2 experts, top-4), routed scaling, z-loss; TP2 with sequence parallel
+    "sigmoid-groups-z-TP2": ("moe", {"router": "sigmoid", "bias_update_rate": 0.01, "num_experts": 8, "top_k": 4,
+                                     "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5},
+                             {"tp": 2, "z_loss": 0.01}),
+    # softmax without top-k normalisation, device-limited groups (1 of 2), z-loss; DP2 with 2 micro-batches
+    "softmax-groups-z-DP2": ("moe", {"norm_topk": False, "n_group": 2, "topk_group": 1}, {"z_loss": 0.01}),
+}
+
+
+@pytest.fixture(scope="module")
+def router_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("megatron_router") / "results.json"
+    spawn_ranks(megatron_cpu_schedule.step_matches_reference, 2, list(ROUTER_CASES.values()), str(out), timeout=500)
+    return dict(zip(ROUTER_CASES, json.loads(out.read_text())))
+
+
+@pytest.mark.parametrize("case", list(ROUTER_CASES))
+def test_router_options_match_reference(router_results, case):
+    """Loss, every gradient, the gradient norm and the exported weights (routing bias included) after one
+    step; for the biased cases the step's bias update really moved the bias."""
+    r = router_results[case]
+    assert r["bad_grads"] == {} and r["worst_grad_error"] < 1e-4, f"{case}: {r['bad_grads']} {r['worst_grad_error']}"
+    megatron_loss, ref_loss = r["loss"]
+    assert abs(megatron_loss - ref_loss) < 1e-5, f"{case}: loss {megatron_loss} vs reference {ref_loss}"
+    norm, ref_norm = r["grad_norm"]
+    assert abs(norm - ref_norm) < 1e-5 * ref_norm, f"{case}: grad norm {norm} vs reference {ref_norm}"
+    assert r["export_mismatch"] == [], f"{case}: exported state differs from the reference: {r['export_mismatch']}"
+    rate = ROUTER_CASES[case][1].get("bias_update_rate")
+    if rate:
+        assert r["bias_delta"] == pytest.approx(rate, rel=1e-4), "the reference's bias update moved the bias by the rate"
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("megatron_step") / "results.json"
