@@ -32,15 +32,15 @@ import torch.distributed as dist
 from .. import __version__
 from ..data_pipeline import DataCursor
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
-from ..parallelism.ds_state import gather_state, load_state, merge_shards
+from ..parallelism.deepspeed.state import gather_state, load_state, merge_shards
 from ..parallelism.schedule import schedule_of
 from .canary import canary_restore, layout_changed
 
 
 @dataclasses.dataclass(frozen=True)
 class StateOps:
-    """How an engine's layout-independent state is saved and loaded (parallelism/megatron_state.py for the
-    megatron engine, parallelism/ds_state.py otherwise). A save is `snapshot` (blocking, collective over the
+    """How an engine's layout-independent state is saved and loaded (parallelism/megatron/state.py for the
+    megatron engine, parallelism/deepspeed/state.py otherwise). A save is `snapshot` (blocking, collective over the
     default group) then `assemble` (collective over the group it is given; may run on a background thread)."""
 
     snapshot: Callable
@@ -55,7 +55,7 @@ class StateOps:
 def state_ops(engine) -> StateOps:
     """The StateOps of `engine`."""
     if getattr(getattr(engine, "spec", None), "engine", None) == "megatron":
-        from ..parallelism import megatron_state as ms
+        from ..parallelism.megatron import state as ms
 
         return StateOps(ms.snapshot_state, ms.assemble_state, ms.load_state, ms.merge_shards)
     return StateOps(gather_state, lambda engine, snapshot, group=None: snapshot, load_state, merge_shards)

@@ -243,7 +243,7 @@ def write_atomic(fs: Any, path: str, tensors: dict[str, torch.Tensor], metadata:
 
 
 def reference_state(store: CheckpointStore, step: int, manifest: dict) -> dict[str, torch.Tensor]:
-    # Both engines store full tensors in reference names (parallelism/ds_state.py, megatron_state.py);
+    # Both engines store full tensors in reference names (parallelism/deepspeed/state.py, megatron/state.py);
     # DeepSpeed's experts come one by one (`name#e`), megatron's already stacked.
     engine = manifest.get("engine")
     if engine not in ("deepspeed", "megatron"):

@@ -162,11 +162,11 @@ def build_engine(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, t
     not given), by the rule plan and submit used (launcher/vocab.py)."""
     spec = with_tokenizer_vocab(spec, tokenizer)
     if spec.engine == "deepspeed":
-        from ..parallelism.deepspeed_engine import DeepSpeedEngine
+        from ..parallelism.deepspeed.engine import DeepSpeedEngine
 
         return DeepSpeedEngine(spec, layout, rank, world)
     if spec.engine == "megatron":
-        from ..parallelism.megatron_engine import MegatronEngine
+        from ..parallelism.megatron.engine import MegatronEngine
 
         return MegatronEngine(spec, layout, rank, world)
     raise ValueError(f"engine {spec.engine!r} is not available in this build; use engine: deepspeed")

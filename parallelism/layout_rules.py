@@ -185,13 +185,13 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
 
     Distinct from the layout rules above: these are engine limits, not inconsistencies. `plan` lists
     them and still exits 0 (the layout is sound); `submit` refuses the job before Ray starts. The engines
-    raise the same refusals when built directly (parallelism/megatron_spec.py, deepspeed_moe.py)."""
+    raise the same refusals when built directly (parallelism/megatron/spec.py, deepspeed/moe.py)."""
     gaps: list[tuple[str, str]] = []
     lay, pattern = layout or spec.layout, cfg.layer_pattern()  # an engine passes the layout it was given
     overlap = getattr(spec.train, "overlap_grad_reduce", False)
     overlap_moe = getattr(spec.train, "overlap_moe_comm", False)
     if (engine or spec.engine) == "megatron":
-        from .megatron_blocks import megatron_pattern_gaps  # (mixer, ffn) pairs, stage split, CP (pure)
+        from .megatron.blocks import megatron_pattern_gaps  # (mixer, ffn) pairs, stage split, CP (pure)
 
         gaps += megatron_pattern_gaps(cfg, lay)
         if overlap and lay.pp > 1:

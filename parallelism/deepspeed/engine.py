@@ -4,7 +4,7 @@ bf16 (fp32 master weights), optionally with ZeRO-Offload.
 Runs on CPU over gloo (DS_ACCELERATOR=cpu) as well as on GPUs over NCCL. Expert parallelism folds over
 data parallelism the DeepSpeed way: EP groups are consecutive ranks, rank r holds the experts of EP
 rank r % ep. The engine's checkpoint state is expressed in *reference parameter names* with full
-(unsharded) tensors, so it loads under any DP/EP layout (see parallelism/ds_state.py).
+(unsharded) tensors, so it loads under any DP/EP layout (see parallelism/deepspeed/state.py).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .. import models
-from ..models.transformer import SEQUENCE_MIXERS
-from .deepspeed_moe import swap_moe_layers
-from .layout_rules import engine_gaps, resolved_precision
-from .schedule import lr_multiplier
+from ... import models
+from ...models.transformer import SEQUENCE_MIXERS
+from .moe import swap_moe_layers
+from ..layout_rules import engine_gaps, resolved_precision
+from ..schedule import lr_multiplier
 
 
 @dataclass
@@ -267,7 +267,7 @@ class DeepSpeedEngine:
     def load_reference(self, ref_sd: dict[str, torch.Tensor]) -> None:
         """Load a reference state dict (stacked experts, as models.Transformer.state_dict()) into the
         model and ZeRO's fp32 masters; this rank keeps its experts. Buffers of the same name follow."""
-        from .ds_state import load_params, split_experts
+        from .state import load_params, split_experts
 
         load_params(self, split_experts(ref_sd))
         for name, buf in self.module.named_buffers():

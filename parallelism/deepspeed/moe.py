@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import MoE
-from ..models.moe import routing_entropy
-from ..models.layers import SwiGLU
-from ..models.moe import capacity_slots, expert_capacity
+from ...models import MoE
+from ...models.moe import routing_entropy
+from ...models.layers import SwiGLU
+from ...models.moe import capacity_slots, expert_capacity
 
 
 class DeepSpeedMoE(nn.Module):

@@ -22,8 +22,8 @@ import re
 
 import torch
 
-from .checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
-from .deepspeed_moe import reference_name
+from ..checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
+from .moe import reference_name
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _STACKED = re.compile(r"\.mixer\.(w_gate|w_up|w_down)$")  # MoE experts; dense SwiGLU names end in .weight

@@ -96,8 +96,8 @@ def _block_pieces(cfg, g: int, c: ChunkCoords) -> dict[str, list[Piece]]:
     attn, ffn = f"layers.{2 * g}", f"layers.{2 * g + 1}"
     out = {"input_layernorm.weight": [_whole(f"{attn}.norm.weight", cfg.dim)],
            "pre_mlp_layernorm.weight": [_whole(f"{ffn}.norm.weight", cfg.dim)]}
-    if cfg.layer_pattern()[2 * g] in "GM":  # linear-sequence mixers: parallelism/megatron_hybrid_mapping.py
-        from .megatron_hybrid_mapping import mixer_pieces
+    if cfg.layer_pattern()[2 * g] in "GM":  # linear-sequence mixers: parallelism/megatron/hybrid_mapping.py
+        from .hybrid_mapping import mixer_pieces
 
         mixer = mixer_pieces(cfg, cfg.layer_pattern()[2 * g], f"{attn}.mixer", c.tp, c.tp_rank)
         out.update({f"self_attention.{k}": v for k, v in mixer.items()})

@@ -4,15 +4,15 @@ A reference model is a pattern of pre-norm residual layers (`models/config.py`);
 TransformerLayer is one sequence mixer followed by one MLP/MoE layer. A pattern of (mixer, ffn) pairs
 maps onto one megatron layer per pair, block g holding reference layers 2g (mixer, its norm =
 `input_layernorm`) and 2g+1 (MLP/MoE, its norm = `pre_mlp_layernorm`); hybrid mixers (sliding-window,
-block-sparse, Gated DeltaNet, Mamba2) come from parallelism/megatron_hybrid.py, the pattern rules and
-pipeline split from parallelism/megatron_blocks.py. Anything else (unpaired patterns, sigmoid routers,
+block-sparse, Gated DeltaNet, Mamba2) come from parallelism/megatron/hybrid.py, the pattern rules and
+pipeline split from parallelism/megatron/blocks.py. Anything else (unpaired patterns, sigmoid routers,
 capacity, routing bias) is refused with the reason, so no run trains a different model than the reference.
 
 Modules: megatron's SelfAttention (QKV/projection as Column/RowParallelLinear) with our SDPA core
 attention, megatron's MLP / MoELayer (SequentialMLP's experts as grouped GEMMs, all-to-all dispatcher) with our router
-and our sequence-parallel RMSNorm (parallelism/megatron_modules.py). With train.precision fp8 the
+and our sequence-parallel RMSNorm (parallelism/megatron/modules.py). With train.precision fp8 the
 attention, MLP and shared-expert linears and the grouped experts are the FP8 ones of
-parallelism/megatron_fp8.py (same parameters, so mapping and checkpoints are unchanged).
+parallelism/megatron/fp8.py (same parameters, so mapping and checkpoints are unchanged).
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from .megatron_kernels import install_wgrad_accumulation_fusion
-from .megatron_blocks import UnsupportedArchitecture, blocks, pipeline_split
-from .megatron_modules import (GroupedMLPExperts, ReferenceRouter, RMSNorm, SDPACoreAttention, allow_moe_without_te,
-                               install_fused_cross_entropy, install_fused_rope, install_fused_swiglu)
+from .kernels import install_wgrad_accumulation_fusion
+from .blocks import UnsupportedArchitecture, blocks, pipeline_split
+from .modules import (GroupedMLPExperts, ReferenceRouter, RMSNorm, SDPACoreAttention, allow_moe_without_te,
+                      install_fused_cross_entropy, install_fused_rope, install_fused_swiglu)
 
 
 def check_supported(cfg) -> bool:
     """Whether cfg maps onto megatron layers; returns True for MoE models. Raises UnsupportedArchitecture.
-    Layer patterns: parallelism/megatron_blocks.py ((mixer, ffn) pairs, hybrids included)."""
+    Layer patterns: parallelism/megatron/blocks.py ((mixer, ffn) pairs, hybrids included)."""
     pattern = cfg.layer_pattern()
     blocks(cfg)
     moe = "E" in pattern
@@ -77,11 +77,11 @@ def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp, sequence_parallel=layout.tp > 1,
-        # on GPU: RoPE, SwiGLU (MLP) and cross-entropy through ours (megatron_modules.py), residual adds and
+        # on GPU: RoPE, SwiGLU (MLP) and cross-entropy through ours (megatron/modules.py), residual adds and
         # the experts' weighted SwiGLU through megatron's torch.compile'd fusions
         bias_activation_fusion=on_gpu and install_fused_swiglu(), bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
         apply_rope_fusion=on_gpu and install_fused_rope(),
-        # weight gradients accumulate into the fp32 main_grad inside the GEMM (megatron_kernels.py)
+        # weight gradients accumulate into the fp32 main_grad inside the GEMM (megatron/kernels.py)
         gradient_accumulation_fusion=on_gpu and install_wgrad_accumulation_fusion(),
         persist_layer_norm=False, cross_entropy_loss_fusion=on_gpu,
         cross_entropy_fusion_impl="te" if on_gpu and install_fused_cross_entropy() else "native",
@@ -112,7 +112,7 @@ def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, on_gpu: bool
 def recompute_fields(recompute: str) -> dict:
     """TransformerConfig fields of train.recompute. `selective`: megatron's core-attention recompute (our
     SDPA / masked cores inside its SelfAttention; the Gated DeltaNet and Mamba2 mixers read the same switch
-    for their chunked cores, parallelism/megatron_hybrid.py `_LinearMixer._core`); `full`: every
+    for their chunked cores, parallelism/megatron/hybrid.py `_LinearMixer._core`); `full`: every
     TransformerLayer from its input, one layer per checkpoint."""
     if recompute == "none":
         return {}
@@ -124,9 +124,9 @@ def recompute_fields(recompute: str) -> dict:
 
 
 def _linears(precision: str) -> tuple[type, type]:
-    """(column, row) parallel linear classes of train.precision (FP8: parallelism/megatron_fp8.py)."""
+    """(column, row) parallel linear classes of train.precision (FP8: parallelism/megatron/fp8.py)."""
     if precision == "fp8":
-        from .megatron_fp8 import FP8ColumnParallelLinear, FP8RowParallelLinear
+        from .fp8 import FP8ColumnParallelLinear, FP8RowParallelLinear
 
         return FP8ColumnParallelLinear, FP8RowParallelLinear
     if precision != "bf16":
@@ -142,7 +142,7 @@ def _linear_mlp(precision: str = "bf16") -> MLPSubmodules:
 def layer_spec(moe: bool, self_attention: ModuleSpec | None = None, core_attention=SDPACoreAttention,
                precision: str = "bf16") -> ModuleSpec:
     """One megatron TransformerLayer: RMSNorm -> attention (SDPA core) -> RMSNorm -> MLP or MoE. Hybrid
-    layers (parallelism/megatron_hybrid.py) give another `self_attention` or a masked `core_attention`.
+    layers (parallelism/megatron/hybrid.py) give another `self_attention` or a masked `core_attention`.
     precision fp8: QKV, projection, MLP and shared-expert linears and the grouped experts in FP8."""
     column, row = _linears(precision)
     attention = self_attention or ModuleSpec(
@@ -153,7 +153,7 @@ def layer_spec(moe: bool, self_attention: ModuleSpec | None = None, core_attenti
     if moe:
         experts = GroupedMLPExperts
         if precision == "fp8":
-            from .megatron_fp8 import FP8GroupedMLPExperts as experts
+            from .fp8 import FP8GroupedMLPExperts as experts
         mlp = ModuleSpec(module=MoELayer, submodules=MoESubmodules(
             # the per-expert linears stay bf16: they run only where the grouped path does not apply
             experts=ModuleSpec(module=experts, submodules=_linear_mlp()),
@@ -170,7 +170,7 @@ def layer_spec(moe: bool, self_attention: ModuleSpec | None = None, core_attenti
 def build_model_chunks(cfg, tcfg: TransformerConfig, seq_len: int, precision: str = "bf16") -> list[GPTModel]:
     """This rank's GPTModel chunks (one per virtual pipeline stage), parallel_state already initialized.
     precision: train.precision (layer_spec)."""
-    from .megatron_hybrid import stage_layer_specs  # imports layer_spec from here
+    from .hybrid import stage_layer_specs  # imports layer_spec from here
 
     check_supported(cfg)
     # megatron's process-global MoE aux-loss log is sized by the first model's layer count: a later model

@@ -31,7 +31,7 @@ def deepspeed_losses(rank: int, world: int, ep: int, zero_stage: int, out: str, 
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
     from raytron.launcher.validate import validate_job
-    from raytron.parallelism.deepspeed_engine import DeepSpeedEngine
+    from raytron.parallelism.deepspeed.engine import DeepSpeedEngine
 
     spec = job_spec(ep, zero_stage, world, model, precision)
     engine = DeepSpeedEngine(spec, validate_job(spec), rank, world)
@@ -53,7 +53,7 @@ def recompute_gradients(rank: int, world: int, family: str, ep: int, out: str) -
     torch.set_num_threads(1)
     from raytron.launcher.spec import spec_from_dict
     from raytron.launcher.validate import validate_job
-    from raytron.parallelism.deepspeed_engine import DeepSpeedEngine
+    from raytron.parallelism.deepspeed.engine import DeepSpeedEngine
 
     per_rank = GBS // world
     mine = batch()[rank * per_rank:rank * per_rank + MBS]

@@ -14,11 +14,11 @@ final-norm gradient 0), and one expert per EP rank failed in backward on the fre
 Regression cases, both silent on GPU except for a drifting loss curve:
 - MoE with TP and experts replicated over the TP ranks (tp=2, ep=etp=1, sequence parallel): megatron-core
   marks expert weights as expert parameters only when ep > 1, so their gradients were reduced over the
-  dense DP group and missed the other TP rank's tokens (parallelism/megatron_spec.py,
+  dense DP group and missed the other TP rank's tokens (parallelism/megatron/spec.py,
   reduce_experts_over_expert_dp).
 - Interleaved PP (pp=2, vpp=2, 4 blocks, 4 micro-batches): megatron-core's batched P2P swapped activations
   and gradients between the two ranks in the interleaved steady state (with only pp micro-batches there
-  is no steady state, so the bug hides); parallelism/megatron_spec.py turns batch_p2p_comm off there.
+  is no steady state, so the bug hides); parallelism/megatron/spec.py turns batch_p2p_comm off there.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     "moe-TP2": ("moe", {}, {"tp": 2}),
     "dense-PP2v2": ("dense", {"num_layers": 4}, {"pp": 2, "vpp": 2}),
     "moe-PP2v2": ("moe", {"num_layers": 4}, {"pp": 2, "vpp": 2}),
-    # "G-*-M-W-" (parallelism/megatron_hybrid.py): TP-split GDN/Mamba2 heads, TP-summed replicated grads
+    # "G-*-M-W-" (parallelism/megatron/hybrid.py): TP-split GDN/Mamba2 heads, TP-summed replicated grads
     "hybrid-TP2": ("hybrid", {}, {"tp": 2}),
     "hybrid-PP2": ("hybrid", {"pattern": "G-|*-M-W-"}, {"pp": 2}),  # uneven '|' stages: 1 + 3 layers
     # train.overlap_grad_reduce: bucket reductions launched from the backward hooks (after a discarded
@@ -51,7 +51,7 @@ CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     "moe-EP2-overlap-both": ("moe", {}, {"ep": 2, "overlap_moe": True, "overlap": "wired"}),
     "moe-dense-EP2-overlap-moe": ("moe", {"pattern": "*-*E"}, {"ep": 2, "overlap_moe": True}),  # a dense layer
     "moe-shared-EP2-overlap-moe": ("moe", {"shared_experts": 1}, {"ep": 2, "overlap_moe": True}),  # + shared expert
-    # GDN, Mamba2 and sliding-window mixers in the per-layer plan (megatron_hybrid.py: backward_dw)
+    # GDN, Mamba2 and sliding-window mixers in the per-layer plan (megatron/hybrid.py: backward_dw)
     "hybrid-EP2-overlap-moe": ("hybrid", {"pattern": "GEMEWE*E", "num_experts": 4}, {"ep": 2, "overlap_moe": True}),
 }
 CASES_4 = {  # 4 ranks
