@@ -32,6 +32,7 @@ import torch
 
 from ..data_pipeline.storage import is_local
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
+from ..parallelism.engines import engine_names
 
 EXIT_INVALID = 2
 _EXPERT_KEY = re.compile(r"^(.*)#(\d+)$")
@@ -246,7 +247,7 @@ def reference_state(store: CheckpointStore, step: int, manifest: dict) -> dict[s
     # Both engines store full tensors in reference names (parallelism/deepspeed/state.py, megatron/state.py);
     # DeepSpeed's experts come one by one (`name#e`), megatron's already stacked.
     engine = manifest.get("engine")
-    if engine not in ("deepspeed", "megatron"):
+    if engine not in engine_names():
         raise CheckpointError(f"step {step}: export of {engine!r} checkpoints is not supported")
     params: dict[str, torch.Tensor] = {}
     for name in sorted(n for n in manifest["files"] if n.startswith("state-")):

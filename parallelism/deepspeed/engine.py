@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,27 +18,10 @@ import torch.utils.checkpoint
 
 from ... import models
 from ...models.transformer import SEQUENCE_MIXERS
+from ..engines import Engine, StepMetrics
 from .moe import swap_moe_layers
 from ..layout_rules import engine_gaps, resolved_precision
 from ..schedule import lr_multiplier
-
-
-@dataclass
-class StepMetrics:
-    loss: float  # mean language-model loss over the global batch
-    aux_loss: float  # mean MoE load-balancing loss (0 without MoE)
-    grad_norm: float
-    lr: float
-    tokens: int  # tokens in the global batch
-    expert_load: list[float] | None = None  # fraction of assignments per expert, summed over MoE layers
-    router_entropy: float | None = None  # mean over MoE layers and tokens of the routing distribution's entropy
-
-    @property
-    def load_max_over_mean(self) -> float | None:
-        """Busiest expert's share of the (layer-summed) load over the mean share; 1.0 is perfectly even."""
-        if not self.expert_load:
-            return None
-        return max(self.expert_load) * len(self.expert_load) / max(sum(self.expert_load), 1e-30)
 
 
 def _ds_config(spec, layout) -> dict:
@@ -99,7 +81,7 @@ def _zero_clips(layout) -> bool:
     return layout.zero_stage > 0
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     """build(spec, layout) -> engine; train_step(micro_batches) -> StepMetrics; eval_loss(batches)."""
 
     def __init__(self, spec, layout, rank: int, world_size: int):
@@ -273,6 +255,12 @@ class DeepSpeedEngine:
         for name, buf in self.module.named_buffers():
             if name in ref_sd:
                 buf.copy_(ref_sd[name])
+
+    def export_reference(self) -> dict[str, torch.Tensor]:
+        """Full reference state dict (fp32 masters, stacked experts) on every rank. Collective."""
+        from .state import export_reference
+
+        return export_reference(self)
 
     def after_step(self) -> None:
         """Hooks that run outside autograd after each optimizer step (aux-loss-free bias updates)."""

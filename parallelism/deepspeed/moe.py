@@ -92,15 +92,10 @@ def reference_capacity_gate(wg: nn.Linear, cfg, x: torch.Tensor, used_token=None
 
 
 def _check_supported(cfg) -> None:
-    problems = []
-    if cfg.router != "softmax":
-        problems.append(f"router={cfg.router!r} (DeepSpeed-MoE gates are softmax only)")
-    if cfg.top_k != 2:
-        problems.append(f"top_k={cfg.top_k} (DeepSpeed's k>2 gate has different semantics; use 2)")
-    if not cfg.norm_topk:
-        problems.append("norm_topk=false (DeepSpeed's top-2 gate always renormalizes)")
-    if cfg.bias_update_rate > 0:
-        problems.append("bias_update_rate > 0 (aux-loss-free balancing is not in DeepSpeed-MoE)")
+    """The limits of support.MOE_LIMITS, for a layer built directly (the engine checks the whole job first)."""
+    from .support import moe_gaps
+
+    problems = [f"{field.rsplit('.', 1)[-1]}={reason}" for field, reason in moe_gaps(cfg)]
     if problems:
         raise ValueError("the deepspeed engine cannot run this MoE config: " + "; ".join(problems)
                          + ". Change the model overrides or use engine: megatron.")

@@ -192,3 +192,32 @@ def _init_optimizer_state(engine, step: int) -> None:
             "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format),
         }
     _link_views(engine)
+
+
+def export_reference(engine) -> dict:
+    """The full reference state dict (stacked experts, persistent buffers, tied aliases) on every rank: each
+    rank's reference-named part (`gather_state`) exchanged with all_gather_object. Collective; meant for
+    tests and small scales, not for checkpoints."""
+    tensors, _ = gather_state(engine)
+    persistent = set(engine.module.state_dict().keys())
+    mine = {**tensors["params"], **{n: b for n, b in tensors.get("buffers", {}).items() if n in persistent}}
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, mine)
+    out = join_experts({k: v for part in parts for k, v in part.items()})
+    if engine.model_cfg.tie_embeddings and "output.weight" not in out:
+        out["output.weight"] = out["embed.weight"]
+    return out
+
+
+def join_experts(state: dict) -> dict:
+    """Inverse of `split_experts`: experts one by one (`name#e`) -> stacked [experts, ...] tensors."""
+    out, experts = {}, {}
+    for key, value in state.items():
+        name, sep, expert = key.partition("#")
+        if sep:
+            experts.setdefault(name, {})[int(expert)] = value
+        else:
+            out[key] = value
+    for name, per_expert in experts.items():
+        out[name] = torch.stack([per_expert[e] for e in sorted(per_expert)])
+    return out

@@ -1,6 +1,6 @@
 """How a reference layer pattern becomes megatron-core TransformerLayers, and what the megatron engine
 refuses about it. Pure arithmetic on the model config and the layout (no megatron import), so `plan`
-(parallelism/layout_rules.py `engine_gaps`) and the engine (parallelism/megatron/spec.py) share it.
+(parallelism/megatron/support.py, the table `plan` reads) and the engine (parallelism/megatron/spec.py) share it.
 
 A megatron TransformerLayer is one sequence mixer followed by one MLP/MoE, each pre-norm residual: the
 pattern must be a sequence of (mixer, ffn) pairs, mixer in `*` attention, `W` sliding-window attention,

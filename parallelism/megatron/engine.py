@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ... import models
-from ..deepspeed.engine import StepMetrics
+from ..engines import Engine, StepMetrics
 from ..layout_rules import engine_gaps
 from .kernels import install_multi_tensor_kernels, use_fused_adam
 from .mapping import ChunkCoords, chunk_pieces, from_megatron, tied_aliases, to_megatron
@@ -81,7 +81,7 @@ def chunk_coords(chunk, layout) -> ChunkCoords:
                        etp=layout.etp, etp_rank=ps.get_expert_tensor_parallel_rank())
 
 
-class MegatronEngine:
+class MegatronEngine(Engine):
     """build(spec, layout) -> engine; train_step(micro_batches) -> StepMetrics; eval_loss(batches)."""
 
     def __init__(self, spec, layout, rank: int, world_size: int, init_from_reference: bool = True):

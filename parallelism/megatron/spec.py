@@ -37,6 +37,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from .kernels import install_wgrad_accumulation_fusion
 from .blocks import UnsupportedArchitecture, blocks, pipeline_split
+from .support import moe_gaps
 from .modules import (GroupedMLPExperts, ReferenceRouter, RMSNorm, SDPACoreAttention, allow_moe_without_te,
                       install_fused_cross_entropy, install_fused_rope, install_fused_swiglu)
 
@@ -47,12 +48,8 @@ def check_supported(cfg) -> bool:
     pattern = cfg.layer_pattern()
     blocks(cfg)
     moe = "E" in pattern
-    if moe:
-        for field, bad, why in (("router", cfg.router != "softmax", "only the softmax router is mapped"),
-                                ("capacity_factor", cfg.capacity_factor > 0, "token dropping order differs"),
-                                ("bias_update_rate", cfg.bias_update_rate > 0, "aux-loss-free bias not mapped")):
-            if bad:
-                raise UnsupportedArchitecture(f"model.{field}={getattr(cfg, field)!r}: {why} in the megatron engine")
+    for field, reason in moe_gaps(cfg):  # support.MOE_LIMITS, the table plan reads
+        raise UnsupportedArchitecture(f"{field}: {reason}")
     return moe
 
 
