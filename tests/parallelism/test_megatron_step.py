@@ -7,7 +7,7 @@ Also the data-parallel overlap of gradient reduction (train.overlap_grad_reduce)
 and the expert-parallel all-to-all overlap (train.overlap_moe_comm): megatron-core's combined 1F1B schedule
 running the engine's schedule plans (GPTModel.build_schedule_plan, per-layer attention / dispatch / experts /
 combine nodes) with the GPU's all-to-all token dispatcher, CUDA streams and events no-ops on CPU.
-Two shapes it would get wrong are refused (parallelism/layout_rules.py, _moe_overlap_gaps), both seen here
+Two shapes it would get wrong are refused (parallelism/megatron/support.py, _moe_overlap_gaps), both seen here
 before the refusal: a pattern ending in a dense MLP trained without the final norm (loss 5.576 vs 5.599,
 final-norm gradient 0), and one expert per EP rank failed in backward on the freed dispatched tokens.
 
@@ -35,11 +35,13 @@ from tests.parallelism import megatron_cpu_schedule  # noqa: E402
 
 CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     "moe-TP2": ("moe", {}, {"tp": 2}),
+    "moe-EP2-no-norm-topk": ("moe", {"norm_topk": False}, {"ep": 2}),  # megatron's pre-softmax router: no renorm
     "dense-PP2v2": ("dense", {"num_layers": 4}, {"pp": 2, "vpp": 2}),
     "moe-PP2v2": ("moe", {"num_layers": 4}, {"pp": 2, "vpp": 2}),
     # "G-*-M-W-" (parallelism/megatron/hybrid.py): TP-split GDN/Mamba2 heads, TP-summed replicated grads
     "hybrid-TP2": ("hybrid", {}, {"tp": 2}),
     "hybrid-PP2": ("hybrid", {"pattern": "G-|*-M-W-"}, {"pp": 2}),  # uneven '|' stages: 1 + 3 layers
+    "hybrid-PP2v2": ("hybrid", {}, {"pp": 2, "vpp": 2}),  # interleaved over GDN, attention, Mamba2, window
     # train.overlap_grad_reduce: bucket reductions launched from the backward hooks (after a discarded
     # first step: megatron overlaps only from the second step on), gradients must not change
     "dense-DP2": ("dense", {}, {}),
@@ -124,6 +126,7 @@ def test_without_overlap_reductions_start_at_finalize(results):
     assert launched and not any(launched), launched
 
 RECOMPUTE_CASES = {  # train.recompute: megatron's core-attention / MLP / full-layer checkpointing and ours
+    "dense-DP2": ("dense", {}, {}),  # attention cores and MLPs of the plain transformer
     "hybrid-TP2": ("hybrid", {}, {"tp": 2}),  # GDN and Mamba2 cores, SDPA and masked attention cores, MLPs
     "moe-EP2": ("moe", {}, {"ep": 2}),  # MoE layers recomputed whole under `full`
     # core attention recomputed inside the schedule plan's attention node (train.overlap_moe_comm; last:
