@@ -42,7 +42,7 @@ def main() -> int:
         if get_engine(combo.engine).needs_gpu:
             proof = covering_proof(combo, proofs)
             failed += proof is None
-            print(f"{'gpu case' if proof else 'NO CASE '}  {combo.name}: {proof or 'accepted, run by no suite'}")
+            print(f"{'suite' if proof else 'NO CASE'}     {combo.name}: {proof or 'accepted, run by no suite'}")
             continue
         if args.judge_only:
             print(f"accepted  {combo.name}")
