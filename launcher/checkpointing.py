@@ -23,7 +23,6 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -32,34 +31,15 @@ import torch.distributed as dist
 from .. import __version__
 from ..data_pipeline import DataCursor
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
-from ..parallelism.ds_state import gather_state, load_state, merge_shards
+from ..parallelism.engines import StateOps, engine_of
 from ..parallelism.schedule import schedule_of
 from ..run_dir import step_folder
 from .canary import canary_restore, layout_changed
 
 
-@dataclasses.dataclass(frozen=True)
-class StateOps:
-    """How an engine's layout-independent state is saved and loaded (parallelism/megatron_state.py for the
-    megatron engine, parallelism/ds_state.py otherwise). A save is `snapshot` (blocking, collective over the
-    default group) then `assemble` (collective over the group it is given; may run on a background thread)."""
-
-    snapshot: Callable
-    assemble: Callable
-    load: Callable
-    merge: Callable
-
-    def gather(self, engine, group=None) -> tuple[dict, bool]:
-        return self.assemble(engine, self.snapshot(engine), group)
-
-
 def state_ops(engine) -> StateOps:
-    """The StateOps of `engine`."""
-    if getattr(getattr(engine, "spec", None), "engine", None) == "megatron":
-        from ..parallelism import megatron_state as ms
-
-        return StateOps(ms.snapshot_state, ms.assemble_state, ms.load_state, ms.merge_shards)
-    return StateOps(gather_state, lambda engine, snapshot, group=None: snapshot, load_state, merge_shards)
+    """How `engine` saves and loads its state (its EngineSupport says)."""
+    return engine_of(engine).state_ops()
 
 
 def code_version() -> str:

@@ -33,6 +33,7 @@ from .. import storage
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
 from ..run_dir import STEP_PATTERN, RunDir
 from .exit_codes import EXIT_INVALID
+from ..parallelism.engines import engine_names
 
 _EXPERT_KEY = re.compile(r"^(.*)#(\d+)$")
 
@@ -215,10 +216,10 @@ def write_atomic(out: str, tensors: dict[str, torch.Tensor], metadata: dict[str,
 
 
 def reference_state(store: CheckpointStore, step: int, manifest: dict) -> dict[str, torch.Tensor]:
-    # Both engines store full tensors in reference names (parallelism/ds_state.py, megatron_state.py);
+    # Both engines store full tensors in reference names (parallelism/deepspeed/state.py, megatron/state.py);
     # DeepSpeed's experts come one by one (`name#e`), megatron's already stacked.
     engine = manifest.get("engine")
-    if engine not in ("deepspeed", "megatron"):
+    if engine not in engine_names():
         raise CheckpointError(f"step {step}: export of {engine!r} checkpoints is not supported")
     params: dict[str, torch.Tensor] = {}
     for name in sorted(n for n in manifest["files"] if n.startswith("state-")):

@@ -112,9 +112,11 @@ def _compatibility(manifest: dict, spec, plan: ResumePlan) -> None:
                             + (": " + "; ".join(changed) if changed else ""))
 
 
-def _reshard(manifest: dict, layout, num_experts: int) -> list[str]:
+def _reshard(manifest: dict, layout, num_experts: int, engine: str) -> list[str]:
+    from ..parallelism.engines import get_engine
+
     old, new = manifest["layout"], layout.to_dict()
-    out = []
+    out = get_engine(engine).reshard_notes(old, new)  # tensor, pipeline, context parallel cuts
     if old["world_size"] != new["world_size"]:
         out.append(f"workers {old['world_size']} -> {new['world_size']}: per-rank RNG streams are reseeded")
     if num_experts and old["ep"] != new["ep"]:
@@ -185,7 +187,7 @@ def plan_resume(spec, uri: str) -> ResumePlan:
         plan.reasons.append(f"train.steps={spec.train.steps} is below the checkpoint's step {plan.step}: set "
                             f"train.steps above {plan.step} to train on")
     if layout is not None and not plan.reasons:
-        plan.reshard = _reshard(manifest, layout, manifest.get("model", {}).get("num_experts", 0))
+        plan.reshard = _reshard(manifest, layout, manifest.get("model", {}).get("num_experts", 0), spec.engine)
         cursor = manifest.get("data_cursor", {}).get("samples_consumed")
         plan.notes.append(f"data cursor: continues after {cursor} samples; training resumes at step {plan.step + 1}")
         plan.notes += _lr_notes(manifest, spec, plan.step)

@@ -11,6 +11,7 @@ import os
 
 from .. import storage
 from ..parallelism.layout import ParallelLayout, model_config_from_spec, model_facts_from_spec
+from ..parallelism.engines import engine_names, get_engine
 from ..parallelism.layout_rules import engine_gaps
 from ..data_pipeline.prepared import indexed_prefix
 from ..config.spec import JobSpec
@@ -48,9 +49,11 @@ def check_kinds(spec: JobSpec, layout: ParallelLayout) -> None:
     if inject is not None and inject.rank >= layout.world_size:
         raise ConfigError("fault.inject.rank", f"got {inject.rank}; the job has {layout.world_size} ranks "
                           f"(0..{layout.world_size - 1}): use one of them")
-    if spec.engine == "megatron" and not spec.resources.use_gpu:
-        raise ConfigError("engine", "got megatron with resources.use_gpu: false; the megatron engine runs on GPUs "
-                          "only: set resources.use_gpu: true on a GPU machine, or use engine: deepspeed on CPU")
+    if get_engine(spec.engine).needs_gpu and not spec.resources.use_gpu:
+        on_cpu = [name for name in engine_names() if not get_engine(name).needs_gpu]
+        raise ConfigError("engine", f"got {spec.engine} with resources.use_gpu: false; the {spec.engine} engine runs "
+                          "on GPUs only: set resources.use_gpu: true on a GPU machine, or use engine: "
+                          f"{' or '.join(on_cpu)} on CPU")
 
 
 def host_memory(spec: JobSpec, layout: ParallelLayout) -> tuple[float, float, object]:
@@ -104,7 +107,7 @@ def check_local_gpus(spec: JobSpec, address: str | None) -> None:
         raise ConfigError("resources.use_gpu", f"got true with {spec.resources.workers} workers, and this machine "
                           f"has {have} GPUs visible to torch: run on a machine with {spec.resources.workers} GPUs "
                           "(or pass --address of a GPU cluster)"
-                          + ("" if spec.engine == "megatron" else ", or set use_gpu: false"))
+                          + ("" if get_engine(spec.engine).needs_gpu else ", or set use_gpu: false"))
 
 
 def check_eval_split(spec: JobSpec, valid_samples: int) -> None:

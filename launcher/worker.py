@@ -12,6 +12,7 @@ import torch
 
 from ..data_pipeline import DataError, load_prepared, prepare_for_job
 from ..parallelism.checkpoint import CheckpointStore
+from ..parallelism.engines import get_engine
 from ..parallelism.estimate import flops_per_token
 from ..parallelism.layout import ParallelLayout
 from .checkpointing import CheckpointSaver, restore_checkpoint
@@ -170,14 +171,5 @@ def evaluate(engine, valid, spec: JobSpec, dp_rank: int, dp: int) -> float:
 def build_engine(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, tokenizer=None):
     """The engine named by the spec. The model's vocabulary comes from the tokenizer (the job's, if
     not given), by the rule plan and submit used (launcher/vocab.py)."""
-    spec = with_tokenizer_vocab(spec, tokenizer)
-    if spec.engine == "deepspeed":
-        from ..parallelism.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(spec, layout, rank, world)
-    if spec.engine == "megatron":
-        from ..parallelism.megatron_engine import MegatronEngine
-
-        return MegatronEngine(spec, layout, rank, world)
-    raise ValueError(f"engine {spec.engine!r} is not available in this build; use engine: deepspeed")
+    return get_engine(spec.engine).build(with_tokenizer_vocab(spec, tokenizer), layout, rank, world)
 

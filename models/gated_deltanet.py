@@ -56,7 +56,7 @@ class GatedDeltaNet(nn.Module):
 def gated_deltanet_mix(qkv, a, b_logit, gate, conv_weight, A_log, dt_bias, o_norm, head_dim: int, chunk: int,
                        doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The layer between its input and output projections, for the heads given (heads are independent
-    here, so a tensor-parallel rank calls it on its own heads: parallelism/megatron_hybrid.py).
+    here, so a tensor-parallel rank calls it on its own heads: parallelism/megatron/hybrid.py).
     qkv [B, T, 3*H*d] ([q; k; v] channels), a and b_logit [B, T, H], gate [B, T, H*d] -> [B, T, H*d]."""
     b, t, heads = a.shape
     qkv = F.silu(short_conv(qkv, conv_weight.to(qkv.dtype), doc_ids))

@@ -57,7 +57,7 @@ class Mamba2(nn.Module):
 
 def ssd_mix(xs, b_in, c_in, dt, A_log, dt_bias, D, chunk: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """SSD scan plus the skip term for the heads given (heads are independent given the shared B/C, so a
-    tensor-parallel rank calls it on its own heads: parallelism/megatron_hybrid.py).
+    tensor-parallel rank calls it on its own heads: parallelism/megatron/hybrid.py).
     xs [B, T, H, P], b_in and c_in [B, T, N], dt [B, T, H] before softplus -> y [B, T, H, P]."""
     dt = F.softplus(dt + dt_bias)  # [B, T, H]
     y = ssd(xs, dt, -A_log.exp().to(xs.dtype), b_in, c_in, chunk, doc_starts(doc_ids))

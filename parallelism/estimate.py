@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .engines import get_engine
 from .layout import ATTENTION_KINDS, LINEAR_KINDS
 
 
@@ -121,7 +122,7 @@ def selective_activation_elements(cfg: Any, kind: str, seq_len: int, engine: str
     if kind in "-E":
         return full
     norm = 3.0 * cfg.dim + 1
-    if engine == "deepspeed":
+    if not get_engine(engine).memory.selective_keeps_mixer_inputs:
         return norm
     if kind in ATTENTION_KINDS and cfg.attention == "mla":
         latents, qkv, o = _mla_activation_elements(cfg)

@@ -11,14 +11,11 @@ import typing
 from typing import TYPE_CHECKING, Any
 
 from ..typed import ConfigError, check, convert
+from .engines import get_engine
 
 if TYPE_CHECKING:
     from ..config.spec import JobSpec
     from .layout import ModelFacts, ParallelLayout
-
-_DEEPSPEED_SCOPE = ("engine deepspeed here is ZeRO data parallelism + DeepSpeed-MoE expert parallelism "
-                    "only; use engine: megatron for tensor/pipeline/context parallelism")
-
 
 def derive_dp(spec: "JobSpec") -> int:
     """layout.dp, or workers / (tp*pp*cp) when it is null."""
@@ -33,21 +30,8 @@ def derive_dp(spec: "JobSpec") -> int:
 
 
 def check_engine(spec: "JobSpec") -> None:
-    """Layout fields an engine cannot run, refused before any arithmetic."""
-    lay = spec.layout
-    if spec.engine == "deepspeed":
-        for name in ("tp", "pp", "cp", "vpp", "etp"):
-            value = getattr(lay, name)
-            check(value == 1, f"layout.{name}", f"got {value}; must be 1 with engine deepspeed: {_DEEPSPEED_SCOPE}")
-        dp = derive_dp(spec)
-        check(dp % lay.ep == 0, "layout.ep",
-              f"got {lay.ep}; DeepSpeed folds expert parallelism over data parallelism, so ep must divide "
-              f"dp = {dp}: allowed {[d for d in range(1, dp + 1) if dp % d == 0]}")
-    else:
-        check(lay.zero_stage in (0, 1), "layout.zero_stage",
-              f"got {lay.zero_stage} with engine megatron; megatron shards optimizer state with its "
-              "distributed optimizer (zero_stage: 1, ZeRO-1 equivalent) or keeps it replicated (0); "
-              "gradient/parameter sharding (ZeRO-2/3) is not offered: set zero_stage: 1")
+    """Layout fields the job's engine cannot take at all (its EngineSupport), refused before any arithmetic."""
+    get_engine(spec.engine).check_layout(spec)
 
 
 def check_model(spec: "JobSpec", layout: "ParallelLayout", facts: "ModelFacts") -> None:
@@ -57,6 +41,7 @@ def check_model(spec: "JobSpec", layout: "ParallelLayout", facts: "ModelFacts") 
     _check_heads(layout, facts)
     _check_stages(layout, facts)
     _check_sequence(spec, layout)
+    get_engine(spec.engine).check_model(spec, layout, facts)
 
 
 def _check_node_fit(layout: "ParallelLayout") -> None:
@@ -79,11 +64,6 @@ def _check_experts(spec: "JobSpec", layout: "ParallelLayout", facts: "ModelFacts
     allowed = [d for d in _divisors(experts) if folded % d == 0]
     check(experts % layout.ep == 0, "layout.ep",
           f"got {layout.ep}; must divide the {experts} experts (and tp*cp*dp/etp = {folded}): allowed {allowed}")
-    if spec.engine == "deepspeed":
-        check(layout.zero_stage < 3, "layout.zero_stage",
-              "got 3 with a MoE model; DeepSpeed-MoE does not support ZeRO-3 (expert parameters cannot be "
-              "partitioned across the data-parallel group): use zero_stage 1 or 2 (with layout.offload: optimizer "
-              "for more memory on GPUs), or engine megatron (zero_stage 1, its distributed optimizer)")
 
 
 def _check_heads(layout: "ParallelLayout", facts: "ModelFacts") -> None:
@@ -122,10 +102,6 @@ def _check_sequence(spec: "JobSpec", layout: "ParallelLayout") -> None:
         check(seq % (2 * layout.cp) == 0, "train.seq_len",
               f"got {seq}; context parallelism splits the sequence into 2*cp = {2 * layout.cp} load-balanced "
               f"chunks, so seq_len must be a multiple of {2 * layout.cp}")
-    if spec.engine == "megatron" and layout.tp > 1:
-        check(seq % layout.tp == 0, "train.seq_len",
-              f"got {seq}; with tp > 1 megatron runs sequence parallelism (required for MoE), which splits "
-              f"the sequence over tp = {layout.tp}: use a multiple of {layout.tp}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -181,132 +157,9 @@ def resolved_precision(spec: "JobSpec") -> str:
 
 
 def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | None = None) -> list[tuple[str, str]]:
-    """(field, reason) for each part of a *valid* job that this build's engine cannot run yet.
+    """(field, reason) for each part of a *valid* job that the engine cannot run (its EngineSupport.gaps).
 
     Distinct from the layout rules above: these are engine limits, not inconsistencies. `plan` lists
-    them and still exits 0 (the layout is sound); `submit` refuses the job before Ray starts. The engines
-    raise the same refusals when built directly (parallelism/megatron_spec.py)."""
-    gaps: list[tuple[str, str]] = []
-    lay = layout or spec.layout  # an engine passes the layout it was given
-    overlap = getattr(spec.train, "overlap_grad_reduce", False)
-    overlap_moe = getattr(spec.train, "overlap_moe_comm", False)
-    if (engine or spec.engine) == "megatron":
-        from .megatron_blocks import megatron_pattern_gaps  # (mixer, ffn) pairs, stage split, CP (pure)
-
-        gaps += megatron_pattern_gaps(cfg, lay, getattr(spec.train, "precision", "auto"))
-        if overlap and lay.pp > 1:
-            gaps.append(("train.overlap_grad_reduce", f"with pp={lay.pp}: the pipeline schedules' per-chunk "
-                         "gradient-sync hooks are not wired in this build; use pp=1 or turn it off"))
-        if overlap_moe:
-            gaps += _moe_overlap_gaps(cfg, lay)
-            if getattr(spec.train, "recompute", "none") == "full":
-                gaps.append(("train.recompute", "full with train.overlap_moe_comm: megatron-core's overlap "
-                             "schedule runs each layer in pieces and refuses whole-layer recomputation "
-                             "(TransformerConfig.__post_init__): use selective or turn the overlap off"))
-        if getattr(spec.train, "precision", "auto") == "fp32":
-            gaps.append(("train.precision", "'fp32': the megatron engine computes in bf16 (auto, bf16) or with FP8 "
-                         "GEMMs (fp8); fp32 compute is a deepspeed-engine option"))
-        if getattr(getattr(spec, "layout", None), "offload", "none") != "none":
-            gaps.append(("layout.offload", f"{spec.layout.offload!r}: ZeRO-Offload is a deepspeed-engine option "
-                         "(use engine: deepspeed with zero_stage 1-3) or set offload: none"))
-        gaps += megatron_router_gaps(cfg)
-    else:
-        if overlap:
-            gaps.append(("train.overlap_grad_reduce", "a megatron-engine option; the deepspeed engine does not "
-                         "overlap its ZeRO reductions in this build: turn it off"))
-        if overlap_moe:
-            gaps.append(("train.overlap_moe_comm", "a megatron-engine option (megatron-core's EP all-to-all "
-                         "overlap); the deepspeed engine has no such schedule: turn it off"))
-        gaps += _deepspeed_memory_gaps(spec, lay)
-    gaps += _precision_gaps(spec, cfg, lay, engine or spec.engine)
-    return gaps
-
-
-def megatron_router_gaps(cfg: Any) -> list[tuple[str, str]]:
-    """MoE routing options megatron-core 0.16.1's TopKRouter computes otherwise than the reference
-    (models/moe.py `route`); the deepspeed engine runs each of them (its gate is the reference's routing,
-    parallelism/deepspeed_moe.py). Shared with parallelism/megatron_spec.py, which refuses them at build."""
-    if not cfg.num_experts or "E" not in cfg.layer_pattern():
-        return []
-    rules = (
-        ("capacity_factor", cfg.capacity_factor > 0, "megatron-core drops tokens per rank by probability or "
-         "position, not in the reference's order (first choices before second ones, earlier tokens first)"),
-        ("bias_update_rate", cfg.bias_update_rate > 0 and cfg.router == "softmax",
-         "megatron-core adds the aux-loss-free routing bias to sigmoid scores only; set model.overrides.router: sigmoid"),
-        ("norm_topk", cfg.router == "sigmoid" and not cfg.norm_topk,
-         "megatron-core always renormalises the top-k sigmoid scores (norm_topk: true)"),
-        ("top_k", cfg.top_k == 1 and cfg.norm_topk, "megatron-core does not renormalise a single chosen score "
-         "(the reference's weight is then 1); set model.overrides.norm_topk: false"),
-        ("n_group", cfg.n_group > 1 and cfg.router == "softmax" and cfg.norm_topk,
-         "with the softmax router and norm_topk megatron-core ranks the groups by logits, the reference by "
-         "probabilities; use router sigmoid or norm_topk false"),
-    )
-    return [(f"model.overrides.{name}", f"{getattr(cfg, name)!r}: {why} (engine: deepspeed runs it)")
-            for name, bad, why in rules if bad]
-
-
-def _deepspeed_memory_gaps(spec: "JobSpec", lay: Any) -> list[tuple[str, str]]:
-    """Precision and ZeRO-Offload combinations DeepSpeed cannot run (or runs another way than asked)."""
-    gaps, stage, offload = [], lay.zero_stage, spec.layout.offload
-    if resolved_precision(spec) == "bf16" and stage == 0:
-        gaps.append(("train.precision", f"bf16 (train.precision: {spec.train.precision}) with zero_stage 0: "
-                     "DeepSpeed runs ZeRO-0 bf16 through its FP16_Optimizer, which accumulates and all-reduces "
-                     "gradients in bf16 without the fp32-master path; use layout.zero_stage 1-3 or precision fp32"))
-    if offload == "none":
-        return gaps
-    if stage == 0:
-        gaps.append(("layout.offload", f"{offload!r} with zero_stage 0: DeepSpeed offloads ZeRO's optimizer "
-                     "partitions, and ZeRO-0 has none; use layout.zero_stage 1-3"))
-    elif offload == "optimizer+params" and stage < 3:
-        gaps.append(("layout.offload", f"'optimizer+params' with zero_stage {stage}: DeepSpeed offloads parameters "
-                     "under ZeRO-3 only (offload_param); use zero_stage 3 or offload: optimizer"))
-    return gaps
-
-
-def _moe_overlap_gaps(cfg: Any, lay: Any) -> list[tuple[str, str]]:
-    """What megatron-core 0.16.1's EP all-to-all overlap (train.overlap_moe_comm) cannot run, or would run
-    wrong, with this model and layout. The engine's own settings (bf16, all-to-all dispatcher, no MTP, no
-    CUDA graphs) already meet its TransformerConfig checks; train.recompute=full is refused in engine_gaps."""
-    field, pattern = "train.overlap_moe_comm", cfg.layer_pattern()
-    if lay.ep == 1:
-        what = "the model has no MoE layers" if not cfg.num_experts else "layout.ep is 1"
-        return [(field, f"{what}: it hides the expert-parallel all-to-all, and megatron-core runs it only with "
-                        "ep > 1 (TransformerConfig.__post_init__): use layout.ep > 1 or turn it off")]
-    gaps = []
-    if lay.pp > 1 and lay.vpp == 1:
-        gaps.append((field, f"with pp={lay.pp}: megatron-core overlaps it in the interleaved pipeline schedule "
-                            "only (TransformerConfig requires virtual pipeline stages): set layout.vpp > 1 or pp=1"))
-    if pattern[-1] != "E":
-        gaps.append((field, f"the pattern {pattern!r} ends in a dense MLP layer: megatron-core 0.16.1's overlap "
-                            "schedule applies the final norm after a MoE layer only (fine_grained_callables.py, "
-                            "the dense path skips it), so the model would train without it: end on an MoE layer"))
-    if cfg.num_experts == lay.ep:
-        gaps.append((field, f"one expert per EP rank ({cfg.num_experts} experts, ep={lay.ep}): the overlap "
-                            "schedule frees the dispatched tokens after the expert forward, and with one local expert "
-                            "they are the very tensor the expert keeps for its weight gradient (megatron-core "
-                            "0.16.1; backward fails on freed storage): use ep < num_experts or turn it off"))
-    return gaps
-
-
-def _precision_gaps(spec: "JobSpec", cfg: Any, lay: Any, engine: str) -> list[tuple[str, str]]:
-    """train.precision fp8 (ops/fp8.py): megatron engine on FP8-capable GPUs, every FP8 GEMM dimension a
-    multiple of 16 (torch._scaled_mm). The megatron engine runs on GPUs only (launcher/validate.py check_kinds);
-    their compute capability (>= 8.9) is checked on the GPU at build."""
-    field = "train.precision"
-    if getattr(spec.train, "precision", "auto") != "fp8":
-        return []
-    if engine != "megatron":
-        return [(field, "fp8: the deepspeed engine has no FP8 GEMM path; use engine: megatron or precision: bf16")]
-    widths = {"tokens per rank (train.seq_len / layout.cp * train.micro_batch_size)":
-              spec.train.seq_len // lay.cp * spec.train.micro_batch_size,
-              "model.dim": cfg.dim,
-              "attention heads * head dim / layout.tp": cfg.num_heads * cfg.attn_head_dim // lay.tp,
-              "kv heads * head dim / layout.tp": cfg.num_kv_heads * cfg.attn_head_dim // lay.tp,
-              "model.ffn_dim / layout.tp": cfg.ffn_dim // lay.tp}
-    if cfg.num_experts:
-        widths["model.moe_ffn_dim / layout.etp"] = cfg.moe_ffn_dim // lay.etp
-    bad = {k: v for k, v in widths.items() if v % 16}
-    if bad:
-        return [(field, f"fp8 GEMMs (torch._scaled_mm) need every dimension a multiple of 16, got "
-                        f"{', '.join(f'{k} = {v}' for k, v in bad.items())}: adjust them or use precision: bf16")]
-    return []
+    them and still exits 0 (the layout is sound); `submit` refuses the job before Ray starts; the engines
+    refuse the same when built directly. An engine passes the layout it was given."""
+    return get_engine(engine or spec.engine).gaps(spec, cfg, layout or spec.layout)

@@ -26,6 +26,7 @@ from typing import Any
 
 from .estimate import (ModelStats, head_activation_elements, layer_activation_elements,
                        selective_activation_elements)
+from .engines import get_engine
 from .layout import LINEAR_KINDS, ParallelLayout
 
 GiB = float(1 << 30)
@@ -53,7 +54,7 @@ def precision_for(use_gpu: bool, engine: str, zero_stage: int) -> Precision:
     if use_gpu:
         return Precision(2, 4, 12, 2, 4, "bf16 weights/activations, fp32 grads, Adam 12 B/param "
                                            "(fp32 master + m + v), fp32 logits")
-    master = 4 if engine == "deepspeed" and zero_stage >= 1 else 0
+    master = 4 if get_engine(engine).memory.cpu_master_copy_with_zero and zero_stage >= 1 else 0
     why = " + ZeRO's fp32 flat partition copy" if master else ""
     return Precision(4, 4, 8 + master, 4, 4, f"fp32 everywhere (CPU), Adam m + v{why}")
 
@@ -125,10 +126,8 @@ def stage_activation_elements(cfg: Any, layers: list[int], stats: ModelStats, se
     if recompute == "none":
         return sum(per), 0.0
     if recompute == "full":
-        if engine == "megatron":  # one TransformerLayer = reference layers 2g, 2g + 1
-            rebuilt = [per[j] + (per[j + 1] if j + 1 < len(per) else 0.0) for j in range(0, len(per), 2)]
-        else:
-            rebuilt = per
+        unit = get_engine(engine).memory.recompute_unit_layers  # megatron: one TransformerLayer = 2 layers
+        rebuilt = [sum(per[j:j + unit]) for j in range(0, len(per), unit)]
         kept = [float(cfg.dim)] * len(rebuilt)
     elif recompute == "selective":
         kept = [selective_activation_elements(cfg, k, seq_len, engine, dense_mask) for k in kinds]
@@ -191,13 +190,14 @@ def _assumptions(prec: Precision, layout: ParallelLayout, engine: str, has_linea
     shard = {0: "nothing sharded over DP", 1: "optimizer state sharded over DP",
              2: "optimizer state + gradients sharded over DP", 3: "optimizer, gradients and weights sharded over DP"}
     how = shard[layout.zero_stage]
-    if engine == "megatron" and layout.zero_stage == 1:
-        how += " (megatron distributed optimizer)"
+    facts = get_engine(engine).memory
+    if layout.zero_stage == 1:
+        how += facts.zero1_note
     return (
         f"precision: {prec.text}",
         f"sharding: zero_stage {layout.zero_stage}: {how}; experts over edp={layout.edp}, dense over dp*cp",
         "activations: " + _RECOMPUTE_TEXT[recompute].format(
-            unit="megatron TransformerLayer" if engine == "megatron" else "reference layer")
+            unit=facts.recompute_unit)
         + "; split over tp (sequence parallel) and cp; 1F1B in-flight micro-batches on the first stage",
         "logits: 3 vocab-sized fp32 tensors per token on the last stage (log-softmax, its gradient, logit grad)",
         "not included: CUDA context/NCCL buffers (~1-3 GiB), fragmentation, fused-kernel workspaces",

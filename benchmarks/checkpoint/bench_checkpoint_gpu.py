@@ -13,7 +13,7 @@ random tokens (so Adam moments exist), then, with the checkpoint on local disk (
   * load: `restore_checkpoint` into a freshly built engine (pick the newest committed step and verify the
     SHA-256 of every file, read and check each shard again, torch.load, load the fp32 masters, Adam moments
     and bf16 weights into the engine). The files were just written, so they are read from the page cache.
-The checkpoint is the engine's layout-independent state (parallelism/megatron_state.py: full fp32 masters
+The checkpoint is the engine's layout-independent state (parallelism/megatron/state.py: full fp32 masters
 and both Adam moments, 12 bytes per parameter, written by rank 0).
 
 Weights start from megatron's own random init (--init-from-reference builds the reference model first, as
@@ -66,7 +66,7 @@ def _spec(args, uri: str):
 
 def _build(args, spec, layout):
     if args.device == "cuda":
-        from raytron.parallelism.megatron_engine import MegatronEngine
+        from raytron.parallelism.megatron.engine import MegatronEngine
 
         return MegatronEngine(spec, layout, 0, 1, init_from_reference=args.init_from_reference)
     sys.path.insert(0, str(ROOT / "tests" / "parallelism"))
@@ -85,7 +85,7 @@ def _step(args, engine, spec, step: int) -> None:
         torch.cuda.synchronize()
         return
     from megatron_cpu_ranks import reference_state
-    from raytron.parallelism.megatron_state import load_state
+    from raytron.parallelism.megatron.state import load_state
 
     load_state(engine, reference_state(args.family, seed=step))  # masters + Adam moments, as after a step
     engine.steps_done = step + 1

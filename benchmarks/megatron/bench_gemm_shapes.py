@@ -3,7 +3,7 @@ engine's dense-1b step (bench_throughput.py: micro-batch 8, seq 4096, 4 micro-ba
 
 Every linear layer of a step runs three GEMMs per micro-batch: forward Y = X W^T, input gradient dX = dY W,
 and weight gradient main_grad += dY^T X. Variants, each timed alone after warm-up with CUDA events:
-- `bf16`: what the engine runs (parallelism/megatron_kernels.py): bf16 mm forward and dgrad, the weight
+- `bf16`: what the engine runs (parallelism/megatron/kernels.py): bf16 mm forward and dgrad, the weight
   gradient as one bf16 GEMM accumulating into the fp32 main_grad (addmm, out_dtype fp32, beta 1);
 - `bf16_wgrad_bf16_out`: the weight gradient written as bf16 without accumulation (what the fp32 C costs);
 - `fp8`: torch._scaled_mm, e4m3 inputs with per-tensor scales, bf16 out (FP8 training's GEMMs; casts and

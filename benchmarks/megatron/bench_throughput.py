@@ -2,10 +2,10 @@
 
 Both sides share megatron-core's GPTModel, its DistributedDataParallel and DistributedOptimizer (bf16,
 fp32 masters, Adam), its 1F1B `get_forward_backward_func`, the same TransformerConfig fields and parallel
-layout. `raytron` = the engine: parallelism/megatron_spec.py layers (SDPA core attention, fp32-statistics
+layout. `raytron` = the engine: parallelism/megatron/spec.py layers (SDPA core attention, fp32-statistics
 RMSNorm, reference router, grouped-GEMM experts) and its stand-ins for the TE/apex kernels megatron would
-use (megatron_kernels.py: weight-gradient accumulation in the GEMM, fused Adam, foreach clipping;
-megatron_modules.py: RoPE, Triton SwiGLU, compiled cross-entropy). `mcore_local` = `get_gpt_layer_local_spec`
+use (megatron/kernels.py: weight-gradient accumulation in the GEMM, fused Adam, foreach clipping;
+megatron/modules.py: RoPE, Triton SwiGLU, compiled cross-entropy). `mcore_local` = `get_gpt_layer_local_spec`
 as a user gets it without TE/apex (`megatron_as_shipped`: unfused softmax attention, torch norms,
 TopKRouter, megatron's local fallbacks, its own compiled SwiGLU). Weights are megatron's own random init
 (no reference load), tokens are random.
@@ -101,8 +101,8 @@ def local_spec_chunks(cfg, tcfg, seq_len):
 @contextlib.contextmanager
 def megatron_as_shipped():
     """For mcore_local: megatron-core's GPTModel with its local spec as shipped, none of raytron's stand-ins
-    for TE/apex kernels (parallelism/megatron_kernels.py; the RoPE, SwiGLU and cross-entropy ones of
-    megatron_modules.py): torch's foreach AdamW, the local clipping fallbacks, unfused RoPE and
+    for TE/apex kernels (parallelism/megatron/kernels.py; the RoPE, SwiGLU and cross-entropy ones of
+    megatron/modules.py): torch's foreach AdamW, the local clipping fallbacks, unfused RoPE and
     weight-gradient accumulation, megatron's native cross-entropy. megatron's own TE-free fusions (its
     compiled SwiGLU and bias-dropout-add) stay on."""
     from megatron.core import utils
@@ -110,7 +110,7 @@ def megatron_as_shipped():
     from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.transformer import mlp
 
-    from raytron.parallelism import megatron_engine
+    from raytron.parallelism.megatron import engine as megatron_engine
 
     saved_engine = {n: getattr(megatron_engine, n) for n in ("build_model_chunks", "transformer_config",
                                                              "use_fused_adam", "install_multi_tensor_kernels")}
@@ -203,7 +203,7 @@ def _profile_step(engine, micro, path: str) -> None:
 
 def _train_and_time(spec, layout, rank: int, warmup: int, timed: int, profile_path: str | None) -> dict:
     """Build the engine, train warm-up + timed steps on random tokens (and profile one more step)."""
-    from raytron.parallelism import megatron_engine
+    from raytron.parallelism.megatron import engine as megatron_engine
 
     torch.cuda.reset_peak_memory_stats()
     engine = megatron_engine.MegatronEngine(spec, layout, rank, layout.world_size, init_from_reference=False)

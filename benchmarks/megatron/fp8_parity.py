@@ -59,7 +59,7 @@ def windows(stream: np.ndarray, seq: int, count: int, start: int) -> list[torch.
 def train(precision: str, args, stream: np.ndarray) -> dict:
     from megatron.core import parallel_state
 
-    from raytron.parallelism.megatron_engine import MegatronEngine
+    from raytron.parallelism.megatron.engine import MegatronEngine
 
     overrides = {"num_layers": args.layers, "vocab_size": ByteTokenizer.vocab_size}
     spec = make_spec("dense", "1b", overrides, args.batch, args.batch, precision=precision)

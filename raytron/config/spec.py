@@ -76,7 +76,7 @@ class LayoutSpec:
             check(getattr(self, name) >= 1, f"{path}.{name}", f"got {getattr(self, name)}; must be >= 1")
         check(self.dp is None or self.dp >= 1, f"{path}.dp", f"got {self.dp}; must be >= 1 or null")
         check(self.zero_stage in (0, 1, 2, 3), f"{path}.zero_stage",
-              f"got {self.zero_stage}; allowed 0, 1, 2, 3 (ZeRO stage; megatron takes 0 or 1)")
+              f"got {self.zero_stage}; allowed 0, 1, 2, 3 (ZeRO stage; megatron takes 1)")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ def probe_tokens(vocab: int = 264):
 def train_rank(rank: int, world: int, root: str, name: str, job: dict, opts: dict) -> None:
     """run_training of the job on this rank, as Ray Train's worker would (report=None).
     opts: slow_write_s (sleep before every shard write), logits_out (engine logits on the probe batch
-    after training, rank 0 writes them), canary_out (rank 0 records how many tensors the canary checked)."""
+    after training, rank 0 writes them), canary_out (rank 0 records how many tensors the canary checked),
+    export_out (the engine's export_reference after training, saved by rank 0)."""
     import torch
 
     from raytron.launcher import checkpointing, worker
@@ -49,6 +50,10 @@ def train_rank(rank: int, world: int, root: str, name: str, job: dict, opts: dic
     worker.run_training(spec, layout, rank, world)
     if opts.get("canary_out") and rank == 0:
         write_json(opts["canary_out"], {"tensors": captured.get("canary")})
+    if opts.get("export_out"):  # collective: every rank joins, rank 0 keeps the full reference state
+        exported = captured["engine"].export_reference()
+        if rank == 0:
+            torch.save(exported, opts["export_out"])
     if opts.get("logits_out"):
         engine = captured["engine"]
         engine.engine.eval()

@@ -18,9 +18,10 @@ from raytron.parallelism.checkpoint import CheckpointStore
 STEP = 6
 
 
-def fake_checkpoint(root, name: str, workers: int, ep: int, step: int = STEP) -> str:
-    """A committed step as a `workers`-rank, EP=`ep` deepspeed job would write it (tiny placeholders)."""
-    spec = load_job(root, name, workers, ep, steps=10)
+def fake_checkpoint(root, name: str, workers: int, ep: int, step: int = STEP, **extra) -> str:
+    """A committed step as a `workers`-rank, EP=`ep` job (deepspeed unless `extra` says otherwise) would write
+    it (tiny placeholders)."""
+    spec = load_job(root, name, workers, ep, steps=10, **extra)
     store = CheckpointStore(f"{spec.run_uri}/checkpoints")
     names = [f"state-{r:05d}.pt" for r in range(ep)] + [f"rng-{r:05d}.pt" for r in range(workers)]
     records = [store.write_shard(step, n, {"placeholder": torch.zeros(1)}) for n in names]
@@ -59,6 +60,18 @@ def test_resume_plan_table(tmp_path, changes, loads, words):
     assert plan.step == STEP and f"step {STEP}" in text, text
     for w in words:
         assert w in text, f"expected {w!r} in:\n{text}"
+
+
+MEGATRON = {"engine": "megatron", "resources.use_gpu": True, "layout.zero_stage": 1, "layout.dp": "null"}
+
+
+def test_megatron_tp_to_pp_change_is_a_reshard_not_as_saved(tmp_path):
+    """Same world, dp, ep and batch, but TP2 -> PP2: every megatron shard is cut anew (was answered \"as saved\")."""
+    run = fake_checkpoint(tmp_path, "tp2", workers=2, ep=1, **MEGATRON, **{"layout.tp": 2})
+    plan = plan_resume(load_job(tmp_path, "pp2", 2, 1, 10, **MEGATRON, **{"layout.pp": 2}), run)
+    text = format_plan(plan)
+    assert plan.ok and "as saved" not in text, text
+    assert "tp 2 -> 1, pp 1 -> 2: every shard is cut anew" in text and "canary restore" in text, text
 
 
 def test_back_from_ep4_to_ep2(tmp_path):

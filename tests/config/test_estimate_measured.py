@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from raytron import models
 from raytron.launcher.study_measure import LiveTensorBytes
-from raytron.parallelism.deepspeed_engine import apply_recompute
+from raytron.parallelism.deepspeed.engine import apply_recompute
 from raytron.parallelism.estimate import flops_per_token, model_stats
 from raytron.parallelism.layout import ParallelLayout
 from raytron.parallelism.memory import estimate_memory

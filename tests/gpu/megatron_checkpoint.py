@@ -1,7 +1,7 @@
 """GPU program: the megatron engine's checkpoint state resumes under another layout (run under torchrun).
 
 For each case of this world size: engine A (layout A) trains K steps on the synthetic batches of
-megatron_equivalence.py; its state is gathered in reference names (parallelism/megatron_state.py, the
+megatron_equivalence.py; its state is gathered in reference names (parallelism/megatron/state.py, the
 path `raytron submit` checkpoints take); A trains M more steps (the uninterrupted curve). Engine B
 (layout B, fresh process groups) loads that state, gathers it again (every tensor's digest must equal
 the saved one: fp32 masters and both Adam moments, bit for bit) and trains the same M steps: its losses
@@ -59,8 +59,8 @@ def run_case(name: str, rank: int, world: int) -> dict:
     from megatron.core import parallel_state
 
     from raytron.launcher.canary import state_digests
-    from raytron.parallelism import megatron_state
-    from raytron.parallelism.megatron_engine import MegatronEngine
+    from raytron.parallelism.megatron import state as megatron_state
+    from raytron.parallelism.megatron.engine import MegatronEngine
 
     _, family, fields_a, fields_b = CASES[name]
     spec = make_spec(family, K + M)

@@ -117,7 +117,7 @@ def mapping_error(engine, spec) -> float:
 
 
 def megatron_run(spec, layout: ParallelLayout, rank: int, world: int, steps: int) -> dict:
-    from raytron.parallelism.megatron_engine import MegatronEngine
+    from raytron.parallelism.megatron.engine import MegatronEngine
 
     t0 = time.perf_counter()
     engine = MegatronEngine(spec, layout, rank, world)

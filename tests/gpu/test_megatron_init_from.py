@@ -45,7 +45,7 @@ def test_megatron_engine_starts_from_transformers_weights(one_rank):
     from raytron.launcher.validate import validate_job
     from raytron.launcher.vocab import with_tokenizer_vocab
     from raytron.models.hf_format import from_hf_config, from_hf_state
-    from raytron.parallelism.megatron_engine import MegatronEngine
+    from raytron.parallelism.megatron.engine import MegatronEngine
 
     spec = load_spec(CONFIG, ["resources.workers=1", "layout.ep=1", "layout.dp=1", "train.global_batch_size=4"])
     spec = with_tokenizer_vocab(spec)  # the byte tokenizer's 264 rows

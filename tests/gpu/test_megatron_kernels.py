@@ -1,4 +1,4 @@
-"""GPU checks of parallelism/megatron_kernels.py (the apex stand-ins) against plain torch references."""
+"""GPU checks of parallelism/megatron/kernels.py (the apex stand-ins) against plain torch references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from raytron.parallelism import megatron_kernels as mk  # noqa: E402
+from raytron.parallelism.megatron import kernels as mk  # noqa: E402
 
 
 def test_wgrad_accumulation_fusion_installs_and_matches_fp32():
@@ -63,7 +63,7 @@ def test_foreach_l2_norm_matches_megatron_local_norm():
 
 
 def test_compiled_cross_entropy_matches_fp64_reference():
-    from raytron.parallelism.megatron_modules import fused_cross_entropy
+    from raytron.parallelism.megatron.modules import fused_cross_entropy
 
     g = torch.Generator(device="cuda").manual_seed(2)
     logits = (3 * torch.randn(512, 2, 32000, device="cuda", generator=g)).bfloat16().requires_grad_()
@@ -102,7 +102,7 @@ def test_triton_swiglu_matches_fp64_reference(dtype, seq, batch):
 def test_fused_rope_matches_fp64_megatron_unfused():
     from megatron.core.models.common.embeddings import rope_utils
 
-    from raytron.parallelism.megatron_modules import fused_rope
+    from raytron.parallelism.megatron.modules import fused_rope
 
     g = torch.Generator(device="cuda").manual_seed(4)
     t = torch.randn(4096, 2, 16, 128, device="cuda", generator=g).bfloat16().requires_grad_()

@@ -11,7 +11,7 @@ from raytron import models
 from raytron.launcher.metrics import (DENSE_BF16_PEAK, MetricsWriter, device_peak_flops, mfu, model_flops_rate,
                                       peak_memory_gib)
 from raytron.models.moe import routing_entropy
-from raytron.parallelism.deepspeed_engine import StepMetrics
+from raytron.parallelism.deepspeed.engine import StepMetrics
 from raytron.parallelism.estimate import flops_per_token
 from raytron.run_dir import RunDir
 

@@ -91,10 +91,10 @@ def test_grouped_fast_matches_reference(counts, impl):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_megatron_fp8_linear_on_cuda(fused):
-    """parallelism/megatron_fp8.py's function (tp 1) on the fast path vs the reference, including the
+    """parallelism/megatron/fp8.py's function (tp 1) on the fast path vs the reference, including the
     fp32 main_grad accumulation of gradient_accumulation_fusion."""
     pytest.importorskip("megatron.core")
-    from raytron.parallelism.megatron_fp8 import FP8LinearWithComm
+    from raytron.parallelism.megatron.fp8 import FP8LinearWithComm
 
     torch.manual_seed(0)
     x = torch.randn(2048, 2, 1024, device="cuda").bfloat16()

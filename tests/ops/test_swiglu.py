@@ -10,7 +10,7 @@ from megatron.core.fusions import fused_bias_swiglu
 from megatron.core.transformer import mlp
 
 from raytron.ops import swiglu as sw
-from raytron.parallelism import megatron_modules as mm
+from raytron.parallelism.megatron import modules as mm
 
 
 def _inputs(rows=7, width=10, dtype=torch.float64):

@@ -35,7 +35,7 @@ def deepspeed_losses(rank: int, world: int, ep: int, zero_stage: int, out: str, 
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
     from raytron.launcher.validate import validate_job
-    from raytron.parallelism.deepspeed_engine import DeepSpeedEngine
+    from raytron.parallelism.deepspeed.engine import DeepSpeedEngine
 
     spec = job_spec(ep, zero_stage, world, model, precision, overrides, z_loss)
     engine = DeepSpeedEngine(spec, validate_job(spec), rank, world)
@@ -58,7 +58,7 @@ def recompute_gradients(rank: int, world: int, family: str, ep: int, out: str) -
     torch.set_num_threads(1)
     from raytron.config.spec import spec_from_dict
     from raytron.launcher.validate import validate_job
-    from raytron.parallelism.deepspeed_engine import DeepSpeedEngine
+    from raytron.parallelism.deepspeed.engine import DeepSpeedEngine
 
     per_rank = GBS // world
     mine = batch()[rank * per_rank:rank * per_rank + MBS]

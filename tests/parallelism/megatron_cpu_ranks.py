@@ -1,4 +1,4 @@
-"""Rank programs for CPU tests of the megatron engine's checkpoint state (parallelism/megatron_state.py).
+"""Rank programs for CPU tests of the megatron engine's checkpoint state (parallelism/megatron/state.py).
 
 megatron-core's DistributedOptimizer hard-codes CUDA (device='cuda' tensors, 'torch.cuda.*Tensor' type
 checks), so on CPU the engine's optimizer is replaced by `ShardedOptimizer`: the same interface that
@@ -7,7 +7,7 @@ megatron_state uses (gbuf_ranges / buffers / model_param_group_index_map / optim
 laid end to end, padded to a multiple of the DP size, DP rank r owning the r-th contiguous slice, and a
 parameter's owned range the overlap of that slice with it. Dense parameters shard over the DP x CP
 group and experts over the expert-DP group, as in megatron. The model chunks are real megatron-core
-GPTModels from parallelism/megatron_spec.py (fp32, CPU, `torch.cuda.current_device` pointed at "cpu").
+GPTModels from parallelism/megatron/spec.py (fp32, CPU, `torch.cuda.current_device` pointed at "cpu").
 The real optimizer's path runs on GPU (tests/gpu/megatron_checkpoint.py).
 """
 
@@ -62,9 +62,9 @@ class CpuEngine:
         from megatron.core import parallel_state as ps
 
         from raytron import models
-        from raytron.parallelism.megatron_engine import check_groups, chunk_coords
-        from raytron.parallelism.megatron_mapping import chunk_buffers, chunk_pieces
-        from raytron.parallelism.megatron_spec import build_model_chunks, transformer_config
+        from raytron.parallelism.megatron.engine import check_groups, chunk_coords
+        from raytron.parallelism.megatron.mapping import chunk_buffers, chunk_pieces
+        from raytron.parallelism.megatron.spec import build_model_chunks, transformer_config
 
         torch.cuda.current_device = lambda: "cpu"  # see the module docstring
         if ps.model_parallel_is_initialized():
@@ -96,7 +96,7 @@ class CpuEngine:
         return chunk.named_parameters()
 
     def load_buffers(self, chunks, ref_named: dict) -> None:
-        from raytron.parallelism.megatron_engine import MegatronEngine
+        from raytron.parallelism.megatron.engine import MegatronEngine
 
         MegatronEngine.load_buffers(self, chunks, ref_named)
 
@@ -121,7 +121,7 @@ def round_trip(rank: int, world: int, family: str, layouts: list[dict], out: str
     """For each layout: load the reference state, gather it back; rank 0 records which tensors differ.
     `overrides`: model overrides of the debug flavor (e.g. num_layers for pp * vpp stages)."""
     from raytron.launcher.canary import state_digests
-    from raytron.parallelism import megatron_state
+    from raytron.parallelism.megatron import state as megatron_state
     from raytron.parallelism.layout import ParallelLayout
 
     torch.set_num_threads(1)

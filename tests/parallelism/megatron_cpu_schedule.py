@@ -1,7 +1,7 @@
 """Rank programs for CPU tests of one megatron engine training step (tests/parallelism/test_megatron_step.py).
 
 What runs is the engine's own path without the GPU: megatron-core GPTModel chunks from
-parallelism/megatron_spec.py loaded with the reference weights (MegatronEngine._load_chunks), wrapped in
+parallelism/megatron/spec.py loaded with the reference weights (MegatronEngine._load_chunks), wrapped in
 megatron's DistributedDataParallel, stepped by MegatronEngine._run (megatron's get_forward_backward_func:
 no-pipelining, 1F1B or interleaved schedule, P2P over gloo) with finalize_model_grads, all in fp32. After
 one forward/backward of a global batch it is compared with the reference model on the same batch: the LM
@@ -125,9 +125,9 @@ def cpu_engine(family: str, overrides: dict, layout, overlap: str = "", overlap_
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     from raytron import models
-    from raytron.parallelism.megatron_engine import MegatronEngine, attach_grad_sync, check_groups, chunk_coords
-    from raytron.parallelism.megatron_mapping import chunk_buffers, chunk_pieces
-    from raytron.parallelism.megatron_spec import build_model_chunks, transformer_config
+    from raytron.parallelism.megatron.engine import MegatronEngine, attach_grad_sync, check_groups, chunk_coords
+    from raytron.parallelism.megatron.mapping import chunk_buffers, chunk_pieces
+    from raytron.parallelism.megatron.spec import build_model_chunks, transformer_config
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -229,7 +229,7 @@ def distributed_optimizer_grad_norm(engine) -> float:
 
 def _gradient_errors(engine, ref_grads: dict) -> dict[str, float]:
     """megatron parameter (chunk-qualified) -> max |megatron grad - reference grad| / max |reference grad|."""
-    from raytron.parallelism.megatron_mapping import to_megatron
+    from raytron.parallelism.megatron.mapping import to_megatron
 
     errors = {}
     for i, (chunk, pieces) in enumerate(zip(engine.chunks, engine.pieces)):
@@ -286,7 +286,7 @@ def _record_schedule_plans(plans: list, runs: list):
 
 def _one_case(rank: int, world: int, family: str, overrides: dict, fields: dict) -> dict:
     from raytron.parallelism.layout import ParallelLayout
-    from raytron.parallelism.megatron_engine import chunk_coords
+    from raytron.parallelism.megatron.engine import chunk_coords
 
     fields = dict(fields)
     overlap, overlap_moe = fields.pop("overlap", ""), fields.pop("overlap_moe", False)
@@ -368,7 +368,7 @@ def recompute_matches_none(rank: int, world: int, cases: list, out: str) -> None
     _router_stats: aux loss, expert load, routing entropy]}, and for MoE "reference": reference_router_stats.
     Layout field "overlap_moe": train.overlap_moe_comm (no `full` then: megatron-core refuses it)."""
     from raytron.parallelism.layout import ParallelLayout
-    from raytron.parallelism.megatron_modules import ReferenceRouter
+    from raytron.parallelism.megatron.modules import ReferenceRouter
 
     torch.set_num_threads(1)
     _cpu_shims()

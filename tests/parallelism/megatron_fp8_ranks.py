@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 def column_parallel(rank: int, world: int, out: str) -> None:
     from raytron.ops.fp8 import fp8_linear
-    from raytron.parallelism.megatron_fp8 import FP8LinearWithComm
+    from raytron.parallelism.megatron.fp8 import FP8LinearWithComm
 
     gen = torch.Generator().manual_seed(0)
     x_full = torch.randn(32, 2, 48, generator=gen)  # [s, b, in]

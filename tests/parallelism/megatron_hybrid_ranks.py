@@ -1,10 +1,10 @@
 """Rank programs for CPU tests of the megatron engine's model under TP (+SP) and PP, hybrids included
 (tests/parallelism/test_megatron_hybrid.py).
 
-Each rank builds its real megatron-core GPTModel chunk from parallelism/megatron_spec.py (fp32, CPU,
+Each rank builds its real megatron-core GPTModel chunk from parallelism/megatron/spec.py (fp32, CPU,
 gloo, `torch.cuda.current_device` pointed at "cpu", megatron's CUDA RNG tracker's `fork` a no-op: it
 guards dropout, which is 0 here), loads the reference weights through
-parallelism/megatron_mapping.py and runs one micro-batch forward and backward; the same reference model
+parallelism/megatron/mapping.py and runs one micro-batch forward and backward; the same reference model
 (same seed) runs on every rank. Checked per rank: per-token loss (last stage), every local gradient
 against the reference gradient cut the same way, and the weights gathered back to reference names.
 
@@ -33,7 +33,7 @@ def _init_megatron(layout, rank: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from raytron.parallelism.megatron_engine import check_groups
+    from raytron.parallelism.megatron.engine import check_groups
 
     torch.cuda.current_device = lambda: "cpu"  # see the module docstring
     get_cuda_rng_tracker().fork = lambda *_a, **_k: contextlib.nullcontext()  # CUDA RNG; dropout is 0
@@ -48,9 +48,9 @@ def _init_megatron(layout, rank: int) -> None:
 
 def _megatron_twin(ref, layout):
     """This rank's GPTModel chunk with the reference weights, its mapping pieces and its config."""
-    from raytron.parallelism.megatron_engine import chunk_coords
-    from raytron.parallelism.megatron_mapping import chunk_pieces, to_megatron
-    from raytron.parallelism.megatron_spec import build_model_chunks, transformer_config
+    from raytron.parallelism.megatron.engine import chunk_coords
+    from raytron.parallelism.megatron.mapping import chunk_pieces, to_megatron
+    from raytron.parallelism.megatron.spec import build_model_chunks, transformer_config
 
     tcfg = transformer_config(ref.cfg, layout, on_gpu=False, aux_loss_coef=AUX_COEF)
     (chunk,) = build_model_chunks(ref.cfg, tcfg, seq_len=SEQ)
@@ -117,7 +117,7 @@ def _finalize_tp_grads(chunk, tcfg) -> None:
 
 def _grad_mismatches(ref, chunk, pieces, rtol: float) -> dict[str, float]:
     """{megatron name: relative error} for local gradients farther than rtol from the reference's."""
-    from raytron.parallelism.megatron_mapping import to_megatron
+    from raytron.parallelism.megatron.mapping import to_megatron
 
     ref_grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in ref.named_parameters()}
     expected = to_megatron(ref_grads, pieces)
@@ -133,7 +133,7 @@ def _grad_mismatches(ref, chunk, pieces, rtol: float) -> dict[str, float]:
 
 def _round_trip_mismatches(ref, chunk, pieces) -> list[str]:
     """Reference names whose tensors differ after gathering every rank's megatron weights back."""
-    from raytron.parallelism.megatron_mapping import from_megatron, tied_aliases
+    from raytron.parallelism.megatron.mapping import from_megatron, tied_aliases
 
     mine = (pieces, {n: p.detach().clone() for n, p in chunk.named_parameters()})
     everyone: list = [None] * dist.get_world_size()

@@ -40,7 +40,7 @@ def engine_without_builds(rank: int, world: int, record: str) -> None:
     torch.set_num_threads(1)
     _refuse_builds(Path(record))
     from raytron.launcher.validate import validate_job
-    from raytron.parallelism.deepspeed_engine import DeepSpeedEngine
+    from raytron.parallelism.deepspeed.engine import DeepSpeedEngine
 
     spec = ranks.job_spec(ep=2, zero_stage=2, workers=world)  # the demo's layout: ZeRO-2, EP=2 over gloo
     engine = DeepSpeedEngine(spec, validate_job(spec), rank, world)

@@ -1,4 +1,4 @@
-"""parallelism/megatron_fp8.py's autograd function without communication (tp 1): the FP8 reference math of
+"""parallelism/megatron/fp8.py's autograd function without communication (tp 1): the FP8 reference math of
 ops/fp8.py, and megatron's gradient-accumulation-fusion contract (fp32 main_grad += dW, placeholder .grad)."""
 
 import pytest
@@ -11,7 +11,7 @@ pytest.importorskip("megatron.core")
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_fp8_linear_with_comm_matches_fp8_linear(fused):
-    from raytron.parallelism.megatron_fp8 import FP8LinearWithComm
+    from raytron.parallelism.megatron.fp8 import FP8LinearWithComm
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 2, 32, generator=gen)  # [s, b, in] as megatron passes it

@@ -8,8 +8,8 @@ from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.models.common.language_module import language_module
 
 from raytron.models.layers import RMSNorm as ReferenceRMSNorm
-from raytron.parallelism import megatron_modules as mm
-from raytron.parallelism.megatron_modules import _rms_norm_fp32, fused_rope
+from raytron.parallelism.megatron import modules as mm
+from raytron.parallelism.megatron.modules import _rms_norm_fp32, fused_rope
 
 
 @pytest.mark.parametrize("rot", [16, 8])  # full and partial rotary dims
@@ -49,7 +49,7 @@ def test_rms_norm_matches_reference():
 
 
 def test_cross_entropy_stand_in_matches_megatron_vocab_parallel():
-    from raytron.parallelism.megatron_modules import fused_cross_entropy
+    from raytron.parallelism.megatron.modules import fused_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 3, 50, generator=g, dtype=torch.float64, requires_grad=True)

@@ -5,7 +5,7 @@ under TP2 (+SP) and PP2, on CPU.
 Two real rank processes over gloo (tests/parallelism/megatron_hybrid_ranks.py says how): fp32 per-token
 loss within 1e-5 of the reference model, every rank's gradients within 1e-4 (relative, per tensor) of
 the reference's cut the same way, weights gathered back to reference names bitwise equal. Plus the pure
-rules (parallelism/megatron_blocks.py): which patterns and layouts map, and the refusals' messages.
+rules (parallelism/megatron/blocks.py): which patterns and layouts map, and the refusals' messages.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from raytron import models
-from raytron.parallelism.megatron_blocks import (UnsupportedArchitecture, blocks, megatron_pattern_gaps,
+from raytron.parallelism.megatron.blocks import (UnsupportedArchitecture, blocks, megatron_pattern_gaps,
                                                  pipeline_split)
 
 
@@ -78,7 +78,7 @@ def test_refusals_name_the_field(overrides, layout, field, words):
 
 def test_engine_refuses_unpaired_pattern():
     pytest.importorskip("megatron.core")
-    from raytron.parallelism.megatron_spec import check_supported
+    from raytron.parallelism.megatron.spec import check_supported
 
     with pytest.raises(UnsupportedArchitecture, match=r"model.overrides.pattern: pattern 'G\*-' is not"):
         check_supported(models.get_config("hybrid", "debug", pattern="G*-"))

@@ -1,11 +1,11 @@
-"""CPU checks of parallelism/megatron_kernels.py (the fused CUDA paths are in tests/gpu)."""
+"""CPU checks of parallelism/megatron/kernels.py (the fused CUDA paths are in tests/gpu)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from raytron.parallelism import megatron_kernels as mk
+from raytron.parallelism.megatron import kernels as mk
 
 
 def test_wgrad_accumulation_adds_the_weight_gradient():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from raytron import models
 from raytron.parallelism.layout import ParallelLayout
-from raytron.parallelism.megatron_mapping import ChunkCoords, chunk_pieces, from_megatron, tied_aliases, to_megatron
+from raytron.parallelism.megatron.mapping import ChunkCoords, chunk_pieces, from_megatron, tied_aliases, to_megatron
 
 from tests.checkpoint.ckpt_helpers import free_port
 
@@ -104,8 +104,8 @@ def cpu_megatron():
 
 
 def _megatron_twin(family: str, flavor: str, seed: int = 0, precision: str = "bf16", **overrides):
-    from raytron.parallelism.megatron_engine import chunk_coords
-    from raytron.parallelism.megatron_spec import build_model_chunks, transformer_config
+    from raytron.parallelism.megatron.engine import chunk_coords
+    from raytron.parallelism.megatron.spec import build_model_chunks, transformer_config
 
     torch.manual_seed(seed)
     ref = models.build(family, flavor, **overrides)
@@ -151,7 +151,7 @@ def test_megatron_fp8_layers_on_cpu(cpu_megatron, family, flavor, overrides):
     and experts, and a loss/gradients near the exact reference (the fake-quantised CPU path of ops/fp8.py)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from raytron.parallelism.megatron_fp8 import FP8ColumnParallelLinear, FP8GroupedMLPExperts, FP8RowParallelLinear
+    from raytron.parallelism.megatron.fp8 import FP8ColumnParallelLinear, FP8GroupedMLPExperts, FP8RowParallelLinear
 
     ref, model, pieces = _megatron_twin(family, flavor, precision="fp8", **overrides)
     kinds = {type(m) for m in model.decoder.modules()}

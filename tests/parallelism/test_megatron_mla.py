@@ -1,8 +1,8 @@
-"""Multi-head latent attention in the megatron engine (parallelism/megatron_mla.py): megatron-core's
+"""Multi-head latent attention in the megatron engine (parallelism/megatron/mla.py): megatron-core's
 MLASelfAttention under TP2 (+SP) and PP2 on CPU equals the reference (the rank programs of
 tests/parallelism/megatron_hybrid_ranks.py: per-token loss within 1e-5, every rank's gradients within 1e-4
 of the reference's cut the same way, weights gathered back bitwise), and what the engine refuses with MLA
-is named by field (parallelism/megatron_blocks.py `mla_gaps`). One-process CPU equivalence of the
+is named by field (parallelism/megatron/blocks.py `mla_gaps`). One-process CPU equivalence of the
 `moe/debug-mla` flavor is in tests/parallelism/test_megatron_mapping.py, the engine's whole step (megatron's
 schedule, DDP, distributed optimizer; recomputation) in tests/parallelism/test_megatron_step.py (`moe-mla-*`)."""
 
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from raytron import models
-from raytron.parallelism.megatron_blocks import megatron_pattern_gaps
+from raytron.parallelism.megatron.blocks import megatron_pattern_gaps
 
 
 def _layout(tp=1, pp=1, vpp=1, cp=1):
@@ -54,8 +54,8 @@ def test_mla_refusals_name_the_field(overrides, layout, precision, field, words)
 
 def test_engine_refuses_masked_mla_layers():
     pytest.importorskip("megatron.core")
-    from raytron.parallelism.megatron_blocks import UnsupportedArchitecture
-    from raytron.parallelism.megatron_spec import check_supported
+    from raytron.parallelism.megatron.blocks import UnsupportedArchitecture
+    from raytron.parallelism.megatron.spec import check_supported
 
     with pytest.raises(UnsupportedArchitecture, match="model.overrides.attention: mla with W layers"):
         check_supported(models.get_config("moe", "debug-mla", pattern="*EWE", window=8))

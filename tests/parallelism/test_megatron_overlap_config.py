@@ -13,7 +13,7 @@ import pytest
 from raytron import models
 from raytron.parallelism.layout import ParallelLayout
 from raytron.parallelism.layout_rules import engine_gaps
-from raytron.parallelism.megatron_spec import transformer_config
+from raytron.parallelism.megatron.spec import transformer_config
 
 SPEC = SimpleNamespace(engine="megatron", train=SimpleNamespace(overlap_moe_comm=True))
 

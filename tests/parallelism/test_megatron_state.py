@@ -1,4 +1,4 @@
-"""Megatron engine checkpoint state (parallelism/megatron_state.py) on CPU: a full reference-named
+"""Megatron engine checkpoint state (parallelism/megatron/state.py) on CPU: a full reference-named
 state (fp32 masters + both Adam moments, distinct random values) is loaded into megatron-core GPTModel
 shards under TP/PP/CP/DP/EP/ETP layouts and gathered back; every tensor must come back bit for bit.
 Ranks are real processes over gloo; the DistributedOptimizer is a CPU stand-in with megatron's

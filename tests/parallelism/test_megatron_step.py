@@ -7,18 +7,18 @@ Also the data-parallel overlap of gradient reduction (train.overlap_grad_reduce)
 and the expert-parallel all-to-all overlap (train.overlap_moe_comm): megatron-core's combined 1F1B schedule
 running the engine's schedule plans (GPTModel.build_schedule_plan, per-layer attention / dispatch / experts /
 combine nodes) with the GPU's all-to-all token dispatcher, CUDA streams and events no-ops on CPU.
-Two shapes it would get wrong are refused (parallelism/layout_rules.py, _moe_overlap_gaps), both seen here
+Two shapes it would get wrong are refused (parallelism/megatron/support.py, _moe_overlap_gaps), both seen here
 before the refusal: a pattern ending in a dense MLP trained without the final norm (loss 5.576 vs 5.599,
 final-norm gradient 0), and one expert per EP rank failed in backward on the freed dispatched tokens.
 
 Regression cases, both silent on GPU except for a drifting loss curve:
 - MoE with TP and experts replicated over the TP ranks (tp=2, ep=etp=1, sequence parallel): megatron-core
   marks expert weights as expert parameters only when ep > 1, so their gradients were reduced over the
-  dense DP group and missed the other TP rank's tokens (parallelism/megatron_spec.py,
+  dense DP group and missed the other TP rank's tokens (parallelism/megatron/spec.py,
   reduce_experts_over_expert_dp).
 - Interleaved PP (pp=2, vpp=2, 4 blocks, 4 micro-batches): megatron-core's batched P2P swapped activations
   and gradients between the two ranks in the interleaved steady state (with only pp micro-batches there
-  is no steady state, so the bug hides); parallelism/megatron_spec.py turns batch_p2p_comm off there.
+  is no steady state, so the bug hides); parallelism/megatron/spec.py turns batch_p2p_comm off there.
 """
 
 from __future__ import annotations
@@ -37,16 +37,18 @@ from tests.parallelism import megatron_cpu_schedule  # noqa: E402
 MLA = {"attention": "mla", "num_kv_heads": 4, "q_lora_rank": 32}
 CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     "moe-TP2": ("moe", {}, {"tp": 2}),
+    "moe-EP2-no-norm-topk": ("moe", {"norm_topk": False}, {"ep": 2}),  # megatron's pre-softmax router: no renorm
     "dense-PP2v2": ("dense", {"num_layers": 4}, {"pp": 2, "vpp": 2}),
     "moe-PP2v2": ("moe", {"num_layers": 4}, {"pp": 2, "vpp": 2}),
-    # "G-*-M-W-" (parallelism/megatron_hybrid.py): TP-split GDN/Mamba2 heads, TP-summed replicated grads
+    # "G-*-M-W-" (parallelism/megatron/hybrid.py): TP-split GDN/Mamba2 heads, TP-summed replicated grads
     "hybrid-TP2": ("hybrid", {}, {"tp": 2}),
     "hybrid-PP2": ("hybrid", {"pattern": "G-|*-M-W-"}, {"pp": 2}),  # uneven '|' stages: 1 + 3 layers
+    "hybrid-PP2v2": ("hybrid", {}, {"pp": 2, "vpp": 2}),  # interleaved over GDN, attention, Mamba2, window
     # train.overlap_grad_reduce: bucket reductions launched from the backward hooks (after a discarded
     # first step: megatron overlaps only from the second step on), gradients must not change
     "dense-DP2": ("dense", {}, {}),
     "moe-shared-EP2": ("moe", {"shared_experts": 1}, {"ep": 2}),  # megatron's SharedExpertMLP beside the experts
-    "moe-mla-TP2": ("moe", MLA, {"tp": 2}),  # multi-head latent attention (parallelism/megatron_mla.py)
+    "moe-mla-TP2": ("moe", MLA, {"tp": 2}),  # multi-head latent attention (parallelism/megatron/mla.py)
     "dense-DP2-overlap": ("dense", {}, {"overlap": "wired"}),
     "moe-DP2-overlap": ("moe", {}, {"overlap": "wired"}),
     # train.overlap_moe_comm at EP2 x DP2 (2 micro-batches a rank: one forward-and-backward overlapped step)
@@ -54,7 +56,7 @@ CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     "moe-EP2-overlap-both": ("moe", {}, {"ep": 2, "overlap_moe": True, "overlap": "wired"}),
     "moe-dense-EP2-overlap-moe": ("moe", {"pattern": "*-*E"}, {"ep": 2, "overlap_moe": True}),  # a dense layer
     "moe-shared-EP2-overlap-moe": ("moe", {"shared_experts": 1}, {"ep": 2, "overlap_moe": True}),  # + shared expert
-    # GDN, Mamba2 and sliding-window mixers in the per-layer plan (megatron_hybrid.py: backward_dw)
+    # GDN, Mamba2 and sliding-window mixers in the per-layer plan (megatron/hybrid.py: backward_dw)
     "hybrid-EP2-overlap-moe": ("hybrid", {"pattern": "GEMEWE*E", "num_experts": 4}, {"ep": 2, "overlap_moe": True}),
 }
 CASES_4 = {  # 4 ranks
@@ -171,6 +173,7 @@ def test_without_overlap_reductions_start_at_finalize(results):
     assert launched and not any(launched), launched
 
 RECOMPUTE_CASES = {  # train.recompute: megatron's core-attention / MLP / full-layer checkpointing and ours
+    "dense-DP2": ("dense", {}, {}),  # attention cores and MLPs of the plain transformer
     "hybrid-TP2": ("hybrid", {}, {"tp": 2}),  # GDN and Mamba2 cores, SDPA and masked attention cores, MLPs
     "moe-EP2": ("moe", {}, {"ep": 2}),  # MoE layers recomputed whole under `full`
     "moe-mla-EP2": ("moe", MLA, {"ep": 2}),  # megatron's MLASelfAttention with its core attention recomputed

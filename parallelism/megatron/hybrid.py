@@ -5,7 +5,7 @@
 Tensor parallelism, as megatron's attention does it: `in_proj` is a ColumnParallelLinear (under sequence
 parallelism it all-gathers the sequence; its backward reduce-scatters the input gradient), the mixing
 runs on the full sequence for this rank's heads, `out_proj` is a RowParallelLinear (reduce-scatter back to
-sequence shards). What the heads share needs care (the weight mapping is parallelism/megatron_hybrid_mapping.py):
+sequence shards). What the heads share needs care (the weight mapping is parallelism/megatron/hybrid_mapping.py):
 - per-head parameters (A_log, dt_bias, D, conv channels, Mamba2's norm weight) are cut by head and carry
   megatron's `tensor_model_parallel` attributes (so grad-norm and clipping count every shard once);
 - GDN's o_norm weight (one [d] vector used by every head) is replicated: each rank's gradient covers its
@@ -34,11 +34,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ..models.gated_deltanet import GatedDeltaNet, gated_deltanet_mix
-from ..models.layers import RMSNorm as ReferenceRMSNorm
-from ..models.mamba2 import Mamba2, ssd_mix
-from ..ops.attention import BlockSparse, attention
-from ..ops.short_conv import short_conv
+from ...models.gated_deltanet import GatedDeltaNet, gated_deltanet_mix
+from ...models.layers import RMSNorm as ReferenceRMSNorm
+from ...models.mamba2 import Mamba2, ssd_mix
+from ...ops.attention import BlockSparse, attention
+from ...ops.short_conv import short_conv
 
 
 class _SumOverTP(torch.autograd.Function):
@@ -232,7 +232,7 @@ def self_attention_spec(kind: str, cfg) -> dict:
     """megatron_spec.layer_spec keywords for a layer whose sequence mixer is `kind` (see models/config.py)."""
     if kind == "*":
         if cfg.attention == "mla":
-            from .megatron_mla import mla_attention_spec
+            from .mla import mla_attention_spec
 
             return {"self_attention": mla_attention_spec()}
         return {}

@@ -19,9 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import MoE
-from ..models.layers import SwiGLU
-from ..models.moe import (bias_step, capacity_slots, expert_capacity, load_balancing_loss, route, router_z_loss,
+from ...models import MoE
+from ...models.layers import SwiGLU
+from ...models.moe import (bias_step, capacity_slots, expert_capacity, load_balancing_loss, route, router_z_loss,
                           routing_entropy)
 
 

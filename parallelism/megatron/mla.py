@@ -2,7 +2,7 @@
 0.16.1's MLASelfAttention with megatron's column/row-parallel linears for the up and output projections,
 replicated latent down projections (LatentSelfAttention: megatron's own column-parallel ones give wrong
 RoPE-key gradients under TP), raytron's RMSNorm on the latents and raytron's SDPA core attention
-(parallelism/megatron_modules.py), so no Transformer Engine is needed.
+(parallelism/megatron/modules.py), so no Transformer Engine is needed.
 
 megatron-core computes the reference's math: q = [nope, rope] per head (from the query latent or the
 hidden state), `linear_kv_down_proj` gives [kv latent; shared RoPE key], `linear_kv_up_proj` gives
@@ -10,8 +10,8 @@ hidden state), `linear_kv_down_proj` gives [kv latent; shared RoPE key], `linear
 as the reference does (rope_type "rope", unfused: megatron-core's MLA fusion is for YaRN only), softmax
 scale 1/sqrt(nope + rope). Its MLATransformerConfig applies to the whole model, which is why `attention` is
 one field per model.
-The weight mapping is parallelism/megatron_mapping.py `_mla_pieces`; what the engine refuses with MLA
-(layouts, masks) is parallelism/megatron_blocks.py `mla_gaps`.
+The weight mapping is parallelism/megatron/mapping.py `_mla_pieces`; what the engine refuses with MLA
+(layouts, masks) is parallelism/megatron/blocks.py `mla_gaps`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .megatron_modules import RMSNorm, SDPACoreAttention
+from .modules import RMSNorm, SDPACoreAttention
 
 
 def mla_config_fields(cfg) -> dict:

@@ -4,16 +4,16 @@ A reference model is a pattern of pre-norm residual layers (`models/config.py`);
 TransformerLayer is one sequence mixer followed by one MLP/MoE layer. A pattern of (mixer, ffn) pairs
 maps onto one megatron layer per pair, block g holding reference layers 2g (mixer, its norm =
 `input_layernorm`) and 2g+1 (MLP/MoE, its norm = `pre_mlp_layernorm`); hybrid mixers (sliding-window,
-block-sparse, Gated DeltaNet, Mamba2) come from parallelism/megatron_hybrid.py, the pattern rules and
-pipeline split from parallelism/megatron_blocks.py. Anything else (unpaired patterns, routing options
-megatron-core computes otherwise, parallelism/layout_rules.py `megatron_router_gaps`) is refused with the
+block-sparse, Gated DeltaNet, Mamba2) come from parallelism/megatron/hybrid.py, the pattern rules and
+pipeline split from parallelism/megatron/blocks.py. Anything else (unpaired patterns, routing options
+megatron-core computes otherwise, parallelism/megatron/support.py `moe_gaps`) is refused with the
 reason, so no run trains a different model than the reference.
 
 Modules: megatron's SelfAttention (QKV/projection as Column/RowParallelLinear) with our SDPA core
 attention, megatron's MLP / MoELayer (SequentialMLP's experts as grouped GEMMs, all-to-all dispatcher) with our router
-and our sequence-parallel RMSNorm (parallelism/megatron_modules.py). With train.precision fp8 the
+and our sequence-parallel RMSNorm (parallelism/megatron/modules.py). With train.precision fp8 the
 attention, MLP and shared-expert linears and the grouped experts are the FP8 ones of
-parallelism/megatron_fp8.py (same parameters, so mapping and checkpoints are unchanged).
+parallelism/megatron/fp8.py (same parameters, so mapping and checkpoints are unchanged).
 """
 
 from __future__ import annotations
@@ -37,24 +37,24 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (TransformerLayer, TransformerLayerSubmodules,
                                                          get_transformer_layer_offset)
 
-from .layout_rules import megatron_router_gaps
-from .megatron_kernels import install_wgrad_accumulation_fusion
-from .megatron_blocks import UnsupportedArchitecture, blocks, mla_model_refusal, pipeline_split
-from .megatron_hybrid import self_attention_spec
-from .megatron_modules import (GroupedMLPExperts, ReferenceRouter, RMSNorm, SDPACoreAttention, allow_moe_without_te,
-                               install_fused_cross_entropy, install_fused_rope, install_fused_swiglu)
+from .kernels import install_wgrad_accumulation_fusion
+from .blocks import UnsupportedArchitecture, blocks, mla_model_refusal, pipeline_split
+from .hybrid import self_attention_spec
+from .support import moe_gaps
+from .modules import (GroupedMLPExperts, ReferenceRouter, RMSNorm, SDPACoreAttention, allow_moe_without_te,
+                      install_fused_cross_entropy, install_fused_rope, install_fused_swiglu)
 
 
 def check_supported(cfg) -> bool:
     """Whether cfg maps onto megatron layers; returns True for MoE models. Raises UnsupportedArchitecture.
-    Layer patterns: parallelism/megatron_blocks.py ((mixer, ffn) pairs, hybrids included)."""
+    Layer patterns: parallelism/megatron/blocks.py ((mixer, ffn) pairs, hybrids included)."""
     pattern = cfg.layer_pattern()
     blocks(cfg)
     refusal = mla_model_refusal(cfg)  # latent attention on masked layers
     if refusal is not None:
         raise refusal
     moe = "E" in pattern
-    for field, reason in megatron_router_gaps(cfg):
+    for field, reason in moe_gaps(cfg):  # support.MOE_LIMITS, the table plan reads
         raise UnsupportedArchitecture(f"{field}: {reason}")
     return moe
 
@@ -80,11 +80,11 @@ def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, z_loss_coef:
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp, sequence_parallel=layout.tp > 1,
-        # on GPU: RoPE, SwiGLU (MLP) and cross-entropy through ours (megatron_modules.py), residual adds and
+        # on GPU: RoPE, SwiGLU (MLP) and cross-entropy through ours (megatron/modules.py), residual adds and
         # the experts' weighted SwiGLU through megatron's torch.compile'd fusions
         bias_activation_fusion=on_gpu and install_fused_swiglu(), bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
         apply_rope_fusion=on_gpu and install_fused_rope(),
-        # weight gradients accumulate into the fp32 main_grad inside the GEMM (megatron_kernels.py)
+        # weight gradients accumulate into the fp32 main_grad inside the GEMM (megatron/kernels.py)
         gradient_accumulation_fusion=on_gpu and install_wgrad_accumulation_fusion(),
         persist_layer_norm=False, cross_entropy_loss_fusion=on_gpu,
         cross_entropy_fusion_impl="te" if on_gpu and install_fused_cross_entropy() else "native",
@@ -110,10 +110,10 @@ def transformer_config(cfg, layout, *, aux_loss_coef: float = 0.01, z_loss_coef:
             moe_shared_expert_intermediate_size=(cfg.moe_ffn_dim * cfg.shared_experts or None),
             **router_fields(cfg, z_loss_coef))
         allow_moe_without_te()
-    if cfg.attention == "mla":  # multi-head latent attention (parallelism/megatron_mla.py)
+    if cfg.attention == "mla":  # multi-head latent attention (parallelism/megatron/mla.py)
         from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-        from .megatron_mla import mla_config_fields
+        from .mla import mla_config_fields
 
         return MLATransformerConfig(**{**kwargs, **mla_config_fields(cfg)})
     return TransformerConfig(**kwargs)
@@ -123,7 +123,7 @@ def router_fields(cfg, z_loss_coef: float) -> dict:
     """TopKRouter fields of the reference's routing options (models/moe.py `route`): sigmoid scores, the
     aux-loss-free bias (megatron-core updates it in finalize_model_grads from the step's token counts
     all-reduced over TP x CP x DP, the reference's rule), node/device-limited groups, the routed scaling
-    factor and the z-loss. What it would compute otherwise is refused (megatron_router_gaps). Sigmoid
+    factor and the z-loss. What it would compute otherwise is refused (support.py moe_gaps). Sigmoid
     routers always hold the bias (rate 0 keeps it fixed), so a bias loaded from a checkpoint still routes."""
     groups = cfg.n_group > 1
     return dict(
@@ -137,7 +137,7 @@ def router_fields(cfg, z_loss_coef: float) -> dict:
 def recompute_fields(recompute: str) -> dict:
     """TransformerConfig fields of train.recompute. `selective`: megatron's core-attention recompute (our
     SDPA / masked cores inside its SelfAttention; the Gated DeltaNet and Mamba2 mixers read the same switch
-    for their chunked cores, parallelism/megatron_hybrid.py `_LinearMixer._core`); `full`: every
+    for their chunked cores, parallelism/megatron/hybrid.py `_LinearMixer._core`); `full`: every
     TransformerLayer from its input, one layer per checkpoint."""
     if recompute == "none":
         return {}
@@ -149,9 +149,9 @@ def recompute_fields(recompute: str) -> dict:
 
 
 def _linears(precision: str) -> tuple[type, type]:
-    """(column, row) parallel linear classes of train.precision (FP8: parallelism/megatron_fp8.py)."""
+    """(column, row) parallel linear classes of train.precision (FP8: parallelism/megatron/fp8.py)."""
     if precision == "fp8":
-        from .megatron_fp8 import FP8ColumnParallelLinear, FP8RowParallelLinear
+        from .fp8 import FP8ColumnParallelLinear, FP8RowParallelLinear
 
         return FP8ColumnParallelLinear, FP8RowParallelLinear
     if precision != "bf16":
@@ -167,7 +167,7 @@ def _linear_mlp(precision: str = "bf16") -> MLPSubmodules:
 def layer_spec(moe: bool, self_attention: ModuleSpec | None = None, core_attention=SDPACoreAttention,
                precision: str = "bf16") -> ModuleSpec:
     """One megatron TransformerLayer: RMSNorm -> attention (SDPA core) -> RMSNorm -> MLP or MoE. Hybrid
-    layers (parallelism/megatron_hybrid.py) give another `self_attention` or a masked `core_attention`.
+    layers (parallelism/megatron/hybrid.py) give another `self_attention` or a masked `core_attention`.
     precision fp8: QKV, projection, MLP and shared-expert linears and the grouped experts in FP8."""
     column, row = _linears(precision)
     attention = self_attention or ModuleSpec(
@@ -178,7 +178,7 @@ def layer_spec(moe: bool, self_attention: ModuleSpec | None = None, core_attenti
     if moe:
         experts = GroupedMLPExperts
         if precision == "fp8":
-            from .megatron_fp8 import FP8GroupedMLPExperts as experts
+            from .fp8 import FP8GroupedMLPExperts as experts
         mlp = ModuleSpec(module=MoELayer, submodules=MoESubmodules(
             # the per-expert linears stay bf16: they run only where the grouped path does not apply
             experts=ModuleSpec(module=experts, submodules=_linear_mlp()),

@@ -1,11 +1,11 @@
-"""Layout-independent checkpoint state of the megatron engine (same contract as parallelism/ds_state.py).
+"""Layout-independent checkpoint state of the megatron engine (same contract as parallelism/deepspeed/state.py).
 
 Saved: every reference parameter's full fp32 master value and full Adam moments (`exp_avg`,
 `exp_avg_sq`) under its *reference* name (MoE experts stay stacked `[E, ...]` as in the reference
 model), plus the optimizer step, the engine's step count and the routing biases of sigmoid routers
 (`buffers`, reference names, as the deepspeed engine saves them). Nothing is stored in megatron's TP/PP/EP
 shard or distributed-optimizer bucket form, so a checkpoint loads under any TP/PP/EP/CP/DP layout:
-`load_state` cuts the reference tensors with the weight mapping (parallelism/megatron_mapping.py) and
+`load_state` cuts the reference tensors with the weight mapping (parallelism/megatron/mapping.py) and
 each rank takes its distributed-optimizer range.
 
 Which megatron-core 0.16.1 API: the per-parameter accessors of `DistributedOptimizer`
@@ -36,9 +36,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
-from .megatron_kernels import new_step_counter
-from .megatron_mapping import Piece, to_megatron
+from ..checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
+from .kernels import new_step_counter
+from .mapping import Piece, to_megatron
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 SECTIONS = ("params", *MOMENTS)
@@ -79,7 +79,7 @@ def _named_params(engine):
 
 
 def _reference_shapes(engine) -> dict[str, torch.Size]:
-    from .. import models
+    from ... import models
 
     with torch.device("meta"):
         model = models.build(engine.spec.model.family, engine.spec.model.flavor, **engine.spec.model.overrides)
@@ -180,7 +180,7 @@ def _snapshot_biases(engine) -> dict[str, torch.Tensor]:
 
     if ps.get_tensor_model_parallel_rank() or ps.get_data_parallel_rank(with_context_parallel=True):
         return {}
-    from .megatron_engine import unwrapped_buffers
+    from .engine import unwrapped_buffers
 
     return {ref: unwrapped_buffers(chunk)[name].detach().float().cpu().clone()
             for chunk, names in zip(engine.chunks, engine.buffers) for name, ref in names.items()}

@@ -1,7 +1,7 @@
 """The pieces language of the megatron weight mapping: a megatron tensor of one rank is a list of
 `Piece`s, slices of reference tensors concatenated along one dimension. The attention/MLP mapping
-(parallelism/megatron_mapping.py) and the linear-sequence mixers' mapping
-(parallelism/megatron_hybrid_mapping.py) both speak it; it imports neither.
+(parallelism/megatron/mapping.py) and the linear-sequence mixers' mapping
+(parallelism/megatron/hybrid_mapping.py) both speak it; it imports neither.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Same interface as DeepSpeedEngine: `MegatronEngine(spec, layout, rank, world)`, 
 -> StepMetrics`, `eval_loss`, `after_step`, `model_cfg`. Parallel groups come from megatron's
 parallel_state initialized with the layout's order (`tp-cp-ep-dp-pp`) and are checked against
 `ParallelLayout.groups`, so the launcher's placement and megatron agree. Weights start from the
-reference model (same seed => same weights as every other engine) through parallelism/megatron_mapping.py.
+reference model (same seed => same weights as every other engine) through parallelism/megatron/mapping.py.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import os
 import torch
 import torch.distributed as dist
 
-from .. import models
-from .deepspeed_engine import StepMetrics
-from .layout_rules import engine_gaps
-from .megatron_kernels import install_multi_tensor_kernels, use_fused_adam
-from .megatron_mapping import (ChunkCoords, buffer_pieces, chunk_buffers, chunk_pieces, from_megatron, tied_aliases,
-                               to_megatron)
-from .megatron_modules import ReferenceRouter, split_for_context_parallel
-from .megatron_spec import build_model_chunks, transformer_config
-from .schedule import lr_multiplier
+from ... import models
+from ..engines import Engine, StepMetrics
+from ..layout_rules import engine_gaps
+from .kernels import install_multi_tensor_kernels, use_fused_adam
+from .mapping import (ChunkCoords, buffer_pieces, chunk_buffers, chunk_pieces, from_megatron, tied_aliases,
+                      to_megatron)
+from .modules import ReferenceRouter, split_for_context_parallel
+from .spec import build_model_chunks, transformer_config
+from ..schedule import lr_multiplier
 
 
 def init_parallel_state(layout, rank: int) -> None:
@@ -92,7 +92,7 @@ def unwrapped_buffers(chunk) -> dict[str, torch.Tensor]:
     return out
 
 
-class MegatronEngine:
+class MegatronEngine(Engine):
     """build(spec, layout) -> engine; train_step(micro_batches) -> StepMetrics; eval_loss(batches)."""
 
     def __init__(self, spec, layout, rank: int, world_size: int, init_from_reference: bool = True):
@@ -119,7 +119,7 @@ class MegatronEngine:
         model_parallel_cuda_manual_seed(spec.train.seed)
         precision = "fp8" if getattr(spec.train, "precision", "auto") == "fp8" else "bf16"  # linear-layer GEMMs
         if precision == "fp8":
-            from ..ops.fp8 import check_fast_path
+            from ...ops.fp8 import check_fast_path
 
             check_fast_path(self.device)  # plan cannot see the GPUs: refuse pre-Ada ones before building
         chunks = build_model_chunks(self.model_cfg, self.tcfg, spec.train.seq_len, precision)

@@ -4,44 +4,24 @@ bf16 (fp32 master weights), optionally with ZeRO-Offload.
 Runs on CPU over gloo (DS_ACCELERATOR=cpu) as well as on GPUs over NCCL. Expert parallelism folds over
 data parallelism the DeepSpeed way: EP groups are consecutive ranks, rank r holds the experts of EP
 rank r % ep. The engine's checkpoint state is expressed in *reference parameter names* with full
-(unsharded) tensors, so it loads under any DP/EP layout (see parallelism/ds_state.py).
+(unsharded) tensors, so it loads under any DP/EP layout (see parallelism/deepspeed/state.py).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .. import models
-from ..models.transformer import SEQUENCE_MIXERS
-from .deepspeed_moe import DeepSpeedMoE, swap_moe_layers
-from .layout_rules import engine_gaps, resolved_precision
-from .schedule import lr_multiplier
-
-
-@dataclass
-class StepMetrics:
-    loss: float  # mean language-model loss over the global batch
-    aux_loss: float  # mean MoE load-balancing loss (0 without MoE)
-    grad_norm: float
-    lr: float
-    tokens: int  # tokens in the global batch
-    expert_load: list[float] | None = None  # fraction of assignments per expert, summed over MoE layers
-    router_entropy: float | None = None  # mean over MoE layers and tokens of the routing distribution's entropy
-    z_loss: float = 0.0  # mean router z-loss (summed over MoE layers; unweighted)
-    expert_bias: list[list[float]] | None = None  # aux-loss-free routing bias per MoE layer (sigmoid routers)
-
-    @property
-    def load_max_over_mean(self) -> float | None:
-        """Busiest expert's share of the (layer-summed) load over the mean share; 1.0 is perfectly even."""
-        if not self.expert_load:
-            return None
-        return max(self.expert_load) * len(self.expert_load) / max(sum(self.expert_load), 1e-30)
+from ... import models
+from ...models.transformer import SEQUENCE_MIXERS
+from ..engines import Engine, StepMetrics
+from .moe import DeepSpeedMoE, swap_moe_layers
+from ..layout_rules import engine_gaps, resolved_precision
+from ..schedule import lr_multiplier
 
 
 def _ds_config(spec, layout) -> dict:
@@ -113,7 +93,7 @@ def _zero_clips(layout) -> bool:
     return layout.zero_stage > 0
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     """build(spec, layout) -> engine; train_step(micro_batches) -> StepMetrics; eval_loss(batches)."""
 
     def __init__(self, spec, layout, rank: int, world_size: int):
@@ -293,12 +273,18 @@ class DeepSpeedEngine:
     def load_reference(self, ref_sd: dict[str, torch.Tensor]) -> None:
         """Load a reference state dict (stacked experts, as models.Transformer.state_dict()) into the
         model and ZeRO's fp32 masters; this rank keeps its experts. Buffers of the same name follow."""
-        from .ds_state import load_params, split_experts
+        from .state import load_params, split_experts
 
         load_params(self, split_experts(ref_sd))
         for name, buf in self.module.named_buffers():
             if name in ref_sd:
                 buf.copy_(ref_sd[name])
+
+    def export_reference(self) -> dict[str, torch.Tensor]:
+        """Full reference state dict (fp32 masters, stacked experts) on every rank. Collective."""
+        from .state import export_reference
+
+        return export_reference(self)
 
     def after_step(self) -> None:
         """Nothing to do: the routing biases are updated at the end of train_step, as megatron-core does."""

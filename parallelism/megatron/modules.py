@@ -30,9 +30,9 @@ from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl, swiglu, we
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.router import TopKRouter
 
-from ..models.moe import routing_entropy
-from ..ops import swiglu as swiglu_op
-from ..ops.moe import grouped_mm_supported, segment_mm
+from ...models.moe import routing_entropy
+from ...ops import swiglu as swiglu_op
+from ...ops.moe import grouped_mm_supported, segment_mm
 
 
 def allow_moe_without_te() -> None:
@@ -213,7 +213,7 @@ class GroupedMLPExperts(SequentialMLP):
     not apply: one local expert, expert-TP > 1 (the per-expert linears then own collectives), fp8/fp4,
     probabilities applied on the input, or dtypes/alignments torch._grouped_mm refuses."""
 
-    segment_mm = staticmethod(segment_mm)  # the FP8 experts (megatron_fp8.py) swap in their own
+    segment_mm = staticmethod(segment_mm)  # the FP8 experts (megatron/fp8.py) swap in their own
 
     def forward(self, hidden, tokens_per_expert, permuted_probs):
         fc1 = [e.linear_fc1.weight for e in self.local_experts]

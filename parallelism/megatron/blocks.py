@@ -1,6 +1,6 @@
 """How a reference layer pattern becomes megatron-core TransformerLayers, and what the megatron engine
 refuses about it. Pure arithmetic on the model config and the layout (no megatron import), so `plan`
-(parallelism/layout_rules.py `engine_gaps`) and the engine (parallelism/megatron_spec.py) share it.
+(parallelism/megatron/support.py, the table `plan` reads) and the engine (parallelism/megatron/spec.py) share it.
 
 A megatron TransformerLayer is one sequence mixer followed by one MLP/MoE, each pre-norm residual: the
 pattern must be a sequence of (mixer, ffn) pairs, mixer in `*` attention, `W` sliding-window attention,
@@ -98,7 +98,7 @@ def megatron_pattern_gaps(cfg, layout, precision: str = "bf16") -> list[tuple[st
 
 def mla_gaps(cfg, layout, precision: str = "bf16") -> list[tuple[str, str]]:
     """(field, reason) for what the megatron engine cannot run with multi-head latent attention
-    (`attention: mla`, parallelism/megatron_mla.py) under `layout` and train.precision `precision`."""
+    (`attention: mla`, parallelism/megatron/mla.py) under `layout` and train.precision `precision`."""
     if cfg.attention != "mla":
         return []
     gaps = [(exc.field, exc.reason) for exc in [mla_model_refusal(cfg)] if exc is not None]

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .megatron_hybrid_mapping import mixer_pieces
-from .megatron_pieces import Piece, column, row, shard, whole
+from .hybrid_mapping import mixer_pieces
+from .pieces import Piece, column, row, shard, whole
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _qkv(cfg, prefix: str, tp: int, rank: int) -> list[Piece]:
 
 
 def _mla_pieces(cfg, prefix: str, tp: int, rank: int) -> dict[str, list[Piece]]:
-    """Multi-head latent attention (models/mla.py) as megatron's MLASelfAttention (parallelism/megatron_mla.py):
+    """Multi-head latent attention (models/mla.py) as megatron's MLASelfAttention (parallelism/megatron/mla.py):
     the up projections and `linear_proj` split by heads like attention's, the latent down projections and
     norms replicated over TP."""
     h, qk = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
@@ -86,7 +86,7 @@ def _block_pieces(cfg, g: int, c: ChunkCoords) -> dict[str, list[Piece]]:
     attn, ffn = f"layers.{2 * g}", f"layers.{2 * g + 1}"
     out = {"input_layernorm.weight": [whole(f"{attn}.norm.weight", cfg.dim)],
            "pre_mlp_layernorm.weight": [whole(f"{ffn}.norm.weight", cfg.dim)]}
-    if cfg.layer_pattern()[2 * g] in "GM":  # linear-sequence mixers: parallelism/megatron_hybrid_mapping.py
+    if cfg.layer_pattern()[2 * g] in "GM":  # linear-sequence mixers: parallelism/megatron/hybrid_mapping.py
         mixer = mixer_pieces(cfg, cfg.layer_pattern()[2 * g], f"{attn}.mixer", c.tp, c.tp_rank)
         out.update({f"self_attention.{k}": v for k, v in mixer.items()})
     elif cfg.attention == "mla":

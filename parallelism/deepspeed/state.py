@@ -22,8 +22,9 @@ import re
 
 import torch
 
-from .checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
-from .deepspeed_moe import reference_name
+from ... import models
+from ..checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
+from .moe import reference_name
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _STACKED = re.compile(r"\.mixer\.(w_gate|w_up|w_down)$")  # MoE experts; dense SwiGLU names end in .weight
@@ -192,3 +193,42 @@ def _init_optimizer_state(engine, step: int) -> None:
             "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format),
         }
     _link_views(engine)
+
+
+def export_reference(engine) -> dict:
+    """The full reference state dict (stacked experts, persistent buffers, tied aliases, zero routing biases) on
+    every rank: each rank's reference-named part (`gather_state`) exchanged with all_gather_object.
+    Collective; meant for tests and small scales, not for checkpoints."""
+    tensors, _ = gather_state(engine)
+    persistent = set(engine.module.state_dict().keys())
+    mine = {**tensors["params"], **{n: b for n, b in tensors.get("buffers", {}).items() if n in persistent}}
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, mine)
+    out = join_experts({k: v for part in parts for k, v in part.items()})
+    with torch.device("meta"):
+        reference = models.Transformer(engine.model_cfg).state_dict()
+    for name, ref in reference.items():
+        if name in out:
+            continue
+        if name.endswith("router.expert_bias"):  # DeepSpeed-MoE has no routing bias (support.py refuses one)
+            out[name] = torch.zeros(ref.shape, dtype=ref.dtype)
+        elif name == "output.weight" and engine.model_cfg.tie_embeddings:
+            out[name] = out["embed.weight"]
+    missing = sorted(set(reference) - set(out))
+    if missing:
+        raise RuntimeError(f"export_reference: the engine holds no tensor for {missing[:5]}")
+    return out
+
+
+def join_experts(state: dict) -> dict:
+    """Inverse of `split_experts`: experts one by one (`name#e`) -> stacked [experts, ...] tensors."""
+    out, experts = {}, {}
+    for key, value in state.items():
+        name, sep, expert = key.partition("#")
+        if sep:
+            experts.setdefault(name, {})[int(expert)] = value
+        else:
+            out[key] = value
+    for name, per_expert in experts.items():
+        out[name] = torch.stack([per_expert[e] for e in sorted(per_expert)])
+    return out

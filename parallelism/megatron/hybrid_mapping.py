@@ -1,6 +1,6 @@
 """Weight mapping of the linear-sequence mixers (Gated DeltaNet `G`, Mamba2 `M`) between the reference
-(models/gated_deltanet.py, models/mamba2.py) and their megatron twins (parallelism/megatron_hybrid.py),
-in the pieces language of parallelism/megatron_pieces.py. Names are relative to the mixer: reference
+(models/gated_deltanet.py, models/mamba2.py) and their megatron twins (parallelism/megatron/hybrid.py),
+in the pieces language of parallelism/megatron/pieces.py. Names are relative to the mixer: reference
 `layers.{i}.mixer.*`, megatron `decoder.layers.{j}.self_attention.*`.
 
 TP rank r of tp holds heads [r*H/tp, (r+1)*H/tp) (I = H*d channels in all, I_r = I/tp of them here):
@@ -15,7 +15,7 @@ TP rank r of tp holds heads [r*H/tp, (r+1)*H/tp) (I = H*d channels in all, I_r =
 
 from __future__ import annotations
 
-from .megatron_pieces import Piece, row, shard
+from .pieces import Piece, row, shard
 
 
 def _rows(ref: str, offset: int, count: int, parts: int, rank: int) -> Piece:

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from ..ops.fp8 import default_impl, fp8_linear_backward, fp8_linear_forward, fp8_segment_mm
-from .megatron_modules import GroupedMLPExperts
+from ...ops.fp8 import default_impl, fp8_linear_backward, fp8_linear_forward, fp8_segment_mm
+from .modules import GroupedMLPExperts
 
 
 def _gather_tokens(x: torch.Tensor, group) -> torch.Tensor:

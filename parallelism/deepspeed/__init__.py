@@ -1,0 +1,1 @@
+"""The deepspeed engine (engine.py) and what it supports (support.py, imports no DeepSpeed)."""
