@@ -201,6 +201,12 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     return obj
 
 
+def field_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of a config dataclass's fields (those without one left out): what a stand-in config
+    built in code (benchmarks, GPU test programs) starts from, so it carries every field the real one has."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
 def to_dict(obj: Any) -> Any:
     """Plain-data form of a config dataclass (tuples become lists), for YAML/JSON records."""
     if dataclasses.is_dataclass(obj):

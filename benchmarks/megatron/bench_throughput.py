@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import statistics
@@ -139,23 +138,19 @@ def megatron_as_shipped():
          mlp.bias_swiglu_impl) = saved_kernels
 
 
-def _defaults(cls) -> dict:
-    """The defaults of a job-config dataclass: a stand-in spec carries every field a real one has."""
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-
-
 def make_spec(family, flavor, overrides, gbs, mbs, overlap: bool = False, overlap_moe: bool = False,
               recompute: str = "none", precision: str = "bf16"):
     """A job spec for the engine without a YAML: the config's defaults, this benchmark's training
     settings (mutable, so fp8_parity.py can change steps and LR)."""
     from raytron.config.spec import ResourcesSpec, TrainSpec
+    from raytron.typed import field_defaults
 
-    train = SimpleNamespace(**{**_defaults(TrainSpec), **dict(
+    train = SimpleNamespace(**{**field_defaults(TrainSpec), **dict(
         seed=1234, seq_len=SEQ, lr=3e-4, min_lr=3e-4, warmup_steps=0, steps=10**6, weight_decay=0.1,
         grad_clip=1.0, aux_loss_coef=0.01, global_batch_size=gbs, micro_batch_size=mbs,
         overlap_grad_reduce=overlap, overlap_moe_comm=overlap_moe, recompute=recompute, precision=precision)})
     return SimpleNamespace(model=SimpleNamespace(family=family, flavor=flavor, overrides=overrides), train=train,
-                           resources=SimpleNamespace(**{**_defaults(ResourcesSpec), "use_gpu": True}))
+                           resources=SimpleNamespace(**{**field_defaults(ResourcesSpec), "use_gpu": True}))
 
 
 def _sync_points(engine, micro) -> dict[str, int]:

@@ -21,7 +21,7 @@ from ..engines import Engine, StepMetrics
 from ..layout_rules import engine_gaps
 from .kernels import install_multi_tensor_kernels, use_fused_adam
 from .mapping import (ChunkCoords, buffer_pieces, chunk_buffers, chunk_pieces, from_megatron, tied_aliases,
-                      to_megatron)
+                      to_megatron, unwrapped_buffers)
 from .modules import ReferenceRouter, split_for_context_parallel
 from .spec import build_model_chunks, transformer_config
 from ..schedule import lr_multiplier
@@ -80,16 +80,6 @@ def chunk_coords(chunk, layout) -> ChunkCoords:
                        tp=layout.tp, tp_rank=ps.get_tensor_model_parallel_rank(),
                        ep=layout.ep, ep_rank=ps.get_expert_model_parallel_rank(),
                        etp=layout.etp, etp_rank=ps.get_expert_tensor_parallel_rank())
-
-
-def unwrapped_buffers(chunk) -> dict[str, torch.Tensor]:
-    """A chunk's buffers named inside its GPTModel, whatever wraps it (DDP, Float16Module: `module.`)."""
-    out = {}
-    for name, buf in chunk.named_buffers():
-        while name.startswith("module."):
-            name = name[len("module."):]
-        out[name] = buf
-    return out
 
 
 class MegatronEngine(Engine):

@@ -133,6 +133,16 @@ def chunk_buffers(cfg, c: ChunkCoords) -> dict[str, str]:
             for local, g in enumerate(c.blocks) if pattern[2 * g + 1] == "E"}
 
 
+def unwrapped_buffers(chunk) -> dict[str, torch.Tensor]:
+    """A chunk's buffers named inside its GPTModel, whatever wraps it (DDP, Float16Module: `module.`)."""
+    out = {}
+    for name, buf in chunk.named_buffers():
+        while name.startswith("module."):
+            name = name[len("module."):]
+        out[name] = buf
+    return out
+
+
 def buffer_pieces(cfg, buffers: dict[str, str]) -> dict[str, list[Piece]]:
     """`chunk_buffers` as whole-tensor pieces, for `from_megatron`."""
     return {name: [whole(ref, cfg.num_experts)] for name, ref in buffers.items()}

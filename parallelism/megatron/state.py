@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from ..checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
 from .kernels import new_step_counter
-from .mapping import Piece, to_megatron
+from .mapping import Piece, to_megatron, unwrapped_buffers
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 SECTIONS = ("params", *MOMENTS)
@@ -180,8 +180,6 @@ def _snapshot_biases(engine) -> dict[str, torch.Tensor]:
 
     if ps.get_tensor_model_parallel_rank() or ps.get_data_parallel_rank(with_context_parallel=True):
         return {}
-    from .engine import unwrapped_buffers
-
     return {ref: unwrapped_buffers(chunk)[name].detach().float().cpu().clone()
             for chunk, names in zip(engine.chunks, engine.buffers) for name, ref in names.items()}
 

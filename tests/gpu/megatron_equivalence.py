@@ -64,12 +64,15 @@ FAMILIES = {"dense": ("dense", "debug", {}), "moe": ("moe", "debug", {}),
 
 
 def make_spec(family: str, steps: int) -> SimpleNamespace:
+    from raytron.config.spec import ResourcesSpec, TrainSpec
+    from raytron.typed import field_defaults
+
     fam, flavor, overrides = FAMILIES[family]
-    train = SimpleNamespace(seed=1234, seq_len=SEQ, lr=3e-3, min_lr=3e-3, warmup_steps=0, steps=steps,
-                            weight_decay=0.1, grad_clip=1.0, aux_loss_coef=0.01,
-                            global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH)
+    train = SimpleNamespace(**{**field_defaults(TrainSpec), **dict(
+        seed=1234, seq_len=SEQ, lr=3e-3, min_lr=3e-3, warmup_steps=0, steps=steps, weight_decay=0.1, grad_clip=1.0,
+        aux_loss_coef=0.01, global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH)})
     return SimpleNamespace(model=SimpleNamespace(family=fam, flavor=flavor, overrides=overrides), train=train,
-                           resources=SimpleNamespace(use_gpu=True))
+                           resources=SimpleNamespace(**{**field_defaults(ResourcesSpec), "use_gpu": True}))
 
 
 def global_batch(step: int, vocab: int) -> torch.Tensor:

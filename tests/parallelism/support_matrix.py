@@ -105,14 +105,14 @@ def base_value(base: Combo, cfg, field: str):
 
 @functools.cache
 def _base_spec(engine: str):
-    from raytron.launcher.spec import load_spec
+    from raytron.config.spec import load_spec
 
     return load_spec(CONFIG, Combo(engine, "dense", "debug").overrides())
 
 
 def judge(combo: Combo) -> Verdict:
     """What `plan` (layout rules: exit 2) and `submit` (engine gaps too) say of the combination."""
-    from raytron.launcher.spec import load_spec
+    from raytron.config.spec import load_spec
     from raytron.launcher.validate import validate_job
     from raytron.typed import ConfigError
 
@@ -164,11 +164,13 @@ def gpu_proofs() -> list[tuple[str, dict]]:
             flags = {f"train.{o}": True for o in options}
             proofs.append((f"gpu equivalence {name}/{fam}",
                            {"model": _config(family, flavor, overrides), **_layout(fields), **flags}))
-    cpu_cases = [(f"megatron CPU step {n}", c, "none") for n, c in {**st.CASES, **st.CASES_4}.items()]
+    cpu_cases = [(f"megatron CPU step {n}", c, "none")
+                 for n, c in {**st.CASES, **st.CASES_4, **st.ROUTER_CASES}.items()]
     cpu_cases += [(f"megatron CPU recompute {n} {m}", c, m) for n, c in st.RECOMPUTE_CASES.items()
                   for m in ("selective", "full") if not (m == "full" and c[2].get("overlap_moe"))]
     for name, (family, overrides, fields), recompute in cpu_cases:
         fields = dict(fields)
+        fields.pop("z_loss", None)  # train.router_z_loss_coef, not a layout size
         flags = {"train.overlap_grad_reduce": fields.pop("overlap", None) == "wired",
                  "train.overlap_moe_comm": bool(fields.pop("overlap_moe", False))}
         proofs.append((name, {"model": _config(family, "debug", overrides), **_layout(fields), **flags,
@@ -178,6 +180,21 @@ def gpu_proofs() -> list[tuple[str, dict]]:
         proofs.append(("gpu_precision.sh fp8 submit/resume", {"model": _config("moe", "debug", {}),
                                                               "train.precision": "fp8"}))
     return proofs
+
+
+AWAITING_GPU_SUITE = frozenset(
+    [f"megatron/moe/debug-sigmoid/{o}" for o in (
+        "base", "layout.tp=2", "layout.pp=2", "layout.cp=2", "layout.ep=2", "layout.etp=2", "train.precision=bf16",
+        "train.precision=fp8", "train.recompute=selective", "train.recompute=full", "train.overlap_grad_reduce=True",
+        "train.overlap_moe_comm=True", "model.overrides.bias_update_rate=0.0", "model.overrides.bias_update_rate=0.001")]
+    + [f"megatron/moe/debug-mla/{o}" for o in (
+        "layout.pp=2", "layout.etp=2", "train.overlap_grad_reduce=True", "train.overlap_moe_comm=True",
+        "model.overrides.router=sigmoid", "model.overrides.norm_topk=False")]
+    + ["megatron/moe/debug/model.overrides.router=sigmoid"])
+"""Accepted megatron combinations no suite runs at exactly this model yet: the sigmoid router and MLA are proven
+by the megatron CPU step cases at other widths (test_megatron_step.py ROUTER_CASES, the MLA cases and
+test_megatron_mla.py), and these flavor x option rows are queued for the GPU suite's next multi-GPU call. The
+test fails on any other unproven combination, and on a listed one that a suite now runs (drop it here)."""
 
 
 def _config(family: str, flavor: str, overrides: dict):
