@@ -42,6 +42,22 @@ class StepMetrics:
         return max(self.expert_load) * len(self.expert_load) / max(sum(self.expert_load), 1e-30)
 
 
+def paired_document_ids(micro_batches: list[torch.Tensor], document_ids: list[torch.Tensor] | None) -> list:
+    """One document-id tensor (or None) per micro-batch: the engines' `document_ids` argument (the packed
+    documents of data.reset_at_documents, data_pipeline's micro_batch_document_ids) checked against the
+    micro-batches it must match token for token."""
+    if document_ids is None:
+        return [None] * len(micro_batches)
+    if len(document_ids) != len(micro_batches):
+        raise ValueError(f"document_ids: got {len(document_ids)} tensors for {len(micro_batches)} micro-batches; "
+                         "pass one per micro-batch (data_pipeline's micro_batch_document_ids) or None")
+    for i, (batch, ids) in enumerate(zip(micro_batches, document_ids)):
+        if tuple(ids.shape) != tuple(batch.shape):
+            raise ValueError(f"document_ids[{i}]: shape {tuple(ids.shape)}, its micro-batch is {tuple(batch.shape)}; "
+                             "they must match token for token")
+    return list(document_ids)
+
+
 def _ds_config(spec, layout) -> dict:
     """DeepSpeed's config. bf16 keeps fp32 master weights and Adam state in ZeRO's partitions. ZeRO-Offload
     moves those partitions to host memory (and the parameters under ZeRO-3); the host step runs the same
@@ -152,19 +168,23 @@ class DeepSpeedEngine:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def _forward_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """batch [mbs, seq+1] -> (LM loss, aux loss) for this micro-batch."""
+    def _forward_loss(self, batch: torch.Tensor, doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch [mbs, seq+1] -> (LM loss, aux loss) for this micro-batch; doc_ids [mbs, seq+1] (or None)
+        keeps its packed documents apart (models.Transformer.forward)."""
         batch = batch.to(self.device)
         tokens, targets = batch[:, :-1], batch[:, 1:]
-        logits = self.engine(tokens)
+        docs = None if doc_ids is None else doc_ids[:, :-1].to(self.device)
+        logits = self.engine(tokens, doc_ids=docs)
         lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         aux = [m.last_aux_loss for m in self.module.modules()
                if getattr(m, "last_aux_loss", None) is not None and m is not self.module]
         aux_total = torch.stack(aux).sum() if aux else torch.zeros((), device=lm.device)
         return lm, aux_total
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> StepMetrics:
-        """One optimizer step over this rank's micro-batches (len == grad_accum)."""
+    def train_step(self, micro_batches: list[torch.Tensor], document_ids: list[torch.Tensor] | None = None) -> StepMetrics:
+        """One optimizer step over this rank's micro-batches (len == grad_accum); `document_ids` (one per
+        micro-batch, or None) keeps packed documents apart (data.reset_at_documents)."""
+        docs = paired_document_ids(micro_batches, document_ids)
         if len(micro_batches) != self.layout.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, layout needs {self.layout.grad_accum}")
         self.engine.train()
@@ -173,7 +193,7 @@ class DeepSpeedEngine:
         load = entropy = grad_norm = None
         lr = self.scheduler.get_last_lr()[0]
         for i, batch in enumerate(micro_batches):
-            lm, aux = self._forward_loss(batch)
+            lm, aux = self._forward_loss(batch, docs[i])
             self.engine.backward(lm + self.spec.train.aux_loss_coef * aux)  # all-reduces at the GA boundary
             lm_sum += lm.detach().double().cpu()
             aux_sum += aux.detach().double().cpu()
@@ -253,12 +273,13 @@ class DeepSpeedEngine:
         return (load / load.sum().clamp_min(1)).tolist()
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:
-        """Mean LM loss over this rank's held-out micro-batches, averaged over all ranks."""
+    def eval_loss(self, micro_batches: list[torch.Tensor], document_ids: list[torch.Tensor] | None = None) -> float:
+        """Mean LM loss over this rank's held-out micro-batches, averaged over all ranks (`document_ids` as
+        in train_step)."""
         self.engine.eval()
         local = torch.zeros((), dtype=torch.float64)
-        for batch in micro_batches:
-            local += self._forward_loss(batch)[0].double().cpu()
+        for batch, docs in zip(micro_batches, paired_document_ids(micro_batches, document_ids)):
+            local += self._forward_loss(batch, docs)[0].double().cpu()
         stats = local / max(1, len(micro_batches))
         torch.distributed.all_reduce(stats)
         return float(stats / self.world)

@@ -59,6 +59,17 @@ CASES_4 = {  # 4 ranks
     # interleaved schedule, 4 micro-batches: 3 steady-state steps overlap a forward with a backward
     "moe-PP2v2xTP2xEP2-overlap-moe": ("moe", {"num_layers": 4}, {"pp": 2, "vpp": 2, "tp": 2, "ep": 2, "overlap_moe": True}),
 }
+CASES_HYBRID = {  # 2 ranks: packed documents (data.reset_at_documents) and context parallelism
+    "hybrid-docs-DP2": ("hybrid", {}, {"docs": True}),  # attention masked, GDN/Mamba2 states and convs reset
+    "hybrid-docs-TP2": ("hybrid", {}, {"tp": 2, "docs": True}),
+    "dense-CP2-docs": ("dense", {}, {"cp": 2, "docs": True}),
+    # CP2: GDN / Mamba2 states and conv halos passed between the ranks, windowed / block-sparse attention
+    # over the gathered keys; documents also start exactly on CP chunk edges
+    "hybrid-CP2": ("hybrid", {}, {"cp": 2}),
+    "hybrid-CP2-docs": ("hybrid", {}, {"cp": 2, "docs": True}),
+    "hybrid-moe-CP2": ("hybrid", {}, {"cp": 2, "flavor": "debug-moe"}),
+    "hybrid-moe-CP2-docs": ("hybrid", {}, {"cp": 2, "flavor": "debug-moe", "docs": True}),
+}
 OVERLAP_MOE = [name for name, (_, _, fields) in {**CASES, **CASES_4}.items() if fields.get("overlap_moe")]
 
 
@@ -76,11 +87,19 @@ def results_4(tmp_path_factory) -> dict:
     return dict(zip(CASES_4, json.loads(out.read_text())))
 
 
+@pytest.fixture(scope="module")
+def results_hybrid(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("megatron_step_hybrid") / "results.json"
+    spawn_ranks(megatron_cpu_schedule.step_matches_reference, 2, list(CASES_HYBRID.values()), str(out), timeout=500)
+    return dict(zip(CASES_HYBRID, json.loads(out.read_text())))
+
+
 def _result(request, case: str) -> dict:
-    return request.getfixturevalue("results_4" if case in CASES_4 else "results")[case]
+    fixture = "results_4" if case in CASES_4 else "results_hybrid" if case in CASES_HYBRID else "results"
+    return request.getfixturevalue(fixture)[case]
 
 
-@pytest.mark.parametrize("case", list(CASES) + list(CASES_4))
+@pytest.mark.parametrize("case", list(CASES) + list(CASES_4) + list(CASES_HYBRID))
 def test_step_matches_reference(request, case):
     r = _result(request, case)
     assert r["bad_grads"] == {}, f"{case}: gradients off the reference by > 1e-4 relative, per rank: {r['bad_grads']}"
