@@ -133,7 +133,7 @@ def state_scan(w, uv, kt, decay, kernel: str | None = None, initial: torch.Tenso
         states, u = _NoWScan.apply(uv, kt, decay, kernel), uv
     else:
         states, u = StateScan.apply(w, uv, kt, decay, kernel)
-    return states[:, lead:], u[:, lead:]
+    return (states[:, lead:], u[:, lead:]) if lead else (states, u)
 
 
 def _lead_in(w, uv, kt, decay, initial: torch.Tensor):
