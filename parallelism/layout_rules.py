@@ -193,7 +193,7 @@ def engine_gaps(spec: "JobSpec", cfg: Any, layout: Any = None, engine: str | Non
     if (engine or spec.engine) == "megatron":
         from .megatron_blocks import megatron_pattern_gaps  # (mixer, ffn) pairs, stage split, CP (pure)
 
-        gaps += megatron_pattern_gaps(cfg, lay, spec.train.seq_len)
+        gaps += megatron_pattern_gaps(cfg, lay, getattr(spec.train, "seq_len", None))
         if overlap and lay.pp > 1:
             gaps.append(("train.overlap_grad_reduce", f"with pp={lay.pp}: the pipeline schedules' per-chunk "
                          "gradient-sync hooks are not wired in this build; use pp=1 or turn it off"))
