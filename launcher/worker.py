@@ -87,7 +87,7 @@ def run_training(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, r
         guard.begin_step(step, engine)
         micro = data.train.micro_batches(cursor.samples_consumed, spec.train.global_batch_size,
                                          spec.train.micro_batch_size, dp_rank, dp)
-        m = engine.train_step(micro)
+        m = engine.train_step(micro, _document_ids(data.train, spec, cursor.samples_consumed, dp_rank, dp))
         try:
             guard.end_step(step, m)
         except NumericsError as err:  # nothing of this step is kept: stop, or roll back and skip
@@ -162,10 +162,20 @@ def _due(step: int, every: int, total: int) -> bool:
 def evaluate(engine, valid, spec: JobSpec, dp_rank: int, dp: int) -> float:
     """Held-out loss over the first `eval_batches` global batches of the validation split."""
     gbs = spec.train.global_batch_size
-    micro = []
+    micro, docs = [], []
     for i in range(spec.train.eval_batches):
         micro += valid.micro_batches(i * gbs, gbs, spec.train.micro_batch_size, dp_rank, dp)
-    return engine.eval_loss(micro)
+        docs += _document_ids(valid, spec, i * gbs, dp_rank, dp) or []
+    return engine.eval_loss(micro, docs or None)
+
+
+def _document_ids(dataset, spec: JobSpec, cursor: int, dp_rank: int, dp: int) -> list[torch.Tensor] | None:
+    """The document ids matching this rank's micro-batches when data.reset_at_documents asks the engines
+    to keep packed documents apart, else None (one causal sequence per sample)."""
+    if not spec.data.reset_at_documents:
+        return None
+    return dataset.micro_batch_document_ids(cursor, spec.train.global_batch_size, spec.train.micro_batch_size,
+                                            dp_rank, dp)
 
 
 def build_engine(spec: JobSpec, layout: ParallelLayout, rank: int, world: int, tokenizer=None):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.chunking import doc_starts
+from ..ops.chunking import Carry, doc_starts
 from ..ops.gated_delta import gated_delta
 from ..ops.short_conv import short_conv
 from .config import ModelConfig
@@ -54,17 +54,22 @@ class GatedDeltaNet(nn.Module):
 
 
 def gated_deltanet_mix(qkv, a, b_logit, gate, conv_weight, A_log, dt_bias, o_norm, head_dim: int, chunk: int,
-                       doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                       doc_ids: torch.Tensor | None = None, carry: Carry | None = None):
     """The layer between its input and output projections, for the heads given (heads are independent
     here, so a tensor-parallel rank calls it on its own heads: parallelism/megatron/hybrid.py).
-    qkv [B, T, 3*H*d] ([q; k; v] channels), a and b_logit [B, T, H], gate [B, T, H*d] -> [B, T, H*d]."""
+    qkv [B, T, 3*H*d] ([q; k; v] channels), a and b_logit [B, T, H], gate [B, T, H*d] -> [B, T, H*d];
+    with a `carry` (ops/chunking.py) -> (that, final state [B, H, d, d])."""
     b, t, heads = a.shape
-    qkv = F.silu(short_conv(qkv, conv_weight.to(qkv.dtype), doc_ids))
+    halo = {} if carry is None else {"halo": carry.conv_halo, "halo_doc_ids": carry.halo_doc_ids}
+    qkv = F.silu(short_conv(qkv, conv_weight.to(qkv.dtype), doc_ids, **halo))
     q, k, v = (y.view(b, t, heads, head_dim).transpose(1, 2) for y in qkv.chunk(3, dim=-1))
     q = F.normalize(q, dim=-1) / math.sqrt(head_dim)  # [B, H, T, d]
     k = F.normalize(k, dim=-1)
     beta = torch.sigmoid(b_logit).transpose(1, 2)  # [B, H, T]
     g = -A_log.exp() * F.softplus(a + dt_bias)  # [B, T, H] log-decay
-    o = gated_delta(q, k, v, g.transpose(1, 2), beta, chunk, doc_starts(doc_ids))
+    state = {} if carry is None else {"initial_state": carry.state, "return_final_state": True}
+    o = gated_delta(q, k, v, g.transpose(1, 2), beta, chunk, doc_starts(doc_ids), **state)
+    o, final = o if carry is not None else (o, None)
     o = o_norm(o.transpose(1, 2))  # [B, T, H, d]
-    return (o * F.silu(gate).view(b, t, heads, head_dim)).reshape(b, t, -1)
+    o = (o * F.silu(gate).view(b, t, heads, head_dim)).reshape(b, t, -1)
+    return o if carry is None else (o, final)

@@ -55,10 +55,15 @@ class Mamba2(nn.Module):
         return self.out_proj(y)
 
 
-def ssd_mix(xs, b_in, c_in, dt, A_log, dt_bias, D, chunk: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+def ssd_mix(xs, b_in, c_in, dt, A_log, dt_bias, D, chunk: int, doc_ids: torch.Tensor | None = None,
+            initial_state: torch.Tensor | None = None, return_final_state: bool = False):
     """SSD scan plus the skip term for the heads given (heads are independent given the shared B/C, so a
     tensor-parallel rank calls it on its own heads: parallelism/megatron/hybrid.py).
-    xs [B, T, H, P], b_in and c_in [B, T, N], dt [B, T, H] before softplus -> y [B, T, H, P]."""
+    xs [B, T, H, P], b_in and c_in [B, T, N], dt [B, T, H] before softplus -> y [B, T, H, P]; the state
+    options as ops.ssd.ssd_chunked (then -> (y, final state [B, H, N, P]))."""
     dt = F.softplus(dt + dt_bias)  # [B, T, H]
-    y = ssd(xs, dt, -A_log.exp().to(xs.dtype), b_in, c_in, chunk, doc_starts(doc_ids))
-    return y + D[:, None].to(xs.dtype) * xs
+    y = ssd(xs, dt, -A_log.exp().to(xs.dtype), b_in, c_in, chunk, doc_starts(doc_ids), initial_state=initial_state,
+            return_final_state=return_final_state)
+    y, final = y if return_final_state else (y, None)
+    y = y + D[:, None].to(xs.dtype) * xs
+    return (y, final) if return_final_state else y

@@ -65,12 +65,13 @@ def make_mask_mod(window: int = 0, doc_ids: torch.Tensor | None = None,
     return mask_mod
 
 
-def dense_mask(mask_mod: MaskMod, batch: int, seq: int, device=None) -> torch.Tensor:
-    """Materialize a mask_mod as boolean [batch, 1, seq, seq] (True = attend)."""
+def dense_mask(mask_mod: MaskMod, batch: int, seq: int, device=None, seq_k: int | None = None) -> torch.Tensor:
+    """Materialize a mask_mod as boolean [batch, 1, seq, seq_k] (True = attend; seq_k defaults to seq)."""
+    seq_k = seq if seq_k is None else seq_k
     b = torch.arange(batch, device=device)[:, None, None, None]
     q = torch.arange(seq, device=device)[None, None, :, None]
-    kv = torch.arange(seq, device=device)[None, None, None, :]
-    return mask_mod(b, torch.zeros_like(b), q, kv).expand(batch, 1, seq, seq)
+    kv = torch.arange(seq_k, device=device)[None, None, None, :]
+    return mask_mod(b, torch.zeros_like(b), q, kv).expand(batch, 1, seq, seq_k)
 
 
 def causal_mask(seq_q: int, seq_k: int, window: int = 0, device=None) -> torch.Tensor:
@@ -102,31 +103,41 @@ def reference_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
 _compiled_flex = None
 
 
-def flex_attention(q, k, v, mask_mod: MaskMod, compiled: bool = True) -> torch.Tensor:
+def flex_attention(q, k, v, mask_mod: MaskMod, compiled: bool = True, scale: float | None = None) -> torch.Tensor:
     """FlexAttention with a block mask built from mask_mod. Compiled (Triton) on GPU; eager (forward
     only, materializes scores) elsewhere, which is only useful to test the mask semantics."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import create_block_mask
     from torch.nn.attention.flex_attention import flex_attention as flex
 
-    b, _, s, _ = q.shape
-    block_mask = create_block_mask(mask_mod, b, None, s, s, device=q.device)
+    b, _, sq, _ = q.shape
+    block_mask = create_block_mask(mask_mod, b, None, sq, k.shape[2], device=q.device)
     fn = flex
     if compiled:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex, dynamic=False)
         fn = _compiled_flex
-    return fn(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def attention(q, k, v, window: int = 0, doc_ids: torch.Tensor | None = None,
-              sparse: BlockSparse | None = None) -> torch.Tensor:
-    """Causal attention, optionally sliding-window / block-sparse / document-masked (doc_ids [B, S])."""
+              sparse: BlockSparse | None = None, q_positions: torch.Tensor | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """Causal attention, optionally sliding-window / block-sparse / document-masked (doc_ids [B, S]).
+    q_positions [Sq] (context parallelism): the queries are these positions of the keys' sequence (k, v,
+    doc_ids cover all S positions); None: queries and keys are the same positions. scale: 1/sqrt(d) if None."""
     gqa = k.shape[1] != q.shape[1]
-    if window <= 0 and doc_ids is None and sparse is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if window <= 0 and doc_ids is None and sparse is None and q_positions is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask_mod = make_mask_mod(window, doc_ids, sparse)
-    if q.is_cuda:
-        return flex_attention(q, k, v, mask_mod)
-    mask = dense_mask(mask_mod, q.shape[0], q.shape[2], q.device)  # [B, 1, S, S]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if q_positions is not None:
+        whole = mask_mod
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return whole(b, h, q_positions[q_idx], kv_idx)
+    if q.is_cuda and (window > 0 or doc_ids is not None or sparse is not None):
+        return flex_attention(q, k, v, mask_mod, scale=scale)
+    mask = dense_mask(mask_mod, q.shape[0], q.shape[2], q.device, seq_k=k.shape[2])  # [B, 1, Sq, S]
+    if q.is_cuda and gqa:  # plain causal under context parallelism: CUDA's masked SDPA kernels take no GQA
+        k, v, gqa = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1]), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

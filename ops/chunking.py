@@ -68,3 +68,14 @@ def chunk_decays(g: torch.Tensor, starts: torch.Tensor | None, chunk: int,
         to_end=((last - G).exp() * (seg == seg[..., -1:])).to(dtype),
         state=(last[..., 0].exp() * (seg[..., -1] == 0)).to(dtype),
     )
+
+
+@dataclass
+class Carry:
+    """What a linear-sequence layer takes from the part of the sequence before its input when that part
+    runs elsewhere (context parallelism: the previous chunk of the sequence, on another rank). A layer
+    given a Carry also returns its final state, for the part after it."""
+
+    conv_halo: torch.Tensor  # [B, K-1, conv channels]: the short convolution's inputs before the first token
+    halo_doc_ids: torch.Tensor | None  # [B, K-1] document ids of those inputs (None without documents)
+    state: torch.Tensor | None  # [B, H, d_k, d_v] state before the first token (None: zero)

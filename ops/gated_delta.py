@@ -17,13 +17,14 @@ from __future__ import annotations
 import torch
 
 from .chunking import chunk_decays, pad_to_chunks
-from .state_scan import choose_kernel, state_scan
+from .state_scan import choose_kernel, final_state, state_scan
 
 
-def gated_delta_recurrent(q, k, v, g, beta, starts: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: the recurrence above, one token at a time."""
+def gated_delta_recurrent(q, k, v, g, beta, starts: torch.Tensor | None = None,
+                          initial_state: torch.Tensor | None = None, return_final_state: bool = False):
+    """Reference: the recurrence above, one token at a time (state options as gated_delta_chunked)."""
     b, h, t, dk = q.shape
-    state = q.new_zeros(b, h, dk, v.shape[-1])  # [B, H, d_k, d_v]
+    state = q.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state  # [B, H, d_k, d_v]
     out = []
     for i in range(t):
         alpha = g[:, :, i].exp()[..., None, None]  # [B, H, 1, 1]
@@ -34,7 +35,8 @@ def gated_delta_recurrent(q, k, v, g, beta, starts: torch.Tensor | None = None) 
         predicted = torch.einsum("bhk,bhkv->bhv", ki, state)  # what the state recalls for k_i
         state = state + torch.einsum("bhk,bhv->bhkv", ki, bi * (vi - predicted))
         out.append(torch.einsum("bhk,bhkv->bhv", q[:, :, i], state))
-    return torch.stack(out, dim=2)
+    out = torch.stack(out, dim=2)
+    return (out, state) if return_final_state else out
 
 
 def _unit_lower_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -78,23 +80,30 @@ _intra_chunk_compiled = torch.compile(_intra_chunk, dynamic=False)
 
 
 def gated_delta_chunked(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None,
-                        kernel: str | None = "reference") -> torch.Tensor:
+                        kernel: str | None = "reference", initial_state: torch.Tensor | None = None,
+                        return_final_state: bool = False):
     """Chunked parallel form: O(T C) work inside chunks, batched over all chunks; the state entering
     each chunk comes from the scan of ops/state_scan.py (`kernel`: reference, torch, triton, or None
-    for the fastest that runs here, which on CUDA also compiles the intra-chunk part)."""
+    for the fastest that runs here, which on CUDA also compiles the intra-chunk part).
+    initial_state [B, H, d_k, d_v]: the state before the first token (0 if None; a document start at
+    t = 0 is the caller's to apply). return_final_state: also return the state after the last token."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     kernel = choose_kernel(q.new_empty(1, 1, chunk, dk), v.new_empty(1, 1, chunk, dv), kernel)
     intra = _intra_chunk_compiled if kernel == "triton" else _intra_chunk
     scan, q_state, qk = intra(q, k, v, g, beta, starts, chunk)
     n = scan[0].shape[1]
-    states, u = state_scan(*scan, kernel)
+    initial = None if initial_state is None else initial_state.reshape(b * h, dk, dv)
+    states, u = state_scan(*scan, kernel, initial=initial)
+    final = final_state(states, u, scan[2], scan[3]).view(b, h, dk, dv) if return_final_state else None
     states, u = states.view(b, h, n, dk, dv).to(q.dtype), u.view(b, h, n, chunk, dv)
     out = q_state @ states + qk @ u  # [B, H, N, C, d_v]
-    return out.reshape(b, h, n * chunk, dv)[:, :, :t]
+    out = out.reshape(b, h, n * chunk, dv)[:, :, :t]
+    return (out, final) if return_final_state else out
 
 
-def gated_delta(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None) -> torch.Tensor:
+def gated_delta(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None, **state):
     """Training path: the chunked form with the fastest scan kernel that runs here (Triton on CUDA,
-    self-checked against the PyTorch kernel on first use; RAYTRON_SCAN_KERNEL overrides)."""
-    return gated_delta_chunked(q, k, v, g, beta, chunk, starts, kernel=None)
+    self-checked against the PyTorch kernel on first use; RAYTRON_SCAN_KERNEL overrides).
+    `state`: initial_state / return_final_state of gated_delta_chunked."""
+    return gated_delta_chunked(q, k, v, g, beta, chunk, starts, kernel=None, **state)

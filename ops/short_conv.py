@@ -2,7 +2,9 @@
 
 x [B, T, C], weight [C, K] -> out [B, T, C] with out_t = sum_i weight[:, K-1-i] * x_{t-i}, i < K.
 With doc_ids [B, T], taps reaching into a previous document are dropped (packed sequences behave as
-if each document were alone). Reference: `F.conv1d` (no document support).
+if each document were alone). A `halo` [B, K-1, C] supplies the K-1 inputs before x (context
+parallelism: the previous sequence chunk's last inputs, held by another rank) instead of zeros.
+Reference: `F.conv1d` (no document support).
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ def reference_short_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def short_conv(x: torch.Tensor, weight: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """K shifted multiply-adds (K is ~4): cheap, and masking a tap per document is one comparison."""
+def short_conv(x: torch.Tensor, weight: torch.Tensor, doc_ids: torch.Tensor | None = None,
+               halo: torch.Tensor | None = None, halo_doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """K shifted multiply-adds (K is ~4): cheap, and masking a tap per document is one comparison.
+    halo [B, K-1, C] and, with doc_ids, halo_doc_ids [B, K-1]: the inputs before x (module docstring)."""
+    if halo is not None:
+        if (doc_ids is None) != (halo_doc_ids is None):
+            raise ValueError("short_conv: doc_ids and halo_doc_ids go together (both or neither)")
+        lead = halo.shape[1]
+        ids = None if doc_ids is None else torch.cat([halo_doc_ids, doc_ids], dim=1)
+        return short_conv(torch.cat([halo, x], dim=1), weight, ids)[:, lead:]
     t, k = x.shape[1], weight.shape[1]
     out = x * weight[:, k - 1]
     for shift in range(1, min(k, t)):

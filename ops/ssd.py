@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 
 from .chunking import chunk_decays, pad_to_chunks
-from .state_scan import choose_kernel, state_scan
+from .state_scan import choose_kernel, final_state, state_scan
 
 
-def ssd_recurrent(x, dt, a, b_in, c_in, starts: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: the recurrence above, one token at a time."""
+def ssd_recurrent(x, dt, a, b_in, c_in, starts: torch.Tensor | None = None,
+                  initial_state: torch.Tensor | None = None, return_final_state: bool = False):
+    """Reference: the recurrence above, one token at a time (state options as ssd_chunked)."""
     bsz, t, h, p = x.shape
-    state = x.new_zeros(bsz, h, b_in.shape[-1], p)  # [B, H, N, P]
+    state = x.new_zeros(bsz, h, b_in.shape[-1], p) if initial_state is None else initial_state  # [B, H, N, P]
     out = []
     for i in range(t):
         decay = (dt[:, i] * a).exp()[..., None, None]  # [B, H, 1, 1]
@@ -28,7 +29,8 @@ def ssd_recurrent(x, dt, a, b_in, c_in, starts: torch.Tensor | None = None) -> t
         update = torch.einsum("bn,bhp->bhnp", b_in[:, i], dt[:, i, :, None] * x[:, i])
         state = decay * state + update
         out.append(torch.einsum("bn,bhnp->bhp", c_in[:, i], state))
-    return torch.stack(out, dim=1)
+    out = torch.stack(out, dim=1)
+    return (out, state) if return_final_state else out
 
 
 def _intra_chunk(x, dt, a, b_in, c_in, starts, chunk: int):
@@ -58,20 +60,26 @@ _intra_chunk_compiled = torch.compile(_intra_chunk, dynamic=False)  # as in ops/
 
 
 def ssd_chunked(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = None,
-                kernel: str | None = "reference") -> torch.Tensor:
+                kernel: str | None = "reference", initial_state: torch.Tensor | None = None,
+                return_final_state: bool = False):
     """Chunked SSD: quadratic inside chunks of `chunk` tokens, batched over all chunks; the state
-    entering each chunk comes from the scan of ops/state_scan.py (`kernel` as in gated_delta_chunked)."""
+    entering each chunk comes from the scan of ops/state_scan.py (`kernel` as in gated_delta_chunked;
+    initial_state [B, H, N, P] and return_final_state as there too)."""
     bsz, t, h, p = x.shape
     n_state = b_in.shape[-1]
     kernel = choose_kernel(b_in.new_empty(1, 1, chunk, n_state), x.new_empty(1, 1, chunk, p), kernel)
     intra = _intra_chunk_compiled if kernel == "triton" else _intra_chunk
     (v, k_to_end, decay), out, q_state = intra(x, dt, a, b_in, c_in, starts, chunk)
     n = v.shape[1]
-    states, _ = state_scan(None, v, k_to_end, decay, kernel)
+    initial = None if initial_state is None else initial_state.reshape(bsz * h, n_state, p)
+    states, _ = state_scan(None, v, k_to_end, decay, kernel, initial=initial)
+    final = final_state(states, v, k_to_end, decay).view(bsz, h, n_state, p) if return_final_state else None
     out = out + q_state @ states.view(bsz, h, n, n_state, p).to(x.dtype)  # [B, H, N, C, P]
-    return out.reshape(bsz, h, n * chunk, p)[:, :, :t].transpose(1, 2)  # [B, T, H, P]
+    out = out.reshape(bsz, h, n * chunk, p)[:, :, :t].transpose(1, 2)  # [B, T, H, P]
+    return (out, final) if return_final_state else out
 
 
-def ssd(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = None) -> torch.Tensor:
-    """Training path: the chunked form with the fastest scan kernel that runs here (as gated_delta)."""
-    return ssd_chunked(x, dt, a, b_in, c_in, chunk, starts, kernel=None)
+def ssd(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = None, **state):
+    """Training path: the chunked form with the fastest scan kernel that runs here (as gated_delta;
+    `state`: initial_state / return_final_state of ssd_chunked)."""
+    return ssd_chunked(x, dt, a, b_in, c_in, chunk, starts, kernel=None, **state)

@@ -118,14 +118,45 @@ def choose_kernel(kt: torch.Tensor, uv: torch.Tensor, kernel: str | None = None)
     return "torch"
 
 
-def state_scan(w, uv, kt, decay, kernel: str | None = None):
-    """(H, U) of the module docstring; w may be None (SSD, then U is uv). Kernel: `choose_kernel`."""
+def state_scan(w, uv, kt, decay, kernel: str | None = None, initial: torch.Tensor | None = None):
+    """(H, U) of the module docstring; w may be None (SSD, then U is uv). Kernel: `choose_kernel`.
+    `initial` [BH, dk, dv]: the state entering the first chunk instead of 0 (context parallelism), carried
+    in by leading chunks of the same scan (`_lead_in`), so every kernel takes it and its gradient."""
     kernel = choose_kernel(kt, uv, kernel)
+    lead = 0
+    if initial is not None:
+        w, uv, kt, decay, lead = _lead_in(w, uv, kt, decay, initial)
     if kernel == "reference":
-        return scan_reference(w, uv, kt, decay)
-    if w is None:  # without the w term U is uv itself
-        return _NoWScan.apply(uv, kt, decay, kernel), uv
-    return StateScan.apply(w, uv, kt, decay, kernel)
+        states, u = scan_reference(w, uv, kt, decay)
+    elif w is None:  # without the w term U is uv itself
+        states, u = _NoWScan.apply(uv, kt, decay, kernel), uv
+    else:
+        states, u = StateScan.apply(w, uv, kt, decay, kernel)
+    return (states[:, lead:], u[:, lead:]) if lead else (states, u)
+
+
+def _lead_in(w, uv, kt, decay, initial: torch.Tensor):
+    """Operands with ceil(dk / C) chunks in front that build `initial` from a zero state: chunk i has keys
+    = rows iC..iC+C-1 of the identity, values = the same rows of `initial`, no w term, decay 0 (first) or
+    1, so h after them is sum_i I_i^T initial_i = initial. Gradients reach `initial` through the values."""
+    bh, _, c, dk = kt.shape
+    lead = -(-dk // c)
+    keys = torch.eye(lead * c, dk, dtype=kt.dtype, device=kt.device).view(1, lead, c, dk).expand(bh, -1, -1, -1)
+    values = torch.zeros(bh, lead * c, uv.shape[-1], dtype=uv.dtype, device=uv.device)
+    values = torch.cat([initial.to(uv.dtype), values[:, dk:]], dim=1).view(bh, lead, c, -1)
+    decays = torch.ones(bh, lead, dtype=decay.dtype, device=decay.device)
+    decays[:, 0] = 0
+    if w is not None:
+        w = torch.cat([w.new_zeros(bh, lead, c, w.shape[-1]), w], dim=1)
+    return (w, torch.cat([values, uv], dim=1), torch.cat([keys, kt], dim=1), torch.cat([decays, decay], dim=1),
+            lead)
+
+
+def final_state(states: torch.Tensor, u: torch.Tensor, kt: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """The state after the last chunk [BH, dk, dv], from the scan's entering states H and values U (the
+    recurrence's last step, so it is differentiable like them)."""
+    last = decay[:, -1, None, None].to(states.dtype) * states[:, -1]
+    return last + kt[:, -1].transpose(-1, -2).to(states.dtype) @ u[:, -1].to(states.dtype)
 
 
 class _NoWScan(torch.autograd.Function):

@@ -17,7 +17,7 @@ import functools
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, TYPE_CHECKING
 
 from ..typed import ConfigError
 
@@ -59,6 +59,25 @@ class StateOps:
     def gather(self, engine, group=None) -> tuple[dict, bool]:
         return self.assemble(engine, self.snapshot(engine), group)
 
+if TYPE_CHECKING:
+    import torch
+
+
+def paired_document_ids(micro_batches: list[torch.Tensor], document_ids: list[torch.Tensor] | None) -> list:
+    """One document-id tensor (or None) per micro-batch: the engines' `document_ids` argument (the packed
+    documents of data.reset_at_documents, data_pipeline's micro_batch_document_ids) checked against the
+    micro-batches it must match token for token."""
+    if document_ids is None:
+        return [None] * len(micro_batches)
+    if len(document_ids) != len(micro_batches):
+        raise ValueError(f"document_ids: got {len(document_ids)} tensors for {len(micro_batches)} micro-batches; "
+                         "pass one per micro-batch (data_pipeline's micro_batch_document_ids) or None")
+    for i, (batch, ids) in enumerate(zip(micro_batches, document_ids)):
+        if tuple(ids.shape) != tuple(batch.shape):
+            raise ValueError(f"document_ids[{i}]: shape {tuple(ids.shape)}, its micro-batch is {tuple(batch.shape)}; "
+                             "they must match token for token")
+    return list(document_ids)
+
 
 class Engine(ABC):
     """One rank's engine, built by `EngineSupport.build(spec, layout, rank, world)`. Attributes every
@@ -66,11 +85,12 @@ class Engine(ABC):
     run with the local loss sum at the gradient-accumulation boundary, before the update)."""
 
     @abstractmethod
-    def train_step(self, micro_batches: list) -> StepMetrics:
-        """One optimizer step over this rank's micro-batches ([mbs, seq+1] each, len == grad_accum)."""
+    def train_step(self, micro_batches: list, document_ids: list | None = None) -> StepMetrics:
+        """One optimizer step over this rank's micro-batches ([mbs, seq+1] each, len == grad_accum);
+        `document_ids` (one per micro-batch, or None) keeps packed documents apart (data.reset_at_documents)."""
 
     @abstractmethod
-    def eval_loss(self, micro_batches: list) -> float:
+    def eval_loss(self, micro_batches: list, document_ids: list | None = None) -> float:
         """Mean LM loss over this rank's held-out micro-batches, averaged over all ranks."""
 
     @abstractmethod

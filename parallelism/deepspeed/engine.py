@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 
 from ... import models
 from ...models.transformer import SEQUENCE_MIXERS
-from ..engines import Engine, StepMetrics
+from ..engines import Engine, StepMetrics, paired_document_ids
 from .moe import DeepSpeedMoE, swap_moe_layers
 from ..layout_rules import engine_gaps, resolved_precision
 from ..schedule import lr_multiplier
@@ -150,12 +150,15 @@ class DeepSpeedEngine(Engine):
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def _forward_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward_loss(self, batch: torch.Tensor, doc_ids: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """batch [mbs, seq+1] -> (LM loss, aux loss, router z-loss) for this micro-batch (MoE losses summed
-        over layers, unweighted)."""
+        over layers, unweighted); doc_ids [mbs, seq+1] (or None) keeps its packed documents apart
+        (models.Transformer.forward)."""
         batch = batch.to(self.device)
         tokens, targets = batch[:, :-1], batch[:, 1:]
-        logits = self.engine(tokens)
+        docs = None if doc_ids is None else doc_ids[:, :-1].to(self.device)
+        logits = self.engine(tokens, doc_ids=docs)
         lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         aux, z = (torch.stack(v).sum() if v else torch.zeros((), device=lm.device)
                   for v in (self._side_losses("last_aux_loss"), self._side_losses("last_z_loss")))
@@ -165,8 +168,10 @@ class DeepSpeedEngine(Engine):
         return [getattr(m, attr) for m in self.module.modules()
                 if getattr(m, attr, None) is not None and m is not self.module]
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> StepMetrics:
-        """One optimizer step over this rank's micro-batches (len == grad_accum)."""
+    def train_step(self, micro_batches: list[torch.Tensor], document_ids: list[torch.Tensor] | None = None) -> StepMetrics:
+        """One optimizer step over this rank's micro-batches (len == grad_accum); `document_ids` (one per
+        micro-batch, or None) keeps packed documents apart (data.reset_at_documents)."""
+        docs = paired_document_ids(micro_batches, document_ids)
         if len(micro_batches) != self.layout.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, layout needs {self.layout.grad_accum}")
         self.engine.train()
@@ -175,7 +180,7 @@ class DeepSpeedEngine(Engine):
         lr = self.scheduler.get_last_lr()[0]
         train = self.spec.train
         for i, batch in enumerate(micro_batches):
-            lm, aux, z = self._forward_loss(batch)
+            lm, aux, z = self._forward_loss(batch, docs[i])
             # all-reduces at the GA boundary
             self.engine.backward(lm + train.aux_loss_coef * aux + getattr(train, "router_z_loss_coef", 0.0) * z)
             sums += torch.stack([lm.detach(), aux.detach(), z.detach()]).double().cpu()
@@ -259,12 +264,13 @@ class DeepSpeedEngine(Engine):
         return (load / load.sum().clamp_min(1)).tolist()
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:
-        """Mean LM loss over this rank's held-out micro-batches, averaged over all ranks."""
+    def eval_loss(self, micro_batches: list[torch.Tensor], document_ids: list[torch.Tensor] | None = None) -> float:
+        """Mean LM loss over this rank's held-out micro-batches, averaged over all ranks (`document_ids` as
+        in train_step)."""
         self.engine.eval()
         local = torch.zeros((), dtype=torch.float64)
-        for batch in micro_batches:
-            local += self._forward_loss(batch)[0].double().cpu()
+        for batch, docs in zip(micro_batches, paired_document_ids(micro_batches, document_ids)):
+            local += self._forward_loss(batch, docs)[0].double().cpu()
         stats = local / max(1, len(micro_batches))
         torch.distributed.all_reduce(stats)
         return float(stats / self.world)

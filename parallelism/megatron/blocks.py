@@ -76,9 +76,9 @@ def pipeline_split(cfg, pp: int, vpp: int = 1) -> dict[str, int]:
     return {"num_layers_in_first_pipeline_stage": counts[0], "num_layers_in_last_pipeline_stage": counts[-1]}
 
 
-def megatron_pattern_gaps(cfg, layout, precision: str = "bf16") -> list[tuple[str, str]]:
+def megatron_pattern_gaps(cfg, layout, precision: str = "bf16", seq_len: int | None = None) -> list[tuple[str, str]]:
     """(field, reason) for the layer-pattern and attention-kind limits of the megatron engine under `layout`
-    (and train.precision `precision`: see mla_gaps)."""
+    (and train.precision `precision`: see mla_gaps; train.seq_len: context-parallel chunks)."""
     try:
         kinds = blocks(cfg)
         pipeline_split(cfg, layout.pp, layout.vpp)
@@ -86,9 +86,11 @@ def megatron_pattern_gaps(cfg, layout, precision: str = "bf16") -> list[tuple[st
         return [(exc.field, exc.reason)]
     mixers = {m for m, _ in kinds}
     gaps = []
-    if layout.cp > 1 and mixers - {"*"}:
-        gaps.append(("layout.cp", f"got {layout.cp}; context parallelism is mapped for full causal attention "
-                                  f"only, the pattern has {''.join(sorted(mixers - {'*'}))} layers: use cp: 1"))
+    halo = cfg.conv_size - 1  # a CP chunk hands its last conv_size-1 inputs to the next (cp.py)
+    if layout.cp > 1 and mixers & set("GM") and seq_len is not None and seq_len // (2 * layout.cp) < halo:
+        gaps.append(("train.seq_len", f"got {seq_len}; context parallelism cuts it into 2*cp = {2 * layout.cp} "
+                                      f"chunks, each must hold the short convolution's {halo} halo tokens: use "
+                                      f"seq_len >= {2 * layout.cp * halo} or a smaller cp"))
     if "M" in mixers and cfg.ssm_state_dim % layout.tp:
         gaps.append(("layout.tp", f"got {layout.tp}; Mamba2's B/C state channels (ssm_state_dim "
                                   f"{cfg.ssm_state_dim}) are split over tp before being gathered, so tp "

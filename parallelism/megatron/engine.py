@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ... import models
-from ..engines import Engine, StepMetrics
+from ..engines import Engine, StepMetrics, paired_document_ids
 from ..layout_rules import engine_gaps
 from .kernels import install_multi_tensor_kernels, use_fused_adam
 from .mapping import (ChunkCoords, buffer_pieces, chunk_buffers, chunk_pieces, from_megatron, tied_aliases,
@@ -173,14 +173,17 @@ class MegatronEngine(Engine):
         return wrapped, optimizer
 
     # ---- steps ---------------------------------------------------------------------------------------
-    def _prepare(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[mbs, seq+1] -> (tokens, labels), this CP rank's part, on the GPU."""
+    def _prepare(self, batch: torch.Tensor, doc_ids: torch.Tensor | None = None):
+        """[mbs, seq+1] -> (tokens, labels) of this CP rank's part, on the GPU, and the document ids of the
+        inputs over the whole sequence [mbs, seq] (or None): every mixer takes them as megatron's
+        `attention_mask` and cuts its own CP part (parallelism/megatron/hybrid.py)."""
         from megatron.core import parallel_state as ps
 
         batch = batch.to(self.device, non_blocking=True)
         cp, cp_rank = self.layout.cp, ps.get_context_parallel_rank()
+        docs = None if doc_ids is None else doc_ids[:, :-1].to(self.device, non_blocking=True).contiguous()
         return (split_for_context_parallel(batch[:, :-1], cp, cp_rank).contiguous(),
-                split_for_context_parallel(batch[:, 1:], cp, cp_rank).contiguous())
+                split_for_context_parallel(batch[:, 1:], cp, cp_rank).contiguous(), docs)
 
     @staticmethod
     def _loss_func(per_token: torch.Tensor):
@@ -192,15 +195,16 @@ class MegatronEngine(Engine):
         """megatron's forward_step_func. With train.overlap_moe_comm, training steps run megatron's combined
         1F1B schedule, which passes the unwrapped GPTModel and `return_schedule_plan=True` and runs the
         returned per-layer plan itself (the loss function is the same); eval runs the plain forward."""
-        tokens, labels = next(data_iterator)
+        tokens, labels, doc_ids = next(data_iterator)
         if return_schedule_plan:
-            return model.build_schedule_plan(tokens, None, None, labels=labels), self._loss_func
-        return model(tokens, None, None, labels=labels), self._loss_func
+            return model.build_schedule_plan(tokens, None, doc_ids, labels=labels), self._loss_func
+        return model(tokens, None, doc_ids, labels=labels), self._loss_func
 
-    def _run(self, micro_batches: list[torch.Tensor], forward_only: bool) -> list[dict]:
+    def _run(self, micro_batches: list[torch.Tensor], forward_only: bool,
+             document_ids: list[torch.Tensor] | None = None) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        data = [self._prepare(b) for b in micro_batches]
+        data = [self._prepare(b, d) for b, d in zip(micro_batches, paired_document_ids(micro_batches, document_ids))]
         iterators = [iter(data) for _ in self.chunks]
         return get_forward_backward_func()(
             forward_step_func=self._forward_step,
@@ -219,8 +223,9 @@ class MegatronEngine(Engine):
         dist.all_reduce(stats)
         return float(stats[0] / stats[1].clamp_min(1))
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> StepMetrics:
-        """One optimizer step over this rank's micro-batches (len == grad_accum)."""
+    def train_step(self, micro_batches: list[torch.Tensor], document_ids: list[torch.Tensor] | None = None) -> StepMetrics:
+        """One optimizer step over this rank's micro-batches (len == grad_accum); `document_ids` (one per
+        micro-batch, or None) keeps packed documents apart (data.reset_at_documents)."""
         if len(micro_batches) != self.layout.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, layout needs {self.layout.grad_accum}")
         for chunk in self.chunks:
@@ -230,7 +235,7 @@ class MegatronEngine(Engine):
         lr = self.spec.train.lr * self._lr(self.steps_done)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        outputs = self._run(micro_batches, forward_only=False)
+        outputs = self._run(micro_batches, forward_only=False, document_ids=document_ids)
         _, grad_norm, _ = self.optimizer.step()
         self.steps_done += 1
         router = {"aux_loss": 0.0, **self._router_stats(len(micro_batches))}
@@ -276,11 +281,12 @@ class MegatronEngine(Engine):
         return (sums[:, :e] / sums[:, e:].clamp_min(1)).tolist()
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:
-        """Mean LM loss over this rank's held-out micro-batches, averaged over all ranks."""
+    def eval_loss(self, micro_batches: list[torch.Tensor], document_ids: list[torch.Tensor] | None = None) -> float:
+        """Mean LM loss over this rank's held-out micro-batches, averaged over all ranks (`document_ids` as
+        in train_step)."""
         for chunk in self.chunks:
             chunk.eval()
-        loss = self._mean_lm_loss(self._run(micro_batches, forward_only=True))
+        loss = self._mean_lm_loss(self._run(micro_batches, forward_only=True, document_ids=document_ids))
         for router in self.routers:
             router.pop_records()
         return loss

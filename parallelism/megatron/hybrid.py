@@ -16,6 +16,11 @@ sequence shards). What the heads share needs care (the weight mapping is paralle
   and backward (every rank uses the total differently, so the gradients are summed too).
 Sliding-window (`W`) and block-sparse (`B`) attention are megatron's SelfAttention with
 `MaskedCoreAttention` (ops.attention: FlexAttention on GPU, a dense SDPA mask on CPU).
+
+Packed documents (data.reset_at_documents): megatron's `attention_mask` argument carries the engine's
+document ids of the whole sequence [b, S] down to every mixer, which masks attention and resets linear
+states and convolutions at document starts. Context parallelism: parallelism/megatron/cp.py (linear
+mixers pass halos and states between CP ranks) and megatron_modules.core_attention (attention).
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from ...models.gated_deltanet import GatedDeltaNet, gated_deltanet_mix
 from ...models.layers import RMSNorm as ReferenceRMSNorm
 from ...models.mamba2 import Mamba2, ssd_mix
-from ...ops.attention import BlockSparse, attention
+from ...ops.attention import BlockSparse
+from ...ops.chunking import Carry
 from ...ops.short_conv import short_conv
+from .cp import CPSide, exchange_halos, recv_state, send_state
+from .modules import core_attention
 
 
 class _SumOverTP(torch.autograd.Function):
@@ -78,22 +86,27 @@ def _refuse_extras(packed_seq_params, inference_context) -> None:
         raise NotImplementedError("hybrid mixers: packed sequences and inference contexts are not supported")
 
 
+def _cp_group(pg_collection):
+    if pg_collection is not None and hasattr(pg_collection, "cp"):
+        return pg_collection.cp
+    return parallel_state.get_context_parallel_group()
+
+
 class _LinearMixer(MegatronModule):
-    """What the GDN and Mamba2 twins share: TP group, head counts, the in/out projections."""
+    """What the GDN and Mamba2 twins share: TP and CP groups, head counts, the in/out projections, and the
+    forward around each one's `_mix`: on the whole local sequence, or under context parallelism per half
+    with halos and states passed between CP ranks (parallelism/megatron/cp.py)."""
 
     def __init__(self, config, model_cfg, in_features: int, pg_collection=None):
         super().__init__(config=config)
-        self.tp_group = _tp_group(pg_collection)
+        self.tp_group, self.cp_group = _tp_group(pg_collection), _cp_group(pg_collection)
         tp = self.tp_group.size()
         if tp > 1 and not config.sequence_parallel:
             raise NotImplementedError("hybrid mixers under tensor parallelism need sequence_parallel")
-        if config.context_parallel_size > 1:
-            raise NotImplementedError("linear-sequence mixers cannot run under context parallelism (state "
-                                      "would have to pass between CP ranks)")
         if model_cfg.linear_heads % tp:
             raise ValueError(f"linear_heads {model_cfg.linear_heads} do not split over tp {tp}")
         self.heads = model_cfg.linear_heads // tp  # this rank's heads
-        self.head_dim, self.chunk = model_cfg.linear_head_dim, model_cfg.chunk_size
+        self.head_dim, self.chunk, self.conv_size = model_cfg.linear_head_dim, model_cfg.chunk_size, model_cfg.conv_size
         self.inner = self.heads * self.head_dim  # this rank's value channels
         self.in_proj = ColumnParallelLinear(
             model_cfg.dim, in_features, config=config, init_method=config.init_method, bias=False,
@@ -102,6 +115,43 @@ class _LinearMixer(MegatronModule):
             model_cfg.linear_heads * model_cfg.linear_head_dim, model_cfg.dim, config=config,
             init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
             skip_bias_add=True, tp_group=self.tp_group)
+
+    def forward(self, hidden_states, attention_mask=None, *, packed_seq_params=None, inference_context=None,
+                **_unused):
+        """attention_mask: the engine's document ids of the whole sequence [b, S] (every CP rank's part;
+        parallelism/megatron/engine.py), or None."""
+        _refuse_extras(packed_seq_params, inference_context)
+        proj = self._project_in(hidden_states)
+        if self.cp_group.size() == 1:
+            return self._project_out(self._mix(proj, attention_mask))
+        return self._project_out(self._context_parallel(proj, attention_mask))
+
+    def _context_parallel(self, proj: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """The two halves of this CP rank's sequence (chunks r and 2cp-1-r), each started from the halo and
+        state of the chunk before it, in the chain order of parallelism/megatron/cp.py."""
+        side = CPSide(self.cp_group, doc_ids, self.conv_size)
+        r, cp, group = side.rank, side.cp, side.group
+        halves = proj.chunk(2, dim=1)
+        ids, halo_ids = side.local_doc_ids(), side.halo_doc_ids()
+        halos = exchange_halos(*(self._conv_input(h)[:, -side.halo:] for h in halves), side)
+        shape = self._state_shape(proj.shape[0])
+        init = None if r == 0 else recv_state(halves[0], shape, proj.dtype, side.global_rank(r - 1), group)
+        out_a, final_a = self._half(halves[0], ids[0], Carry(halos[0], halo_ids[0], init), side.keeps_state(0))
+        if r < cp - 1:
+            out_a = send_state(out_a, final_a, side.global_rank(r + 1), group)
+            init = recv_state(out_a, shape, proj.dtype, side.global_rank(r + 1), group)
+        else:
+            init = final_a
+        out_b, final_b = self._half(halves[1], ids[1], Carry(halos[1], halo_ids[1], init), side.keeps_state(1))
+        if r > 0:
+            out_b = send_state(out_b, final_b, side.global_rank(r - 1), group)
+        return torch.cat([out_a, out_b], dim=1)
+
+    def _half(self, proj, doc_ids, carry: Carry, keep: torch.Tensor | None):
+        """_mix of one half; its entering state is dropped where a document starts at its first token."""
+        if carry.state is not None and keep is not None:
+            carry.state = carry.state * keep.to(carry.state.dtype).view(-1, 1, 1, 1)
+        return self._mix(proj, doc_ids, carry)
 
     def backward_dw(self) -> None:
         """megatron's EP-overlap schedule (train.overlap_moe_comm, fine_grained_callables._BackwardDWWrapper)
@@ -143,14 +193,18 @@ class GatedDeltaNetMixer(_LinearMixer):
         if config.perform_initialization:
             GatedDeltaNet.reset_special_parameters(self)  # the reference's init of A_log, dt_bias, conv
 
-    def forward(self, hidden_states, attention_mask=None, *, packed_seq_params=None, inference_context=None,
-                **_unused):
-        _refuse_extras(packed_seq_params, inference_context)
+    def _mix(self, proj, doc_ids=None, carry: Carry | None = None):
+        """[b, s, in_proj outputs] -> [b, s, this rank's channels] (and the final state with a carry)."""
         inner, heads = self.inner, self.heads
-        qkv, gate, a, b = self._project_in(hidden_states).split([3 * inner, inner, heads, heads], dim=-1)
-        mixed = self._core(gated_deltanet_mix, qkv, a, b, gate, self.conv_weight, self.A_log, self.dt_bias,
-                           self.o_norm, self.head_dim, self.chunk)
-        return self._project_out(mixed)
+        qkv, gate, a, b = proj.split([3 * inner, inner, heads, heads], dim=-1)
+        return self._core(gated_deltanet_mix, qkv, a, b, gate, self.conv_weight, self.A_log, self.dt_bias,
+                          self.o_norm, self.head_dim, self.chunk, doc_ids, carry)
+
+    def _conv_input(self, proj: torch.Tensor) -> torch.Tensor:
+        return proj[..., :3 * self.inner]
+
+    def _state_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, self.heads, self.head_dim, self.head_dim)
 
 
 class Mamba2Mixer(_LinearMixer):
@@ -174,22 +228,31 @@ class Mamba2Mixer(_LinearMixer):
             Mamba2.reset_special_parameters(self)  # the reference's init of A_log, dt_bias, D, conv
             torch.nn.init.ones_(self.norm_weight)
 
-    def forward(self, hidden_states, attention_mask=None, *, packed_seq_params=None, inference_context=None,
-                **_unused):
-        _refuse_extras(packed_seq_params, inference_context)
+    def _mix(self, proj, doc_ids=None, carry: Carry | None = None):
+        """[b, s, in_proj outputs] -> [b, s, this rank's channels] (and the final state with a carry)."""
         inner, n_r = self.inner, self.state_shard
-        z, xbc, dt = self._project_in(hidden_states).split([inner, inner + 2 * n_r, self.heads], dim=-1)
+        z, xbc, dt = proj.split([inner, inner + 2 * n_r, self.heads], dim=-1)
         bsz, seq = z.shape[:2]
-        xbc = F.silu(short_conv(xbc, self.conv_weight.to(xbc.dtype)))
+        halo = {} if carry is None else {"halo": carry.conv_halo, "halo_doc_ids": carry.halo_doc_ids}
+        xbc = F.silu(short_conv(xbc, self.conv_weight.to(xbc.dtype), doc_ids, **halo))
         xs, bc = xbc.split([inner, 2 * n_r], dim=-1)
         # [B_r, C_r] of every rank -> [b, s, tp, 2, N/tp] -> full B, C [b, s, N]
         bc = all_gather_last_dim_from_tensor_parallel_region(bc.contiguous(), self.tp_group)
         bc = bc.view(bsz, seq, -1, 2, n_r)
         b_in, c_in = bc[..., 0, :].reshape(bsz, seq, -1), bc[..., 1, :].reshape(bsz, seq, -1)
         y = self._core(ssd_mix, xs.reshape(bsz, seq, self.heads, self.head_dim), b_in, c_in, dt, self.A_log,
-                       self.dt_bias, self.D, self.chunk)
+                       self.dt_bias, self.D, self.chunk, doc_ids, None if carry is None else carry.state,
+                       carry is not None)
+        y, final = y if carry is not None else (y, None)
         y = self._gated_norm(y.reshape(bsz, seq, inner) * F.silu(z))
-        return self._project_out(y)
+        return y if carry is None else (y, final)
+
+    def _conv_input(self, proj: torch.Tensor) -> torch.Tensor:
+        return proj[..., self.inner:2 * self.inner + 2 * self.state_shard]
+
+    def _state_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, self.heads, self.state_dim, self.head_dim)
+
 
     def _gated_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The reference's RMSNorm over all heads' channels (fp32 statistics), from this rank's share."""
@@ -214,18 +277,15 @@ class MaskedCoreAttention(MegatronModule):
             raise NotImplementedError("MaskedCoreAttention: causal masks with the default 1/sqrt(d) scale only")
         if (attention_dropout if attention_dropout is not None else config.attention_dropout) != 0:
             raise NotImplementedError("MaskedCoreAttention runs without attention dropout")
-        if config.context_parallel_size > 1:
-            raise NotImplementedError("sliding-window / block-sparse attention is not mapped under context parallelism")
-        self.window, self.sparse = window, sparse
+        self.window, self.sparse, self.cp_group = window, sparse, _cp_group(pg_collection)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        """attention_mask: the engine's document ids of the whole sequence [b, S], or None."""
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("MaskedCoreAttention: packed sequences and attention bias are not supported")
-        sq, b = query.shape[:2]
-        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))  # [b, heads, s, hn]
-        out = attention(q, k, v, window=self.window, sparse=self.sparse)
-        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+        return core_attention(query, key, value, self.cp_group, doc_ids=attention_mask, window=self.window,
+                              sparse=self.sparse)
 
 
 def self_attention_spec(kind: str, cfg) -> dict:

@@ -4,9 +4,10 @@ implementation without Transformer Engine.
 - `RMSNorm`: the reference RMSNorm (fp32 statistics) usable under sequence parallelism: its weight is
   marked `sequence_parallel`, so megatron's finalize_model_grads all-reduces its gradient over TP.
 - `SDPACoreAttention`: causal attention through torch's scaled_dot_product_attention (flash / cuDNN /
-  efficient backends) instead of megatron's unfused local softmax attention. Under context parallelism
-  it all-gathers keys and values over the CP group (reduce-scatter of their gradients) and masks by the
-  global positions of megatron's load-balanced split (rank r holds chunks r and 2*cp-1-r).
+  efficient backends) instead of megatron's unfused local softmax attention, document-masked with the
+  engine's document ids (`core_attention`). Under context parallelism it all-gathers keys and values over
+  the CP group (reduce-scatter of their gradients) and masks by the global positions of megatron's
+  load-balanced split (rank r holds chunks r and 2*cp-1-r).
 - `GroupedMLPExperts`: megatron's SequentialMLP experts run as grouped GEMMs (torch._grouped_mm).
 - `ReferenceRouter`: megatron's TopKRouter with the reference load-balancing loss: Switch/GShard's
   `E * sum_e P_e * f_e` with f_e the fraction of tokens whose *first* choice is e (megatron counts every
@@ -31,6 +32,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.router import TopKRouter
 
 from ...models.moe import routing_entropy
+from ...ops.attention import attention
 from ...ops import swiglu as swiglu_op
 from ...ops.moe import grouped_mm_supported, segment_mm
 
@@ -161,31 +163,28 @@ class SDPACoreAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        """attention_mask: the engine's document ids of the whole sequence [b, S], or None."""
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention: packed sequences and attention bias are not supported")
-        sq, b = query.shape[:2]
-        if self.cp_group.size() > 1:
-            out = self._context_parallel(query, key, value)
-        else:
-            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
-                                                 enable_gqa=q.shape[1] != k.shape[1])
-        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+        return core_attention(query, key, value, self.cp_group, doc_ids=attention_mask, scale=self.softmax_scale)
 
-    def _context_parallel(self, query, key, value) -> torch.Tensor:
-        cp, rank = self.cp_group.size(), self.cp_group.rank()
-        key = _natural_order(gather_from_sequence_parallel_region(key, True, group=self.cp_group), cp)
-        value = _natural_order(gather_from_sequence_parallel_region(value, True, group=self.cp_group), cp)
-        chunk = query.shape[0] // 2
-        qpos = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
-                          torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)]).to(query.device)
-        kpos = torch.arange(key.shape[0], device=query.device)
-        mask = kpos[None, :] <= qpos[:, None]  # [sq, sk], True = attend
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+
+def core_attention(query, key, value, cp_group, doc_ids: torch.Tensor | None = None, window: int = 0,
+                   sparse=None, scale: float | None = None) -> torch.Tensor:
+    """q [sq, b, np, hn], k/v [sk, b, ng, hn] -> [sq, b, np*hn]: ops.attention.attention with the reference's
+    masks (doc_ids [b, S] of the whole sequence). Under context parallelism the keys and values of every CP
+    rank are all-gathered (their gradients reduce-scattered) into natural order and the queries keep their
+    global positions in megatron's load-balanced split (rank r holds chunks r and 2*cp-1-r)."""
+    sq, b = query.shape[:2]
+    q_positions = None
+    if cp_group.size() > 1:
+        cp, rank = cp_group.size(), cp_group.rank()
+        key = _natural_order(gather_from_sequence_parallel_region(key, True, group=cp_group), cp)
+        value = _natural_order(gather_from_sequence_parallel_region(value, True, group=cp_group), cp)
+        q_positions = split_for_context_parallel(torch.arange(key.shape[0], device=query.device), cp, rank, dim=0)
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+    out = attention(q, k, v, window=window, doc_ids=doc_ids, sparse=sparse, q_positions=q_positions, scale=scale)
+    return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
 def _natural_order(gathered: torch.Tensor, cp: int) -> torch.Tensor:

@@ -75,7 +75,7 @@ class MegatronSupport(EngineSupport):
     def gaps(self, spec: Any, cfg: Any, layout: Any) -> list[Gap]:
         train = spec.train
         precision = getattr(train, "precision", "auto")
-        gaps = megatron_pattern_gaps(cfg, layout, precision)
+        gaps = megatron_pattern_gaps(cfg, layout, precision, getattr(train, "seq_len", None))
         if getattr(train, "overlap_grad_reduce", False) and layout.pp > 1:
             gaps.append(("train.overlap_grad_reduce", f"with pp={layout.pp}: the pipeline schedules' per-chunk "
                          "gradient-sync hooks are not wired in this build; use pp=1 or turn it off"))

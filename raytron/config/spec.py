@@ -259,6 +259,11 @@ class DataSpec:
     """Fraction of documents held out for validation loss."""
     max_documents: int | None = None
     """Read at most this many documents per source (for quick runs)."""
+    reset_at_documents: bool = False
+    """Packed samples hold documents end to end. true: attention stays inside each document and Gated
+    DeltaNet / Mamba2 layers restart their state and short convolution at each document start, so a
+    document trains as if it were alone (every position still counts in the loss, including the one whose
+    target is the next document's first token). false: each sample is one causal sequence."""
 
     def validate(self, path: str) -> None:
         check(len(self.sources) >= 1, f"{path}.sources", "got an empty list; at least one source is required")

@@ -117,3 +117,46 @@ def test_triton_scan_refuses_when_it_disagrees(monkeypatch):
     monkeypatch.setattr(sst, "scan_bwd", lambda *a: tuple(None if g is None else g * 1.01 for g in good(*a)))
     with pytest.raises(RuntimeError, match="refusing to train with it.*RAYTRON_SCAN_KERNEL=torch"):
         state_scan._self_check.__wrapped__(torch.cuda.current_device(), torch.float32)
+
+
+@pytest.mark.parametrize("op", ["gdn", "ssd"])
+def test_triton_scan_carries_state_between_parts_bf16(op):
+    """Context parallelism on the training path: a 4K sequence cut in two, the second part started from
+    the first part's final state (lead-in chunks through the Triton scan), vs the whole sequence in float64."""
+    torch.manual_seed(0)
+    seq, cut, h, d = 4096, 2048 + 100, 4, 64
+    if op == "gdn":
+        q = F.normalize(torch.randn(1, h, seq, d, device="cuda"), dim=-1) / d ** 0.5
+        k = F.normalize(torch.randn(1, h, seq, d, device="cuda"), dim=-1)
+        inputs = [q, k, torch.randn(1, h, seq, d, device="cuda"), -0.1 * torch.rand(1, h, seq, device="cuda"),
+                  torch.rand(1, h, seq, device="cuda")]
+        dims, fast_op, ref_op = [2] * 5, gated_delta, gated_delta_chunked
+    else:
+        inputs = [torch.randn(1, seq, h, d, device="cuda"), F.softplus(torch.randn(1, seq, h, device="cuda") - 3),
+                  -torch.rand(h, device="cuda") - 0.5, torch.randn(1, seq, d, device="cuda"),
+                  torch.randn(1, seq, d, device="cuda")]
+        dims, fast_op, ref_op = [1, 1, None, 1, 1], ssd, ssd_chunked
+    out_dim = dims[0]
+
+    def parts(*t):
+        first = [x if dm is None else x.narrow(dm, 0, cut) for x, dm in zip(t, dims)]
+        second = [x if dm is None else x.narrow(dm, cut, seq - cut) for x, dm in zip(t, dims)]
+        out1, state = fast_op(*first, 64, return_final_state=True)
+        return torch.cat([out1, fast_op(*second, 64, initial_state=state)], dim=out_dim)
+
+    _check(parts, lambda *t: ref_op(*[x.double() for x in t], 64), [x.requires_grad_() for x in inputs])
+
+
+@pytest.mark.parametrize("case", ["causal", "window", "docs"])
+def test_attention_at_cp_query_positions_bf16(case):
+    """Context parallelism's attention (queries of CP2 rank 0's chunks against the whole sequence's keys):
+    FlexAttention / masked SDPA vs the explicit softmax."""
+    torch.manual_seed(0)
+    seq = 4096
+    docs = (torch.arange(seq, device="cuda") // 1000)[None].expand(1, seq)
+    kwargs = {"causal": {}, "window": dict(window=512), "docs": dict(doc_ids=docs)}[case]
+    pos = torch.cat([torch.arange(0, seq // 4), torch.arange(3 * seq // 4, seq)]).cuda()
+    q, k, v = (torch.randn(1, h, s, 64, device="cuda", requires_grad=True) for h, s in ((4, seq // 2), (2, seq), (2, seq)))
+    whole = make_mask_mod(**kwargs)
+    mask = dense_mask(lambda b, hh, qi, kv: whole(b, hh, pos[qi], kv), 1, seq // 2, "cuda", seq_k=seq)
+    _check(lambda *t: attention(*t, q_positions=pos, **kwargs), lambda *t: reference_attention(*t, mask), [q, k, v])

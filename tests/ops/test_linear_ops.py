@@ -80,3 +80,53 @@ def test_short_conv_matches_conv1d_and_resets_at_documents():
     packed = short_conv(x, w, DOCS)
     torch.testing.assert_close(packed[:1, 9:26], reference_short_conv(x[:1, 9:26], w), **TOL)
     torch.testing.assert_close(packed[1:], reference_short_conv(x[1:], w), **TOL)
+
+
+def test_short_conv_halo_continues_the_sequence():
+    """The second part of a sequence with the first part's last K-1 inputs as halo (context parallelism)
+    equals the whole sequence's output there, also where the halo reaches into the previous document."""
+    x = torch.randn(2, 37, 5, dtype=torch.float64)
+    w = torch.randn(5, 4, dtype=torch.float64)
+    for docs in (None, DOCS):
+        whole = short_conv(x, w, docs)
+        for cut in (20, 27):  # DOCS: a document starts at 26, so cut 27 has a halo across it
+            part = short_conv(x[:, cut:], w, None if docs is None else docs[:, cut:], halo=x[:, cut - 3:cut],
+                              halo_doc_ids=None if docs is None else docs[:, cut - 3:cut])
+            torch.testing.assert_close(part, whole[:, cut:], **TOL)
+
+
+def _cut(fn, inputs, time_dims, cut, starts):
+    """fn on the two parts of the inputs cut along time at `cut`, the second started from the first's final
+    state: (concatenated output, final state)."""
+    first = [x if d is None else x.narrow(d, 0, cut) for x, d in zip(inputs, time_dims)]
+    second = [x if d is None else x.narrow(d, cut, x.shape[d] - cut) for x, d in zip(inputs, time_dims)]
+    out1, state = fn(*first, None if starts is None else starts[:, :cut], return_final_state=True)
+    out2, final = fn(*second, None if starts is None else starts[:, cut:], initial_state=state,
+                     return_final_state=True)
+    out_dim = next(d for d in time_dims if d is not None)
+    return torch.cat([out1, out2], dim=out_dim), final
+
+
+@pytest.mark.parametrize("kernel", ["reference", "torch"])
+@pytest.mark.parametrize("chunk", [4, 16])  # 4 < d_k: the initial state enters over two leading chunks
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("op", ["gdn", "ssd"])
+def test_state_passed_between_parts_equals_whole(op, docs, chunk, kernel):
+    """A sequence cut in two (inside a chunk, a document starting after the cut), the second part started
+    from the first part's final state (context parallelism) == the whole sequence's recurrence: outputs,
+    final state and every gradient."""
+    starts = doc_starts(DOCS) if docs else None
+    if op == "gdn":
+        inputs, dims, chunked, recurrent = _gdn_inputs(), [2, 2, 2, 2, 2], gated_delta_chunked, gated_delta_recurrent
+    else:
+        inputs, dims, chunked, recurrent = _ssd_inputs(), [1, 1, None, 1, 1], ssd_chunked, ssd_recurrent
+
+    def parts(*x):
+        out, final = _cut(lambda *a, **kw: chunked(*a[:-1], chunk, a[-1], kernel=kernel, **kw), x, dims, 21, starts)
+        return torch.cat([out.flatten(), final.flatten()])
+
+    def whole(*x):
+        out, final = recurrent(*x, starts, return_final_state=True)
+        return torch.cat([out.flatten(), final.flatten()])
+
+    _assert_same_with_grads(parts, whole, inputs)

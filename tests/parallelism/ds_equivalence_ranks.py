@@ -30,8 +30,18 @@ def batch() -> torch.Tensor:
     return torch.randint(0, 256, (GBS, SEQ + 1), generator=torch.Generator().manual_seed(0))
 
 
+def document_ids() -> torch.Tensor:
+    """Packed-document ids [GBS, SEQ + 1] matching batch(): two to four documents per sample."""
+    ids = torch.zeros(GBS, SEQ + 1, dtype=torch.int32)
+    for i in range(GBS):
+        for start in (5 + i, 11 + 3 * i % 13, 27):
+            ids[i, start:] += 1
+    return ids
+
+
 def deepspeed_losses(rank: int, world: int, ep: int, zero_stage: int, out: str, model: str = "moe/debug",
-                     precision: str = "auto", overrides: dict | None = None, z_loss: float = 0.0) -> None:
+                     precision: str = "auto", overrides: dict | None = None, z_loss: float = 0.0,
+                     docs: bool = False) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
     from raytron.launcher.validate import validate_job
@@ -41,9 +51,10 @@ def deepspeed_losses(rank: int, world: int, ep: int, zero_stage: int, out: str, 
     engine = DeepSpeedEngine(spec, validate_job(spec), rank, world)
     per_rank = GBS // world
     mine = batch()[rank * per_rank:(rank + 1) * per_rank]
+    my_docs = list(document_ids()[rank * per_rank:(rank + 1) * per_rank].split(MBS)) if docs else None
     records = []
     for _ in range(STEPS):
-        m = engine.train_step(list(mine.split(MBS)))
+        m = engine.train_step(list(mine.split(MBS)), my_docs)
         records.append({"loss": m.loss, "aux_loss": m.aux_loss, "z_loss": m.z_loss, "grad_norm": m.grad_norm,
                         "expert_bias": m.expert_bias})
     if rank == 0:

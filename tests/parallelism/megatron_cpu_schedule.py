@@ -11,7 +11,8 @@ norm as megatron's distributed optimizer computes it, and MegatronEngine.export_
 Differences from the GPU engine: fp32 without Float16Module; DDP all-reduces gradients where the
 distributed optimizer (CUDA-only) reduce-scatters them (same sums; its norm is rebuilt below from
 megatron's own partitioning and filters); the all-gather token dispatcher instead of all-to-all.
-CPU shims, test-only, in the rank processes (`_cpu_shims`): `torch.cuda.current_device` -> "cpu",
+CPU shims, test-only, in the rank processes (`_cpu_shims`): `torch.cuda.current_device` -> "cpu", RoPE's
+per-CP-rank table rows picked without a pinned CUDA index,
 `torch.cuda.synchronize` -> no-op; megatron's schedules, clip_grads and utils modules see a `torch` whose `zeros`/`tensor` put
 device="cuda" scalars on the CPU; the CUDA RNG tracker's `fork` is a no-op (dropout is 0 here, so
 there is no randomness to track). For train.overlap_moe_comm cases also `_cpu_stream_shims`: CUDA streams,
@@ -64,6 +65,18 @@ def _cpu_shims() -> None:
     for module in (schedules, clip_grads, mutils):
         module.torch = _CudaScalarsOnCpu()
     mrandom.get_cuda_rng_tracker().fork = lambda *args, **kwargs: contextlib.nullcontext()
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_cp_rank
+
+
+def _pos_emb_on_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    """megatron's get_pos_emb_on_this_cp_rank (RoPE table rows of this CP rank's chunks r and 2cp-1-r)
+    without its pinned-memory index tensor copied to the GPU."""
+    cp, rank = cp_group.size(), cp_group.rank()
+    split = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp, -1, *pos_emb.shape[seq_dim + 1:])
+    mine = split.index_select(seq_dim, torch.tensor([rank, 2 * cp - rank - 1], device=pos_emb.device))
+    return mine.view(*mine.shape[:seq_dim], -1, *mine.shape[seq_dim + 2:])
 
 
 class _OneStream:
@@ -114,7 +127,7 @@ def _cpu_rng_shims() -> None:
 
 
 def cpu_engine(family: str, overrides: dict, layout, overlap: str = "", overlap_moe: bool = False,
-               recompute: str = "none", z_coef: float = 0.0):
+               recompute: str = "none", z_coef: float = 0.0, flavor: str = "debug"):
     """A MegatronEngine on CPU (see the module docstring): megatron's groups for `layout`, the reference's
     weights in this rank's chunks, chunks wrapped in megatron DDP; no optimizer. `overlap`: "" (off) or
     "wired" (overlap_grad_reduce, with the engine's attach_grad_sync). `overlap_moe`: train.overlap_moe_comm,
@@ -139,9 +152,9 @@ def cpu_engine(family: str, overrides: dict, layout, overlap: str = "", overlap_
     check_groups(layout, dist.get_rank())
     engine = object.__new__(MegatronEngine)
     engine.layout, engine.device = layout, torch.device("cpu")
-    engine.spec = SimpleNamespace(model=SimpleNamespace(family=family, flavor="debug", overrides=overrides),
+    engine.spec = SimpleNamespace(model=SimpleNamespace(family=family, flavor=flavor, overrides=overrides),
                                   train=SimpleNamespace(seq_len=SEQ, aux_loss_coef=AUX_COEF))
-    engine.model_cfg = models.get_config(family, "debug", **overrides)
+    engine.model_cfg = models.get_config(family, flavor, **overrides)
     tcfg = transformer_config(engine.model_cfg, layout, aux_loss_coef=AUX_COEF, z_loss_coef=z_coef, on_gpu=False,
                               recompute=recompute)
     if overlap_moe:
@@ -150,7 +163,7 @@ def cpu_engine(family: str, overrides: dict, layout, overlap: str = "", overlap_
     chunks = build_model_chunks(engine.model_cfg, tcfg, SEQ)
     engine.pieces = [chunk_pieces(engine.model_cfg, chunk_coords(c, layout)) for c in chunks]
     engine.buffers = [chunk_buffers(engine.model_cfg, chunk_coords(c, layout)) for c in chunks]
-    engine._load_chunks(chunks, build_reference(family, overrides).state_dict())
+    engine._load_chunks(chunks, build_reference(family, overrides, flavor).state_dict())
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=bool(overlap))
     engine.chunks = [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
                      for i, c in enumerate(chunks)]
@@ -165,13 +178,13 @@ def global_batch(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (GLOBAL, SEQ + 1), generator=torch.Generator().manual_seed(SEED + 1))
 
 
-def build_reference(family: str, overrides: dict):
+def build_reference(family: str, overrides: dict, flavor: str = "debug"):
     """The seeded reference model; sigmoid routers start from a nonzero routing bias (as after some
     training), so that the bias's effect on routing is compared too."""
     from raytron import models
 
     torch.manual_seed(SEED)
-    model = models.build(family, "debug", **overrides)
+    model = models.build(family, flavor, **overrides)
     g = torch.Generator().manual_seed(SEED + 2)
     for moe in model.moe_layers():
         if moe.cfg.router == "sigmoid":
@@ -179,15 +192,27 @@ def build_reference(family: str, overrides: dict):
     return model
 
 
-def reference_step(family: str, overrides: dict, z_coef: float = 0.0) -> dict:
+def global_document_ids() -> torch.Tensor:
+    """Document ids [GLOBAL, SEQ + 1] of packed samples: documents start between tokens and on the chunk edges
+    of context parallelism (SEQ / 4 and 3 SEQ / 4 are CP2 chunk starts), differently in every sample."""
+    ids = torch.zeros(GLOBAL, SEQ + 1, dtype=torch.int32)
+    for i in range(GLOBAL):
+        for start in (3 + i, SEQ // 4, 13 + 2 * i % 7, 3 * SEQ // 4):
+            ids[i, start:] += 1
+    return ids
+
+
+def reference_step(family: str, overrides: dict, z_coef: float = 0.0, flavor: str = "debug",
+                   docs: bool = False) -> dict:
     """The reference model's loss, gradients and gradient norm over the global batch (mean over micro-batches
     of LM loss + AUX_COEF * aux loss + z_coef * z-loss: the engine's objective), and its state after the
-    step's aux-loss-free bias update."""
-    model = build_reference(family, overrides)
+    step's aux-loss-free bias update; `docs`: packed documents of global_document_ids kept apart."""
+    model = build_reference(family, overrides, flavor)
     micro = global_batch(model.cfg.vocab_size).split(MICRO)
+    doc_micro = global_document_ids().split(MICRO) if docs else [None] * len(micro)
     lm_losses = []
-    for mb in micro:
-        logits = model(mb[:, :-1])
+    for mb, ids in zip(micro, doc_micro):
+        logits = model(mb[:, :-1], doc_ids=None if ids is None else ids[:, :-1])
         lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mb[:, 1:].reshape(-1))
         aux = torch.stack(model.aux_losses()).sum() if model.aux_losses() else torch.zeros(())
         z = torch.stack(model.z_losses()).sum() if model.z_losses() else torch.zeros(())
@@ -291,12 +316,14 @@ def _one_case(rank: int, world: int, family: str, overrides: dict, fields: dict)
     fields = dict(fields)
     overlap, overlap_moe = fields.pop("overlap", ""), fields.pop("overlap_moe", False)
     z_coef = fields.pop("z_loss", 0.0)  # train.router_z_loss_coef
+    flavor, docs = fields.pop("flavor", "debug"), fields.pop("docs", False)
     dp = world // (fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1))
     layout = ParallelLayout(world_size=world, micro_batch_size=MICRO, global_batch_size=GLOBAL, **{"dp": dp, **fields})
-    engine = cpu_engine(family, overrides, layout, overlap, overlap_moe, z_coef=z_coef)
-    ref = reference_step(family, overrides, z_coef)
+    engine = cpu_engine(family, overrides, layout, overlap, overlap_moe, z_coef=z_coef, flavor=flavor)
+    ref = reference_step(family, overrides, z_coef, flavor, docs)
     micro = global_batch(engine.model_cfg.vocab_size).split(MICRO)
     dp_rank, ga = layout.coords(rank)["dp"], layout.grad_accum
+    doc_ids = list(global_document_ids().split(MICRO)[dp_rank * ga:(dp_rank + 1) * ga]) if docs else None
     launched: list[bool] = []  # per bucket group at finish_grad_sync: was its reduction already in flight?
     if overlap:  # a discarded first step: megatron learns each bucket's readiness counts on the first step
         engine._run(list(micro[dp_rank * ga:(dp_rank + 1) * ga]), forward_only=False)
@@ -307,7 +334,8 @@ def _one_case(rank: int, world: int, family: str, overrides: dict, fields: dict)
     plans: list[dict] = []  # per schedule plan built for the combined 1F1B schedule: its arguments
     runs: list[list[bool]] = []  # per plan run: [with a forward micro-batch, with a backward one]
     with _record_schedule_plans(plans, runs) if overlap_moe else contextlib.nullcontext():
-        loss = engine._mean_lm_loss(engine._run(list(micro[dp_rank * ga:(dp_rank + 1) * ga]), forward_only=False))
+        loss = engine._mean_lm_loss(engine._run(list(micro[dp_rank * ga:(dp_rank + 1) * ga]), forward_only=False,
+                                                document_ids=doc_ids))
     norm = distributed_optimizer_grad_norm(engine)
     errors = _gradient_errors(engine, ref["grads"])
     exported = engine.export_reference()

@@ -67,7 +67,6 @@ def test_pattern_pairs_and_stage_split():
     ({"pattern": "G-*|-M-W-"}, _layout(pp=2), "model.overrides.pattern", "stage 0 ('G-*')"),
     ({"pattern": "G-|*-*-*-|M-|W-"}, _layout(pp=4), "model.overrides.pattern", "equal middle ones"),
     ({}, _layout(pp=3), "layout.pp", "does not divide the model's 4 megatron layers"),
-    ({}, _layout(cp=2), "layout.cp", "GMW layers"),
     ({"ssm_state_dim": 6}, _layout(tp=4), "layout.tp", "ssm_state_dim 6"),
 ])
 def test_refusals_name_the_field(overrides, layout, field, words):
@@ -82,3 +81,13 @@ def test_engine_refuses_unpaired_pattern():
 
     with pytest.raises(UnsupportedArchitecture, match=r"model.overrides.pattern: pattern 'G\*-' is not"):
         check_supported(models.get_config("hybrid", "debug", pattern="G*-"))
+
+
+def test_context_parallel_hybrids_map_when_chunks_hold_the_conv_halo():
+    """CP is mapped for every hybrid mixer; a GDN / Mamba2 model refuses only CP chunks shorter than the
+    short convolution's halo (conv_size - 1 tokens handed from chunk to chunk)."""
+    for flavor in ("debug", "debug-moe"):
+        assert megatron_pattern_gaps(models.get_config("hybrid", flavor), _layout(cp=2), seq_len=32) == []
+    gaps = megatron_pattern_gaps(models.get_config("hybrid", "debug"), _layout(cp=2), seq_len=8)
+    assert gaps and gaps[0][0] == "train.seq_len" and "3 halo tokens" in gaps[0][1], gaps
+    assert megatron_pattern_gaps(models.get_config("dense", "debug"), _layout(cp=4), seq_len=8) == []

@@ -11,6 +11,11 @@ Two shapes it would get wrong are refused (parallelism/megatron/support.py, _moe
 before the refusal: a pattern ending in a dense MLP trained without the final norm (loss 5.576 vs 5.599,
 final-norm gradient 0), and one expert per EP rank failed in backward on the freed dispatched tokens.
 
+Packed documents (data.reset_at_documents: the engine's document ids as megatron's attention_mask) and
+context parallelism of hybrid models (parallelism/megatron/cp.py: GDN / Mamba2 states and conv halos passed
+between CP ranks; windowed, block-sparse and document masks over the gathered keys) against the reference
+model run on the whole, unsplit sequence with the same documents: CP1 == CP2 == CP4 by transitivity.
+
 Regression cases, both silent on GPU except for a drifting loss curve:
 - MoE with TP and experts replicated over the TP ranks (tp=2, ep=etp=1, sequence parallel): megatron-core
   marks expert weights as expert parameters only when ep > 1, so their gradients were reduced over the
@@ -63,6 +68,22 @@ CASES_4 = {  # 4 ranks
     "moe-TP2xEP2-overlap-moe": ("moe", {}, {"tp": 2, "ep": 2, "overlap_moe": True}),
     # interleaved schedule, 4 micro-batches: 3 steady-state steps overlap a forward with a backward
     "moe-PP2v2xTP2xEP2-overlap-moe": ("moe", {"num_layers": 4}, {"pp": 2, "vpp": 2, "tp": 2, "ep": 2, "overlap_moe": True}),
+}
+CASES_HYBRID = {  # 2 ranks: packed documents (data.reset_at_documents) and context parallelism
+    "hybrid-docs-DP2": ("hybrid", {}, {"docs": True}),  # attention masked, GDN/Mamba2 states and convs reset
+    "hybrid-docs-TP2": ("hybrid", {}, {"tp": 2, "docs": True}),
+    "dense-CP2-docs": ("dense", {}, {"cp": 2, "docs": True}),
+    # CP2: GDN / Mamba2 states and conv halos passed between the ranks, windowed / block-sparse attention
+    # over the gathered keys; documents also start exactly on CP chunk edges
+    "hybrid-CP2": ("hybrid", {}, {"cp": 2}),
+    "hybrid-CP2-docs": ("hybrid", {}, {"cp": 2, "docs": True}),
+    "hybrid-moe-CP2": ("hybrid", {}, {"cp": 2, "flavor": "debug-moe"}),
+    "hybrid-moe-CP2-docs": ("hybrid", {}, {"cp": 2, "flavor": "debug-moe", "docs": True}),
+}
+CASES_HYBRID_4 = {  # 4 ranks
+    # middle CP ranks both receive and send states and halos; documents start on chunk edges
+    "hybrid-CP4-docs": ("hybrid", {}, {"cp": 4, "docs": True}),
+    "hybrid-CP2xTP2-docs": ("hybrid", {}, {"cp": 2, "tp": 2, "docs": True}),  # + Mamba2's B/C gathered over TP
 }
 OVERLAP_MOE = [name for name, (_, _, fields) in {**CASES, **CASES_4}.items() if fields.get("overlap_moe")]
 
@@ -125,11 +146,29 @@ def results_4(tmp_path_factory) -> dict:
     return dict(zip(CASES_4, json.loads(out.read_text())))
 
 
+@pytest.fixture(scope="module")
+def results_hybrid(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("megatron_step_hybrid") / "results.json"
+    spawn_ranks(megatron_cpu_schedule.step_matches_reference, 2, list(CASES_HYBRID.values()), str(out), timeout=500)
+    return dict(zip(CASES_HYBRID, json.loads(out.read_text())))
+
+
+@pytest.fixture(scope="module")
+def results_hybrid_4(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("megatron_step_hybrid_4") / "results.json"
+    spawn_ranks(megatron_cpu_schedule.step_matches_reference, 4, list(CASES_HYBRID_4.values()), str(out), timeout=500)
+    return dict(zip(CASES_HYBRID_4, json.loads(out.read_text())))
+
+
+FIXTURE_OF = {**{c: "results_4" for c in CASES_4}, **{c: "results_hybrid" for c in CASES_HYBRID},
+              **{c: "results_hybrid_4" for c in CASES_HYBRID_4}}
+
+
 def _result(request, case: str) -> dict:
-    return request.getfixturevalue("results_4" if case in CASES_4 else "results")[case]
+    return request.getfixturevalue(FIXTURE_OF.get(case, "results"))[case]
 
 
-@pytest.mark.parametrize("case", list(CASES) + list(CASES_4))
+@pytest.mark.parametrize("case", list(CASES) + list(CASES_4) + list(CASES_HYBRID) + list(CASES_HYBRID_4))
 def test_step_matches_reference(request, case):
     r = _result(request, case)
     assert r["bad_grads"] == {}, f"{case}: gradients off the reference by > 1e-4 relative, per rank: {r['bad_grads']}"
@@ -177,6 +216,8 @@ RECOMPUTE_CASES = {  # train.recompute: megatron's core-attention / MLP / full-l
     "hybrid-TP2": ("hybrid", {}, {"tp": 2}),  # GDN and Mamba2 cores, SDPA and masked attention cores, MLPs
     "moe-EP2": ("moe", {}, {"ep": 2}),  # MoE layers recomputed whole under `full`
     "moe-mla-EP2": ("moe", MLA, {"ep": 2}),  # megatron's MLASelfAttention with its core attention recomputed
+    # CP halves: selective checkpoints each half's core, `full` reruns the layer's state and halo passing
+    "hybrid-CP2": ("hybrid", {}, {"cp": 2}),
     # core attention recomputed inside the schedule plan's attention node (train.overlap_moe_comm; last:
     # its CUDA stream shims stay installed in the rank processes)
     "moe-EP2-overlap-moe": ("moe", {}, {"ep": 2, "overlap_moe": True}),
