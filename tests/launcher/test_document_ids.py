@@ -7,7 +7,7 @@ import pytest
 
 from raytron.data_pipeline.indexed import IndexedDatasetWriter, IndexedTokens
 from raytron.data_pipeline.packing import PackedDataset
-from raytron.launcher.spec import spec_from_dict
+from raytron.config.spec import spec_from_dict
 from raytron.launcher.worker import _document_ids
 from raytron.typed import ConfigError
 

@@ -101,12 +101,13 @@ def test_moe_statistics_reach_tensorboard(tmp_path):
     and one histogram per layer, are TensorBoard events of the step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    writer = MetricsWriter(str(tmp_path / "run" / "tensorboard"), 0, 10)
+    run = RunDir(str(tmp_path / "run"))
+    writer = MetricsWriter(run, 0, 10)
     bias = [[0.01, -0.02, 0.0, 0.01], [0.03, 0.0, -0.01, -0.02]]
     writer.moe(3, [0.25, 0.5, 0.125, 0.125], bias)
     writer.moe(4, [0.25] * 4, None)  # softmax router: load only
     writer.close()
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"histograms": 0}).Reload()
+    events = EventAccumulator(run.tensorboard, size_guidance={"histograms": 0}).Reload()
     scalars = events.Tags()["scalars"]
 
     def values(tag):
