@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -74,21 +75,26 @@ def corrupt_restore_rank(rank: int, world: int, root: str, name: str, job: dict,
     layout = validate_job(spec)
     engine = worker.build_engine(spec, layout, rank, world)
     store = CheckpointStore(f"{spec.run_uri}/checkpoints")
-    load = checkpointing.load_state
+    real_ops = checkpointing.state_ops
     key = "layers.1.mixer.w_gate#0"  # layer 1 is the first MoE layer of moe/debug
 
-    def corrupting_load(eng, state):
-        if rank == 0:
-            state = {**state, "params": {**state["params"], key: state["params"][key] + 1e-3}}
-        return load(eng, state)
+    def corrupting_ops(eng):
+        ops = real_ops(eng)
 
-    checkpointing.load_state = corrupting_load
+        def load(e, state):
+            if rank == 0:
+                state = {**state, "params": {**state["params"], key: state["params"][key] + 1e-3}}
+            return ops.load(e, state)
+
+        return dataclasses.replace(ops, load=load)
+
+    checkpointing.state_ops = corrupting_ops
     try:
         checkpointing.restore_checkpoint(engine, store, spec, rank)
         error = None
     except CheckpointError as exc:
         error = str(exc)
-    checkpointing.load_state = load
+    checkpointing.state_ops = real_ops
     step, _ = checkpointing.restore_checkpoint(engine, store, spec, rank)
     if rank == 0:
         write_json(out, {"error": error, "clean_step": step})
