@@ -235,6 +235,7 @@ def test_driver_interrupt_forwards_sigterm_and_supervise_stops_without_relaunch(
 
     spec = load_spec(CONFIG, [f"checkpoint.uri={tmp_path}", "fault.max_preemptions=5"])
     (tmp_path / spec.name).mkdir()
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the test runner was started in the background
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         RankRecord(spec.run_uri, 0, 0, 2).update(pid=sleeper.pid)
@@ -243,13 +244,15 @@ def test_driver_interrupt_forwards_sigterm_and_supervise_stops_without_relaunch(
             os.kill(os.getpid(), signal.SIGINT)  # the handler runs at once on the main thread
             assert interrupt.received == "SIGINT"
             assert sleeper.wait(10) == -signal.SIGTERM, "the local rank got SIGTERM"
-            time.sleep(0.2)
+            deadline = time.monotonic() + 10  # the forwarding thread notes the remote rank after signalling
+            while not interrupt.not_signalled and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert interrupt.not_signalled == ["rank 1 runs on host elsewhere, not this one"]
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGINT)
             make, calls = _fake_trainers(spec, [["preempted", "preempted"]])
             out = supervise(spec, make, SimpleNamespace(committed_steps=lambda: [3]), interrupt)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handlers restored"
+        assert signal.getsignal(signal.SIGINT) is before, "handlers restored"
     finally:
         if sleeper.poll() is None:
             sleeper.kill()
