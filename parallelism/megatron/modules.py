@@ -276,7 +276,10 @@ class ReferenceRouter(TopKRouter):
 
     def routing(self, logits: torch.Tensor, padding_mask=None):
         if padding_mask is not None:
-            raise NotImplementedError("ReferenceRouter: padding masks are not supported")
+            # raytron packs samples without padding, so the engine never builds one; a caller that does would
+            # get routing statistics over pad tokens, which the reference never computes
+            raise ValueError("ReferenceRouter: got a padding mask, but raytron's samples are packed without "
+                             "padding; route the unpadded tokens instead")
         logits = logits.view(-1, self.config.num_moe_experts)
         logits = self.apply_z_loss(logits)
         cfg = self.config
