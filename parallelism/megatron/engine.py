@@ -29,18 +29,25 @@ from ..schedule import lr_multiplier
 
 def init_parallel_state(layout, rank: int) -> None:
     """torch.distributed (NCCL; kept if Ray Train or torchrun already set it up) + megatron groups."""
-    from megatron.core import parallel_state
-
     if not dist.is_initialized():
         dist.init_process_group("nccl")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    init_megatron_groups(layout, rank)
+
+
+def init_megatron_groups(layout, rank: int, **options) -> None:
+    """Megatron's process groups for `layout` (any left from an earlier build are destroyed first), checked
+    against the layout's own coordinates. `options` go to initialize_model_parallel (the CPU test harness
+    passes create_gloo_process_groups=False)."""
+    from megatron.core import parallel_state
+
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp, order="tp-cp-ep-dp-pp")
+        expert_tensor_parallel_size=layout.etp, order="tp-cp-ep-dp-pp", **options)
     check_groups(layout, rank)
 
 

@@ -33,25 +33,27 @@ from tests.gpu.gpu_worlds import shard  # noqa: E402
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 2, 64
 LAYOUTS = {  # name -> (world, layout fields, families)
-    "single": (1, {}, ("dense", "moe", "hybrid", "hybrid-moe", "dense-4l", "moe-4l", "moe-shared")),
-    "TP2": (2, {"tp": 2}, ("dense", "moe", "hybrid")),  # moe: experts replicated over TP (ep=etp=1)
-    "PP2": (2, {"pp": 2}, ("dense", "moe", "hybrid", "hybrid-moe")),
-    "EP2": (2, {"dp": 2, "ep": 2}, ("moe", "hybrid-moe", "moe-shared")),
-    "CP2": (2, {"cp": 2}, ("dense", "moe")),  # hybrid CP: checked on CPU (tests/parallelism/test_megatron_step.py)
+    "single": (1, {}, ("dense", "moe", "hybrid", "hybrid-moe", "dense-4l", "moe-4l", "moe-shared", "moe-sigmoid",
+                       "moe-sigmoid-no-bias", "moe-sigmoid-slow-bias", "moe-mla", "moe-mla-sigmoid", "moe-mla-no-norm",
+                       "moe-softmax-to-sigmoid")),
+    "TP2": (2, {"tp": 2}, ("dense", "moe", "hybrid", "moe-sigmoid")),  # moe: experts replicated over TP (ep=etp=1)
+    "PP2": (2, {"pp": 2}, ("dense", "moe", "hybrid", "hybrid-moe", "moe-sigmoid", "moe-mla")),
+    "EP2": (2, {"dp": 2, "ep": 2}, ("moe", "hybrid-moe", "moe-shared", "moe-sigmoid", "moe-mla")),
+    "CP2": (2, {"cp": 2}, ("dense", "moe", "moe-sigmoid")),  # hybrid CP: checked on CPU (test_megatron_step.py)
     "DP2": (2, {"dp": 2}, ("dense", "moe", "hybrid")),
     "TP2xEP2": (4, {"tp": 2, "dp": 2, "ep": 2}, ("moe", "hybrid-moe")),
     "PP2xEP2": (4, {"pp": 2, "dp": 2, "ep": 2}, ("moe",)),
     "TP2xPP2": (4, {"tp": 2, "pp": 2}, ("dense", "moe", "hybrid")),
     "PP2v2": (2, {"pp": 2, "vpp": 2}, ("dense-4l", "moe-4l")),  # interleaved, 4 micro-batches
-    "ETP2xEP2": (4, {"dp": 4, "ep": 2, "etp": 2}, ("moe",)),  # expert-TP: each expert's FFN split over 2 ranks
+    "ETP2xEP2": (4, {"dp": 4, "ep": 2, "etp": 2}, ("moe", "moe-sigmoid", "moe-mla")),  # expert-TP: each expert's FFN split over 2 ranks
 }
 # Engine options on GPU: a layout run again with a train option on, as cases of their own (each record says
 # which options ran): "<layout>+<option>" -> (layout, train options, families)
 VARIANTS = {
-    "EP2+moe-comm": ("EP2", ("overlap_moe_comm",), ("moe", "hybrid-moe", "moe-shared")),
+    "EP2+moe-comm": ("EP2", ("overlap_moe_comm",), ("moe", "hybrid-moe", "moe-shared", "moe-sigmoid", "moe-mla")),
     "TP2xEP2+moe-comm": ("TP2xEP2", ("overlap_moe_comm",), ("moe", "hybrid-moe")),
     "DP2+grad-overlap": ("DP2", ("overlap_grad_reduce",), ("dense", "moe", "hybrid")),
-    "EP2+grad-overlap": ("EP2", ("overlap_grad_reduce",), ("moe", "hybrid-moe")),
+    "EP2+grad-overlap": ("EP2", ("overlap_grad_reduce",), ("moe", "hybrid-moe", "moe-sigmoid", "moe-mla")),
     "TP2xEP2+grad-overlap": ("TP2xEP2", ("overlap_grad_reduce",), ("moe",)),
 }
 LAYOUTS.update({name: (*LAYOUTS[base][:2], families) for name, (base, _, families) in VARIANTS.items()})
@@ -60,7 +62,17 @@ FAMILIES = {"dense": ("dense", "debug", {}), "moe": ("moe", "debug", {}),
             "hybrid-moe": ("hybrid", "debug-moe", {}),  # "GEBE|GE*E": + block-sparse attention, MoE, '|' stages
             "dense-4l": ("dense", "debug", {"num_layers": 4}),  # 4 blocks: pp * vpp = 4 stages
             "moe-4l": ("moe", "debug", {"num_layers": 4}),
-            "moe-shared": ("moe", "debug", {"shared_experts": 1})}  # megatron's SharedExpertMLP beside the experts
+            "moe-shared": ("moe", "debug", {"shared_experts": 1}),  # megatron's SharedExpertMLP beside the experts
+            # DeepSeek-V3 routing: sigmoid scores, normalised top-k, aux-loss-free bias (updated after every step
+            # by megatron-core and by the reference), a shared expert; and the bias rate at its edges
+            "moe-sigmoid": ("moe", "debug-sigmoid", {}),
+            "moe-sigmoid-no-bias": ("moe", "debug-sigmoid", {"bias_update_rate": 0.0}),
+            "moe-sigmoid-slow-bias": ("moe", "debug-sigmoid", {"bias_update_rate": 0.001}),
+            "moe-softmax-to-sigmoid": ("moe", "debug", {"router": "sigmoid"}),
+            # multi-head latent attention (parallelism/megatron/mla.py), with either router and no top-k renorm
+            "moe-mla": ("moe", "debug-mla", {}),
+            "moe-mla-sigmoid": ("moe", "debug-mla", {"router": "sigmoid"}),
+            "moe-mla-no-norm": ("moe", "debug-mla", {"norm_topk": False})}
 
 
 def make_spec(family: str, steps: int) -> SimpleNamespace:
@@ -105,6 +117,8 @@ def reference_run(spec, steps: int, device) -> dict:
             lm_sum, aux_sum = lm_sum + lm.item(), aux_sum + aux.item()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
         opt.step()
+        for moe in model.moe_layers():  # the aux-loss-free bias step, as the engines take it after each step
+            moe.update_bias()
         out["loss"].append(lm_sum / len(micro))
         out["aux_loss"].append(aux_sum / len(micro))
         out["grad_norm"].append(float(norm))

@@ -62,19 +62,12 @@ class CpuEngine:
         from megatron.core import parallel_state as ps
 
         from raytron import models
-        from raytron.parallelism.megatron.engine import check_groups, chunk_coords
+        from raytron.parallelism.megatron.engine import chunk_coords, init_megatron_groups
         from raytron.parallelism.megatron.mapping import chunk_buffers, chunk_pieces
         from raytron.parallelism.megatron.spec import build_model_chunks, transformer_config
 
         torch.cuda.current_device = lambda: "cpu"  # see the module docstring
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-            virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
-            context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
-            expert_tensor_parallel_size=layout.etp, order="tp-cp-ep-dp-pp", create_gloo_process_groups=False)
-        check_groups(layout, rank)
+        init_megatron_groups(layout, rank, create_gloo_process_groups=False)
         overrides = overrides or {}
         self.layout, self.device, self.steps_done = layout, torch.device("cpu"), 0
         self.spec = SimpleNamespace(model=SimpleNamespace(family=family, flavor="debug", overrides=overrides))

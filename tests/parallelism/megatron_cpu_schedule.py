@@ -133,23 +133,15 @@ def cpu_engine(family: str, overrides: dict, layout, overlap: str = "", overlap_
     "wired" (overlap_grad_reduce, with the engine's attach_grad_sync). `overlap_moe`: train.overlap_moe_comm,
     i.e. megatron's combined 1F1B schedule over the engine's schedule plans, with the GPU's all-to-all token
     dispatcher (megatron-core's bf16 precondition is bypassed: set after the config's checks, fp32 here)."""
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     from raytron import models
-    from raytron.parallelism.megatron.engine import MegatronEngine, attach_grad_sync, check_groups, chunk_coords
+    from raytron.parallelism.megatron.engine import MegatronEngine, attach_grad_sync, chunk_coords, init_megatron_groups
     from raytron.parallelism.megatron.mapping import chunk_buffers, chunk_pieces
     from raytron.parallelism.megatron.spec import build_model_chunks, transformer_config
 
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
-        context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp, order="tp-cp-ep-dp-pp", create_gloo_process_groups=False)
-    check_groups(layout, dist.get_rank())
+    init_megatron_groups(layout, dist.get_rank(), create_gloo_process_groups=False)
     engine = object.__new__(MegatronEngine)
     engine.layout, engine.device = layout, torch.device("cpu")
     engine.spec = SimpleNamespace(model=SimpleNamespace(family=family, flavor=flavor, overrides=overrides),

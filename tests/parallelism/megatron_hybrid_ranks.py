@@ -30,20 +30,13 @@ SEQ, BATCH, AUX_COEF = 32, 2, 0.01
 
 
 def _init_megatron(layout, rank: int) -> None:
-    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from raytron.parallelism.megatron.engine import check_groups
+    from raytron.parallelism.megatron.engine import init_megatron_groups
 
     torch.cuda.current_device = lambda: "cpu"  # see the module docstring
     get_cuda_rng_tracker().fork = lambda *_a, **_k: contextlib.nullcontext()  # CUDA RNG; dropout is 0
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp, order="tp-cp-ep-dp-pp", create_gloo_process_groups=False)
-    check_groups(layout, rank)
+    init_megatron_groups(layout, rank, create_gloo_process_groups=False)
 
 
 def _megatron_twin(ref, layout):

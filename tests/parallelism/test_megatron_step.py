@@ -40,6 +40,8 @@ from tests.parallelism import megatron_cpu_schedule  # noqa: E402
 
 # moe/debug as moe/debug-mla (the other MLA fields' defaults are that flavor's)
 MLA = {"attention": "mla", "num_kv_heads": 4, "q_lora_rank": 32}
+SIGMOID = {"num_experts": 8, "moe_ffn_dim": 32, "shared_experts": 1, "router": "sigmoid", "bias_update_rate": 1e-2}
+"""moe/debug-sigmoid's model as overrides of moe/debug (the support matrix matches proofs by model config)."""
 CASES = {  # name -> (family, model overrides, layout fields); 2 ranks each
     "moe-TP2": ("moe", {}, {"tp": 2}),
     "moe-EP2-no-norm-topk": ("moe", {"norm_topk": False}, {"ep": 2}),  # megatron's pre-softmax router: no renorm
@@ -95,8 +97,7 @@ OVERLAP_MOE = [name for name, (_, _, fields) in {**CASES, **CASES_4}.items() if 
 # train.router_z_loss_coef.
 ROUTER_CASES = {
     # DeepSeek-V3 style: sigmoid scores, normalised top-k, aux-loss-free bias, a shared expert; EP2 x DP2
-    "sigmoid-bias-shared-EP2": ("moe", {"router": "sigmoid", "bias_update_rate": 0.01, "shared_experts": 1},
-                                {"ep": 2}),
+    "sigmoid-bias-shared-EP2": ("moe", SIGMOID, {"ep": 2}),
     # moe/deepseek-small's router (64 experts, top-6, 2 shared experts, bias rate 1e-3) at debug width; EP2
     "deepseek-small-router-EP2": ("moe", {"router": "sigmoid", "bias_update_rate": 1e-3, "num_experts": 64, "top_k": 6,
                                           "moe_ffn_dim": 16, "shared_experts": 2}, {"ep": 2}),
@@ -216,6 +217,7 @@ RECOMPUTE_CASES = {  # train.recompute: megatron's core-attention / MLP / full-l
     "hybrid-TP2": ("hybrid", {}, {"tp": 2}),  # GDN and Mamba2 cores, SDPA and masked attention cores, MLPs
     "moe-EP2": ("moe", {}, {"ep": 2}),  # MoE layers recomputed whole under `full`
     "moe-mla-EP2": ("moe", MLA, {"ep": 2}),  # megatron's MLASelfAttention with its core attention recomputed
+    "moe-sigmoid-EP2": ("moe", SIGMOID, {"ep": 2}),  # the sigmoid router, its bias and the shared expert
     # CP halves: selective checkpoints each half's core, `full` reruns the layer's state and halo passing
     "hybrid-CP2": ("hybrid", {}, {"cp": 2}),
     # core attention recomputed inside the schedule plan's attention node (train.overlap_moe_comm; last:
