@@ -28,6 +28,17 @@ its micro-batch), raytron only, with activation recomputation (train.recompute):
 
 `--precisions bf16,fp8` runs raytron once per train.precision (each config alone, one after another, in the
 same launch; records carry `precision`); MFU stays relative to the bf16 peak, so FP8 shows as higher MFU.
+
+`deepspeed` = the deepspeed engine as a raytron job with `engine: deepspeed` builds it (the EngineSupport of
+parallelism/engines.py, parallelism/deepspeed/engine.py): the reference model of models/ (its ops/ kernels,
+DeepSpeed-MoE for the experts), bf16 with fp32 masters in ZeRO-2 partitions, torch AdamW, the engine's own
+train_step; weights are the reference init of train.seed. Same batch, timing and FLOPs as the others:
+
+    torchrun --nproc_per_node=1 benchmarks/megatron/bench_throughput.py --impls deepspeed,raytron \
+        --workloads dense-1b,moe-olmoe-4l --out bench.jsonl
+
+On a machine without CUDA it runs over gloo on CPU (the `*-debug-cpu` workloads with `--seq-len` and
+`--seqs-per-rank` small; tests/benchmarks/test_bench_deepspeed.py).
 """
 
 from __future__ import annotations
@@ -59,16 +70,28 @@ WORKLOADS = {
     # the same model with experts replicated (EP 1): data parallelism only, for the scaling comparison
     "moe-olmoe-4l-ep1": ("moe", "olmoe", MOE_OVERRIDES, {2: {"dp": 2}, 4: {"dp": 4}}),
     "dense-3b": ("dense", "3b", {}, {1: {}}),  # one H200 (cluster_configs/dense_3b_1gpu.yaml), opt-in
+    # shared experts, sigmoid router with the aux-loss-free bias, multi-head latent attention; opt-in
+    "moe-deepseek-small-mla": ("moe", "deepseek-small-mla", {}, {1: {}}),
+    # CPU-sized: the harness itself under test (tests/benchmarks/test_bench_deepspeed.py)
+    "dense-debug-cpu": ("dense", "debug", {}, {1: {}}),
+    "moe-debug-cpu": ("moe", "debug", {}, {1: {}}),
 }
 DEFAULT_WORKLOADS = ("dense-1b", "moe-olmoe-4l", "moe-olmoe-4l-ep1")
 ONLY_FOR = {"moe-olmoe-4l-ep1": ("raytron",),  # raytron's own scaling comparison; no mcore_local run of it
-            "dense-3b": ("raytron",)}
+            "dense-3b": ("raytron",), "moe-deepseek-small-mla": ("raytron",),
+            "dense-debug-cpu": ("deepspeed",), "moe-debug-cpu": ("deepspeed",)}
 SEQS_PER_RANK = 32  # sequences per DP rank per optimizer step (131k tokens; 524k on 4 GPUs)
 MICRO_BATCH = {("raytron", "dense-1b"): 8, ("raytron", "moe-olmoe-4l"): 4,  # the fastest that fit 80 GB
                ("raytron", "moe-olmoe-4l-ep1"): 4,
                ("mcore_local", "dense-1b"): 1, ("mcore_local", "moe-olmoe-4l"): 1,  # local spec OOMs at 2
                ("mcore_local", "moe-olmoe-4l-ep1"): 1,
-               ("raytron", "dense-3b"): 4}  # 141 GB H200 with recompute selective (plan: 107 GiB)
+               ("raytron", "dense-3b"): 4,  # 141 GB H200 with recompute selective (plan: 107 GiB)
+               # 12 layers of hidden 1024 and 352-wide experts: 8 x 4096 tokens hold well inside a 141 GB H200
+               ("raytron", "moe-deepseek-small-mla"): 8,
+               # the reference model keeps more activations than megatron's layers: raytron's micro-batches,
+               # sized for a 141 GB H200 (the comparison runs there)
+               ("deepspeed", "dense-1b"): 8, ("deepspeed", "moe-olmoe-4l"): 4,
+               ("deepspeed", "dense-debug-cpu"): 2, ("deepspeed", "moe-debug-cpu"): 2}
 # EP4 holds a quarter of the experts per GPU: micro-batch 8 fits (32 GiB peak on H200) and is the fastest
 # there with train.overlap_moe_comm (4x H200: mb 2 126.4k, mb 4 ~134k, mb 8 139.8k tok/s/GPU;
 # mb 8 without the overlap 130.9k); at 1 GPU mb 8 needs ~100 GiB, over 80 GB.
@@ -79,7 +102,7 @@ def micro_batch(impl: str, workload: str, world: int) -> int:
     """The fastest micro-batch that fits an 80 GB GPU (dense-3b: a 141 GB H200) for this implementation,
     workload and world size."""
     return MICRO_BATCH_AT_WORLD.get((impl, workload, world), MICRO_BATCH[(impl, workload)])
-STEPS = {"raytron": (2, 5), "mcore_local": (1, 1)}  # (warm-up, timed) optimizer steps; mcore_local: 32 micro-batches a step, slow
+STEPS = {"raytron": (2, 5), "mcore_local": (1, 1), "deepspeed": (2, 5)}  # (warm-up, timed) optimizer steps; mcore_local: 32 micro-batches a step, slow
 
 
 def local_spec_chunks(cfg, tcfg, seq_len):
@@ -139,18 +162,21 @@ def megatron_as_shipped():
 
 
 def make_spec(family, flavor, overrides, gbs, mbs, overlap: bool = False, overlap_moe: bool = False,
-              recompute: str = "none", precision: str = "bf16"):
+              recompute: str = "none", precision: str = "bf16", engine: str = "megatron", zero_stage: int = 1,
+              seq: int = SEQ, use_gpu: bool = True):
     """A job spec for the engine without a YAML: the config's defaults, this benchmark's training
     settings (mutable, so fp8_parity.py can change steps and LR)."""
-    from raytron.config.spec import ResourcesSpec, TrainSpec
+    from raytron.config.spec import LayoutSpec, ResourcesSpec, TrainSpec
     from raytron.typed import field_defaults
 
     train = SimpleNamespace(**{**field_defaults(TrainSpec), **dict(
-        seed=1234, seq_len=SEQ, lr=3e-4, min_lr=3e-4, warmup_steps=0, steps=10**6, weight_decay=0.1,
+        seed=1234, seq_len=seq, lr=3e-4, min_lr=3e-4, warmup_steps=0, steps=10**6, weight_decay=0.1,
         grad_clip=1.0, aux_loss_coef=0.01, global_batch_size=gbs, micro_batch_size=mbs,
         overlap_grad_reduce=overlap, overlap_moe_comm=overlap_moe, recompute=recompute, precision=precision)})
     return SimpleNamespace(model=SimpleNamespace(family=family, flavor=flavor, overrides=overrides), train=train,
-                           resources=SimpleNamespace(**{**field_defaults(ResourcesSpec), "use_gpu": True}))
+                           engine=engine, layout=SimpleNamespace(**{**field_defaults(LayoutSpec),
+                                                                    "zero_stage": zero_stage}),
+                           resources=SimpleNamespace(**{**field_defaults(ResourcesSpec), "use_gpu": use_gpu}))
 
 
 def _sync_points(engine, micro) -> dict[str, int]:
@@ -196,38 +222,71 @@ def _profile_step(engine, micro, path: str) -> None:
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90))
 
 
-def _train_and_time(spec, layout, rank: int, warmup: int, timed: int, profile_path: str | None) -> dict:
-    """Build the engine, train warm-up + timed steps on random tokens (and profile one more step)."""
+def build_engine(spec, layout, rank: int):
+    """The engine a raytron job with `spec.engine` gets: the deepspeed engine through its EngineSupport (as
+    the launcher builds it); the megatron engine with megatron's own random init (no reference load)."""
+    if spec.engine == "deepspeed":
+        from raytron.parallelism.engines import get_engine
+
+        return get_engine("deepspeed").build(spec, layout, rank, layout.world_size)
     from raytron.parallelism.megatron import engine as megatron_engine
 
-    torch.cuda.reset_peak_memory_stats()
-    engine = megatron_engine.MegatronEngine(spec, layout, rank, layout.world_size, init_from_reference=False)
-    mbs, ga, vocab = layout.micro_batch_size, layout.grad_accum, engine.model_cfg.vocab_size
+    return megatron_engine.MegatronEngine(spec, layout, rank, layout.world_size, init_from_reference=False)
+
+
+def bench_tokens(vocab: int, mbs: int, ga: int, seq: int, rank: int) -> list[torch.Tensor]:
+    """This rank's micro-batches ([mbs, seq + 1] random tokens each), the same every step."""
     g = torch.Generator().manual_seed(rank)
-    micro = [torch.randint(0, vocab, (mbs, SEQ + 1), generator=g) for _ in range(ga)]
+    return [torch.randint(0, vocab, (mbs, seq + 1), generator=g) for _ in range(ga)]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_mem_gib() -> float:
+    """torch.cuda.max_memory_allocated; on CPU the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _train_and_time(spec, layout, rank: int, warmup: int, timed: int, profile_path: str | None) -> dict:
+    """Build the engine, train warm-up + timed steps on random tokens (and profile one more step)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t_build = time.perf_counter()
+    engine = build_engine(spec, layout, rank)
+    build_s = time.perf_counter() - t_build
+    seq = spec.train.seq_len
+    micro = bench_tokens(engine.model_cfg.vocab_size, layout.micro_batch_size, layout.grad_accum, seq, rank)
     times, losses = [], []
     for i in range(warmup + timed):
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         m = engine.train_step(micro)
-        torch.cuda.synchronize()
+        _sync()
         losses.append(m.loss)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    out = dict(step_times_s=times, step_s=step_s, tokens_per_s_per_gpu=layout.global_batch_size * SEQ / step_s
-               / layout.world_size, losses=losses, peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
+    out = dict(step_times_s=times, step_s=step_s, tokens_per_s_per_gpu=layout.global_batch_size * seq / step_s
+               / layout.world_size, losses=losses, peak_mem_gib=_peak_mem_gib(), build_s=build_s)
     if profile_path and rank == 0:
         _profile_step(engine, micro, profile_path)
     return out
 
 
 def base_record(impl: str, workload: str, model: tuple[str, str, dict], world: int, fields: dict, mbs: int,
-                seq: int = SEQ) -> dict:
-    """The fields every record carries (bench_torchtitan.py writes the same): SEQS_PER_RANK sequences per DP rank
-    per step in micro-batches of `mbs`, parameter counts and FLOPs/token of the model (family, flavor, overrides)."""
+                seq: int = SEQ, seqs_per_rank: int = SEQS_PER_RANK) -> dict:
+    """The fields every record carries (bench_torchtitan.py writes the same): `seqs_per_rank` sequences per DP
+    rank per step in micro-batches of `mbs`, parameter counts and FLOPs/token of the model (family, flavor,
+    overrides)."""
     family, flavor, overrides = model
-    ga = max(1, SEQS_PER_RANK // mbs)
+    ga = max(1, seqs_per_rank // mbs)
     cfg = models.get_config(family, flavor, **overrides)
     total, active = models.param_counts(cfg)
     return {"impl": impl, "workload": workload, "family": family, "flavor": flavor, "overrides": overrides,
@@ -247,16 +306,21 @@ def write_record(rec: dict, out: str) -> None:
     print(f"[bench] world {rec['world']} {rec['workload']} {rec['impl']}{precision}: {summary}", flush=True)
 
 
+DEEPSPEED_ZERO_STAGE = 2  # ZeRO-2: optimizer state and gradients partitioned over DP
+
+
 def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, timed: int,
                batching: int | None = None, profile_dir: str | None = None, overlap: bool = False,
-               overlap_moe: bool = False, recompute: str = "none", precision: str = "bf16") -> dict:
+               overlap_moe: bool = False, recompute: str = "none", precision: str = "bf16",
+               seq: int = SEQ, seqs_per_rank: int = SEQS_PER_RANK) -> dict:
     from megatron.core import parallel_state
 
     family, flavor, overrides, by_world = WORKLOADS[workload]
     mbs = batching or micro_batch(impl, workload, world)
     warmup, timed = (warmup, timed) if warmup >= 0 else STEPS[impl]
-    fields = {"dp": 1, **by_world[world]}
-    rec = base_record(impl, workload, (family, flavor, overrides), world, fields, mbs)
+    engine = "deepspeed" if impl == "deepspeed" else "megatron"
+    fields = {"dp": 1, **by_world[world], **({"zero_stage": DEEPSPEED_ZERO_STAGE} if engine == "deepspeed" else {})}
+    rec = base_record(impl, workload, (family, flavor, overrides), world, fields, mbs, seq, seqs_per_rank)
     rec["overlap_grad_reduce"], rec["recompute"], rec["precision"] = overlap, recompute, precision
     rec["overlap_moe_comm"] = overlap_moe = overlap_moe and fields.get("ep", 1) > 1  # the engine refuses it at ep 1
     gbs, flops = rec["global_batch"], rec["flops_per_token"]
@@ -265,7 +329,8 @@ def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, tim
             layout = ParallelLayout(world_size=world, micro_batch_size=mbs, global_batch_size=gbs, **fields)
             tag = "" if precision == "bf16" else f"_{precision}"
             path = profile_dir and f"{profile_dir}/profile_{impl}_{workload}_w{world}_mb{mbs}{tag}.txt"
-            spec = make_spec(family, flavor, overrides, gbs, mbs, overlap, overlap_moe, recompute, precision)
+            spec = make_spec(family, flavor, overrides, gbs, mbs, overlap, overlap_moe, recompute, precision,
+                             engine, fields.get("zero_stage", 1), seq, torch.cuda.is_available())
             rec.update(_train_and_time(spec, layout, rank, warmup, timed, path))
         rec["mfu"] = rec["tokens_per_s_per_gpu"] * flops / PEAK_FLOPS
     except Exception as exc:  # recorded (e.g. out of memory); the other configs still run
@@ -304,7 +369,10 @@ def main() -> None:
                         help="train.recompute for raytron (activation recomputation)")
     parser.add_argument("--precisions", default="bf16",
                         help="train.precision values for raytron, each run separately (e.g. bf16,fp8); "
-                             "mcore_local always runs bf16")
+                             "mcore_local and deepspeed always run bf16")
+    parser.add_argument("--seq-len", type=int, default=SEQ, help="tokens per sequence (CPU smoke runs: small)")
+    parser.add_argument("--seqs-per-rank", type=int, default=SEQS_PER_RANK,
+                        help="sequences per DP rank per optimizer step")
     args = parser.parse_args()
     if set(args.precisions.split(",")) - {"bf16", "fp8"}:
         parser.error(f"--precisions {args.precisions!r}: allowed values bf16, fp8")
@@ -313,14 +381,16 @@ def main() -> None:
         parser.error(f"unknown --workloads/--impls {unknown}: workloads are {list(WORKLOADS)}, impls {list(STEPS)}")
     batching = args.micro_batch or None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     for workload, impl in planned_runs(args.impls.split(","), args.workloads.split(","), world):
         for precision in args.precisions.split(",") if impl == "raytron" else ["bf16"]:
             rec = run_config(impl, workload, rank, world, args.warmup, args.timed, batching, args.profile or None,
                              args.overlap_grad_reduce and impl == "raytron",
                              overlap_moe=args.overlap_moe_comm and impl == "raytron",
-                             recompute=args.recompute if impl == "raytron" else "none", precision=precision)
+                             recompute=args.recompute if impl == "raytron" else "none", precision=precision,
+                             seq=args.seq_len, seqs_per_rank=args.seqs_per_rank)
             if rank == 0:
                 write_record(rec, args.out)
             dist.barrier()

@@ -2,6 +2,10 @@
 
     python tests/gpu/summarize_results.py tests/gpu/results/h200x4_suite_5 [--check] [--only EP2,TP2xEP2]
 
+--engines OUT.json --command CMD --commit SHA writes the engines comparison instead (scripts/gpu_engines.sh's
+folder: its bench_*.jsonl, timeline.json, gpus.csv, junit_gpu.xml): the raw records, the ratios of the
+deepspeed engine to the megatron engine and the verdict on the target, each record's tokens/s and MFU.
+
 --check also applies the GPU tests' own assertions (test_megatron_equivalence.py,
 test_megatron_checkpoint.py: same functions, same tolerances) to the raw records and appends a verdict per
 test: a way to re-verify committed results on any machine, and to judge raw results whose pytest run was
@@ -12,12 +16,99 @@ e.g. runs of one engine option).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run by path (torchrun, python FILE): the repository root holds `tests`
     sys.path.append(str(Path(__file__).resolve().parents[2]))
 from tests.gpu.gpu_worlds import load_records, read_records as _records  # noqa: E402
+
+
+def bench_key(r: dict) -> str:
+    """A benchmark record's name in the ratios: impl, workload, world (and the EP-overlap option)."""
+    return f"{r['impl']} {r['workload']} w{r['world']}" + (" overlap_moe_comm" if r.get("overlap_moe_comm") else "")
+
+
+def read_bench(folder: Path) -> list[dict]:
+    """The raw benchmark records of a results folder (its bench_*.jsonl, one per job)."""
+    return [json.loads(line) for f in sorted(folder.glob("bench_*.jsonl"))
+            for line in f.read_text().splitlines() if line.strip()]
+
+
+def _ratio_pairs() -> dict[str, tuple[str, str, str]]:
+    """name -> (numerator record, denominator record, "x" ratio or "%" scaling efficiency)."""
+    ep4 = "raytron moe-olmoe-4l w4 overlap_moe_comm"
+    pairs = {"vs_mcore_local_dense_w1": ("raytron dense-1b w1", "mcore_local dense-1b w1", "x"),
+             "scaling_dense_1_to_4": ("raytron dense-1b w4", "raytron dense-1b w1", "%"),
+             "scaling_moe_ep4_overlap_mb8": (ep4, "raytron moe-olmoe-4l w1", "%"),
+             "scaling_moe_ep1_dp4": ("raytron moe-olmoe-4l-ep1 w4", "raytron moe-olmoe-4l w1", "%"),
+             "scaling_dense_1_to_2": ("raytron dense-1b w2", "raytron dense-1b w1", "%"),
+             "vs_torchtitan_moe_w1": ("raytron moe-olmoe-4l w1", "torchtitan moe-olmoe-4l w1", "x"),
+             "vs_torchtitan_moe_ep1_w4": ("raytron moe-olmoe-4l-ep1 w4", "torchtitan moe-olmoe-4l-ep1 w4", "x"),
+             # the deepspeed engine (ZeRO-2, bf16) over the megatron engine, same batch, one GPU
+             "deepspeed_vs_megatron_dense_w1": ("deepspeed dense-1b w1", "raytron dense-1b w1", "x"),
+             "deepspeed_vs_megatron_moe_w1": ("deepspeed moe-olmoe-4l w1", "raytron moe-olmoe-4l w1", "x")}
+    for w in (2, 4):  # megatron-core's local spec beside raytron at all GPUs too
+        pairs |= {f"vs_mcore_local_dense_w{w}": (f"raytron dense-1b w{w}", f"mcore_local dense-1b w{w}", "x"),
+                  f"vs_mcore_local_moe_w{w}": (f"raytron moe-olmoe-4l w{w} overlap_moe_comm",
+                                               f"mcore_local moe-olmoe-4l w{w}", "x")}
+    return pairs
+
+
+def ratio_values(raw: list[dict]) -> dict[str, float]:
+    """Each ratio of _ratio_pairs whose two records are there (without an error), unrounded."""
+    tok = {bench_key(r): r["tokens_per_s_per_gpu"] for r in raw if "error" not in r}
+    return {name: tok[a] / tok[b] for name, (a, b, _) in _ratio_pairs().items() if a in tok and b in tok}
+
+
+def bench_ratios(raw: list[dict]) -> dict[str, str]:
+    """The ratios a bench JSON states (targets, or an other_runs entry's `ratios`), from raw records."""
+    kinds = {name: kind for name, (_, _, kind) in _ratio_pairs().items()}
+    return {name: f"{v:.2f}x" if kinds[name] == "x" else f"{v:.1%}" for name, v in ratio_values(raw).items()}
+
+
+ENGINE_TARGETS = {"deepspeed_vs_megatron_dense_w1": 0.9}  # DeepSpeed ZeRO-2 dense/1b >= 0.9x megatron's tokens/s
+
+
+def _junit_counts(path: Path) -> dict[str, int] | str:
+    import xml.etree.ElementTree as ET
+
+    if not path.exists():
+        return f"{path.name} missing (pytest cut short before writing it)"
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+
+
+def _repo_relative(folder: Path) -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return str(folder.resolve().relative_to(root))
+    except ValueError:  # a folder outside the repository (not yet committed)
+        return str(folder)
+
+
+def engines_json(folder: Path, command: str, commit: str) -> dict:
+    """The engines comparison of a scripts/gpu_engines.sh folder (see the module docstring)."""
+    raw = read_bench(folder)
+    gpus = (folder / "gpus.csv").read_text().strip().splitlines()[1:] if (folder / "gpus.csv").exists() else []
+    ratios = {k: v for k, v in bench_ratios(raw).items() if k.startswith("deepspeed_vs_")}
+    values, targets = ratio_values(raw), {}
+    for name, bar in ENGINE_TARGETS.items():
+        verdict = ("not measured (a record is missing or has an error)" if name not in values
+                   else f"{ratios[name]}: {'met' if values[name] >= bar else 'NOT met'}")
+        targets[f"{name} (>= {bar:.2f}x)"] = verdict
+    summary = {bench_key(r): r.get("error") or f"{r['tokens_per_s_per_gpu']:.0f} tok/s/GPU, MFU {r['mfu']:.1%}, "
+               f"mb {r['micro_batch']}, peak {r['peak_mem_gib']:.1f} GiB" for r in raw}
+    timeline = json.loads((folder / "timeline.json").read_text()) if (folder / "timeline.json").exists() else []
+    return {"what": "the deepspeed engine (ZeRO-2, bf16, reference model) beside the megatron engine on one GPU, "
+                    "same batch and FLOPs convention (benchmarks/megatron/bench_throughput.py); and the "
+                    "megatron engine's throughput and MFU on moe/deepseek-small-mla",
+            "script": "scripts/gpu_engines.sh", "command": command, "commit": commit,
+            "gpu": gpus[0] if gpus else "?", "results_folder": _repo_relative(folder), "summary": summary,
+            "ratios": ratios, "targets": targets, "tests": _junit_counts(folder / "junit_gpu.xml"),
+            "timeline": timeline, "records": raw}
 
 
 def equivalence_table(folder: Path) -> list[str]:
@@ -85,10 +176,19 @@ def check(folder: Path, only: set[str] | None = None, recorded_only: bool = Fals
 
 def main() -> None:
     folder = Path(sys.argv[1])
+    args = sys.argv[2:]
+    if "--engines" in args:
+        value = {flag: args[args.index(flag) + 1] for flag in ("--engines", "--command", "--commit")
+                 if flag in args and args.index(flag) + 1 < len(args)}
+        if len(value) < 3:
+            sys.exit("--engines OUT.json needs --command CMD (the run call) and --commit SHA (the tree it ran)")
+        out = engines_json(folder, value["--command"], value["--commit"])
+        Path(value["--engines"]).write_text(json.dumps(out, indent=1) + "\n")
+        print(json.dumps({k: out[k] for k in ("gpu", "summary", "ratios", "targets", "tests")}, indent=1))
+        return
     gpus = (folder / "gpus.csv").read_text().strip().splitlines()[1:] if (folder / "gpus.csv").exists() else []
     lines = [f"GPUs: {len(gpus)} x {gpus[0] if gpus else '?'}", ""] + equivalence_table(folder) + [""]
     lines += checkpoint_table(folder)
-    args = sys.argv[2:]
     only = set(args[args.index("--only") + 1].split(",")) if "--only" in args else None
     verdicts, failed = check(folder, only) if "--check" in args else ([], 0)
     lines += [""] + verdicts if verdicts else []

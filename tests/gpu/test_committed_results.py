@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.gpu import test_megatron_submit as ts
-from tests.gpu.summarize_results import check
+from tests.gpu.summarize_results import bench_ratios as _ratios, check, engines_json as engines_json_of, read_bench
 
 RESULTS = Path(__file__).parent / "results"
 BENCH = Path(__file__).parents[2] / "benchmarks" / "results"
@@ -61,13 +61,8 @@ def test_committed_suite_ran_every_part_in_one_call():
     assert sum(n.startswith("equivalence_") for n in names) == LATEST_SHARDS
 
 
-def _bench_key(r: dict) -> str:
-    return f"{r['impl']} {r['workload']} w{r['world']}" + (" overlap_moe_comm" if r.get("overlap_moe_comm") else "")
-
-
 def _raw_bench(folder: str) -> list[dict]:
-    return [json.loads(line) for f in sorted((RESULTS / folder).glob("bench_*.jsonl"))
-            for line in f.read_text().splitlines() if line.strip()]
+    return read_bench(RESULTS / folder)
 
 
 def _same_records(a: list[dict], b: list[dict]) -> bool:
@@ -75,26 +70,6 @@ def _same_records(a: list[dict], b: list[dict]) -> bool:
     def strip(r: dict) -> str:
         return json.dumps({k: v for k, v in r.items() if k != "ran_beside"}, sort_keys=True)
     return sorted(map(strip, a)) == sorted(map(strip, b))
-
-
-def _ratios(raw: list[dict]) -> dict[str, str]:
-    """The ratios a bench JSON states (targets, or an other_runs entry's `ratios`), from raw records: each one
-    whose two records are there."""
-    tok = {_bench_key(r): r["tokens_per_s_per_gpu"] for r in raw if "error" not in r}
-    ep4 = "raytron moe-olmoe-4l w4 overlap_moe_comm"
-    pairs = {"vs_mcore_local_dense_w1": ("raytron dense-1b w1", "mcore_local dense-1b w1", "x"),
-             "scaling_dense_1_to_4": ("raytron dense-1b w4", "raytron dense-1b w1", "%"),
-             "scaling_moe_ep4_overlap_mb8": (ep4, "raytron moe-olmoe-4l w1", "%"),
-             "scaling_moe_ep1_dp4": ("raytron moe-olmoe-4l-ep1 w4", "raytron moe-olmoe-4l w1", "%"),
-             "scaling_dense_1_to_2": ("raytron dense-1b w2", "raytron dense-1b w1", "%"),
-             "vs_torchtitan_moe_w1": ("raytron moe-olmoe-4l w1", "torchtitan moe-olmoe-4l w1", "x"),
-             "vs_torchtitan_moe_ep1_w4": ("raytron moe-olmoe-4l-ep1 w4", "torchtitan moe-olmoe-4l-ep1 w4", "x")}
-    for w in (2, 4):  # megatron-core's local spec beside raytron at all GPUs too
-        pairs |= {f"vs_mcore_local_dense_w{w}": (f"raytron dense-1b w{w}", f"mcore_local dense-1b w{w}", "x"),
-                  f"vs_mcore_local_moe_w{w}": (f"raytron moe-olmoe-4l w{w} overlap_moe_comm",
-                                               f"mcore_local moe-olmoe-4l w{w}", "x")}
-    return {name: f"{tok[a] / tok[b]:.2f}x" if kind == "x" else f"{tok[a] / tok[b]:.1%}"
-            for name, (a, b, kind) in pairs.items() if a in tok and b in tok}
 
 
 def _check_stated(stated: dict[str, str], raw: list[dict]) -> int:
@@ -183,3 +158,53 @@ def test_a_variant_that_ran_without_its_option_fails(tmp_path):
     rows, failed = check(tmp_path, only={"EP2+moe-comm"}, recorded_only=True)
     assert failed == 1 and [r for r in rows if r.startswith("FAILED")][0].startswith(
         "FAILED test_matches_reference[EP2+moe-comm-moe]: EP2+moe-comm/moe ran without train.overlap_moe_comm"), rows
+
+
+ENGINES = sorted(p.name for p in BENCH.glob("engines_*.json"))
+
+
+@pytest.mark.parametrize("engines_json", ENGINES)
+def test_committed_engines_comparison_is_what_the_summarizer_makes_of_its_folder(engines_json):
+    """benchmarks/results/engines_*.json (scripts/gpu_engines.sh) is summarize_results --engines of the results
+    folder it names, unedited, and its timed runs each had the GPU to themselves."""
+    stated = json.loads((BENCH / engines_json).read_text())
+    folder = BENCH.parents[1] / stated["results_folder"]
+    assert json.loads(json.dumps(engines_json_of(folder, stated["command"], stated["commit"]))) == stated
+    bench_jobs = [t for t in stated["timeline"] if t["phase"] == "bench"]
+    assert bench_jobs and all(t["rc"] == 0 for t in bench_jobs), bench_jobs
+    for job in bench_jobs:
+        assert not [t for t in stated["timeline"] if t is not job and t["start_s"] < job["end_s"]
+                    and t["end_s"] > job["start_s"]], job
+
+
+def _engine_record(impl: str, workload: str, tokens: float, **extra) -> dict:
+    return {"impl": impl, "workload": workload, "world": 1, "tokens_per_s_per_gpu": tokens, "mfu": tokens * 1e-6,
+            "micro_batch": 8, "peak_mem_gib": 50.0, **extra}
+
+
+@pytest.mark.parametrize("deepspeed_tokens, verdict", [(95_000, "0.95x: met"), (85_000, "0.85x: NOT met"),
+                                                       (89_960, "0.90x: NOT met")])
+def test_engines_summary_judges_deepspeed_against_the_megatron_engine(tmp_path, deepspeed_tokens, verdict):
+    """The ratio is deepspeed's tokens/s over the megatron engine's on the same workload; the verdict uses the
+    unrounded ratio (0.8996 prints as 0.90x and is not met)."""
+    (tmp_path / "bench_deepspeed_dense.jsonl").write_text(json.dumps(
+        _engine_record("deepspeed", "dense-1b", deepspeed_tokens)) + "\n")
+    (tmp_path / "bench_raytron.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        _engine_record("raytron", "dense-1b", 100_000), _engine_record("raytron", "moe-olmoe-4l", 140_000))))
+    (tmp_path / "gpus.csv").write_text("name, memory.total [MiB], driver_version\nNVIDIA H200, 143771 MiB, 580\n")
+    (tmp_path / "junit_gpu.xml").write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2">'
+                                            '</testsuite></testsuites>')
+    out = engines_json_of(tmp_path, "run(...)", "abc1234")
+    assert out["targets"] == {"deepspeed_vs_megatron_dense_w1 (>= 0.90x)": verdict}
+    assert out["ratios"] == {"deepspeed_vs_megatron_dense_w1": verdict.split(":")[0]}  # no moe pair: no deepspeed moe
+    assert out["gpu"] == "NVIDIA H200, 143771 MiB, 580" and out["tests"] == {
+        "tests": 5, "failures": 1, "errors": 0, "skipped": 2}
+    assert len(out["records"]) == 3 and out["summary"]["raytron dense-1b w1"].startswith("100000 tok/s/GPU")
+
+
+def test_engines_summary_with_a_failed_deepspeed_run_says_not_measured(tmp_path):
+    (tmp_path / "bench_a.jsonl").write_text(json.dumps(_engine_record("deepspeed", "dense-1b", 0, error="OOM")) + "\n"
+                                            + json.dumps(_engine_record("raytron", "dense-1b", 100_000)) + "\n")
+    out = engines_json_of(tmp_path, "run(...)", "abc1234")
+    assert out["targets"]["deepspeed_vs_megatron_dense_w1 (>= 0.90x)"].startswith("not measured")
+    assert out["summary"]["deepspeed dense-1b w1"] == "OOM" and "junit_gpu.xml missing" in out["tests"]
