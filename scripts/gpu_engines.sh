@@ -11,12 +11,12 @@
 #                                      56 s on an H200 before)
 #      raytron moe-deepseek-small-mla   ~50 s
 #    limits 110 + 120 + 110 + 80 s; ~280 s expected with the wheelhouse install (~20 s);
-# 2. then, nothing timed: `pytest -m gpu tests/gpu` at RAYTRON_GPU_WORLDS=1 (single-GPU equivalence of every
-#    family, init_from, kernels), limited to 250 s or what is left of DEADLINE_S (from the script's start,
-#    less 20 s for the kill grace and the tarball): ~180 s at the default 480. It did not finish in 190 s
-#    before; DEADLINE_S=560 with timeout_s=600 gives it the full 250 s.
+# 2. then, nothing timed: the single-GPU equivalence of every family (tests/gpu/megatron_equivalence.py
+#    --only single, 50 steps against the fp32 reference) in SHARDS (5) programs side by side on the GPU, at
+#    most 300 s or what DEADLINE_S leaves less 60 s; then pytest judges their records (~15 s). Run one after
+#    another the 14 families take ~700 s on one GPU.
 # To $OUT: gpus.csv, bench_<job>.jsonl (one per bench job), timeline.json (each job's start, end, exit code),
-#   junit_gpu.xml, logs.tar.gz. Then, on the CPU machine (the lead), copy $OUT to tests/gpu/results/<folder>/
+#   junit_gpu.xml, logs.tar.gz (logs and the equivalence records). Then, on the CPU machine (the lead), copy $OUT to tests/gpu/results/<folder>/
 #   and write benchmarks/results/engines_NVIDIA_H200.json:
 #   python tests/gpu/summarize_results.py tests/gpu/results/<folder> --engines benchmarks/results/engines_NVIDIA_H200.json \
 #     --command '<the run(...) call>' --commit <tree it ran>
@@ -49,8 +49,19 @@ bench deepspeed_dense 110 --impls deepspeed --workloads dense-1b
 bench deepspeed_moe 120 --impls deepspeed --workloads moe-olmoe-4l --warmup 1 --timed 3
 bench raytron 110 --impls raytron --workloads dense-1b,moe-olmoe-4l
 bench raytron_mla 80 --impls raytron --workloads moe-deepseek-small-mla
-job pytest_gpu tests 250 env RAYTRON_GPU_WORLDS=1 python3 -P -m pytest -m gpu -p no:cacheprovider -q -rfE \
-  --log-level=WARNING --junitxml="$out/junit_gpu.xml" tests/gpu
+# 2. the single-GPU equivalence program in SHARDS shards side by side on the one GPU (debug models: the time is
+#    compilation and Python, not the GPU), then pytest judges their records (RAYTRON_GPU_RECORDS)
+shards=${SHARDS:-5}; records=/tmp/engines_records; rm -rf "$records"; mkdir -p "$records"
+eq_limit=$((deadline - (SECONDS - start) - 60)); ((eq_limit > 300)) && eq_limit=300
+for i in $(seq 0 $((shards - 1))); do
+  job "equivalence_$i" tests "$eq_limit" python3 -P -m torch.distributed.run --nproc_per_node=1 --master_port=$((29600 + i)) \
+    tests/gpu/megatron_equivalence.py --only single --shard "$i/$shards" \
+    --out "$records/megatron_equivalence_w1_s$i.jsonl" &
+done
+wait
+cp "$records"/*.jsonl "$logs/" 2>/dev/null
+job pytest_gpu tests 40 env RAYTRON_GPU_WORLDS=1 RAYTRON_GPU_RECORDS="$records" python3 -P -m pytest -m gpu \
+  -p no:cacheprovider -q -rfE --log-level=WARNING --junitxml="$out/junit_gpu.xml" tests/gpu/test_megatron_equivalence.py
 [ -f "$logs/pytest_gpu.log" ] && tail -4 "$logs/pytest_gpu.log"
 python3 -c "import json, sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])], indent=1))" \
   "$logs/timeline.jsonl" > "$out/timeline.json"

@@ -195,9 +195,7 @@ class DeepSpeedEngine(Engine):
         for m in self.module.modules():  # aux-loss-free bias updates (collective: load summed over ranks)
             if isinstance(m, DeepSpeedMoE):
                 m.update_bias()
-        stats = sums / len(micro_batches)
-        torch.distributed.all_reduce(stats)
-        stats /= self.world
+        stats = self._all_reduce(sums / len(micro_batches)) / self.world
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         tokens = self.spec.train.global_batch_size * self.spec.train.seq_len
@@ -215,13 +213,19 @@ class DeepSpeedEngine(Engine):
         summed = torch.stack(values).sum(0)
         return summed if total is None else total + summed
 
-    @staticmethod
-    def _global_entropy(entropy) -> float | None:
+    def _all_reduce(self, host: torch.Tensor) -> torch.Tensor:
+        """Sum over all ranks of a host-side statistic, sent through this engine's device (NCCL reduces GPU
+        tensors only); returned on the host."""
+        out = host.to(self.device)
+        torch.distributed.all_reduce(out)
+        return out.cpu()
+
+    def _global_entropy(self, entropy) -> float | None:
         """Token-mean routing entropy over every rank; every MoE layer routes the same tokens, so this
         pooled mean is the mean over layers of each layer's token mean."""
         if entropy is None:
             return None
-        torch.distributed.all_reduce(entropy)
+        entropy = self._all_reduce(entropy)
         return float(entropy[0] / entropy[1].clamp_min(1))
 
     @torch.no_grad()
@@ -260,7 +264,7 @@ class DeepSpeedEngine(Engine):
     def _global_load(self, load) -> list[float] | None:
         if load is None:
             return None
-        torch.distributed.all_reduce(load)
+        load = self._all_reduce(load)
         return (load / load.sum().clamp_min(1)).tolist()
 
     @torch.no_grad()
@@ -271,9 +275,7 @@ class DeepSpeedEngine(Engine):
         local = torch.zeros((), dtype=torch.float64)
         for batch, docs in zip(micro_batches, paired_document_ids(micro_batches, document_ids)):
             local += self._forward_loss(batch, docs)[0].double().cpu()
-        stats = local / max(1, len(micro_batches))
-        torch.distributed.all_reduce(stats)
-        return float(stats / self.world)
+        return float(self._all_reduce(local / max(1, len(micro_batches))) / self.world)
 
     @torch.no_grad()
     def load_reference(self, ref_sd: dict[str, torch.Tensor]) -> None:
