@@ -239,7 +239,7 @@ def heads_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
     if h % cp:
         raise ValueError(f"context-parallel attention: {h} heads on this TP rank do not split over cp = {cp}; "
                          "layout.cp must divide num_heads / layout.tp (MegatronSupport.check_model)")
-    x = x.view(s, b, cp, h // cp, d).permute(2, 0, 1, 3, 4)  # [cp (head group = destination), s, b, h/cp, d]
+    x = x.reshape(s, b, cp, h // cp, d).permute(2, 0, 1, 3, 4)  # [cp (head group = destination), s, b, h/cp, d]
     return natural_order(_AllToAll.apply(x, group).reshape(cp * s, b, h // cp, d), cp)
 
 
