@@ -121,23 +121,14 @@ def flex_attention(q, k, v, mask_mod: MaskMod, compiled: bool = True, scale: flo
 
 
 def attention(q, k, v, window: int = 0, doc_ids: torch.Tensor | None = None,
-              sparse: BlockSparse | None = None, q_positions: torch.Tensor | None = None,
-              scale: float | None = None) -> torch.Tensor:
+              sparse: BlockSparse | None = None, scale: float | None = None) -> torch.Tensor:
     """Causal attention, optionally sliding-window / block-sparse / document-masked (doc_ids [B, S]).
-    q_positions [Sq] (context parallelism): the queries are these positions of the keys' sequence (k, v,
-    doc_ids cover all S positions); None: queries and keys are the same positions. scale: 1/sqrt(d) if None."""
+    scale: 1/sqrt(d) if None."""
     gqa = k.shape[1] != q.shape[1]
-    if window <= 0 and doc_ids is None and sparse is None and q_positions is None:
+    if window <= 0 and doc_ids is None and sparse is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask_mod = make_mask_mod(window, doc_ids, sparse)
-    if q_positions is not None:
-        whole = mask_mod
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return whole(b, h, q_positions[q_idx], kv_idx)
-    if q.is_cuda and (window > 0 or doc_ids is not None or sparse is not None):
+    if q.is_cuda:
         return flex_attention(q, k, v, mask_mod, scale=scale)
     mask = dense_mask(mask_mod, q.shape[0], q.shape[2], q.device, seq_k=k.shape[2])  # [B, 1, Sq, S]
-    if q.is_cuda and gqa:  # plain causal under context parallelism: CUDA's masked SDPA kernels take no GQA
-        k, v, gqa = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1]), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

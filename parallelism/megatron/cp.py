@@ -13,14 +13,57 @@ Backward must walk the same chain in reverse without two ranks waiting on each o
 has to finish (sending its initial state's gradient up) before its A half waits for its final state's
 gradient from above. `recv_state` takes the A half's output as an anchor for the B half's initial state,
 so autograd cannot start A's backward before B's is done.
+
+Attention under context parallelism is all-to-all (Ulysses): `heads_to_sequence` trades this rank's
+tokens of every head for every token of heads/cp of the heads (q, k and v each), the attention kernel runs
+unchanged on the whole sequence in natural order, and `sequence_to_heads` trades the output back. No rank
+ever holds the keys and values of all heads and all tokens: K/V per rank is (kv heads/cp) x S, a 1/cp
+share of a full gather. All-to-all rather than a ring because every mask the engine has (causal,
+documents, sliding window, block-sparse counted from each document's start) is a function of global
+positions over the whole sequence, so FlexAttention / SDPA see exactly the single-device problem, with no
+online-softmax merge, no per-block mask slicing and no backward of our own beyond the all-to-all's
+(which is its own adjoint). The costs: four all-to-alls per attention layer (q, k, v forward, the output;
+the same in backward), each moving 1/cp of the tensor per peer, and the constraint that cp divides the
+query heads of a TP rank (num_heads / tp; MegatronSupport.check_model refuses the rest at `plan`). KV
+heads need not divide: with fewer than cp (or not a multiple of it) each one is repeated to
+lcm(kv heads, cp), which divides the query heads, so the GQA grouping is unchanged.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
-from .modules import split_for_context_parallel
+from ...ops.attention import attention
+
+
+def split_for_context_parallel(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
+    """This CP rank's part of x along `dim`: chunks rank and 2*cp-1-rank of 2*cp (megatron's balance)."""
+    if cp == 1:
+        return x
+    chunks = x.chunk(2 * cp, dim=dim)
+    return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]], dim=dim)
+
+
+def _chunk_slots(cp: int) -> list[int]:
+    """Position of natural chunk c in the rank-major order [rank0: c0, c(2cp-1) | rank1: c1, c(2cp-2) | ...]."""
+    slots = [0] * (2 * cp)
+    for r in range(cp):
+        slots[r], slots[2 * cp - 1 - r] = 2 * r, 2 * r + 1
+    return slots
+
+
+def natural_order(x: torch.Tensor, cp: int) -> torch.Tensor:
+    """Every CP rank's part one after the other along dim 0 (rank-major) -> chunks c0, c1, ..., c(2cp-1)."""
+    chunks = x.chunk(2 * cp, dim=0)
+    return torch.cat([chunks[slot] for slot in _chunk_slots(cp)], dim=0)
+
+
+def rank_order(x: torch.Tensor, cp: int) -> torch.Tensor:
+    """The inverse of natural_order: the whole sequence along dim 0 -> every rank's part, rank-major."""
+    return torch.cat([split_for_context_parallel(x, cp, r, dim=0) for r in range(cp)], dim=0)
 
 
 class CPSide:
@@ -165,3 +208,72 @@ def recv_state(anchor: torch.Tensor, shape: tuple, dtype: torch.dtype, peer: int
     """A state of `shape` from global rank `peer`, its gradient sent back in backward (`anchor`: the
     tensor whose backward must come after this one's, module docstring)."""
     return _RecvState.apply(anchor, shape, dtype, peer, group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """x [cp * n, ...]: slice i goes to CP rank i, slice i of the result came from rank i. Its adjoint is
+    the same exchange (what rank j sent to i goes back from i to j), so backward is this on the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return _all_to_all(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_to_all(grad, ctx.group), None
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)  # gloo (CPU) and NCCL both take equal splits
+    return out
+
+
+def heads_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """[S/cp, b, h, d], this rank's chunks r and 2cp-1-r of every head -> [S, b, h/cp, d], the whole
+    sequence in natural order for heads [r*h/cp, (r+1)*h/cp) (the module docstring's all-to-all)."""
+    cp = group.size()
+    s, b, h, d = x.shape
+    if h % cp:
+        raise ValueError(f"context-parallel attention: {h} heads on this TP rank do not split over cp = {cp}; "
+                         "layout.cp must divide num_heads / layout.tp (MegatronSupport.check_model)")
+    x = x.reshape(s, b, cp, h // cp, d).permute(2, 0, 1, 3, 4)  # [cp (head group = destination), s, b, h/cp, d]
+    return natural_order(_AllToAll.apply(x, group).reshape(cp * s, b, h // cp, d), cp)
+
+
+def sequence_to_heads(x: torch.Tensor, group) -> torch.Tensor:
+    """The inverse of heads_to_sequence: [S, b, h/cp, d] -> [S/cp, b, h, d]."""
+    cp = group.size()
+    seq, b, hc, d = x.shape
+    x = rank_order(x, cp).view(cp, seq // cp, b, hc, d)  # [cp (destination rank), S/cp, b, h/cp, d]
+    x = _AllToAll.apply(x, group)  # [cp (head group = source rank), S/cp, b, h/cp, d]
+    return x.permute(1, 2, 0, 3, 4).reshape(seq // cp, b, cp * hc, d)
+
+
+def kv_heads_for_cp(x: torch.Tensor, cp: int) -> torch.Tensor:
+    """Key or value heads [s, b, g, d] repeated (each in place, GQA order kept) to lcm(g, cp) heads, so they
+    split over cp; unchanged when cp divides g. lcm(g, cp) divides the query heads whenever g and cp do."""
+    g = x.shape[2]
+    rep = math.lcm(g, cp) // g
+    return x if rep == 1 else x.repeat_interleave(rep, dim=2)
+
+
+def core_attention(query, key, value, cp_group, doc_ids: torch.Tensor | None = None, window: int = 0,
+                   sparse=None, scale: float | None = None) -> torch.Tensor:
+    """q [sq, b, np, hn], k/v [sk, b, ng, hn] -> [sq, b, np*hn]: ops.attention.attention with the reference's
+    masks (doc_ids [b, S] of the whole sequence), for megatron's core-attention modules. Under context
+    parallelism (module docstring) an all-to-all gives this rank every token of np/cp query heads and of
+    their key/value heads, attention runs on the whole sequence, and the output goes back to this rank's
+    tokens of every head."""
+    sq, b = query.shape[:2]
+    cp = cp_group.size()
+    if cp > 1:
+        key, value = kv_heads_for_cp(key, cp), kv_heads_for_cp(value, cp)
+        query, key, value = (heads_to_sequence(t, cp_group) for t in (query, key, value))
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+    out = attention(q, k, v, window=window, doc_ids=doc_ids, sparse=sparse, scale=scale).permute(2, 0, 1, 3)
+    if cp > 1:
+        out = sequence_to_heads(out, cp_group)
+    return out.reshape(sq, b, -1)

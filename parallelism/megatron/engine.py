@@ -22,7 +22,8 @@ from ..layout_rules import engine_gaps
 from .kernels import install_multi_tensor_kernels, use_fused_adam
 from .mapping import (ChunkCoords, buffer_pieces, chunk_buffers, chunk_pieces, from_megatron, tied_aliases,
                       to_megatron, unwrapped_buffers)
-from .modules import ReferenceRouter, split_for_context_parallel
+from .cp import split_for_context_parallel
+from .modules import ReferenceRouter
 from .spec import build_model_chunks, transformer_config
 from ..schedule import lr_multiplier
 

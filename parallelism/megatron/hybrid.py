@@ -20,7 +20,8 @@ Sliding-window (`W`) and block-sparse (`B`) attention are megatron's SelfAttenti
 Packed documents (data.reset_at_documents): megatron's `attention_mask` argument carries the engine's
 document ids of the whole sequence [b, S] down to every mixer, which masks attention and resets linear
 states and convolutions at document starts. Context parallelism: parallelism/megatron/cp.py (linear
-mixers pass halos and states between CP ranks) and megatron_modules.core_attention (attention).
+mixers pass halos and states between CP ranks; attention spreads its heads over the CP ranks by an
+all-to-all, cp.core_attention).
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ from ...models.mamba2 import Mamba2, ssd_mix
 from ...ops.attention import BlockSparse
 from ...ops.chunking import Carry
 from ...ops.short_conv import short_conv
-from .cp import CPSide, exchange_halos, recv_state, send_state
-from .modules import core_attention
+from .cp import CPSide, core_attention, exchange_halos, recv_state, send_state
 
 
 class _SumOverTP(torch.autograd.Function):

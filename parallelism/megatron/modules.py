@@ -5,9 +5,8 @@ implementation without Transformer Engine.
   marked `sequence_parallel`, so megatron's finalize_model_grads all-reduces its gradient over TP.
 - `SDPACoreAttention`: causal attention through torch's scaled_dot_product_attention (flash / cuDNN /
   efficient backends) instead of megatron's unfused local softmax attention, document-masked with the
-  engine's document ids (`core_attention`). Under context parallelism it all-gathers keys and values over
-  the CP group (reduce-scatter of their gradients) and masks by the global positions of megatron's
-  load-balanced split (rank r holds chunks r and 2*cp-1-r).
+  engine's document ids (`cp.core_attention`: under context parallelism the heads are spread over the CP
+  ranks by an all-to-all, each attending over the whole sequence).
 - `GroupedMLPExperts`: megatron's SequentialMLP experts run as grouped GEMMs (torch._grouped_mm).
 - `ReferenceRouter`: megatron's TopKRouter with the reference load-balancing loss: Switch/GShard's
   `E * sum_e P_e * f_e` with f_e the fraction of tokens whose *first* choice is e (megatron counts every
@@ -23,7 +22,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe import moe_utils
@@ -32,9 +30,9 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.router import TopKRouter
 
 from ...models.moe import routing_entropy
-from ...ops.attention import attention
 from ...ops import swiglu as swiglu_op
 from ...ops.moe import grouped_mm_supported, segment_mm
+from .cp import core_attention
 
 
 def allow_moe_without_te() -> None:
@@ -167,41 +165,6 @@ class SDPACoreAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention: packed sequences and attention bias are not supported")
         return core_attention(query, key, value, self.cp_group, doc_ids=attention_mask, scale=self.softmax_scale)
-
-
-def core_attention(query, key, value, cp_group, doc_ids: torch.Tensor | None = None, window: int = 0,
-                   sparse=None, scale: float | None = None) -> torch.Tensor:
-    """q [sq, b, np, hn], k/v [sk, b, ng, hn] -> [sq, b, np*hn]: ops.attention.attention with the reference's
-    masks (doc_ids [b, S] of the whole sequence). Under context parallelism the keys and values of every CP
-    rank are all-gathered (their gradients reduce-scattered) into natural order and the queries keep their
-    global positions in megatron's load-balanced split (rank r holds chunks r and 2*cp-1-r)."""
-    sq, b = query.shape[:2]
-    q_positions = None
-    if cp_group.size() > 1:
-        cp, rank = cp_group.size(), cp_group.rank()
-        key = _natural_order(gather_from_sequence_parallel_region(key, True, group=cp_group), cp)
-        value = _natural_order(gather_from_sequence_parallel_region(value, True, group=cp_group), cp)
-        q_positions = split_for_context_parallel(torch.arange(key.shape[0], device=query.device), cp, rank, dim=0)
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-    out = attention(q, k, v, window=window, doc_ids=doc_ids, sparse=sparse, q_positions=q_positions, scale=scale)
-    return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
-
-
-def _natural_order(gathered: torch.Tensor, cp: int) -> torch.Tensor:
-    """[rank0: c0, c(2cp-1) | rank1: c1, c(2cp-2) | ...] along dim 0 -> c0, c1, ..., c(2cp-1)."""
-    chunks = gathered.chunk(2 * cp, dim=0)
-    slot_of = {}
-    for r in range(cp):
-        slot_of[r], slot_of[2 * cp - 1 - r] = 2 * r, 2 * r + 1
-    return torch.cat([chunks[slot_of[c]] for c in range(2 * cp)], dim=0)
-
-
-def split_for_context_parallel(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
-    """This CP rank's part of x along `dim`: chunks rank and 2*cp-1-rank of 2*cp (megatron's balance)."""
-    if cp == 1:
-        return x
-    chunks = x.chunk(2 * cp, dim=dim)
-    return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]], dim=dim)
 
 
 class GroupedMLPExperts(SequentialMLP):

@@ -71,6 +71,15 @@ class MegatronSupport(EngineSupport):
             check(seq % layout.tp == 0, "train.seq_len",
                   f"got {seq}; with tp > 1 megatron runs sequence parallelism (required for MoE), which splits "
                   f"the sequence over tp = {layout.tp}: use a multiple of {layout.tp}")
+        heads = facts.num_heads // layout.tp  # _check_heads made tp divide them
+        if layout.cp > 1 and facts.has_attention:
+            allowed = [c for c in range(1, heads + 1) if heads % c == 0]
+            check(heads % layout.cp == 0, "layout.cp",
+                  f"got {layout.cp}; context-parallel attention (parallelism/megatron/cp.py) spreads each TP "
+                  f"rank's attention heads over the CP ranks with an all-to-all, and the model's "
+                  f"{facts.num_heads} heads / tp {layout.tp} = {heads} per TP rank do not split over cp: "
+                  f"use cp in {allowed}, a smaller tp, or model.overrides.num_heads a multiple of "
+                  f"{layout.tp * layout.cp}")
 
     def gaps(self, spec: Any, cfg: Any, layout: Any) -> list[Gap]:
         train = spec.train

@@ -99,6 +99,9 @@ CASES = [
     ("gbs-below-one-step", job(DS, train__global_batch_size=4), "train.global_batch_size"),
     ("cp-seq-len", job(MG, layout__cp=2, layout__pp=1, train__seq_len=30), "train.seq_len"),
     ("sp-seq-len", job(MG, train__seq_len=33), "train.seq_len"),
+    # all-to-all attention: cp must divide the 4 heads / tp 2 = 2 heads of a TP rank (MegatronSupport.check_model)
+    ("cp-heads", job(MG, model__family="hybrid", model__flavor="debug", layout__tp=2, layout__pp=1, layout__ep=1,
+                     layout__cp=4, resources__nodes=1), "layout.cp"),
     # --- engine combinations
     ("ds-zero3-moe", job(DS, layout__zero_stage=3), "layout.zero_stage"),
     ("ds-tp", job(DS, layout__tp=2), "layout.tp"),

@@ -39,7 +39,8 @@ LAYOUTS = {  # name -> (world, layout fields, families)
     "TP2": (2, {"tp": 2}, ("dense", "moe", "hybrid", "moe-sigmoid")),  # moe: experts replicated over TP (ep=etp=1)
     "PP2": (2, {"pp": 2}, ("dense", "moe", "hybrid", "hybrid-moe", "moe-sigmoid", "moe-mla")),
     "EP2": (2, {"dp": 2, "ep": 2}, ("moe", "hybrid-moe", "moe-shared", "moe-sigmoid", "moe-mla")),
-    "CP2": (2, {"cp": 2}, ("dense", "moe", "moe-sigmoid")),  # hybrid CP: checked on CPU (test_megatron_step.py)
+    # hybrids: linear mixers pass halos and states between CP ranks, attention heads go by all-to-all
+    "CP2": (2, {"cp": 2}, ("dense", "moe", "hybrid", "hybrid-moe", "moe-sigmoid")),
     "DP2": (2, {"dp": 2}, ("dense", "moe", "hybrid")),
     "TP2xEP2": (4, {"tp": 2, "dp": 2, "ep": 2}, ("moe", "hybrid-moe")),
     "PP2xEP2": (4, {"pp": 2, "dp": 2, "ep": 2}, ("moe",)),

@@ -146,17 +146,3 @@ def test_triton_scan_carries_state_between_parts_bf16(op):
 
     _check(parts, lambda *t: ref_op(*[x.double() for x in t], 64), [x.requires_grad_() for x in inputs])
 
-
-@pytest.mark.parametrize("case", ["causal", "window", "docs"])
-def test_attention_at_cp_query_positions_bf16(case):
-    """Context parallelism's attention (queries of CP2 rank 0's chunks against the whole sequence's keys):
-    FlexAttention / masked SDPA vs the explicit softmax."""
-    torch.manual_seed(0)
-    seq = 4096
-    docs = (torch.arange(seq, device="cuda") // 1000)[None].expand(1, seq)
-    kwargs = {"causal": {}, "window": dict(window=512), "docs": dict(doc_ids=docs)}[case]
-    pos = torch.cat([torch.arange(0, seq // 4), torch.arange(3 * seq // 4, seq)]).cuda()
-    q, k, v = (torch.randn(1, h, s, 64, device="cuda", requires_grad=True) for h, s in ((4, seq // 2), (2, seq), (2, seq)))
-    whole = make_mask_mod(**kwargs)
-    mask = dense_mask(lambda b, hh, qi, kv: whole(b, hh, pos[qi], kv), 1, seq // 2, "cuda", seq_k=seq)
-    _check(lambda *t: attention(*t, q_positions=pos, **kwargs), lambda *t: reference_attention(*t, mask), [q, k, v])

@@ -164,3 +164,50 @@ def equivalence(rank: int, world: int, family: str, flavor: str, overrides: dict
         ps.destroy_model_parallel()
     if rank == 0:
         Path(out).write_text(json.dumps(records))
+
+
+CP_ATTENTION_CASES = {  # name -> (query heads, kv heads, mask keywords); every one with packed documents
+    "gqa": (4, 2, {}),  # kv heads split over cp as they are
+    "one-kv-head": (4, 1, {"window": 5}),  # fewer kv heads than cp: repeated to cp
+    "block-sparse": (2, 2, {"sparse": (4, 2, 1)}),
+}
+
+
+def cp_attention(rank: int, world: int, out: str) -> None:
+    """cp.core_attention over the CP group (every rank of the world) against ops.attention on the whole
+    sequence, fp64: this rank's output rows and the gradients of its q/k/v parts. Records per case the
+    [batch, heads, seq, dim] of every q/k/v the attention kernel got on this rank."""
+    from raytron.ops.attention import BlockSparse, attention
+    from raytron.parallelism.megatron import cp
+
+    seen: list = []
+
+    def recording(q, k, v, **kwargs):
+        seen.append([list(t.shape) for t in (q, k, v)])
+        return attention(q, k, v, **kwargs)
+
+    cp.attention = recording
+    seq, batch, dim, group = 16, 2, 8, dist.group.WORLD
+    doc_ids = torch.tensor([[0] * 3 + [1] * 9 + [2] * 4, [0] * 8 + [1] * 8])
+    records = {}
+    for name, (heads, kv_heads, mask) in CP_ATTENTION_CASES.items():
+        mask = {k: BlockSparse(*v) if k == "sparse" else v for k, v in mask.items()}
+        g = torch.Generator().manual_seed(len(records))
+        q, k, v = (torch.randn(seq, batch, h, dim, generator=g, dtype=torch.float64, requires_grad=True)
+                   for h in (heads, kv_heads, kv_heads))
+        whole = attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), doc_ids=doc_ids, **mask)
+        whole = whole.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+        probe = torch.randn(whole.shape, generator=g, dtype=torch.float64)
+        want = torch.autograd.grad(whole, (q, k, v), probe)
+        parts = [cp.split_for_context_parallel(t.detach(), world, rank, dim=0).requires_grad_() for t in (q, k, v)]
+        seen.clear()
+        got = cp.core_attention(*parts, group, doc_ids=doc_ids, **mask)
+        got.backward(cp.split_for_context_parallel(probe, world, rank, dim=0))
+        errors = [float((got - cp.split_for_context_parallel(whole, world, rank, dim=0)).abs().max())]
+        errors += [float((p.grad - cp.split_for_context_parallel(w, world, rank, dim=0)).abs().max())
+                   for p, w in zip(parts, want)]
+        records[name] = {"errors": errors, "kernel_shapes": list(seen)}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, records)
+    if rank == 0:
+        Path(out).write_text(json.dumps(everyone))

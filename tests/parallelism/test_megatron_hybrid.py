@@ -91,3 +91,22 @@ def test_context_parallel_hybrids_map_when_chunks_hold_the_conv_halo():
     gaps = megatron_pattern_gaps(models.get_config("hybrid", "debug"), _layout(cp=2), seq_len=8)
     assert gaps and gaps[0][0] == "train.seq_len" and "3 halo tokens" in gaps[0][1], gaps
     assert megatron_pattern_gaps(models.get_config("dense", "debug"), _layout(cp=4), seq_len=8) == []
+
+
+@pytest.mark.slow
+def test_context_parallel_attention_spreads_heads_and_matches_whole_sequence(tmp_path):
+    """CP2 attention (all-to-all, parallelism/megatron/cp.py) equals attention over the whole sequence,
+    outputs and q/k/v gradients, with packed documents and causal / sliding-window / block-sparse masks;
+    the kernel on each rank gets every token of heads/cp query heads and of max(kv heads, cp)/cp kv heads
+    (one kv head is repeated to cp), never all heads' K/V."""
+    from tests.checkpoint.ckpt_helpers import spawn_ranks
+    from tests.parallelism.megatron_hybrid_ranks import CP_ATTENTION_CASES, cp_attention
+
+    out = tmp_path / "cp_attention.json"
+    spawn_ranks(cp_attention, 2, str(out), timeout=120)
+    ranks = json.loads(out.read_text())
+    for name, (heads, kv_heads, _) in CP_ATTENTION_CASES.items():
+        for rank in ranks:
+            assert max(rank[name]["errors"]) < 1e-12, (name, rank[name]["errors"])
+            kv_per_rank = max(kv_heads, 2) // 2
+            assert rank[name]["kernel_shapes"] == [[[2, heads // 2, 16, 8]] + [[2, kv_per_rank, 16, 8]] * 2], name

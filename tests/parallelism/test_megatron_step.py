@@ -13,8 +13,9 @@ final-norm gradient 0), and one expert per EP rank failed in backward on the fre
 
 Packed documents (data.reset_at_documents: the engine's document ids as megatron's attention_mask) and
 context parallelism of hybrid models (parallelism/megatron/cp.py: GDN / Mamba2 states and conv halos passed
-between CP ranks; windowed, block-sparse and document masks over the gathered keys) against the reference
-model run on the whole, unsplit sequence with the same documents: CP1 == CP2 == CP4 by transitivity.
+between CP ranks; attention heads spread over the CP ranks by all-to-all, each with windowed, block-sparse
+and document masks over the whole sequence) against the reference model run on the whole, unsplit
+sequence with the same documents: CP1 == CP2 == CP4 by transitivity.
 
 Regression cases, both silent on GPU except for a drifting loss curve:
 - MoE with TP and experts replicated over the TP ranks (tp=2, ep=etp=1, sequence parallel): megatron-core
@@ -76,14 +77,15 @@ CASES_HYBRID = {  # 2 ranks: packed documents (data.reset_at_documents) and cont
     "hybrid-docs-TP2": ("hybrid", {}, {"tp": 2, "docs": True}),
     "dense-CP2-docs": ("dense", {}, {"cp": 2, "docs": True}),
     # CP2: GDN / Mamba2 states and conv halos passed between the ranks, windowed / block-sparse attention
-    # over the gathered keys; documents also start exactly on CP chunk edges
+    # on heads/cp heads of the whole sequence (all-to-all); documents also start exactly on CP chunk edges
     "hybrid-CP2": ("hybrid", {}, {"cp": 2}),
     "hybrid-CP2-docs": ("hybrid", {}, {"cp": 2, "docs": True}),
     "hybrid-moe-CP2": ("hybrid", {}, {"cp": 2, "flavor": "debug-moe"}),
     "hybrid-moe-CP2-docs": ("hybrid", {}, {"cp": 2, "flavor": "debug-moe", "docs": True}),
 }
 CASES_HYBRID_4 = {  # 4 ranks
-    # middle CP ranks both receive and send states and halos; documents start on chunk edges
+    # middle CP ranks both receive and send states and halos; documents start on chunk edges; attention's
+    # 2 kv heads repeated to 4 (one per CP rank; so are CP2xTP2's, 1 per TP rank, repeated to 2)
     "hybrid-CP4-docs": ("hybrid", {}, {"cp": 4, "docs": True}),
     "hybrid-CP2xTP2-docs": ("hybrid", {}, {"cp": 2, "tp": 2, "docs": True}),  # + Mamba2's B/C gathered over TP
 }
