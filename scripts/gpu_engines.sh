@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Both engines on one H200 in one device call (480 s at most: DEADLINE_S):
-#   run(command="bash scripts/gpu_engines.sh", carry=[".whl"], kind="nvidia-h200", timeout_s=540)
+# Both engines on one H200 in one device call (DEADLINE_S at most; it took 293 s on one H200):
+#   run(command="DEADLINE_S=585 bash scripts/gpu_engines.sh", carry=[".whl"], kind="nvidia-h200", timeout_s=600)
 # 1. each timed run alone on the GPU, one after another (benchmarks/megatron/bench_throughput.py, bf16, one
 #    launch each so a hang or crash costs only its own time limit):
 #      deepspeed dense-1b      ~70 s  (torchrun + DeepSpeed import ~15 s, fp32 reference init on the host and
@@ -13,13 +13,14 @@
 #    limits 110 + 120 + 110 + 80 s; ~280 s expected with the wheelhouse install (~20 s);
 # 2. then, nothing timed: the single-GPU equivalence of every family (tests/gpu/megatron_equivalence.py
 #    --only single, 50 steps against the fp32 reference) in SHARDS (5) programs side by side on the GPU, at
-#    most 300 s or what DEADLINE_S leaves less 60 s; then pytest judges their records (~15 s). Run one after
-#    another the 14 families take ~700 s on one GPU.
+#    most 300 s or what DEADLINE_S leaves less 60 s; then pytest judges their records (~15 s).
+# Run one after another the 14 families take ~700 s on one GPU.
 # To $OUT: gpus.csv, bench_<job>.jsonl (one per bench job), timeline.json (each job's start, end, exit code),
-#   junit_gpu.xml, logs.tar.gz (logs and the equivalence records). Then, on the CPU machine (the lead), copy $OUT to tests/gpu/results/<folder>/
-#   and write benchmarks/results/engines_NVIDIA_H200.json:
-#   python tests/gpu/summarize_results.py tests/gpu/results/<folder> --engines benchmarks/results/engines_NVIDIA_H200.json \
-#     --command '<the run(...) call>' --commit <tree it ran>
+#   junit_gpu.xml, megatron_equivalence_w1_s<i>.jsonl, logs.tar.gz. Then, on the CPU machine, copy $OUT to
+#   tests/gpu/results/<folder>/ (tests/gpu/test_committed_results.py NEWER_RUNS names it) and write
+#   benchmarks/results/engines_NVIDIA_H200.json:
+#   python tests/gpu/summarize_results.py tests/gpu/results/<folder> \
+#     --engines benchmarks/results/engines_NVIDIA_H200.json --command '<the run(...) call>' --commit <tree it ran>
 set -uo pipefail
 start=$SECONDS  # the deadline counts the wheelhouse install too
 cd "$(dirname "$0")/.."
@@ -59,7 +60,7 @@ for i in $(seq 0 $((shards - 1))); do
     --out "$records/megatron_equivalence_w1_s$i.jsonl" &
 done
 wait
-cp "$records"/*.jsonl "$logs/" 2>/dev/null
+cp "$records"/*.jsonl "$out/" 2>/dev/null  # the raw records, judged again on CPU by tests/gpu/test_committed_results.py
 job pytest_gpu tests 40 env RAYTRON_GPU_WORLDS=1 RAYTRON_GPU_RECORDS="$records" python3 -P -m pytest -m gpu \
   -p no:cacheprovider -q -rfE --log-level=WARNING --junitxml="$out/junit_gpu.xml" tests/gpu/test_megatron_equivalence.py
 [ -f "$logs/pytest_gpu.log" ] && tail -4 "$logs/pytest_gpu.log"

@@ -46,7 +46,8 @@ LAYOUTS = {  # name -> (world, layout fields, families)
     "PP2xEP2": (4, {"pp": 2, "dp": 2, "ep": 2}, ("moe",)),
     "TP2xPP2": (4, {"tp": 2, "pp": 2}, ("dense", "moe", "hybrid")),
     "PP2v2": (2, {"pp": 2, "vpp": 2}, ("dense-4l", "moe-4l")),  # interleaved, 4 micro-batches
-    "ETP2xEP2": (4, {"dp": 4, "ep": 2, "etp": 2}, ("moe", "moe-sigmoid", "moe-mla")),  # expert-TP: each expert's FFN split over 2 ranks
+    # expert-TP: each expert's FFN split over 2 ranks
+    "ETP2xEP2": (4, {"dp": 4, "ep": 2, "etp": 2}, ("moe", "moe-sigmoid", "moe-mla")),
 }
 # Engine options on GPU: a layout run again with a train option on, as cases of their own (each record says
 # which options ran): "<layout>+<option>" -> (layout, train options, families)

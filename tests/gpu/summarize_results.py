@@ -141,15 +141,26 @@ def checkpoint_table(folder: Path) -> list[str]:
     return rows
 
 
-def check(folder: Path, only: set[str] | None = None, recorded_only: bool = False) -> tuple[list[str], int]:
-    """Verdicts of the GPU tests' assertions on this folder's records, as if run with 4 GPUs."""
+def suite_records(folders: list[Path]) -> tuple[dict, dict]:
+    """({(layout, family): equivalence record}, {case: checkpoint record}) over `folders` in order: a later
+    folder's record of a case replaces an earlier one's."""
+    eq, ck = {}, {}
+    for folder in folders:
+        eq.update(load_records(folder, "megatron_equivalence_w*.jsonl", lambda r: (r["layout"], r["family"])))
+        ck.update(load_records(folder, "megatron_checkpoint_w*.jsonl", lambda r: r["case"]))
+    return eq, ck
+
+
+def check(folder: Path | list[Path], only: set[str] | None = None, recorded_only: bool = False,
+          records: tuple[dict, dict] | None = None) -> tuple[list[str], int]:
+    """Verdicts of the GPU tests' assertions on the records of `folder` (or of several, see suite_records; or
+    the given `records`), as if run with 4 GPUs."""
     import torch
 
     from tests.gpu import test_megatron_checkpoint as tc
     from tests.gpu import test_megatron_equivalence as te
 
-    eq = load_records(folder, "megatron_equivalence_w*.jsonl", lambda r: (r["layout"], r["family"]))
-    ck = load_records(folder, "megatron_checkpoint_w*.jsonl", lambda r: r["case"])
+    eq, ck = records or suite_records(folder if isinstance(folder, list) else [folder])
     calls = [(f"{fn.__name__}[{name}-{fam}]", fn, (eq, name, fam)) for name, fam in te.CASES
              for fn in (te.test_matches_reference, te.test_loss_curve)]
     if only:
