@@ -74,6 +74,30 @@ MICRO_BATCH = {("raytron", "dense-1b"): 8, ("raytron", "moe-olmoe-4l"): 4,  # th
 # mb 8 without the overlap 130.9k); at 1 GPU mb 8 needs ~100 GiB, over 80 GB.
 MICRO_BATCH_AT_WORLD = {("raytron", "moe-olmoe-4l", 4): 8}
 
+# Long context on one GPU: dense/1b and the 3:1 hybrids hybrid/1b (Gated DeltaNet) and hybrid/1b-mamba (Mamba2),
+# raytron only, workload "<model>-<4k|16k|32k|64k>". Every one trains LONG_STEP_TOKENS tokens per optimizer step
+# (65,536: 16 x 4K, 4 x 16K, 2 x 32K, 1 x 64K) in micro-batches of LONG_MICRO_TOKENS tokens (one 64K sequence
+# at 64K). The hybrids at 64K recompute their chunked scans in backward (train.recompute=selective): `raytron
+# plan` puts them at 101 GiB with it and 188 GiB without (an upper end; fused kernels keep fewer chunk
+# tensors); dense/1b fits 64K without recomputation (98 GiB planned), so it runs without.
+LONG_STEP_TOKENS, LONG_MICRO_TOKENS = 65536, 32768
+LONG_MODELS = {"dense-1b": ("dense", "1b"), "hybrid-1b": ("hybrid", "1b"), "hybrid-1b-mamba": ("hybrid", "1b-mamba")}
+LONG_SEQS = {"4k": 4096, "16k": 16384, "32k": 32768, "64k": 65536}
+SEQ_LEN: dict[str, int] = {}  # workload -> tokens per sequence, where not SEQ
+RECOMPUTE = {"hybrid-1b-64k": "selective", "hybrid-1b-mamba-64k": "selective"}  # train.recompute by default
+for _model, (_family, _flavor) in LONG_MODELS.items():
+    for _tag, _seq in LONG_SEQS.items():
+        _name = f"{_model}-{_tag}"
+        WORKLOADS[_name] = (_family, _flavor, {}, {1: {}})
+        SEQ_LEN[_name], ONLY_FOR[_name] = _seq, ("raytron",)
+        MICRO_BATCH[("raytron", _name)] = max(1, LONG_MICRO_TOKENS // _seq)
+
+
+def workload_seq(workload: str) -> tuple[int, int]:
+    """(tokens per sequence, sequences per DP rank per optimizer step) of `workload`."""
+    seq = SEQ_LEN.get(workload, SEQ)
+    return seq, (LONG_STEP_TOKENS // seq if workload in SEQ_LEN else SEQS_PER_RANK)
+
 
 def micro_batch(impl: str, workload: str, world: int) -> int:
     """The fastest micro-batch that fits an 80 GB GPU (dense-3b: a 141 GB H200) for this implementation,
@@ -139,14 +163,14 @@ def megatron_as_shipped():
 
 
 def make_spec(family, flavor, overrides, gbs, mbs, overlap: bool = False, overlap_moe: bool = False,
-              recompute: str = "none", precision: str = "bf16"):
+              recompute: str = "none", precision: str = "bf16", seq: int = SEQ):
     """A job spec for the engine without a YAML: the config's defaults, this benchmark's training
     settings (mutable, so fp8_parity.py can change steps and LR)."""
     from raytron.config.spec import ResourcesSpec, TrainSpec
     from raytron.typed import field_defaults
 
     train = SimpleNamespace(**{**field_defaults(TrainSpec), **dict(
-        seed=1234, seq_len=SEQ, lr=3e-4, min_lr=3e-4, warmup_steps=0, steps=10**6, weight_decay=0.1,
+        seed=1234, seq_len=seq, lr=3e-4, min_lr=3e-4, warmup_steps=0, steps=10**6, weight_decay=0.1,
         grad_clip=1.0, aux_loss_coef=0.01, global_batch_size=gbs, micro_batch_size=mbs,
         overlap_grad_reduce=overlap, overlap_moe_comm=overlap_moe, recompute=recompute, precision=precision)})
     return SimpleNamespace(model=SimpleNamespace(family=family, flavor=flavor, overrides=overrides), train=train,
@@ -202,9 +226,9 @@ def _train_and_time(spec, layout, rank: int, warmup: int, timed: int, profile_pa
 
     torch.cuda.reset_peak_memory_stats()
     engine = megatron_engine.MegatronEngine(spec, layout, rank, layout.world_size, init_from_reference=False)
-    mbs, ga, vocab = layout.micro_batch_size, layout.grad_accum, engine.model_cfg.vocab_size
+    mbs, ga, vocab, seq = layout.micro_batch_size, layout.grad_accum, engine.model_cfg.vocab_size, spec.train.seq_len
     g = torch.Generator().manual_seed(rank)
-    micro = [torch.randint(0, vocab, (mbs, SEQ + 1), generator=g) for _ in range(ga)]
+    micro = [torch.randint(0, vocab, (mbs, seq + 1), generator=g) for _ in range(ga)]
     times, losses = [], []
     for i in range(warmup + timed):
         torch.cuda.synchronize()
@@ -215,7 +239,7 @@ def _train_and_time(spec, layout, rank: int, warmup: int, timed: int, profile_pa
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    out = dict(step_times_s=times, step_s=step_s, tokens_per_s_per_gpu=layout.global_batch_size * SEQ / step_s
+    out = dict(step_times_s=times, step_s=step_s, tokens_per_s_per_gpu=layout.global_batch_size * seq / step_s
                / layout.world_size, losses=losses, peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
     if profile_path and rank == 0:
         _profile_step(engine, micro, profile_path)
@@ -223,11 +247,12 @@ def _train_and_time(spec, layout, rank: int, warmup: int, timed: int, profile_pa
 
 
 def base_record(impl: str, workload: str, model: tuple[str, str, dict], world: int, fields: dict, mbs: int,
-                seq: int = SEQ) -> dict:
-    """The fields every record carries (bench_torchtitan.py writes the same): SEQS_PER_RANK sequences per DP rank
-    per step in micro-batches of `mbs`, parameter counts and FLOPs/token of the model (family, flavor, overrides)."""
+                seq: int = SEQ, seqs_per_rank: int = SEQS_PER_RANK) -> dict:
+    """The fields every record carries (bench_torchtitan.py writes the same): `seqs_per_rank` sequences of `seq`
+    tokens per DP rank per step in micro-batches of `mbs`, parameter counts and FLOPs/token of the model
+    (family, flavor, overrides) at that sequence length."""
     family, flavor, overrides = model
-    ga = max(1, SEQS_PER_RANK // mbs)
+    ga = max(1, seqs_per_rank // mbs)
     cfg = models.get_config(family, flavor, **overrides)
     total, active = models.param_counts(cfg)
     return {"impl": impl, "workload": workload, "family": family, "flavor": flavor, "overrides": overrides,
@@ -249,14 +274,17 @@ def write_record(rec: dict, out: str) -> None:
 
 def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, timed: int,
                batching: int | None = None, profile_dir: str | None = None, overlap: bool = False,
-               overlap_moe: bool = False, recompute: str = "none", precision: str = "bf16") -> dict:
+               overlap_moe: bool = False, recompute: str | None = None, precision: str = "bf16") -> dict:
+    """One (impl, workload) config trained and timed; `recompute` None: the workload's RECOMPUTE, else none."""
     from megatron.core import parallel_state
 
     family, flavor, overrides, by_world = WORKLOADS[workload]
     mbs = batching or micro_batch(impl, workload, world)
     warmup, timed = (warmup, timed) if warmup >= 0 else STEPS[impl]
     fields = {"dp": 1, **by_world[world]}
-    rec = base_record(impl, workload, (family, flavor, overrides), world, fields, mbs)
+    seq, seqs_per_rank = workload_seq(workload)
+    recompute = recompute or RECOMPUTE.get(workload, "none")
+    rec = base_record(impl, workload, (family, flavor, overrides), world, fields, mbs, seq, seqs_per_rank)
     rec["overlap_grad_reduce"], rec["recompute"], rec["precision"] = overlap, recompute, precision
     rec["overlap_moe_comm"] = overlap_moe = overlap_moe and fields.get("ep", 1) > 1  # the engine refuses it at ep 1
     gbs, flops = rec["global_batch"], rec["flops_per_token"]
@@ -265,7 +293,7 @@ def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, tim
             layout = ParallelLayout(world_size=world, micro_batch_size=mbs, global_batch_size=gbs, **fields)
             tag = "" if precision == "bf16" else f"_{precision}"
             path = profile_dir and f"{profile_dir}/profile_{impl}_{workload}_w{world}_mb{mbs}{tag}.txt"
-            spec = make_spec(family, flavor, overrides, gbs, mbs, overlap, overlap_moe, recompute, precision)
+            spec = make_spec(family, flavor, overrides, gbs, mbs, overlap, overlap_moe, recompute, precision, seq)
             rec.update(_train_and_time(spec, layout, rank, warmup, timed, path))
         rec["mfu"] = rec["tokens_per_s_per_gpu"] * flops / PEAK_FLOPS
     except Exception as exc:  # recorded (e.g. out of memory); the other configs still run
@@ -300,8 +328,9 @@ def main() -> None:
     parser.add_argument("--overlap-moe-comm", action="store_true",
                         help="train.overlap_moe_comm for raytron where the layout has ep > 1 (EP all-to-all hidden "
                              "behind another micro-batch's compute; set CUDA_DEVICE_MAX_CONNECTIONS > 1)")
-    parser.add_argument("--recompute", default="none", choices=("none", "selective", "full"),
-                        help="train.recompute for raytron (activation recomputation)")
+    parser.add_argument("--recompute", default=None, choices=("none", "selective", "full"),
+                        help="train.recompute for raytron (activation recomputation; default: the workload's "
+                             "RECOMPUTE entry, else none)")
     parser.add_argument("--precisions", default="bf16",
                         help="train.precision values for raytron, each run separately (e.g. bf16,fp8); "
                              "mcore_local always runs bf16")

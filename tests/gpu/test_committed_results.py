@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.gpu import test_megatron_submit as ts
+from tests.gpu import summarize_results as hybrid
 from tests.gpu.summarize_results import check
 
 RESULTS = Path(__file__).parent / "results"
@@ -183,3 +184,16 @@ def test_a_variant_that_ran_without_its_option_fails(tmp_path):
     rows, failed = check(tmp_path, only={"EP2+moe-comm"}, recorded_only=True)
     assert failed == 1 and [r for r in rows if r.startswith("FAILED")][0].startswith(
         "FAILED test_matches_reference[EP2+moe-comm-moe]: EP2+moe-comm/moe ran without train.overlap_moe_comm"), rows
+
+
+def test_committed_hybrid_results_state_the_ratios_of_their_records():
+    """A committed hybrid_<gpu>.json's ratios follow from its own records (re-derived here)."""
+    for path in sorted(BENCH.glob("hybrid_*.json")):
+        got = json.loads(path.read_text())
+        layer_rows = got["layers"]["records"]
+        whole = [dict(r, seq=r["seq_len"]) for r in got["whole_model"]["records"]]
+        assert got["layers"]["ratios"] == hybrid.speed_ratios(layer_rows, lambda r: r["stack"], "tokens_per_s",
+                                                          hybrid.LAYER_PAIRS, hybrid.LAYER_TARGETS), path
+        assert got["whole_model"]["ratios"] == hybrid.speed_ratios(
+            whole, lambda r: r["workload"].rsplit("-", 1)[0], "tokens_per_s_per_gpu", hybrid.WHOLE_PAIRS,
+            hybrid.WHOLE_TARGETS), path
