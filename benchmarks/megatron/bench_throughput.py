@@ -26,6 +26,12 @@ its micro-batch), raytron only, with activation recomputation (train.recompute):
     torchrun --nproc_per_node=1 benchmarks/megatron/bench_throughput.py --impls raytron --workloads dense-3b \
         --recompute selective --out bench.jsonl
 
+Long-context workloads `<model>-<4k|16k|32k|64k>` (dense-1b, hybrid-1b, hybrid-1b-mamba; LONG_MODELS below) train
+LONG_STEP_TOKENS per step at their own sequence length, FLOPs/token counted at that length:
+
+    torchrun --nproc_per_node=1 benchmarks/megatron/bench_throughput.py --impls raytron \
+        --workloads dense-1b-32k,hybrid-1b-32k,hybrid-1b-mamba-32k --out bench.jsonl
+
 `--precisions bf16,fp8` runs raytron once per train.precision (each config alone, one after another, in the
 same launch; records carry `precision`); MFU stays relative to the bf16 peak, so FP8 shows as higher MFU.
 """

@@ -92,7 +92,11 @@ def test_hybrid_summary_states_ratios_against_targets_and_the_submits_peak(tmp_p
                        ("attention", 65536): 10.0, ("hybrid-mamba2", 65536): 20.0},
             {("dense-1b-4k", 4096): 50.0, ("hybrid-1b-4k", 4096): 48.0, ("dense-1b-32k", 32768): 20.0,
              ("hybrid-1b-mamba-32k", 32768): 30.0, ("hybrid-1b-16k", 16384): 40.0})
-    path = sr.write_hybrid(tmp_path, "bash scripts/gpu_hybrid.sh")
+    second = tmp_path / "second"  # a second call's whole-model records (PARTS=whole WHOLE_SEQS=16k)
+    second.mkdir()
+    (second / "whole.jsonl").write_text(json.dumps(dict(workload="dense-1b-16k", seq_len=16384,
+                                                        tokens_per_s_per_gpu=32.0)) + "\n")
+    path = sr.write_hybrid([tmp_path, second], "bash scripts/gpu_hybrid.sh")
     got = json.loads(path.read_text())
     assert path.name == "hybrid_NVIDIA_H200.json" and got["device"].startswith("NVIDIA H200")
     layers = {(r["model"], r["seq"]): r for r in got["layers"]["ratios"]}
@@ -100,7 +104,8 @@ def test_hybrid_summary_states_ratios_against_targets_and_the_submits_peak(tmp_p
     assert (layers["hybrid-gdn", 4096]["ratio"], layers["hybrid-gdn", 4096]["met"]) == (0.94, False)
     assert (layers["hybrid-mamba2", 65536]["ratio"], layers["hybrid-mamba2", 65536]["target"]) == (2.0, 1.9)
     whole = {(r["model"], r["seq"]): r for r in got["whole_model"]["ratios"]}
-    assert set(whole) == {("hybrid-1b", 4096), ("hybrid-1b-mamba", 32768)}  # 16K: no dense record to compare
+    assert set(whole) == {("hybrid-1b", 4096), ("hybrid-1b-mamba", 32768), ("hybrid-1b", 16384)}
+    assert (whole["hybrid-1b", 16384]["ratio"], "target" in whole["hybrid-1b", 16384]) == (1.25, False)
     assert whole["hybrid-1b", 4096]["met"] is True and whole["hybrid-1b-mamba", 32768]["ratio"] == 1.5
     assert all("traceback" not in r for r in got["whole_model"]["records"])
     submit = got["submit_64k"]

@@ -1,8 +1,8 @@
 """Write summary.txt of a GPU results folder (tests/gpu/results/<gpu>/) from its raw JSON lines.
 
     python tests/gpu/summarize_results.py tests/gpu/results/h200x4_suite_5 [--check] [--only EP2,TP2xEP2]
-    python tests/gpu/summarize_results.py --hybrid OUT [--command CMD]   # scripts/gpu_hybrid.sh's folder:
-        hybrid_<gpu>.json there (records, hybrid/attention ratios vs LAYER_TARGETS / WHOLE_TARGETS, 64K submit)
+    python tests/gpu/summarize_results.py --hybrid OUT [OUT2 ...] [--command CMD]   # scripts/gpu_hybrid.sh's
+        folders: hybrid_<gpu>.json in OUT (records, hybrid/attention ratios vs LAYER_TARGETS / WHOLE_TARGETS, 64K submit)
 
 --check also applies the GPU tests' own assertions (test_megatron_equivalence.py,
 test_megatron_checkpoint.py: same functions, same tolerances) to the raw records and appends a verdict per
@@ -109,6 +109,17 @@ def speed_ratios(rows: list[dict], model_of, speed: str, pairs: dict[str, str], 
     return out
 
 
+def layer_ratios(rows: list[dict]) -> list[dict]:
+    """speed_ratios of bench_hybrid_vs_attention.py rows: each 3:1 stack vs the attention stack."""
+    return speed_ratios(rows, lambda r: r["stack"], "tokens_per_s", LAYER_PAIRS, LAYER_TARGETS)
+
+
+def whole_ratios(records: list[dict]) -> list[dict]:
+    """speed_ratios of bench_throughput.py records of the <model>-<seq> workloads: each hybrid vs dense/1b."""
+    return speed_ratios([dict(r, seq=r["seq_len"]) for r in records], lambda r: r["workload"].rsplit("-", 1)[0],
+                        "tokens_per_s_per_gpu", WHOLE_PAIRS, WHOLE_TARGETS)
+
+
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -128,38 +139,45 @@ def submit_summary(folder: Path) -> dict:
             "committed_checkpoints": committed}
 
 
-def hybrid_summary(folder: Path, command: str) -> dict:
-    """hybrid_<gpu>.json from a scripts/gpu_hybrid.sh output folder: raw records, ratios vs targets, the
-    64K submit's peak memory, the kernel tests' counts (junit) and the timeline."""
+def _junit_counts(path: Path) -> dict[str, int]:
     import xml.etree.ElementTree as ET
 
-    layers = [json.loads(p.read_text()) for p in sorted((folder / "layers").glob("hybrid_vs_attention_*.json"))]
-    layer_rows = [r for doc in layers for r in doc["rows"]]
-    whole = [dict(r, seq=r["seq_len"]) for r in _jsonl(folder / "whole.jsonl")]
-    gpus = (folder / "gpus.csv").read_text().strip().splitlines()[1:] if (folder / "gpus.csv").exists() else []
-    junit = folder / "junit_ops.xml"
-    ops = {k: int(ET.parse(junit).getroot().iter("testsuite").__next__().get(k, 0))
-           for k in ("tests", "failures", "errors", "skipped")} if junit.exists() else None
+    suite = next(ET.parse(path).getroot().iter("testsuite"))
+    return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+
+
+def hybrid_summary(folders: list[Path], command: str) -> dict:
+    """hybrid_<gpu>.json from the output folders of one or more scripts/gpu_hybrid.sh calls (their records
+    together): raw records, ratios vs targets, the 64K submit's peak memory, the kernel tests' counts (junit)
+    and each call's timeline."""
+    def read(folder: Path, name: str, default=None):
+        return json.loads((folder / name).read_text()) if (folder / name).exists() else default
+
+    layer_rows = [r for f in folders for p in sorted((f / "layers").glob("hybrid_vs_attention_*.json"))
+                  for r in json.loads(p.read_text())["rows"]]
+    whole = [{k: v for k, v in r.items() if k != "traceback"} for f in folders for r in _jsonl(f / "whole.jsonl")]
+    first = folders[0]
+    gpus = (first / "gpus.csv").read_text().strip().splitlines()[1:] if (first / "gpus.csv").exists() else []
+    submitted = [f for f in folders if any(t["job"] == "submit-64k" for t in read(f, "timeline.json", []))]
+    junits = [f / "junit_ops.xml" for f in folders if (f / "junit_ops.xml").exists()]
     return {"what": "hybrid (3:1 Gated DeltaNet / Mamba2 : attention) vs attention speed, one GPU: layer stacks "
                     "(benchmarks/models/bench_hybrid_vs_attention.py) and whole models on the megatron engine "
                     "(benchmarks/megatron/bench_throughput.py, <model>-<seq> workloads, 65,536 tokens per step; "
                     "MFU from models/flops.py, megatron convention, GDN/Mamba2 chunked matmuls counted)",
             "command": command, "script": "scripts/gpu_hybrid.sh", "device": gpus[0] if gpus else None,
-            "commit": (folder / "commit.txt").read_text().strip() if (folder / "commit.txt").exists() else None,
-            "layers": {"ratios": speed_ratios(layer_rows, lambda r: r["stack"], "tokens_per_s", LAYER_PAIRS,
-                                              LAYER_TARGETS), "records": layer_rows},
-            "whole_model": {"ratios": speed_ratios(whole, lambda r: r["workload"].rsplit("-", 1)[0],
-                                                   "tokens_per_s_per_gpu", WHOLE_PAIRS, WHOLE_TARGETS),
-                            "records": [{k: v for k, v in r.items() if k not in ("seq", "traceback")} for r in whole]},
-            "submit_64k": submit_summary(folder), "pytest_ops": ops,
-            "timeline": json.loads((folder / "timeline.json").read_text()) if (folder / "timeline.json").exists() else []}
+            "commit": (first / "commit.txt").read_text().strip() if (first / "commit.txt").exists() else None,
+            "layers": {"ratios": layer_ratios(layer_rows), "records": layer_rows},
+            "whole_model": {"ratios": whole_ratios(whole), "records": whole},
+            "submit_64k": submit_summary(submitted[0]) if submitted else None,
+            "pytest_ops": _junit_counts(junits[0]) if junits else None,
+            "timelines": [read(f, "timeline.json", []) for f in folders]}
 
 
-def write_hybrid(folder: Path, command: str) -> Path:
-    """Write hybrid_<gpu>.json into `folder` and print its ratios."""
-    summary = hybrid_summary(folder, command)
+def write_hybrid(folders: list[Path], command: str) -> Path:
+    """Write hybrid_<gpu>.json into the first folder and print its ratios."""
+    summary = hybrid_summary(folders, command)
     gpu = (summary["device"] or "unknown").split(",")[0].strip().replace(" ", "_")
-    path = folder / f"hybrid_{gpu}.json"
+    path = folders[0] / f"hybrid_{gpu}.json"
     path.write_text(json.dumps(summary, indent=1) + "\n")
     for part in ("layers", "whole_model"):
         for r in summary[part]["ratios"]:
@@ -170,9 +188,10 @@ def write_hybrid(folder: Path, command: str) -> Path:
 
 
 def main() -> None:
-    if sys.argv[1] == "--hybrid":  # --hybrid FOLDER [--command CMD]
+    if sys.argv[1] == "--hybrid":  # --hybrid FOLDER [FOLDER ...] [--command CMD]
         args = sys.argv[2:]
-        write_hybrid(Path(args[0]), args[args.index("--command") + 1] if "--command" in args else "")
+        cut = args.index("--command") if "--command" in args else len(args)
+        write_hybrid([Path(a) for a in args[:cut]], args[cut + 1] if cut < len(args) else "")
         return
     folder = Path(sys.argv[1])
     gpus = (folder / "gpus.csv").read_text().strip().splitlines()[1:] if (folder / "gpus.csv").exists() else []
