@@ -83,9 +83,10 @@ MICRO_BATCH_AT_WORLD = {("raytron", "moe-olmoe-4l", 4): 8}
 # Long context on one GPU: dense/1b and the 3:1 hybrids hybrid/1b (Gated DeltaNet) and hybrid/1b-mamba (Mamba2),
 # raytron only, workload "<model>-<4k|16k|32k|64k>". Every one trains LONG_STEP_TOKENS tokens per optimizer step
 # (65,536: 16 x 4K, 4 x 16K, 2 x 32K, 1 x 64K) in micro-batches of LONG_MICRO_TOKENS tokens (one 64K sequence
-# at 64K). The hybrids at 64K recompute their chunked scans in backward (train.recompute=selective): `raytron
-# plan` puts them at 101 GiB with it and 188 GiB without (an upper end; fused kernels keep fewer chunk
-# tensors); dense/1b fits 64K without recomputation (98 GiB planned), so it runs without.
+# at 64K). The hybrids at 64K recompute their chunked scans in backward (train.recompute=selective): plan's
+# estimate (parallelism/memory.py, 32K vocabulary) is 127 GiB with it and 214 GiB without for hybrid/1b, 136 and
+# 170 GiB for hybrid/1b-mamba (an upper end: fused kernels keep fewer chunk tensors); dense/1b's 123 GiB without
+# recomputation fits, so it runs without. At 4K-32K every model fits without (at most 115 GiB estimated).
 LONG_STEP_TOKENS, LONG_MICRO_TOKENS = 65536, 32768
 LONG_MODELS = {"dense-1b": ("dense", "1b"), "hybrid-1b": ("hybrid", "1b"), "hybrid-1b-mamba": ("hybrid", "1b-mamba")}
 LONG_SEQS = {"4k": 4096, "16k": 16384, "32k": 32768, "64k": 65536}

@@ -45,9 +45,30 @@ def test_mfu_counts_the_linear_sequence_layers_at_the_workloads_length():
         assert by_seq["64k"]["*"] - by_seq["4k"]["*"] == 4 * 3 * 4 * 16 * 128 * (32768 - 2048)
 
 
-def test_hybrids_recompute_their_scans_at_64k_only():
+def _estimate_gib(workload: str, recompute: str) -> float:
+    from raytron.parallelism.estimate import model_stats
+    from raytron.parallelism.memory import estimate_memory
+
+    family, flavor, overrides, _ = bt.WORKLOADS[workload]
+    cfg = models.get_config(family, flavor, **overrides)
+    seq, per_rank = bt.workload_seq(workload)
+    layout = ParallelLayout(world_size=1, micro_batch_size=bt.micro_batch("raytron", workload, 1),
+                            global_batch_size=per_rank)
+    return estimate_memory(cfg, model_stats(cfg), layout, seq_len=seq, use_gpu=True, engine="megatron",
+                           recompute=recompute).worst.total / 2**30
+
+
+def test_recompute_only_where_the_memory_estimate_needs_it_on_an_h200():
+    """RECOMPUTE: the 64K hybrids recompute their scans (selective), nothing else does; the memory estimate
+    (plan's, an upper end for the linear layers) puts each workload in its mode under an H200's 140 GiB and
+    the recomputing ones over it without."""
     assert {w for w in LONG if bt.RECOMPUTE.get(w, "none") != "none"} == {"hybrid-1b-64k", "hybrid-1b-mamba-64k"}
     assert set(bt.RECOMPUTE.values()) == {"selective"}
+    h200 = 143771 / 1024
+    for w in LONG:
+        assert _estimate_gib(w, bt.RECOMPUTE.get(w, "none")) < h200, w
+    for w in bt.RECOMPUTE:
+        assert _estimate_gib(w, "none") > h200, w
 
 
 @pytest.mark.slow
