@@ -26,6 +26,12 @@ its micro-batch), raytron only, with activation recomputation (train.recompute):
     torchrun --nproc_per_node=1 benchmarks/megatron/bench_throughput.py --impls raytron --workloads dense-3b \
         --recompute selective --out bench.jsonl
 
+Long-context workloads `<model>-<4k|16k|32k|64k>` (dense-1b, hybrid-1b, hybrid-1b-mamba; LONG_MODELS below) train
+LONG_STEP_TOKENS per step at their own sequence length, FLOPs/token counted at that length:
+
+    torchrun --nproc_per_node=1 benchmarks/megatron/bench_throughput.py --impls raytron \
+        --workloads dense-1b-32k,hybrid-1b-32k,hybrid-1b-mamba-32k --out bench.jsonl
+
 `--precisions bf16,fp8` runs raytron once per train.precision (each config alone, one after another, in the
 same launch; records carry `precision`); MFU stays relative to the bf16 peak, so FP8 shows as higher MFU.
 
@@ -97,11 +103,38 @@ MICRO_BATCH = {("raytron", "dense-1b"): 8, ("raytron", "moe-olmoe-4l"): 4,  # th
 # mb 8 without the overlap 130.9k); at 1 GPU mb 8 needs ~100 GiB, over 80 GB.
 MICRO_BATCH_AT_WORLD = {("raytron", "moe-olmoe-4l", 4): 8}
 
+# Long context on one GPU: dense/1b and the 3:1 hybrids hybrid/1b (Gated DeltaNet) and hybrid/1b-mamba (Mamba2),
+# raytron only, workload "<model>-<4k|16k|32k|64k>". Every one trains LONG_STEP_TOKENS tokens per optimizer step
+# (65,536: 16 x 4K, 4 x 16K, 2 x 32K, 1 x 64K) in micro-batches of LONG_MICRO_TOKENS tokens (one 64K sequence
+# at 64K). The hybrids at 64K recompute their chunked scans in backward (train.recompute=selective): plan's
+# estimate (parallelism/memory.py, 32K vocabulary) is 127 GiB with it and 214 GiB without for hybrid/1b, 136 and
+# 170 GiB for hybrid/1b-mamba (an upper end: fused kernels keep fewer chunk tensors); dense/1b's 123 GiB without
+# recomputation fits, so it runs without. At 4K-32K every model fits without (at most 115 GiB estimated).
+LONG_STEP_TOKENS, LONG_MICRO_TOKENS = 65536, 32768
+LONG_MODELS = {"dense-1b": ("dense", "1b"), "hybrid-1b": ("hybrid", "1b"), "hybrid-1b-mamba": ("hybrid", "1b-mamba")}
+LONG_SEQS = {"4k": 4096, "16k": 16384, "32k": 32768, "64k": 65536}
+SEQ_LEN: dict[str, int] = {}  # workload -> tokens per sequence, where not SEQ
+RECOMPUTE = {"hybrid-1b-64k": "selective", "hybrid-1b-mamba-64k": "selective"}  # train.recompute by default
+for _model, (_family, _flavor) in LONG_MODELS.items():
+    for _tag, _seq in LONG_SEQS.items():
+        _name = f"{_model}-{_tag}"
+        WORKLOADS[_name] = (_family, _flavor, {}, {1: {}})
+        SEQ_LEN[_name], ONLY_FOR[_name] = _seq, ("raytron",)
+        MICRO_BATCH[("raytron", _name)] = max(1, LONG_MICRO_TOKENS // _seq)
+
+
+def workload_seq(workload: str) -> tuple[int, int]:
+    """(tokens per sequence, sequences per DP rank per optimizer step) of `workload`."""
+    seq = SEQ_LEN.get(workload, SEQ)
+    return seq, (LONG_STEP_TOKENS // seq if workload in SEQ_LEN else SEQS_PER_RANK)
+
 
 def micro_batch(impl: str, workload: str, world: int) -> int:
     """The fastest micro-batch that fits an 80 GB GPU (dense-3b: a 141 GB H200) for this implementation,
     workload and world size."""
     return MICRO_BATCH_AT_WORLD.get((impl, workload, world), MICRO_BATCH[(impl, workload)])
+
+
 STEPS = {"raytron": (2, 5), "mcore_local": (1, 1), "deepspeed": (2, 5)}  # (warm-up, timed) optimizer steps; mcore_local: 32 micro-batches a step, slow
 
 
@@ -282,9 +315,9 @@ def _train_and_time(spec, layout, rank: int, warmup: int, timed: int, profile_pa
 
 def base_record(impl: str, workload: str, model: tuple[str, str, dict], world: int, fields: dict, mbs: int,
                 seq: int = SEQ, seqs_per_rank: int = SEQS_PER_RANK) -> dict:
-    """The fields every record carries (bench_torchtitan.py writes the same): `seqs_per_rank` sequences per DP
-    rank per step in micro-batches of `mbs`, parameter counts and FLOPs/token of the model (family, flavor,
-    overrides)."""
+    """The fields every record carries (bench_torchtitan.py writes the same): `seqs_per_rank` sequences of `seq`
+    tokens per DP rank per step in micro-batches of `mbs`, parameter counts and FLOPs/token of the model
+    (family, flavor, overrides) at that sequence length."""
     family, flavor, overrides = model
     ga = max(1, seqs_per_rank // mbs)
     cfg = models.get_config(family, flavor, **overrides)
@@ -311,8 +344,10 @@ DEEPSPEED_ZERO_STAGE = 2  # ZeRO-2: optimizer state and gradients partitioned ov
 
 def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, timed: int,
                batching: int | None = None, profile_dir: str | None = None, overlap: bool = False,
-               overlap_moe: bool = False, recompute: str = "none", precision: str = "bf16",
-               seq: int = SEQ, seqs_per_rank: int = SEQS_PER_RANK) -> dict:
+               overlap_moe: bool = False, recompute: str | None = None, precision: str = "bf16",
+               seq: int | None = None, seqs_per_rank: int | None = None) -> dict:
+    """One (impl, workload) config trained and timed; `recompute` None: the workload's RECOMPUTE, else none;
+    `seq`/`seqs_per_rank` None: the workload's (workload_seq)."""
     from megatron.core import parallel_state
 
     family, flavor, overrides, by_world = WORKLOADS[workload]
@@ -320,6 +355,9 @@ def run_config(impl: str, workload: str, rank: int, world: int, warmup: int, tim
     warmup, timed = (warmup, timed) if warmup >= 0 else STEPS[impl]
     engine = "deepspeed" if impl == "deepspeed" else "megatron"
     fields = {"dp": 1, **by_world[world], **({"zero_stage": DEEPSPEED_ZERO_STAGE} if engine == "deepspeed" else {})}
+    workload_seq_len, workload_seqs = workload_seq(workload)
+    seq, seqs_per_rank = seq or workload_seq_len, seqs_per_rank or workload_seqs
+    recompute = recompute or RECOMPUTE.get(workload, "none")
     rec = base_record(impl, workload, (family, flavor, overrides), world, fields, mbs, seq, seqs_per_rank)
     rec["overlap_grad_reduce"], rec["recompute"], rec["precision"] = overlap, recompute, precision
     rec["overlap_moe_comm"] = overlap_moe = overlap_moe and fields.get("ep", 1) > 1  # the engine refuses it at ep 1
@@ -365,14 +403,16 @@ def main() -> None:
     parser.add_argument("--overlap-moe-comm", action="store_true",
                         help="train.overlap_moe_comm for raytron where the layout has ep > 1 (EP all-to-all hidden "
                              "behind another micro-batch's compute; set CUDA_DEVICE_MAX_CONNECTIONS > 1)")
-    parser.add_argument("--recompute", default="none", choices=("none", "selective", "full"),
-                        help="train.recompute for raytron (activation recomputation)")
+    parser.add_argument("--recompute", default=None, choices=("none", "selective", "full"),
+                        help="train.recompute for raytron (activation recomputation; default: the workload's "
+                             "RECOMPUTE entry, else none)")
     parser.add_argument("--precisions", default="bf16",
                         help="train.precision values for raytron, each run separately (e.g. bf16,fp8); "
                              "mcore_local and deepspeed always run bf16")
-    parser.add_argument("--seq-len", type=int, default=SEQ, help="tokens per sequence (CPU smoke runs: small)")
-    parser.add_argument("--seqs-per-rank", type=int, default=SEQS_PER_RANK,
-                        help="sequences per DP rank per optimizer step")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default: the workload's; CPU smoke runs: small)")
+    parser.add_argument("--seqs-per-rank", type=int, default=None,
+                        help="sequences per DP rank per optimizer step (default: the workload's)")
     args = parser.parse_args()
     if set(args.precisions.split(",")) - {"bf16", "fp8"}:
         parser.error(f"--precisions {args.precisions!r}: allowed values bf16, fp8")

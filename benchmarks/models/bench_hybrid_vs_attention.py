@@ -1,11 +1,12 @@
-"""Tokens/s (forward + backward) of one hybrid layer stack vs one attention stack, at 4K/16K/32K.
+"""Tokens/s (forward + backward) of one hybrid layer stack vs one attention stack, at 4K/16K/32K/64K.
 
 Stacks are raytron reference layers (no embedding / logits), bf16, batch 1:
   attention: "*-*-*-*-"   hybrid GDN: "G-G-G-*-"   hybrid Mamba2: "M-M-M-*-"  (3:1 linear:attention)
 with the hidden sizes of the `hybrid/1b` flavor. Writes benchmarks/results/hybrid_vs_attention_<gpu>.json.
 Linear-sequence stacks run once per state-scan kernel in --kernels (ops/state_scan.py: `triton`, the
-training default on CUDA, and `torch`, the same chunked math with a Python loop over chunks).
-Usage (GPU): python benchmarks/models/bench_hybrid_vs_attention.py [--seqs 4096 16384 32768] [--compile]
+training default on CUDA, and `torch`, the same chunked math with a Python loop over chunks; `default`: no
+RAYTRON_SCAN_KERNEL, whatever the training path picks on this GPU, as the engine runs it).
+Usage (GPU): python benchmarks/models/bench_hybrid_vs_attention.py [--seqs 4096 16384 32768 65536] [--compile]
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ def time_stack(stack: nn.Module, dim: int, seq: int, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile each stack")
-    parser.add_argument("--kernels", nargs="+", default=["triton", "torch"], help="scan kernels for G/M stacks")
+    parser.add_argument("--kernels", nargs="+", default=["triton", "torch"], help="scan kernels for G/M stacks: triton, torch or default (the training path's own choice)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
@@ -59,7 +60,7 @@ def main() -> None:
     runs = [(name, pattern, kernel) for name, pattern in STACKS.items()
             for kernel in (args.kernels if set(pattern) & set("GM") else [None])]
     for name, pattern, kernel in runs:
-        os.environ["RAYTRON_SCAN_KERNEL"] = kernel or ""
+        os.environ["RAYTRON_SCAN_KERNEL"] = "" if kernel in (None, "default") else kernel
         stack, cfg = build_stack(pattern)
         if args.compile:
             stack = torch.compile(stack)

@@ -1,6 +1,8 @@
 """Write summary.txt of a GPU results folder (tests/gpu/results/<gpu>/) from its raw JSON lines.
 
     python tests/gpu/summarize_results.py tests/gpu/results/h200x4_suite_5 [--check] [--only EP2,TP2xEP2]
+    python tests/gpu/summarize_results.py --hybrid OUT [OUT2 ...] [--command CMD]   # scripts/gpu_hybrid.sh's
+        folders: hybrid_<gpu>.json in OUT (records, hybrid/attention ratios vs LAYER_TARGETS / WHOLE_TARGETS, 64K submit)
 
 --engines OUT.json --command CMD --commit SHA writes the engines comparison instead (scripts/gpu_engines.sh's
 folder: its bench_*.jsonl, timeline.json, gpus.csv, junit_gpu.xml): the raw records, the ratios of the
@@ -185,7 +187,106 @@ def check(folder: Path | list[Path], only: set[str] | None = None, recorded_only
     return [head] + rows, failed
 
 
+# Speed bars of hybrid models (tokens/s of the hybrid / tokens/s of its attention counterpart, per sequence length)
+LAYER_TARGETS = {4096: 0.95, 16384: 1.25, 32768: 1.5, 65536: 1.9}  # 3:1 layer stacks vs attention stacks
+WHOLE_TARGETS = {4096: 0.95, 32768: 1.4}  # hybrid/1b and hybrid/1b-mamba vs dense/1b, whole model, one GPU
+LAYER_PAIRS = {"hybrid-gdn": "attention", "hybrid-mamba2": "attention"}
+WHOLE_PAIRS = {"hybrid-1b": "dense-1b", "hybrid-1b-mamba": "dense-1b"}
+
+
+def speed_ratios(rows: list[dict], model_of, speed: str, pairs: dict[str, str], targets: dict[int, float]) -> list[dict]:
+    """One entry per (hybrid, sequence length) that has both records: its tokens/s over its counterpart's and,
+    where a target is set for that length, the target and whether the ratio meets it. `model_of(row)`: the
+    model a record is of; rows with an `error` count as missing."""
+    speeds = {(model_of(r), r["seq"]): r[speed] for r in rows if "error" not in r}
+    out = []
+    for (model, seq), tokens in sorted(speeds.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        base = speeds.get((pairs.get(model), seq))
+        if base:
+            entry = {"model": model, "vs": pairs[model], "seq": seq, "ratio": round(tokens / base, 3)}
+            if seq in targets:
+                entry |= {"target": targets[seq], "met": tokens / base >= targets[seq]}
+            out.append(entry)
+    return out
+
+
+def layer_ratios(rows: list[dict]) -> list[dict]:
+    """speed_ratios of bench_hybrid_vs_attention.py rows: each 3:1 stack vs the attention stack."""
+    return speed_ratios(rows, lambda r: r["stack"], "tokens_per_s", LAYER_PAIRS, LAYER_TARGETS)
+
+
+def whole_ratios(records: list[dict]) -> list[dict]:
+    """speed_ratios of bench_throughput.py records of the <model>-<seq> workloads: each hybrid vs dense/1b."""
+    return speed_ratios([dict(r, seq=r["seq_len"]) for r in records], lambda r: r["workload"].rsplit("-", 1)[0],
+                        "tokens_per_s_per_gpu", WHOLE_PAIRS, WHOLE_TARGETS)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def submit_summary(folder: Path) -> dict:
+    """The 64K submit: steps logged, peak GPU memory over its steps (the step metrics' per-interval peaks),
+    tokens/s of its last step, its exit status and the checkpoints it committed."""
+    steps = [m for m in _jsonl(folder / "submit_metrics.jsonl") if "memory/max_allocated_gib" in m]
+    timeline = {t["job"]: t for t in json.loads((folder / "timeline.json").read_text())} \
+        if (folder / "timeline.json").exists() else {}
+    markers = folder / "submit_committed.txt"  # checkpoint steps with their commit marker (parallelism/checkpoint.py)
+    committed = markers.read_text().split() if markers.exists() else []
+    return {"rc": timeline.get("submit-64k", {}).get("rc"), "steps_logged": len(steps),
+            "peak_allocated_gib": round(max((m["memory/max_allocated_gib"] for m in steps), default=0.0), 2) or None,
+            "peak_reserved_gib": round(max((m["memory/max_reserved_gib"] for m in steps), default=0.0), 2) or None,
+            "last_step_tokens_per_s": steps[-1].get("tokens_per_sec") if steps else None,
+            "committed_checkpoints": committed}
+
+
+def hybrid_summary(folders: list[Path], command: str) -> dict:
+    """hybrid_<gpu>.json from the output folders of one or more scripts/gpu_hybrid.sh calls (their records
+    together): raw records, ratios vs targets, the 64K submit's peak memory, the kernel tests' counts (junit)
+    and each call's timeline."""
+    def read(folder: Path, name: str, default=None):
+        return json.loads((folder / name).read_text()) if (folder / name).exists() else default
+
+    layer_rows = [r for f in folders for p in sorted((f / "layers").glob("hybrid_vs_attention_*.json"))
+                  for r in json.loads(p.read_text())["rows"]]
+    whole = [{k: v for k, v in r.items() if k != "traceback"} for f in folders for r in _jsonl(f / "whole.jsonl")]
+    first = folders[0]
+    gpus = (first / "gpus.csv").read_text().strip().splitlines()[1:] if (first / "gpus.csv").exists() else []
+    submitted = [f for f in folders if any(t["job"] == "submit-64k" for t in read(f, "timeline.json", []))]
+    junits = [f / "junit_ops.xml" for f in folders if (f / "junit_ops.xml").exists()]
+    return {"what": "hybrid (3:1 Gated DeltaNet / Mamba2 : attention) vs attention speed, one GPU: layer stacks "
+                    "(benchmarks/models/bench_hybrid_vs_attention.py) and whole models on the megatron engine "
+                    "(benchmarks/megatron/bench_throughput.py, <model>-<seq> workloads, 65,536 tokens per step; "
+                    "MFU from models/flops.py, megatron convention, GDN/Mamba2 chunked matmuls counted)",
+            "command": command, "script": "scripts/gpu_hybrid.sh", "device": gpus[0] if gpus else None,
+            "commit": (first / "commit.txt").read_text().strip() if (first / "commit.txt").exists() else None,
+            "layers": {"ratios": layer_ratios(layer_rows), "records": layer_rows},
+            "whole_model": {"ratios": whole_ratios(whole), "records": whole},
+            "submit_64k": submit_summary(submitted[0]) if submitted else None,
+            "pytest_ops": _junit_counts(junits[0]) if junits else None,
+            "timelines": [read(f, "timeline.json", []) for f in folders]}
+
+
+def write_hybrid(folders: list[Path], command: str) -> Path:
+    """Write hybrid_<gpu>.json into the first folder and print its ratios."""
+    summary = hybrid_summary(folders, command)
+    gpu = (summary["device"] or "unknown").split(",")[0].strip().replace(" ", "_")
+    path = folders[0] / f"hybrid_{gpu}.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    for part in ("layers", "whole_model"):
+        for r in summary[part]["ratios"]:
+            bar = f" (target {r['target']}: {'met' if r['met'] else 'NOT met'})" if "target" in r else ""
+            print(f"{part:11} {r['model']:15} / {r['vs']:9} at {r['seq']:>5}: {r['ratio']:.2f}x{bar}")
+    print(f"submit 64K: {summary['submit_64k']}\nkernel tests: {summary['pytest_ops']}\nwrote {path}")
+    return path
+
+
 def main() -> None:
+    if sys.argv[1] == "--hybrid":  # --hybrid FOLDER [FOLDER ...] [--command CMD]
+        args = sys.argv[2:]
+        cut = args.index("--command") if "--command" in args else len(args)
+        write_hybrid([Path(a) for a in args[:cut]], args[cut + 1] if cut < len(args) else "")
+        return
     folder = Path(sys.argv[1])
     args = sys.argv[2:]
     if "--engines" in args:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.gpu import test_megatron_submit as ts
+from tests.gpu import summarize_results as hybrid
 from tests.gpu.summarize_results import bench_ratios as _ratios, check, engines_json as engines_json_of, read_bench
 
 RESULTS = Path(__file__).parent / "results"
@@ -236,3 +237,15 @@ def test_engines_summary_with_a_failed_deepspeed_run_says_not_measured(tmp_path)
     out = engines_json_of(tmp_path, "run(...)", "abc1234")
     assert out["targets"]["deepspeed_vs_megatron_dense_w1 (>= 0.90x)"].startswith("not measured")
     assert out["summary"]["deepspeed dense-1b w1"] == "OOM" and "junit_gpu.xml missing" in out["tests"]
+
+
+HYBRID = sorted(p.name for p in BENCH.glob("hybrid_*.json") if not p.name.startswith("hybrid_vs_attention_"))
+
+
+@pytest.mark.parametrize("name", HYBRID)
+def test_committed_hybrid_results_state_the_ratios_of_their_records(name):
+    """A committed hybrid_<gpu>.json (scripts/gpu_hybrid.sh, summarize_results.py --hybrid): the ratios and
+    verdicts it states follow from its own records (re-derived here)."""
+    got = json.loads((BENCH / name).read_text())
+    assert got["layers"]["ratios"] == hybrid.layer_ratios(got["layers"]["records"])
+    assert got["whole_model"]["ratios"] == hybrid.whole_ratios(got["whole_model"]["records"])
