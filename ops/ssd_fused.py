@@ -1,0 +1,173 @@
+"""Mamba2 SSD through the fused Triton kernels of ops/ssd_triton.py: autograd wiring, the kernel choice
+and the first-use self-check (contract: ops/ssd.py ssd_chunked, same arguments and results).
+
+The small per-token pieces stay in PyTorch: the within-chunk cumulative log-decay G (float32), the
+document segment counts, the chunk decays, and C B^T per chunk in float32 (one per batch, shared by all
+heads, so the kernels never recompute it per head). Backward recomputes the states (nothing but the
+inputs is saved) and finishes with PyTorch: the reverse cumulative sum turning dG into d(dt a), and
+dB / dC from the head-summed d(C B^T).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import NamedTuple
+
+import torch
+
+from . import ssd_triton as _k
+from .chunking import pad_to_chunks
+
+KERNELS = ("triton", "chunked")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+log = logging.getLogger(__name__)
+
+
+class _Prep(NamedTuple):
+    g: torch.Tensor  # [B, H, T'] float32 within-chunk cumulative log-decay
+    dt: torch.Tensor  # [B, H, T'] float32, zero after the end
+    seg: torch.Tensor  # [B, T'] int32 document starts at chunk positions <= i
+    decay: torch.Tensor  # [B, H, NC] float32 e^{G_last} if no document starts in the chunk, else 0
+    cq: torch.Tensor  # [B, NC, C, N] float32 C per chunk
+    kb: torch.Tensor  # [B, NC, C, N] float32 B per chunk
+    cb: torch.Tensor  # [B, NC, C, C] float32 C B^T
+
+
+def _prep(dt, a, b_in, c_in, starts, chunk: int) -> _Prep:
+    bsz, t, h = dt.shape
+    dtp = pad_to_chunks(dt.float().transpose(1, 2), chunk, 2).contiguous()
+    nc = dtp.shape[-1] // chunk
+    g = (dtp * a.float()[:, None]).view(bsz, h, nc, chunk).cumsum(-1)
+    if starts is None:
+        seg = torch.zeros(bsz, nc, chunk, dtype=torch.int32, device=dt.device)
+    else:
+        seg = pad_to_chunks(starts, chunk, 1).view(bsz, nc, chunk).cumsum(-1, dtype=torch.int32)
+    decay = g[..., -1].exp() * (seg[:, None, :, -1] == 0)
+    cq, kb = (pad_to_chunks(y, chunk, 1).float().view(bsz, nc, chunk, -1) for y in (c_in, b_in))
+    return _Prep(g.view(bsz, h, -1), dtp, seg.view(bsz, -1).contiguous(), decay.contiguous(), cq, kb,
+                 (cq @ kb.transpose(-1, -2)).contiguous())
+
+
+def _same_dtype(x, b_in, c_in):
+    return b_in.to(x.dtype).contiguous(), c_in.to(x.dtype).contiguous()
+
+
+class SSDTriton(torch.autograd.Function):
+    """(x, dt, a, b_in, c_in, starts, initial_state, chunk) -> (y, final state [B, H, N, P] float32)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, a, b_in, c_in, starts, initial_state, chunk: int):
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        bk, cq = _same_dtype(x, b_in, c_in)
+        pre = _prep(dt, a, bk, cq, starts, chunk)
+        states = _k.chunk_states(bk, x, pre.g, pre.dt, pre.seg, chunk, to_end=True)
+        final = _k.pass_fwd(states, pre.decay, initial_state)
+        y = _k.chunk_out(x, cq, pre.cb, pre.g, pre.dt, pre.seg, states, chunk)
+        ctx.save_for_backward(x, dt, a, b_in, c_in, starts, initial_state)
+        ctx.chunk = chunk
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, d_final):
+        x, dt, a, b_in, c_in, starts, initial_state = ctx.saved_tensors
+        chunk, (bsz, t, h, p) = ctx.chunk, x.shape
+        bk, cq = _same_dtype(x, b_in, c_in)
+        pre = _prep(dt, a, bk, cq, starts, chunk)
+        states = _k.chunk_states(bk, x, pre.g, pre.dt, pre.seg, chunk, to_end=True)
+        _k.pass_fwd(states, pre.decay, initial_state)
+        dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype)
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        d_last = _k.chunk_states(cq, dy, pre.g, pre.dt, pre.seg, chunk, to_end=False)
+        d_init, d_decay = _k.pass_bwd(d_last, states, pre.decay, d_final)
+        dx, ddt, dg, dcb, db, dc = _k.chunk_bwd(x, dy, bk, cq, pre.cb, pre.g, pre.dt, pre.seg, states, d_last, chunk)
+        nc = pre.decay.shape[-1]
+        dg = dg.view(bsz, h, nc, chunk)
+        dg[..., -1] += d_decay * pre.decay
+        dg = dg.flip(-1).cumsum(-1).flip(-1).view(bsz, h, -1)  # d(dt a) = sum of dG over later positions
+        ddt = (ddt + dg * a.float()[:, None])[..., :t].transpose(1, 2).to(dt.dtype)
+        da = (dg * pre.dt).sum((0, 2)).to(a.dtype)
+        db = (db.view_as(pre.kb) + dcb.transpose(-1, -2) @ pre.cq).view(bsz, -1, pre.kb.shape[-1])[:, :t]
+        dc = (dc.view_as(pre.cq) + dcb @ pre.kb).view(bsz, -1, pre.cq.shape[-1])[:, :t]
+        d_init = None if initial_state is None else d_init.to(initial_state.dtype)
+        return dx, ddt, da, db.to(b_in.dtype), dc.to(c_in.dtype), None, d_init, None
+
+
+def unsupported_reason(x: torch.Tensor, b_in: torch.Tensor, chunk: int) -> str | None:
+    """Why the fused kernels cannot take these operands, or None."""
+    if _k.triton is None or not torch.cuda.is_available():
+        return "Triton or CUDA is not available on this machine"
+    if x.device.type != "cuda":
+        return f"operands are on {x.device}, the Triton kernels need CUDA"
+    if x.dtype not in DTYPES:
+        return f"dtype {x.dtype}: expected one of {DTYPES}"
+    if chunk < 16 or chunk > 128 or chunk & (chunk - 1):
+        return f"chunk size {chunk}: the Triton kernels need a power of two in [16, 128] (tl.dot tiles)"
+    return None
+
+
+def choose_kernel(x: torch.Tensor, b_in: torch.Tensor, chunk: int, kernel: str | None = None) -> str:
+    """`kernel` if given, else RAYTRON_SSD_KERNEL if set (a name from KERNELS), else `triton` (the fused
+    kernels) on CUDA where Triton imports and takes these shapes, else `chunked` (ops/ssd.py ssd_chunked,
+    whose scan kernel follows RAYTRON_SCAN_KERNEL). A kernel asked for by name that cannot run here is an
+    error, never a silent fallback. The choice is logged once per (kernel, device type, dtype)."""
+    asked = kernel or os.environ.get("RAYTRON_SSD_KERNEL") or None
+    if asked is not None and asked not in KERNELS:
+        raise ValueError(f"SSD kernel {asked!r} (argument or RAYTRON_SSD_KERNEL): expected one of "
+                         f"{', '.join(KERNELS)}")
+    reason = unsupported_reason(x, b_in, chunk)
+    if asked == "triton" and reason:
+        raise ValueError(f"SSD kernel 'triton' cannot run here: {reason}; use kernel 'chunked' "
+                         "(or unset RAYTRON_SSD_KERNEL)")
+    chosen = asked or ("chunked" if reason else "triton")
+    if chosen == "triton":
+        _self_check(x.device.index or 0, x.dtype)
+    _log_choice(chosen, x.device.type, x.dtype, "asked for" if asked else (reason or "CUDA with Triton"))
+    return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(kernel: str, device: str, dtype: torch.dtype, why: str) -> None:
+    log.info("Mamba2 SSD kernel %r on %s (%s): %s", kernel, device, dtype, why)
+
+
+@functools.lru_cache(maxsize=None)
+def _self_check(device_index: int, dtype: torch.dtype) -> None:
+    """A small forward + backward (documents, a length that is not a multiple of the chunk, an initial
+    state, two P blocks) through the fused kernels and through ssd_chunked's PyTorch path; refuse the
+    fused kernels if outputs or gradients disagree beyond the dtype's rounding."""
+    from .ssd import ssd_chunked
+
+    dev = f"cuda:{device_index}"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    bsz, t, h, p, n, chunk = 2, 200, 3, 80, 48, 64
+
+    def rand(*shape):
+        return torch.randn(*shape, device=dev, generator=gen)
+
+    base = [rand(bsz, t, h, p), torch.nn.functional.softplus(rand(bsz, t, h) - 2), -torch.rand(h, device=dev,
+            generator=gen) - 0.5, rand(bsz, t, n) / n ** 0.5, rand(bsz, t, n), rand(bsz, h, n, p)]
+    starts = torch.rand(bsz, t, device=dev, generator=gen) < 0.02
+    probe, probe_final = rand(bsz, t, h, p), rand(bsz, h, n, p)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    results = []
+    for fused in (True, False):
+        inputs = [y.to(dtype if fused else torch.float64).requires_grad_() for y in base]
+        x, dt, a, b_in, c_in, init = inputs
+        if fused:
+            y, final = SSDTriton.apply(x, dt, a, b_in, c_in, starts, init, chunk)
+        else:
+            y, final = ssd_chunked(x, dt, a, b_in, c_in, chunk, starts, kernel="torch", initial_state=init,
+                                   return_final_state=True)
+        loss = (y.double() * probe).sum() + (final.double() * probe_final).sum()
+        results.append([y.detach(), final.detach(), *torch.autograd.grad(loss, inputs)])
+    for i, (fast, ref) in enumerate(zip(*results)):
+        err = float((fast.double() - ref).norm() / ref.norm().clamp_min(1e-12))
+        if not err < tol:
+            raise RuntimeError(
+                f"the fused Triton SSD kernels disagree with the PyTorch chunked form on this GPU "
+                f"({torch.cuda.get_device_name(device_index)}, Triton {_k.triton.__version__}, {dtype}): "
+                f"tensor {i} of (y, final, dx, ddt, da, dB, dC, d initial) has relative error {err:.2e} > {tol}; "
+                "refusing to train with it. Set RAYTRON_SSD_KERNEL=chunked to use the chunked PyTorch form.")
