@@ -103,8 +103,8 @@ def unsupported_reason(x: torch.Tensor, b_in: torch.Tensor, chunk: int) -> str |
         return f"operands are on {x.device}, the Triton kernels need CUDA"
     if x.dtype not in DTYPES:
         return f"dtype {x.dtype}: expected one of {DTYPES}"
-    if chunk < 16 or chunk > 128 or chunk & (chunk - 1):
-        return f"chunk size {chunk}: the Triton kernels need a power of two in [16, 128] (tl.dot tiles)"
+    if chunk not in (16, 32, 64):  # one C x C tile per program: larger chunks would spill registers
+        return f"chunk size {chunk}: the Triton kernels take 16, 32 or 64 (tl.dot tiles of C x C)"
     return None
 
 

@@ -4,8 +4,10 @@ Stacks are raytron reference layers (no embedding / logits), bf16, batch 1:
   attention: "*-*-*-*-"   hybrid GDN: "G-G-G-*-"   hybrid Mamba2: "M-M-M-*-"  (3:1 linear:attention)
 with the hidden sizes of the `hybrid/1b` flavor. Writes benchmarks/results/hybrid_vs_attention_<gpu>.json.
 Linear-sequence stacks run once per state-scan kernel in --kernels (ops/state_scan.py: `triton`, the
-training default on CUDA, and `torch`, the same chunked math with a Python loop over chunks).
-Usage (GPU): python benchmarks/models/bench_hybrid_vs_attention.py [--seqs 4096 16384 32768] [--compile]
+training default on CUDA, and `torch`, the same chunked math with a Python loop over chunks); Mamba2 stacks
+run the fused Triton SSD kernels (ops/ssd_fused.py, `ssd_kernel` triton: the training default on CUDA, scan
+kernel irrelevant) and then the chunked PyTorch form (`ssd_kernel` chunked) with each scan kernel.
+Usage (GPU): python benchmarks/models/bench_hybrid_vs_attention.py [--seqs 4096 16384 32768 65536] [--compile]
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def time_stack(stack: nn.Module, dim: int, seq: int, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile each stack")
     parser.add_argument("--kernels", nargs="+", default=["triton", "torch"], help="scan kernels for G/M stacks")
@@ -56,15 +58,20 @@ def main() -> None:
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     rows = []
-    runs = [(name, pattern, kernel) for name, pattern in STACKS.items()
-            for kernel in (args.kernels if set(pattern) & set("GM") else [None])]
-    for name, pattern, kernel in runs:
+    runs = []  # (name, pattern, scan kernel, SSD kernel)
+    for name, pattern in STACKS.items():
+        if "M" in pattern:
+            runs += [(name, pattern, None, "triton")] + [(name, pattern, k, "chunked") for k in args.kernels]
+        else:
+            runs += [(name, pattern, k, None) for k in (args.kernels if "G" in pattern else [None])]
+    for name, pattern, kernel, ssd_kernel in runs:
         os.environ["RAYTRON_SCAN_KERNEL"] = kernel or ""
+        os.environ["RAYTRON_SSD_KERNEL"] = ssd_kernel or ""
         stack, cfg = build_stack(pattern)
         if args.compile:
             stack = torch.compile(stack)
         for seq in args.seqs:
-            row = dict(stack=name, pattern=pattern, scan_kernel=kernel, seq=seq)
+            row = dict(stack=name, pattern=pattern, scan_kernel=kernel, ssd_kernel=ssd_kernel, seq=seq)
             try:
                 seconds = time_stack(stack, cfg.dim, seq, args.steps)
             except torch.OutOfMemoryError:

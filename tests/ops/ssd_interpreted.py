@@ -18,21 +18,35 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 torch.set_num_threads(1)
 
 
-def _index_fix() -> None:
-    """Triton 3.6's interpreter holds scalars as 1-element arrays and turns them into loop bounds with
-    int(array), which NumPy >= 2.4 refuses ("only 0-dimensional arrays ..."): take the element instead."""
+def _interpreter_fixes() -> None:
+    """Two gaps of Triton 3.6's interpreter (the compiled kernels are not affected):
+    - it holds scalars as 1-element arrays and turns them into loop bounds with int(array), which
+      NumPy >= 2.4 refuses ("only 0-dimensional arrays ..."): take the element instead;
+    - tl.dot multiplies bf16 operands as their raw 16-bit patterns (NumPy has no bf16): widen them to
+      float32 first (exact), accumulating in float32 as the GPU does."""
+    import numpy as np
+    import triton.language as tl
     from triton.runtime import interpreter
 
-    original = interpreter._patch_lang_tensor
+    patch_tensor, create_dot = interpreter._patch_lang_tensor, interpreter.InterpreterBuilder.create_dot
 
-    def patched(tensor, scope):
-        original(tensor, scope)
+    def patched_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    interpreter._patch_lang_tensor = patched
+    def wide(h):
+        return (h.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if h.dtype == tl.bfloat16 else h.data
+
+    def patched_dot(self, a, b, d, *args):
+        if tl.bfloat16 not in (a.dtype, b.dtype):
+            return create_dot(self, a, b, d, *args)
+        return interpreter.TensorHandle(np.matmul(wide(a), wide(b), dtype=np.float32) + d.data, d.dtype.scalar)
+
+    interpreter._patch_lang_tensor = patched_tensor
+    interpreter.InterpreterBuilder.create_dot = patched_dot
 
 
-_index_fix()
+_interpreter_fixes()
 from raytron.ops.ssd import ssd_recurrent  # noqa: E402
 from raytron.ops.ssd_fused import SSDTriton  # noqa: E402
 
