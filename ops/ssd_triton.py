@@ -183,8 +183,9 @@ if triton is not None:
             dc = w_read[:, None] * tl.dot(dy, tl.trans(st).to(dy.dtype), input_precision=PRECISION)
             db = (w_write * dt)[:, None] * tl.dot(x, tl.trans(dl).to(x.dtype), input_precision=PRECISION)
             bcn_offs = (b * NC * C + t[:, None]) * N + offs_n[None, :]  # [B, T', N] float32
-            tl.atomic_add(dc_ptr + bcn_offs, dc, mask=n_ok[None, :])
-            tl.atomic_add(db_ptr + bcn_offs, db, mask=n_ok[None, :])
+            all_n = (offs_c[:, None] >= 0) & n_ok[None, :]  # the full tile's shape (rows past T add zeros)
+            tl.atomic_add(dc_ptr + bcn_offs, dc, mask=all_n)
+            tl.atomic_add(db_ptr + bcn_offs, db, mask=all_n)
         bracket += w_write[:, None] * write  # dL/d(dt_j x_j)
         tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxt + h * s_dxh + offs_p[None, :],
                  (dt[:, None] * bracket).to(dx_ptr.dtype.element_ty), mask=tp_ok)

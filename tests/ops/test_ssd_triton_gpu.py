@@ -81,20 +81,23 @@ def test_training_path_on_cuda_is_fused_and_self_checked(monkeypatch):
         ssd_fused._self_check(0, dtype)  # raises if the kernels disagree with the PyTorch form here
 
 
-def test_mamba2_layer_same_through_both_kernels(monkeypatch):
-    """A Mamba2 layer of `hybrid/1b-mamba` in bf16 with packed documents: forward and parameter gradients
-    through the fused kernels equal those through the chunked form (same bf16 model, 2e-2)."""
+def test_mamba2_layer_fused_as_accurate_as_chunked(monkeypatch):
+    """A Mamba2 layer of `hybrid/1b-mamba` in bf16 with packed documents, output and parameter gradients:
+    the fused kernels are no further from the same layer in float64 (chunked form) than the bf16 chunked
+    form is (the layer's other bf16 ops round the same way in both)."""
     torch.manual_seed(0)
     cfg = get_config("hybrid", "1b-mamba")
-    layer = Mamba2(cfg).cuda().bfloat16()
-    x = torch.randn(2, 3001, cfg.dim, device="cuda", dtype=torch.bfloat16)
+    layer = Mamba2(cfg).cuda()
+    x = torch.randn(2, 3001, cfg.dim, device="cuda")
     doc_ids = (torch.arange(3001, device="cuda") // 700)[None].expand(2, -1)
-    results = []
-    for kernel in ("triton", "chunked"):
+    results = {}
+    for kernel, dtype in (("triton", torch.bfloat16), ("chunked", torch.bfloat16), ("chunked", torch.float64)):
         monkeypatch.setenv("RAYTRON_SSD_KERNEL", kernel)
-        layer.zero_grad()
-        out = layer(x, doc_ids)
-        out.float().square().mean().backward()
-        results.append([out] + [p.grad.clone() for p in layer.parameters()])
-    for i, (fast, ref) in enumerate(zip(*results)):
-        assert _rel(fast, ref) < 2e-2, (i, _rel(fast, ref))
+        layer.to(dtype).zero_grad()
+        out = layer(x.to(dtype), doc_ids)
+        out.double().square().mean().backward()
+        results[kernel, dtype] = [out] + [p.grad.clone() for p in layer.parameters()]
+    ref = results["chunked", torch.float64]
+    for i, (fused, chunked, want) in enumerate(zip(results["triton", torch.bfloat16],
+                                                   results["chunked", torch.bfloat16], ref)):
+        assert _rel(fused, want) <= 1.5 * _rel(chunked, want) + 1e-3, (i, _rel(fused, want), _rel(chunked, want))
