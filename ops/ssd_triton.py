@@ -202,6 +202,11 @@ def _pow2(n: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(n)))  # tl.dot needs >= 16 in every dim
 
 
+def _warps(chunk: int, bp: int) -> int:
+    """8 warps for 64 x 64 tiles: with 4 the [C, C] and [C, BP] float32 tiles exceed 255 registers a thread."""
+    return 8 if chunk * bp >= 4096 else 4
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
 
@@ -254,7 +259,7 @@ def chunk_out(x, c_in, cb, g, dt, seg, states, chunk: int) -> torch.Tensor:
     y = torch.empty(bsz, t, h, p, device=x.device, dtype=x.dtype)
     _chunk_out[(triton.cdiv(p, bp), nc, bsz * h)](
         x, c_in, cb, g, dt, seg, states, y, t, h, n, p, nc, *x.stride()[:3], *c_in.stride()[:2], *y.stride()[:3],
-        C=chunk, BN=bn, BP=bp, PRECISION=_precision(x.dtype), num_warps=4)
+        C=chunk, BN=bn, BP=bp, PRECISION=_precision(x.dtype), num_warps=_warps(chunk, bp))
     return y
 
 
@@ -263,7 +268,7 @@ def chunk_bwd(x, dy, b_in, c_in, cb, g, dt, seg, states, d_last, chunk: int):
     [B, NC, C, C] and the state parts of dB, dC [B, T', N], float32 summed over heads."""
     bsz, t, h, p = x.shape
     n, nc = c_in.shape[-1], g.shape[-1] // chunk
-    bn, bp = _pow2(n, 64), _pow2(p, 64)
+    bn, bp = _pow2(n, 32), _pow2(p, 64)  # N blocks of 32: fewer live registers beside the [C, C] tiles
     n_pb = triton.cdiv(p, bp)
     dx = torch.empty(bsz, t, h, p, device=x.device, dtype=x.dtype)
     ddt = g.new_empty(n_pb, *g.shape)
@@ -274,5 +279,5 @@ def chunk_bwd(x, dy, b_in, c_in, cb, g, dt, seg, states, d_last, chunk: int):
     _chunk_bwd[(n_pb, nc, bsz * h)](
         x, dy, b_in, c_in, cb, g, dt, seg, states, d_last, dx, ddt, dg, dcb, db, dc, t, h, n, p, nc, g.numel(),
         *x.stride()[:3], *dy.stride()[:3], *b_in.stride()[:2], *c_in.stride()[:2], *dx.stride()[:3],
-        C=chunk, BN=bn, BP=bp, PRECISION=_precision(x.dtype), num_warps=8 if chunk * bp >= 4096 else 4)
+        C=chunk, BN=bn, BP=bp, PRECISION=_precision(x.dtype), num_warps=_warps(chunk, bp))
     return dx, ddt.sum(0), dg.sum(0), dcb, db, dc
