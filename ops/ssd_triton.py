@@ -72,7 +72,7 @@ if triton is not None:
             s = tl.load(init_ptr + bh * NP + offs, mask=ok, other=0.0).to(tl.float32)
         else:
             s = tl.zeros([BLOCK], dtype=tl.float32)
-        for c in range(NC):
+        for c in tl.range(0, NC, num_stages=4):  # loads of later chunks in flight (cp.async): latency-bound loop
             p = s_ptr + (bh * NC + c) * NP + offs
             local = tl.load(p, mask=ok, other=0.0)
             tl.store(p, s, mask=ok)
@@ -90,7 +90,7 @@ if triton is not None:
             grad = tl.load(dfinal_ptr + bh * NP + offs, mask=ok, other=0.0).to(tl.float32)
         else:
             grad = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(NC):
+        for i in tl.range(0, NC, num_stages=4):
             c = NC - 1 - i
             base = (bh * NC + c) * NP
             d_out = tl.load(d_ptr + base + offs, mask=ok, other=0.0)
