@@ -19,9 +19,9 @@ import torch
 
 from . import ssd_triton as _k
 from .chunking import pad_to_chunks
+from .state_scan_triton import DTYPES, triton_available
 
 KERNELS = ("triton", "chunked")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +51,8 @@ def _prep(dt, a, b_in, c_in, starts, chunk: int) -> _Prep:
 
 
 def _same_dtype(x, b_in, c_in):
-    return b_in.to(x.dtype), c_in.to(x.dtype)  # the kernels take strides
+    """B and C in x's dtype (one dtype per tl.dot), unit stride along N (the kernels take the others)."""
+    return tuple(y.to(x.dtype) if y.stride(-1) == 1 else y.to(x.dtype).contiguous() for y in (b_in, c_in))
 
 
 class SSDTriton(torch.autograd.Function):
@@ -97,7 +98,7 @@ class SSDTriton(torch.autograd.Function):
 
 def unsupported_reason(x: torch.Tensor, b_in: torch.Tensor, chunk: int) -> str | None:
     """Why the fused kernels cannot take these operands, or None."""
-    if _k.triton is None or not torch.cuda.is_available():
+    if not triton_available():
         return "Triton or CUDA is not available on this machine"
     if x.device.type != "cuda":
         return f"operands are on {x.device}, the Triton kernels need CUDA"

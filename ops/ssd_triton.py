@@ -14,7 +14,8 @@ Kernels (one launch each, every chunk of every (batch, head) in parallel except 
   _pass_fwd / _pass_bwd: the sequential recurrence over chunks, elementwise on [N*P] blocks, in place
   _chunk_out:   y, one program per (P block, chunk, b*h); C B^T comes precomputed (shared by all heads)
   _chunk_bwd:   dx, the direct part of d dt, the gradient of G, and (atomically summed over heads)
-                d(C B^T), and the state-read/-write parts of dC / dB
+                d(C B^T), and the state-read/-write parts of dC / dB (float32 atomics: the order of the
+                sum over heads varies from run to run, at float32 rounding)
 Exponentials are only taken of masked, non-positive arguments. Matmul operands take the input dtype
 (bf16 in training) with float32 accumulation; states and all accumulators are float32; float32
 inputs use IEEE dots so float32 results match the reference to rounding.
@@ -23,6 +24,8 @@ inputs use IEEE dots so float32 results match the reference to rounding.
 from __future__ import annotations
 
 import torch
+
+from .state_scan_triton import _precision
 
 try:
     import triton
@@ -158,7 +161,7 @@ if triton is not None:
         # intra-chunk term: d(C B^T)_ij = same_ij e^{G_i - G_j} dt_j (dy_i . x_j)
         dcb = tl.dot(dy, tl.trans(x), input_precision=PRECISION) * decay * dt[None, :]
         cb_offs = ((b * NC + c) * C + offs_c[:, None]) * C + offs_c[None, :]
-        tl.atomic_add(dcb_ptr + cb_offs, dcb)
+        tl.atomic_add(dcb_ptr + cb_offs, dcb, sem="relaxed")
         through_g = dcb * cb  # d/dG_i of the term, and minus d/dG_j
         dg = tl.sum(through_g, axis=1) - tl.sum(through_g, axis=0)
         bracket = tl.dot(tl.trans((cb * decay).to(dy.dtype)), dy, input_precision=PRECISION)  # [C, BP]
@@ -184,8 +187,8 @@ if triton is not None:
             db = (w_write * dt)[:, None] * tl.dot(x, tl.trans(dl).to(x.dtype), input_precision=PRECISION)
             bcn_offs = (b * NC * C + t[:, None]) * N + offs_n[None, :]  # [B, T', N] float32
             all_n = (offs_c[:, None] >= 0) & n_ok[None, :]  # the full tile's shape (rows past T add zeros)
-            tl.atomic_add(dc_ptr + bcn_offs, dc, mask=all_n)
-            tl.atomic_add(db_ptr + bcn_offs, db, mask=all_n)
+            tl.atomic_add(dc_ptr + bcn_offs, dc, mask=all_n, sem="relaxed")
+            tl.atomic_add(db_ptr + bcn_offs, db, mask=all_n, sem="relaxed")
         bracket += w_write[:, None] * write  # dL/d(dt_j x_j)
         tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxt + h * s_dxh + offs_p[None, :],
                  (dt[:, None] * bracket).to(dx_ptr.dtype.element_ty), mask=tp_ok)
@@ -205,10 +208,6 @@ def _pow2(n: int, cap: int) -> int:
 def _warps(chunk: int, bp: int) -> int:
     """8 warps for 64 x 64 tiles: with 4 the [C, C] and [C, BP] float32 tiles exceed 255 registers a thread."""
     return 8 if chunk * bp >= 4096 else 4
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
 
 
 def chunk_states(k: torch.Tensor, v: torch.Tensor, g, dt, seg, chunk: int, to_end: bool) -> torch.Tensor:

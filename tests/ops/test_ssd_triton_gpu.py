@@ -101,3 +101,18 @@ def test_mamba2_layer_fused_as_accurate_as_chunked(monkeypatch):
     for i, (fused, chunked, want) in enumerate(zip(results["triton", torch.bfloat16],
                                                    results["chunked", torch.bfloat16], ref)):
         assert _rel(fused, want) <= 1.5 * _rel(chunked, want) + 1e-3, (i, _rel(fused, want), _rel(chunked, want))
+
+
+def test_self_check_refuses_a_wrong_kernel(monkeypatch):
+    """The first-use self-check turns a wrong kernel (here: dx off by 1%) into a clear refusal."""
+    from raytron.ops import ssd_triton
+
+    good = ssd_triton.chunk_bwd
+
+    def wrong(*args):
+        dx, *rest = good(*args)
+        return (dx * 1.01, *rest)
+
+    monkeypatch.setattr(ssd_triton, "chunk_bwd", wrong)
+    with pytest.raises(RuntimeError, match="refusing to train with it.*RAYTRON_SSD_KERNEL=chunked"):
+        ssd_fused._self_check.__wrapped__(torch.cuda.current_device(), torch.float32)
