@@ -1,11 +1,11 @@
 """Mamba2 SSD through the fused Triton kernels of ops/ssd_triton.py: autograd wiring, the kernel choice
 and the first-use self-check (contract: ops/ssd.py ssd_chunked, same arguments and results).
 
-The small per-token pieces stay in PyTorch: the within-chunk cumulative log-decay G (float32), the
-document segment counts, the chunk decays, and C B^T per chunk in float32 (one per batch, shared by all
-heads, so the kernels never recompute it per head). Backward recomputes the states (nothing but the
-inputs is saved) and finishes with PyTorch: the reverse cumulative sum turning dG into d(dt a), and
-dB / dC from the head-summed d(C B^T).
+Two small kernels prepare what the others share: the within-chunk cumulative log-decay G (float32) with
+the document segment counts and chunk decays, and C B^T per chunk in float32 (one per batch, shared by
+all heads, so no kernel recomputes it per head). Backward recomputes the states (nothing but the inputs
+is saved) and finishes in PyTorch: the reverse cumulative sum turning dG into d(dt a), and dB / dC from
+the head-summed d(C B^T).
 """
 
 from __future__ import annotations
@@ -30,24 +30,11 @@ class _Prep(NamedTuple):
     dt: torch.Tensor  # [B, H, T'] float32, zero after the end
     seg: torch.Tensor  # [B, T'] int32 document starts at chunk positions <= i
     decay: torch.Tensor  # [B, H, NC] float32 e^{G_last} if no document starts in the chunk, else 0
-    cq: torch.Tensor  # [B, NC, C, N] float32 C per chunk
-    kb: torch.Tensor  # [B, NC, C, N] float32 B per chunk
     cb: torch.Tensor  # [B, NC, C, C] float32 C B^T
 
 
 def _prep(dt, a, b_in, c_in, starts, chunk: int) -> _Prep:
-    bsz, t, h = dt.shape
-    dtp = pad_to_chunks(dt.float().transpose(1, 2), chunk, 2).contiguous()
-    nc = dtp.shape[-1] // chunk
-    g = (dtp * a.float()[:, None]).view(bsz, h, nc, chunk).cumsum(-1)
-    if starts is None:
-        seg = torch.zeros(bsz, nc, chunk, dtype=torch.int32, device=dt.device)
-    else:
-        seg = pad_to_chunks(starts, chunk, 1).view(bsz, nc, chunk).cumsum(-1, dtype=torch.int32)
-    decay = g[..., -1].exp() * (seg[:, None, :, -1] == 0)
-    cq, kb = (pad_to_chunks(y, chunk, 1).float().view(bsz, nc, chunk, -1) for y in (c_in, b_in))
-    return _Prep(g.view(bsz, h, -1), dtp, seg.view(bsz, -1).contiguous(), decay.contiguous(), cq, kb,
-                 (cq @ kb.transpose(-1, -2)).contiguous())
+    return _Prep(*_k.chunk_prep(dt, a, starts, chunk), _k.chunk_cb(b_in, c_in, chunk))
 
 
 def _same_dtype(x, b_in, c_in):
@@ -90,8 +77,9 @@ class SSDTriton(torch.autograd.Function):
         dg = dg.flip(-1).cumsum(-1).flip(-1).view(bsz, h, -1)  # d(dt a) = sum of dG over later positions
         ddt = (ddt + dg * a.float()[:, None])[..., :t].transpose(1, 2).to(dt.dtype)
         da = (dg * pre.dt).sum((0, 2)).to(a.dtype)
-        db = (db.view_as(pre.kb) + dcb.transpose(-1, -2) @ pre.cq).view(bsz, -1, pre.kb.shape[-1])[:, :t]
-        dc = (dc.view_as(pre.cq) + dcb @ pre.kb).view(bsz, -1, pre.cq.shape[-1])[:, :t]
+        chunks_c, chunks_b = (pad_to_chunks(y, chunk, 1).float().view(bsz, nc, chunk, -1) for y in (cq, bk))
+        db = (db.view_as(chunks_b) + dcb.transpose(-1, -2) @ chunks_c).view(bsz, -1, chunks_b.shape[-1])[:, :t]
+        dc = (dc.view_as(chunks_c) + dcb @ chunks_b).view(bsz, -1, chunks_c.shape[-1])[:, :t]
         d_init = None if initial_state is None else d_init.to(initial_state.dtype)
         return dx, ddt, da, db.to(b_in.dtype), dc.to(c_in.dtype), None, d_init, None
 

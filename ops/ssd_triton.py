@@ -36,6 +36,47 @@ except ImportError:  # CPU machines without Triton: ops/ssd.py uses the chunked 
 
 if triton is not None:
     @triton.jit
+    def _chunk_prep(dt_ptr, a_ptr, st_ptr, g_ptr, dtp_ptr, seg_ptr, dec_ptr, T, H, NC, s_dtb, s_dtt, s_dth,
+                    HAS_STARTS: tl.constexpr, C: tl.constexpr):
+        """Per (chunk, b*h): dt (float32, zero past T) and G = cumsum(dt a) [B, H, T'], the chunk decay
+        [B, H, NC], and (from the programs of head 0) the segment counts [B, T']."""
+        c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs = tl.arange(0, C)
+        t = c * C + offs
+        t_ok = t < T
+        dt = tl.load(dt_ptr + b * s_dtb + t * s_dtt + h * s_dth, mask=t_ok, other=0.0).to(tl.float32)
+        g = tl.cumsum(dt * tl.load(a_ptr + h).to(tl.float32), axis=0)
+        if HAS_STARTS:
+            seg = tl.cumsum(tl.load(st_ptr + b * T + t, mask=t_ok, other=0).to(tl.int32), axis=0)
+        else:
+            seg = tl.zeros([C], dtype=tl.int32)
+        row = bh * NC * C + c * C
+        tl.store(g_ptr + row + offs, g)
+        tl.store(dtp_ptr + row + offs, dt)
+        tl.store(seg_ptr + b * NC * C + c * C + offs, seg, mask=(offs >= 0) & (h == 0))
+        last = offs == C - 1
+        g_last, seg_last = tl.sum(tl.where(last, g, 0.0), axis=0), tl.sum(tl.where(last, seg, 0), axis=0)
+        tl.store(dec_ptr + bh * NC + c, tl.where(seg_last == 0, tl.exp(g_last), 0.0))
+
+    @triton.jit
+    def _chunk_cb(b_ptr, c_ptr, cb_ptr, T, N, NC, s_bb, s_bt, s_cb, s_ct, C: tl.constexpr, BN: tl.constexpr,
+                  PRECISION: tl.constexpr):
+        """C B^T [C, C] float32 per (chunk, batch), shared by all heads."""
+        c, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        offs_c = tl.arange(0, C)
+        t = c * C + offs_c
+        t_ok = t < T
+        acc = tl.zeros([C, C], dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            tn_ok = t_ok[:, None] & (offs_n < N)[None, :]
+            cq = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + offs_n[None, :], mask=tn_ok, other=0.0)
+            bk = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + offs_n[None, :], mask=tn_ok, other=0.0)
+            acc += tl.dot(cq, tl.trans(bk), input_precision=PRECISION)
+        tl.store(cb_ptr + ((b * NC + c) * C + offs_c[:, None]) * C + offs_c[None, :], acc)
+
+    @triton.jit
     def _chunk_state(k_ptr, v_ptr, g_ptr, dt_ptr, seg_ptr, out_ptr, T, H, N, P, NC,
                      s_kb, s_kt, s_vb, s_vt, s_vh, TO_END: tl.constexpr, C: tl.constexpr, BN: tl.constexpr,
                      BP: tl.constexpr, PRECISION: tl.constexpr):
@@ -208,6 +249,30 @@ def _pow2(n: int, cap: int) -> int:
 def _warps(chunk: int, bp: int) -> int:
     """8 warps for 64 x 64 tiles: with 4 the [C, C] and [C, BP] float32 tiles exceed 255 registers a thread."""
     return 8 if chunk * bp >= 4096 else 4
+
+
+def chunk_prep(dt, a, starts, chunk: int):
+    """dt [B, T, H], a [H], starts [B, T] bool or None -> (G, dt) [B, H, T'] float32, seg [B, T'] int32,
+    decay [B, H, NC] float32 (module docstring)."""
+    bsz, t, h = dt.shape
+    nc = triton.cdiv(t, chunk)
+    g = torch.empty(bsz, h, nc * chunk, device=dt.device, dtype=torch.float32)
+    dtp, seg = torch.empty_like(g), torch.empty(bsz, nc * chunk, device=dt.device, dtype=torch.int32)
+    decay = g.new_empty(bsz, h, nc)
+    st = None if starts is None else starts.contiguous()
+    _chunk_prep[(nc, bsz * h)](dt, a.contiguous(), seg if st is None else st, g, dtp, seg, decay, t, h, nc,
+                               *dt.stride(), HAS_STARTS=st is not None, C=chunk, num_warps=1)
+    return g, dtp, seg, decay
+
+
+def chunk_cb(b_in, c_in, chunk: int) -> torch.Tensor:
+    """b_in, c_in [B, T, N] -> C B^T per chunk [B, NC, C, C] float32."""
+    bsz, t, n = b_in.shape
+    nc = triton.cdiv(t, chunk)
+    cb = torch.empty(bsz, nc, chunk, chunk, device=b_in.device, dtype=torch.float32)
+    _chunk_cb[(nc, bsz)](b_in, c_in, cb, t, n, nc, *b_in.stride()[:2], *c_in.stride()[:2], C=chunk,
+                         BN=_pow2(n, 64), PRECISION=_precision(b_in.dtype), num_warps=4)
+    return cb
 
 
 def chunk_states(k: torch.Tensor, v: torch.Tensor, g, dt, seg, chunk: int, to_end: bool) -> torch.Tensor:

@@ -17,8 +17,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from raytron.ops import ssd_fused, ssd_triton  # noqa: E402
 
-KERNELS = ("_chunk_state", "_pass_fwd", "_pass_bwd", "_chunk_out", "_chunk_bwd")
-TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32"}
+KERNELS = ("_chunk_prep", "_chunk_cb", "_chunk_state", "_pass_fwd", "_pass_bwd", "_chunk_out", "_chunk_bwd")
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32", torch.bool: "i1"}
 HOPPER_SMEM = 227 * 1024
 # flavor -> (heads, head dim P, state N, chunk) of models/registry.py
 WIDTHS = {"hybrid/1b-mamba": (32, 64, 128, 64), "hybrid/1b": (16, 128, 16, 64), "hybrid/debug": (4, 16, 16, 16)}
