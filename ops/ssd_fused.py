@@ -1,11 +1,9 @@
 """Mamba2 SSD through the fused Triton kernels of ops/ssd_triton.py: autograd wiring, the kernel choice
 and the first-use self-check (contract: ops/ssd.py ssd_chunked, same arguments and results).
 
-Two small kernels prepare what the others share: the within-chunk cumulative log-decay G (float32) with
-the document segment counts and chunk decays, and C B^T per chunk in float32 (one per batch, shared by
-all heads, so no kernel recomputes it per head). Backward recomputes the states (nothing but the inputs
-is saved) and finishes in PyTorch: the reverse cumulative sum turning dG into d(dt a), and dB / dC from
-the head-summed d(C B^T).
+Forward: 5 launches (preparation, C B^T, chunk states, state pass, outputs); C B^T is computed once per
+batch in float32 and shared by all heads. Backward recomputes the states (nothing but the inputs is
+saved: no [B, H, NC, N, P] tensor lives between forward and backward) and takes 8 launches.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from typing import NamedTuple
 import torch
 
 from . import ssd_triton as _k
-from .chunking import pad_to_chunks
 from .state_scan_triton import DTYPES, triton_available
 
 KERNELS = ("triton", "chunked")
@@ -61,7 +58,7 @@ class SSDTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, d_final):
         x, dt, a, b_in, c_in, starts, initial_state = ctx.saved_tensors
-        chunk, (bsz, t, h, p) = ctx.chunk, x.shape
+        chunk, t = ctx.chunk, x.shape[1]
         bk, cq = _same_dtype(x, b_in, c_in)
         pre = _prep(dt, a, bk, cq, starts, chunk)
         states = _k.chunk_states(bk, x, pre.g, pre.dt, pre.seg, chunk, to_end=True)
@@ -71,17 +68,10 @@ class SSDTriton(torch.autograd.Function):
         d_last = _k.chunk_states(cq, dy, pre.g, pre.dt, pre.seg, chunk, to_end=False)
         d_init, d_decay = _k.pass_bwd(d_last, states, pre.decay, d_final)
         dx, ddt, dg, dcb, db, dc = _k.chunk_bwd(x, dy, bk, cq, pre.cb, pre.g, pre.dt, pre.seg, states, d_last, chunk)
-        nc = pre.decay.shape[-1]
-        dg = dg.view(bsz, h, nc, chunk)
-        dg[..., -1] += d_decay * pre.decay
-        dg = dg.flip(-1).cumsum(-1).flip(-1).view(bsz, h, -1)  # d(dt a) = sum of dG over later positions
-        ddt = (ddt + dg * a.float()[:, None])[..., :t].transpose(1, 2).to(dt.dtype)
-        da = (dg * pre.dt).sum((0, 2)).to(a.dtype)
-        chunks_c, chunks_b = (pad_to_chunks(y, chunk, 1).float().view(bsz, nc, chunk, -1) for y in (cq, bk))
-        db = (db.view_as(chunks_b) + dcb.transpose(-1, -2) @ chunks_c).view(bsz, -1, chunks_b.shape[-1])[:, :t]
-        dc = (dc.view_as(chunks_c) + dcb @ chunks_b).view(bsz, -1, chunks_c.shape[-1])[:, :t]
+        ddt, da = _k.finish_dt(ddt, dg, d_decay, pre.decay, a, pre.dt, t, chunk, dt.dtype)
+        db, dc = _k.finish_bc(dcb, bk, cq, db, dc, chunk)
         d_init = None if initial_state is None else d_init.to(initial_state.dtype)
-        return dx, ddt, da, db.to(b_in.dtype), dc.to(c_in.dtype), None, d_init, None
+        return dx, ddt, da.to(a.dtype), db.to(b_in.dtype), dc.to(c_in.dtype), None, d_init, None
 
 
 def unsupported_reason(x: torch.Tensor, b_in: torch.Tensor, chunk: int) -> str | None:

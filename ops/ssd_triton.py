@@ -9,6 +9,7 @@ log-decay (G_i = sum_{k<=i} dt_k a), seg_i the number of document starts at chun
     S_{c+1} = D_c S_c + L_c,   D_c = [seg_last == 0] e^{G_last}
 
 Kernels (one launch each, every chunk of every (batch, head) in parallel except the state pass):
+  _chunk_prep:  dt (float32), G, the segment counts and D_c; _chunk_cb: C B^T per chunk (all heads share it)
   _chunk_state: L_c (forward) or, with the other weights, sum_i [seg_i == 0] e^{G_i} C_i dy_i^T (the
                 gradient reaching S_c from the outputs, backward) -- one program per (N x P tile, chunk, b*h)
   _pass_fwd / _pass_bwd: the sequential recurrence over chunks, elementwise on [N*P] blocks, in place
@@ -16,6 +17,7 @@ Kernels (one launch each, every chunk of every (batch, head) in parallel except 
   _chunk_bwd:   dx, the direct part of d dt, the gradient of G, and (atomically summed over heads)
                 d(C B^T), and the state-read/-write parts of dC / dB (float32 atomics: the order of the
                 sum over heads varies from run to run, at float32 rounding)
+  _finish_dt / _finish_bc: d dt (reverse cumulative sum of dG within the chunk), da; dB and dC
 Exponentials are only taken of masked, non-positive arguments. Matmul operands take the input dtype
 (bf16 in training) with float32 accumulation; states and all accumulators are float32; float32
 inputs use IEEE dots so float32 results match the reference to rounding.
@@ -242,6 +244,45 @@ if triton is not None:
         tl.store(dg_ptr + part, dg)
 
 
+    @triton.jit
+    def _finish_dt(ddt_ptr, dg_ptr, ddec_ptr, dec_ptr, a_ptr, dt_ptr, out_ptr, da_ptr, T, H, NC, NPB, BHT,
+                   s_ob, s_ot, s_oh, C: tl.constexpr):
+        """Per (chunk, b*h): the P-block partials summed, the chunk decay's gradient added at the chunk's
+        last position, d(dt a) = reverse cumulative sum of dG; -> d dt [B, T, H] and da per chunk."""
+        c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs = tl.arange(0, C)
+        row = bh * NC * C + c * C
+        ddt, dg = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32)
+        for k in range(NPB):
+            ddt += tl.load(ddt_ptr + k * BHT + row + offs)
+            dg += tl.load(dg_ptr + k * BHT + row + offs)
+        ddec = tl.load(ddec_ptr + bh * NC + c) * tl.load(dec_ptr + bh * NC + c)
+        dg = tl.cumsum(tl.where(offs == C - 1, dg + ddec, dg), axis=0, reverse=True)
+        t = c * C + offs
+        tl.store(out_ptr + b * s_ob + t * s_ot + h * s_oh, ddt + dg * tl.load(a_ptr + h).to(tl.float32), mask=t < T)
+        tl.store(da_ptr + bh * NC + c, tl.sum(dg * tl.load(dt_ptr + row + offs), axis=0))
+
+    @triton.jit
+    def _finish_bc(dcb_ptr, b_ptr, c_ptr, dbs_ptr, dcs_ptr, db_ptr, dc_ptr, T, N, NC, s_bb, s_bt, s_cb, s_ct,
+                   C: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+        """Per (N block, chunk, batch): dC = dC_state + d(C B^T) B, dB = dB_state + d(C B^T)^T C."""
+        i_n, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        offs_c, offs_n = tl.arange(0, C), i_n * BN + tl.arange(0, BN)
+        t = c * C + offs_c
+        tn_ok = (t < T)[:, None] & (offs_n < N)[None, :]
+        dcb = tl.load(dcb_ptr + ((b * NC + c) * C + offs_c[:, None]) * C + offs_c[None, :])
+        cq = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + offs_n[None, :], mask=tn_ok, other=0.0).to(tl.float32)
+        bk = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + offs_n[None, :], mask=tn_ok, other=0.0).to(tl.float32)
+        state_offs = (b * NC * C + t[:, None]) * N + offs_n[None, :]
+        dc = tl.load(dcs_ptr + state_offs, mask=tn_ok, other=0.0) + tl.dot(dcb, bk, input_precision=PRECISION)
+        db = tl.load(dbs_ptr + state_offs, mask=tn_ok, other=0.0) + tl.dot(tl.trans(dcb), cq,
+                                                                          input_precision=PRECISION)
+        out_offs = (b * T + t[:, None]) * N + offs_n[None, :]
+        tl.store(dc_ptr + out_offs, dc.to(dc_ptr.dtype.element_ty), mask=tn_ok)
+        tl.store(db_ptr + out_offs, db.to(db_ptr.dtype.element_ty), mask=tn_ok)
+
+
 def _pow2(n: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(n)))  # tl.dot needs >= 16 in every dim
 
@@ -344,4 +385,27 @@ def chunk_bwd(x, dy, b_in, c_in, cb, g, dt, seg, states, d_last, chunk: int):
         x, dy, b_in, c_in, cb, g, dt, seg, states, d_last, dx, ddt, dg, dcb, db, dc, t, h, n, p, nc, g.numel(),
         *x.stride()[:3], *dy.stride()[:3], *b_in.stride()[:2], *c_in.stride()[:2], *dx.stride()[:3],
         C=chunk, BN=bn, BP=bp, PRECISION=_precision(x.dtype), num_warps=_warps(chunk, bp))
-    return dx, ddt.sum(0), dg.sum(0), dcb, db, dc
+    return dx, ddt, dg, dcb, db, dc
+
+
+def finish_dt(ddt, dg, d_decay, decay, a, dt, t: int, chunk: int, out_dtype: torch.dtype):
+    """chunk_bwd's partials [P blocks, B, H, T'] -> (d dt [B, t, H] in out_dtype, da [H] float32)."""
+    n_pb, bsz, h, tp = ddt.shape
+    nc = tp // chunk
+    out = torch.empty(bsz, t, h, device=ddt.device, dtype=out_dtype)
+    da = decay.new_empty(bsz, h, nc)
+    _finish_dt[(nc, bsz * h)](ddt, dg, d_decay, decay, a.contiguous(), dt, out, da, t, h, nc, n_pb,
+                              ddt[0].numel(), *out.stride(), C=chunk, num_warps=1)
+    return out, da.sum((0, 2))
+
+
+def finish_bc(dcb, b_in, c_in, db_state, dc_state, chunk: int):
+    """dB, dC [B, T, N] in b_in's / c_in's dtype from d(C B^T) and the state parts (chunk_bwd)."""
+    bsz, t, n = b_in.shape
+    nc, bn = dcb.shape[1], _pow2(n, 64)
+    db = torch.empty(bsz, t, n, device=b_in.device, dtype=b_in.dtype)
+    dc = torch.empty(bsz, t, n, device=c_in.device, dtype=c_in.dtype)
+    _finish_bc[(triton.cdiv(n, bn), nc, bsz)](dcb, b_in, c_in, db_state, dc_state, db, dc, t, n, nc,
+                                              *b_in.stride()[:2], *c_in.stride()[:2], C=chunk, BN=bn,
+                                              PRECISION=_precision(b_in.dtype), num_warps=4)
+    return db, dc
