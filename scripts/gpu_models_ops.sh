@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU tier of the architecture zoo (ops/ and models/), one device call:
 #   run(command="bash scripts/gpu_models_ops.sh", carry=[".whl"], kind="nvidia-h100-x1")
-# 1. pytest -m gpu tests/ops: every fast kernel (Triton state scan, FlexAttention masks, grouped expert
-#    GEMM) vs its reference in bf16 at 4K/16K, plus the Triton scan vs the plain loop in float32;
+# 1. pytest -m gpu tests/ops: every fast kernel (Triton state scan, fused Triton SSD, FlexAttention masks,
+#    grouped expert GEMM) vs its reference in bf16 at 4K/16K, plus the Triton kernels in float32;
 # 2. benchmarks/models/bench_hybrid_vs_attention.py (hybrid vs attention stacks at 4K-64K, both scan
 #    kernels, Mamba2 also through the fused Triton SSD kernels);
 # 3. benchmarks/models/profile_linear_layer.py (where a GDN / Mamba2 layer's time goes).

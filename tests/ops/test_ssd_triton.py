@@ -53,7 +53,7 @@ def test_fused_ssd_matches_recurrent(interpreted, case):
     assert not bad, f"relative errors above {tol}: {bad}"
 
 
-def test_cpu_never_chooses_triton(monkeypatch):
+def test_cpu_never_chooses_triton(monkeypatch, caplog):
     """Triton importable (even with the interpreter set) does not move CPU tensors onto the fused path;
     asking for it there is an error that names the way out."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -62,7 +62,12 @@ def test_cpu_never_chooses_triton(monkeypatch):
     dt, a = torch.rand(1, 20, 2, generator=gen), -torch.rand(2, generator=gen)
     starts = torch.zeros(1, 20, dtype=torch.bool)
     starts[0, 7] = True
-    assert ssd_fused.choose_kernel(x, b_in, 16) == "chunked"
+    ssd_fused._log_choice.cache_clear()
+    with caplog.at_level("INFO", logger="raytron.ops.ssd_fused"):
+        assert ssd_fused.choose_kernel(x, b_in, 16) == "chunked"
+        assert ssd_fused.choose_kernel(x, b_in, 16) == "chunked"
+    assert [r.getMessage() for r in caplog.records] == [  # logged once
+        "Mamba2 SSD kernel 'chunked' on cpu (torch.float32): Triton or CUDA is not available on this machine"]
     torch.testing.assert_close(ssd(x, dt, a, b_in, c_in, 16, starts), ssd_chunked(x, dt, a, b_in, c_in, 16, starts))
     torch.testing.assert_close(ssd(x, dt, a, b_in, c_in, 16, starts), ssd_recurrent(x, dt, a, b_in, c_in, starts))
     with pytest.raises(ValueError, match="SSD kernel 'triton' cannot run here.*use kernel 'chunked'"):
