@@ -17,8 +17,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from raytron.ops import ssd_fused, ssd_triton  # noqa: E402
 
-KERNELS = ("_chunk_prep", "_chunk_cb", "_chunk_state", "_pass_fwd", "_pass_bwd", "_chunk_out", "_chunk_bwd", "_finish_dt",
-           "_finish_bc")
+KERNELS = ("_chunk_prep", "_chunk_cb", "_chunk_state", "_pass_fwd", "_pass_bwd", "_chunk_out", "_chunk_bwd",
+           "_finish_dt", "_finish_bc")
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32", torch.bool: "i1"}
 HOPPER_SMEM = 227 * 1024
 # flavor -> (heads, head dim P, state N, chunk) of models/registry.py
