@@ -2,8 +2,9 @@
 and the first-use self-check (contract: ops/ssd.py ssd_chunked, same arguments and results).
 
 Forward: 5 launches (preparation, C B^T, chunk states, state pass, outputs); C B^T is computed once per
-batch in float32 and shared by all heads. Backward recomputes the states (nothing but the inputs is
-saved: no [B, H, NC, N, P] tensor lives between forward and backward) and takes 8 launches.
+batch in float32 and shared by all heads. Backward recomputes the states (besides the inputs only the
+per-token decays and C B^T are saved: no [B, H, NC, N, P] tensor lives between forward and backward)
+and takes 7 launches.
 """
 
 from __future__ import annotations
@@ -50,17 +51,16 @@ class SSDTriton(torch.autograd.Function):
         states = _k.chunk_states(bk, x, pre.g, pre.dt, pre.seg, chunk, to_end=True)
         final = _k.pass_fwd(states, pre.decay, initial_state)
         y = _k.chunk_out(x, cq, pre.cb, pre.g, pre.dt, pre.seg, states, chunk)
-        ctx.save_for_backward(x, dt, a, b_in, c_in, starts, initial_state)
+        ctx.save_for_backward(x, dt, a, b_in, c_in, initial_state, *pre)  # pre: [B, H, T'] and C B^T, small
         ctx.chunk = chunk
         ctx.set_materialize_grads(False)
         return y, final
 
     @staticmethod
     def backward(ctx, dy, d_final):
-        x, dt, a, b_in, c_in, starts, initial_state = ctx.saved_tensors
-        chunk, t = ctx.chunk, x.shape[1]
+        x, dt, a, b_in, c_in, initial_state, *pre = ctx.saved_tensors
+        chunk, t, pre = ctx.chunk, x.shape[1], _Prep(*pre)
         bk, cq = _same_dtype(x, b_in, c_in)
-        pre = _prep(dt, a, bk, cq, starts, chunk)
         states = _k.chunk_states(bk, x, pre.g, pre.dt, pre.seg, chunk, to_end=True)
         _k.pass_fwd(states, pre.decay, initial_state)
         dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype)
