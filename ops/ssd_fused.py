@@ -113,11 +113,12 @@ def _log_choice(kernel: str, device: str, dtype: torch.dtype, why: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.enable_grad()  # the first use may come from a forward under no_grad (evaluation)
 def _self_check(device_index: int, dtype: torch.dtype) -> None:
     """A small forward + backward (documents, a length that is not a multiple of the chunk, an initial
     state, two P blocks) through the fused kernels and through ssd_chunked's PyTorch path; refuse the
     fused kernels if outputs or gradients disagree beyond the dtype's rounding."""
-    from .ssd import ssd_chunked
+    from .ssd import ssd_chunked  # here: ops/ssd.py imports this module
 
     dev = f"cuda:{device_index}"
     gen = torch.Generator(device=dev).manual_seed(0)
