@@ -27,6 +27,7 @@ CASES = {
     "unpadded-dims-docs": (2, 21, 2, 20, 24, 16, True, True, "float32"),
     "two-blocks-chunk32": (1, 45, 2, 80, 72, 32, True, True, "float32"),
     "bf16-docs-init": (1, 40, 2, 16, 16, 16, True, True, "bfloat16"),
+    "shorter-than-chunk": (3, 7, 2, 16, 16, 16, True, True, "float32"),
 }
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}  # float32: rounding only (IEEE dots); bf16: 8-bit mantissa operands
 
