@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ssd_fused
 from .chunking import chunk_decays, pad_to_chunks
 from .state_scan import choose_kernel, final_state, state_scan
 
@@ -79,7 +80,13 @@ def ssd_chunked(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = 
     return (out, final) if return_final_state else out
 
 
-def ssd(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = None, **state):
-    """Training path: the chunked form with the fastest scan kernel that runs here (as gated_delta;
-    `state`: initial_state / return_final_state of ssd_chunked)."""
-    return ssd_chunked(x, dt, a, b_in, c_in, chunk, starts, kernel=None, **state)
+def ssd(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = None, kernel: str | None = None,
+        initial_state: torch.Tensor | None = None, return_final_state: bool = False):
+    """Training path: the fused Triton kernels (ops/ssd_fused.py) where they run, else the chunked form
+    with the fastest scan kernel that runs here; `kernel` ("triton" or "chunked") as ssd_fused.choose_kernel.
+    State options and results as ssd_chunked."""
+    if ssd_fused.choose_kernel(x, b_in, chunk, kernel) == "triton":
+        y, final = ssd_fused.SSDTriton.apply(x, dt, a, b_in, c_in, starts, initial_state, chunk)
+        return (y, final.to(x.dtype)) if return_final_state else y
+    return ssd_chunked(x, dt, a, b_in, c_in, chunk, starts, kernel=None, initial_state=initial_state,
+                       return_final_state=return_final_state)

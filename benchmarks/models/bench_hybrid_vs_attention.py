@@ -5,7 +5,9 @@ Stacks are raytron reference layers (no embedding / logits), bf16, batch 1:
 with the hidden sizes of the `hybrid/1b` flavor. Writes benchmarks/results/hybrid_vs_attention_<gpu>.json.
 Linear-sequence stacks run once per state-scan kernel in --kernels (ops/state_scan.py: `triton`, the
 training default on CUDA, and `torch`, the same chunked math with a Python loop over chunks; `default`: no
-RAYTRON_SCAN_KERNEL, whatever the training path picks on this GPU, as the engine runs it).
+RAYTRON_SCAN_KERNEL, whatever the training path picks on this GPU, as the engine runs it). Mamba2 stacks under
+`default` run the fused Triton SSD kernels (ops/ssd_fused.py, the training default on CUDA); under a named scan
+kernel, the chunked PyTorch SSD form over that scan (`ssd_kernel` chunked).
 Usage (GPU): python benchmarks/models/bench_hybrid_vs_attention.py [--seqs 4096 16384 32768 65536] [--compile]
 """
 
@@ -52,7 +54,8 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile each stack")
-    parser.add_argument("--kernels", nargs="+", default=["triton", "torch"], help="scan kernels for G/M stacks: triton, torch or default (the training path's own choice)")
+    parser.add_argument("--kernels", nargs="+", default=["triton", "torch"],
+                        help="scan kernels for G/M stacks: triton, torch or default (the training path's own choice)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
@@ -60,12 +63,15 @@ def main() -> None:
     runs = [(name, pattern, kernel) for name, pattern in STACKS.items()
             for kernel in (args.kernels if set(pattern) & set("GM") else [None])]
     for name, pattern, kernel in runs:
-        os.environ["RAYTRON_SCAN_KERNEL"] = "" if kernel in (None, "default") else kernel
+        named = kernel not in (None, "default")
+        os.environ["RAYTRON_SCAN_KERNEL"] = kernel if named else ""
+        ssd_kernel = ("chunked" if named else "default") if "M" in pattern else None
+        os.environ["RAYTRON_SSD_KERNEL"] = "chunked" if ssd_kernel == "chunked" else ""
         stack, cfg = build_stack(pattern)
         if args.compile:
             stack = torch.compile(stack)
         for seq in args.seqs:
-            row = dict(stack=name, pattern=pattern, scan_kernel=kernel, seq=seq)
+            row = dict(stack=name, pattern=pattern, scan_kernel=kernel, ssd_kernel=ssd_kernel, seq=seq)
             try:
                 seconds = time_stack(stack, cfg.dim, seq, args.steps)
             except torch.OutOfMemoryError:
