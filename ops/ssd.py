@@ -10,6 +10,8 @@ state read through C; the state is carried across chunks (the "SSD minimal" algo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import ssd_fused
@@ -86,7 +88,47 @@ def ssd(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = None, ke
     with the fastest scan kernel that runs here; `kernel` ("triton" or "chunked") as ssd_fused.choose_kernel.
     State options and results as ssd_chunked."""
     if ssd_fused.choose_kernel(x, b_in, chunk, kernel) == "triton":
+        _self_check(x.device.index or 0, x.dtype)
         y, final = ssd_fused.SSDTriton.apply(x, dt, a, b_in, c_in, starts, initial_state, chunk)
         return (y, final.to(x.dtype)) if return_final_state else y
     return ssd_chunked(x, dt, a, b_in, c_in, chunk, starts, kernel=None, initial_state=initial_state,
                        return_final_state=return_final_state)
+
+
+@functools.lru_cache(maxsize=None)
+@torch.enable_grad()  # the first use may come from a forward under no_grad (evaluation)
+def _self_check(device_index: int, dtype: torch.dtype) -> None:
+    """A small forward + backward (documents, a length that is not a multiple of the chunk, an initial
+    state, two P blocks) through the fused kernels and through ssd_chunked's PyTorch path; refuse the
+    fused kernels if outputs or gradients disagree beyond the dtype's rounding."""
+    dev = f"cuda:{device_index}"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    bsz, t, h, p, n, chunk = 2, 200, 3, 80, 48, 64
+
+    def rand(*shape):
+        return torch.randn(*shape, device=dev, generator=gen)
+
+    base = [rand(bsz, t, h, p), torch.nn.functional.softplus(rand(bsz, t, h) - 2), -torch.rand(h, device=dev,
+            generator=gen) - 0.5, rand(bsz, t, n) / n ** 0.5, rand(bsz, t, n), rand(bsz, h, n, p)]
+    starts = torch.rand(bsz, t, device=dev, generator=gen) < 0.02
+    probe, probe_final = rand(bsz, t, h, p), rand(bsz, h, n, p)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    results = []
+    for fused in (True, False):
+        inputs = [y.to(dtype if fused else torch.float64).requires_grad_() for y in base]
+        x, dt, a, b_in, c_in, init = inputs
+        if fused:
+            y, final = ssd_fused.SSDTriton.apply(x, dt, a, b_in, c_in, starts, init, chunk)
+        else:
+            y, final = ssd_chunked(x, dt, a, b_in, c_in, chunk, starts, kernel="torch", initial_state=init,
+                                   return_final_state=True)
+        loss = (y.double() * probe).sum() + (final.double() * probe_final).sum()
+        results.append([y.detach(), final.detach(), *torch.autograd.grad(loss, inputs)])
+    for i, (fast, ref) in enumerate(zip(*results)):
+        err = float((fast.double() - ref).norm() / ref.norm().clamp_min(1e-12))
+        if not err < tol:
+            raise RuntimeError(
+                f"the fused Triton SSD kernels disagree with the PyTorch chunked form on this GPU "
+                f"({torch.cuda.get_device_name(device_index)}, Triton {ssd_fused._k.triton.__version__}, {dtype}): "
+                f"tensor {i} of (y, final, dx, ddt, da, dB, dC, d initial) has relative error {err:.2e} > {tol}; "
+                "refusing to train with it. Set RAYTRON_SSD_KERNEL=chunked to use the chunked PyTorch form.")

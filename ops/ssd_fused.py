@@ -1,5 +1,5 @@
-"""Mamba2 SSD through the fused Triton kernels of ops/ssd_triton.py: autograd wiring, the kernel choice
-and the first-use self-check (contract: ops/ssd.py ssd_chunked, same arguments and results).
+"""Mamba2 SSD through the fused Triton kernels of ops/ssd_triton.py: autograd wiring and the kernel choice
+(contract: ops/ssd.py ssd_chunked, same arguments and results; ops/ssd.py self-checks them against it).
 
 Forward: 5 launches (preparation, C B^T, chunk states, state pass, outputs); C B^T is computed once per
 batch in float32 and shared by all heads. Backward recomputes the states (besides the inputs only the
@@ -101,8 +101,6 @@ def choose_kernel(x: torch.Tensor, b_in: torch.Tensor, chunk: int, kernel: str |
         raise ValueError(f"SSD kernel 'triton' cannot run here: {reason}; use kernel 'chunked' "
                          "(or unset RAYTRON_SSD_KERNEL)")
     chosen = asked or ("chunked" if reason else "triton")
-    if chosen == "triton":
-        _self_check(x.device.index or 0, x.dtype)
     _log_choice(chosen, x.device.type, x.dtype, "asked for" if asked else (reason or "CUDA with Triton"))
     return chosen
 
@@ -110,44 +108,3 @@ def choose_kernel(x: torch.Tensor, b_in: torch.Tensor, chunk: int, kernel: str |
 @functools.lru_cache(maxsize=None)
 def _log_choice(kernel: str, device: str, dtype: torch.dtype, why: str) -> None:
     log.info("Mamba2 SSD kernel %r on %s (%s): %s", kernel, device, dtype, why)
-
-
-@functools.lru_cache(maxsize=None)
-@torch.enable_grad()  # the first use may come from a forward under no_grad (evaluation)
-def _self_check(device_index: int, dtype: torch.dtype) -> None:
-    """A small forward + backward (documents, a length that is not a multiple of the chunk, an initial
-    state, two P blocks) through the fused kernels and through ssd_chunked's PyTorch path; refuse the
-    fused kernels if outputs or gradients disagree beyond the dtype's rounding."""
-    from .ssd import ssd_chunked  # here: ops/ssd.py imports this module
-
-    dev = f"cuda:{device_index}"
-    gen = torch.Generator(device=dev).manual_seed(0)
-    bsz, t, h, p, n, chunk = 2, 200, 3, 80, 48, 64
-
-    def rand(*shape):
-        return torch.randn(*shape, device=dev, generator=gen)
-
-    base = [rand(bsz, t, h, p), torch.nn.functional.softplus(rand(bsz, t, h) - 2), -torch.rand(h, device=dev,
-            generator=gen) - 0.5, rand(bsz, t, n) / n ** 0.5, rand(bsz, t, n), rand(bsz, h, n, p)]
-    starts = torch.rand(bsz, t, device=dev, generator=gen) < 0.02
-    probe, probe_final = rand(bsz, t, h, p), rand(bsz, h, n, p)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    results = []
-    for fused in (True, False):
-        inputs = [y.to(dtype if fused else torch.float64).requires_grad_() for y in base]
-        x, dt, a, b_in, c_in, init = inputs
-        if fused:
-            y, final = SSDTriton.apply(x, dt, a, b_in, c_in, starts, init, chunk)
-        else:
-            y, final = ssd_chunked(x, dt, a, b_in, c_in, chunk, starts, kernel="torch", initial_state=init,
-                                   return_final_state=True)
-        loss = (y.double() * probe).sum() + (final.double() * probe_final).sum()
-        results.append([y.detach(), final.detach(), *torch.autograd.grad(loss, inputs)])
-    for i, (fast, ref) in enumerate(zip(*results)):
-        err = float((fast.double() - ref).norm() / ref.norm().clamp_min(1e-12))
-        if not err < tol:
-            raise RuntimeError(
-                f"the fused Triton SSD kernels disagree with the PyTorch chunked form on this GPU "
-                f"({torch.cuda.get_device_name(device_index)}, Triton {_k.triton.__version__}, {dtype}): "
-                f"tensor {i} of (y, final, dx, ddt, da, dB, dC, d initial) has relative error {err:.2e} > {tol}; "
-                "refusing to train with it. Set RAYTRON_SSD_KERNEL=chunked to use the chunked PyTorch form.")

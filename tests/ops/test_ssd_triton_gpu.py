@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from raytron.models import get_config
 from raytron.models.mamba2 import Mamba2
-from raytron.ops import ssd_fused
+from raytron.ops import ssd as ssd_ops, ssd_fused
 from raytron.ops.ssd import ssd, ssd_chunked
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -78,7 +78,7 @@ def test_training_path_on_cuda_is_fused_and_self_checked(monkeypatch):
     x = torch.empty(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
     assert ssd_fused.choose_kernel(x, x[..., 0, :], 64) == "triton"
     for dtype in (torch.bfloat16, torch.float32):
-        ssd_fused._self_check(0, dtype)  # raises if the kernels disagree with the PyTorch form here
+        ssd_ops._self_check(0, dtype)  # raises if the kernels disagree with the PyTorch form here
 
 
 def test_mamba2_layer_fused_as_accurate_as_chunked(monkeypatch):
@@ -115,4 +115,4 @@ def test_self_check_refuses_a_wrong_kernel(monkeypatch):
 
     monkeypatch.setattr(ssd_triton, "chunk_bwd", wrong)
     with pytest.raises(RuntimeError, match="refusing to train with it.*RAYTRON_SSD_KERNEL=chunked"):
-        ssd_fused._self_check.__wrapped__(torch.cuda.current_device(), torch.float32)
+        ssd_ops._self_check.__wrapped__(torch.cuda.current_device(), torch.float32)
