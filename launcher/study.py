@@ -34,8 +34,8 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--mode", choices=("cpu", "gpu"), default=None, help="override the config's mode")
     p.add_argument("--address", default=None, help="Ray address to train on (default: embedded local Ray)")
     p.add_argument("--interrupt-at", default=None, metavar="FAMILY:STEP",
-                   help="TEST HOOK: make FAMILY's run fail at STEP (an injected exception), ending the study "
-                        "there as an interruption would; running the study again resumes it")
+                   help="TEST HOOK: make FAMILY's run fail at STEP (an injected exception, no restarts); the "
+                        "study records it as failed and trains the others; running the study again resumes it")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no family whose training, at the mean time of the families trained so far, would "
                         "end more than SECONDS after the study started; those left are reported as not run "

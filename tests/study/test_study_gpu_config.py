@@ -6,6 +6,7 @@ the device budget by an estimate whose assumptions are written out here."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,11 @@ def test_whole_call_fits_the_device_budget(gpu_study):
     study, base, plans = gpu_study
     phases = estimate_seconds(study, base, plans)
     assert sum(phases.values()) <= BUDGET_S, phases
-    # the script's --time-limit leaves the sweep its estimated share of the call
+    # the script's --time-limit leaves the sweep and report at least their estimated share of the study's limit
     script = (ROOT / "scripts" / "gpu_study.sh").read_text()
-    assert "--time-limit" in script and "cluster_configs/study_h200.yaml" in script
+    assert "study cluster_configs/study_h200.yaml" in script
+    reserve = int(re.search(r"--time-limit \$\(\(limit - (\d+)\)\)", script).group(1))
+    assert reserve >= phases["sweep"] + 5, (reserve, phases)
 
 
 def test_shrunken_shapes_run_forward_backward(tmp_path):
