@@ -34,8 +34,12 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--mode", choices=("cpu", "gpu"), default=None, help="override the config's mode")
     p.add_argument("--address", default=None, help="Ray address to train on (default: embedded local Ray)")
     p.add_argument("--interrupt-at", default=None, metavar="FAMILY:STEP",
-                   help="TEST HOOK: make FAMILY's run fail at STEP (an injected exception), ending the study "
-                        "there as an interruption would; running the study again resumes it")
+                   help="TEST HOOK: make FAMILY's run fail at STEP (an injected exception, no restarts); the "
+                        "study records it as failed and trains the others; running the study again resumes it")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no family whose training, at the mean time of the families trained so far, would "
+                        "end more than SECONDS after the study started; those left are reported as not run "
+                        "(running the command again trains them). Leave room for the sweep and report")
     p.set_defaults(func=_run_cli)
 
 
@@ -51,7 +55,11 @@ def _run_cli(args: argparse.Namespace) -> int:
         if not storage.is_local_uri(out):
             raise ConfigError("--out", f"got {out!r}; the study directory (report, plots) must be a local path")
         out = storage.absolute_uri(out)
-        return 0 if run_study(study, base, plans, out, command, interrupt, args.address) else EXIT_FAILED
+        if args.time_limit is not None and args.time_limit <= 0:
+            raise ConfigError("--time-limit", f"got {args.time_limit}; give the seconds the training may take (> 0)")
+        deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
+        ok = run_study(study, base, plans, out, command, interrupt, args.address, deadline)
+        return 0 if ok else EXIT_FAILED
     except (ConfigError, ValueError, FileNotFoundError, PermissionError, ConnectionError) as exc:
         print(f"raytron: error: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -110,11 +118,17 @@ def _with_interrupt(spec, step: int):
     return dataclasses.replace(spec, fault=fault)
 
 
-def train_families(plans, out: str, record: dict, interrupt, address) -> bool:
-    """Train every family not yet completed, in order; False when one fails (the study stops there)."""
+def train_families(plans, out: str, record: dict, interrupt, address, deadline: float | None = None
+                   ) -> tuple[dict[str, str], bool]:
+    """Train every family not yet completed, in order. A family that fails (its run's outcome, or an error
+    raised before it trained) is recorded and the next one trains. Returns ({family: error} of the failed
+    ones, whether the study was stopped): a preempted run (Ctrl-C, a node's notice) stops the study there,
+    as running the same command again resumes it. Past `deadline` (time.monotonic(), as estimated from the
+    families trained so far) the families left are recorded as not run."""
     from .driver import run_job
 
     spent: list[float] = []
+    failed: dict[str, str] = {}
     for i, plan in enumerate(plans, 1):
         spec = plan.spec
         state, last = _state(spec)
@@ -126,25 +140,40 @@ def train_families(plans, out: str, record: dict, interrupt, address) -> bool:
             print(f"{head}: completed earlier, not retrained", flush=True)
             continue
         left = len(plans) - i + 1
-        eta = f", study ETA {_fmt(sum(spent) / len(spent) * left)}" if spent else ""
+        mean = sum(spent) / len(spent) if spent else 0.0
+        if deadline is not None and time.monotonic() + mean > deadline:
+            failed[plan.name] = (f"not run: the study's --time-limit would pass before it ended (a family took "
+                                 f"{_fmt(mean)} on average); run the same command again to train it")
+            print(f"{head}: {failed[plan.name]}", file=sys.stderr, flush=True)
+            continue
+        eta = f", study ETA {_fmt(mean * left)}" if spent else ""
         resume = state == "partial"
         print(f"{head}: {'resuming from step ' + str(last or 0) if resume else 'training'} to step "
               f"{spec.train.steps}{eta}", flush=True)
         if interrupt and interrupt[0] == plan.name:
             spec = _with_interrupt(spec, interrupt[1])
         t0 = time.monotonic()
-        outcome = run_job(spec, resume=resume, address=address)
+        try:
+            outcome = run_job(spec, resume=resume, address=address)
+            status, error = outcome.status, f"{outcome.status}: {outcome.error}"
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one family's error must not cost the others their runs
+            outcome, status, error = None, "failed", f"{type(exc).__name__}: {exc}"
         took = time.monotonic() - t0
         spent.append(took)
         record["wall_s"][plan.name] = record["wall_s"].get(plan.name, 0.0) + took
         _save_record(out, record)
-        if outcome.status != "completed":
-            print(f"[study] {plan.name} {outcome.status} ({outcome.error}); run the same `raytron study` command "
-                  f"again to resume it from its last checkpoint ({outcome.last_checkpoint})",
-                  file=sys.stderr, flush=True)
-            return False
-        print(f"[study] {plan.name} done in {_fmt(took)}", flush=True)
-    return True
+        if status == "completed":
+            print(f"[study] {plan.name} done in {_fmt(took)}", flush=True)
+            continue
+        where = f" from its last checkpoint ({outcome.last_checkpoint})" if outcome else ""
+        print(f"[study] {plan.name} {error}; run the same `raytron study` command again to resume it{where}",
+              file=sys.stderr, flush=True)
+        failed[plan.name] = error
+        if status == "preempted":
+            return failed, True
+    return failed, False
 
 
 def _sweep(plan: FamilyPlan, study, out: str) -> list[dict]:
@@ -174,10 +203,13 @@ def machine(mode: str) -> dict:
     return info
 
 
-def run_study(study, base, plans: list[FamilyPlan], out: str, command: str, interrupt=None, address=None) -> bool:
-    """Train, measure and report; True when every family completed and the report is written."""
+def run_study(study, base, plans: list[FamilyPlan], out: str, command: str, interrupt=None, address=None,
+              deadline: float | None = None) -> bool:
+    """Train, measure and report; True when every family completed and the report is written. A family
+    that failed is listed in the report with its error and the others are measured and judged; a
+    preempted family stops the study before any report."""
     from ..typed import to_dict
-    from .study_measure import read_metrics, summarize_run, validation_bytes
+    from .study_measure import validation_bytes
     from .study_report import write_outputs
 
     out = storage.absolute_uri(out)
@@ -185,31 +217,49 @@ def run_study(study, base, plans: list[FamilyPlan], out: str, command: str, inte
         p.spec, checkpoint=dataclasses.replace(p.spec.checkpoint, uri=out))) for p in plans]
     record = _claim_study_dir(out, study_fingerprint(study, base, plans), command)
     t0 = time.monotonic()
-    if not train_families(plans, out, record, interrupt, address):
+    failed, stopped = train_families(plans, out, record, interrupt, address, deadline)
+    if stopped:
         return False
     val = validation_bytes(plans[0].spec)
     info = machine(study.mode)
     families = {}
     for plan in plans:
-        metrics = summarize_run(plan.spec, plan.cfg, read_metrics(plan.spec.run_uri), val,
-                                info["device"] if study.mode == "gpu" else None)
-        sweep = _sweep(plan, study, out)
-        at_train = next(r for r in sweep if r["seq"] == plan.spec.train.seq_len)
-        families[plan.name] = {
-            "pattern": plan.cfg.pattern, "registry": [plan.spec.model.family, plan.spec.model.flavor],
-            "model": to_dict(plan.cfg), "active_params": plan.active_params, "total_params": plan.total_params,
-            "active_gap": plan.active_params / study.target_active_params - 1,
-            **metrics, "peak_mem_bytes": at_train.get("peak_mem_bytes"),
-            "wall_s": record["wall_s"].get(plan.name),
-            "sweep": [r for r in sweep if r["seq"] in study.contexts],
-        }
+        if plan.name in failed:
+            continue
+        try:
+            families[plan.name] = _measure(plan, study, out, record, val, info)
+        except Exception as exc:  # noqa: BLE001 - the others' measurements still make a report
+            failed[plan.name] = f"measuring: {type(exc).__name__}: {exc}"
+            print(f"[study] {plan.name} could not be measured: {failed[plan.name]}", file=sys.stderr, flush=True)
     results = {"command": record["command"], "resumed_by": command if command != record["command"] else None,
                "machine": info, "study": to_dict(study), "base": base.to_dict(), "out": out,
                "validation": {"tokens": val[0], "bytes": val[1]}, "families": families,
+               "failed": {p.name: {"error": failed[p.name], "wall_s": record["wall_s"].get(p.name)}
+                          for p in plans if p.name in failed},
                "report_s": time.monotonic() - t0}
     write_outputs(out, results, study)
-    print(f"[study] done: {out}/report.md, {out}/results.json, plots {out}/*.png", flush=True)
-    return True
+    print(f"[study] done: {out}/report.md, {out}/results.json, plots {out}/*.png"
+          + (f"; failed: {', '.join(results['failed'])}" if failed else ""), flush=True)
+    return not failed
+
+
+def _measure(plan: FamilyPlan, study, out: str, record: dict, val: tuple[int, int], info: dict) -> dict:
+    """A trained family's row of results.json: its model, training metrics and throughput sweep."""
+    from ..typed import to_dict
+    from .study_measure import read_metrics, summarize_run
+
+    metrics = summarize_run(plan.spec, plan.cfg, read_metrics(plan.spec.run_uri), val,
+                            info["device"] if study.mode == "gpu" else None)
+    sweep = _sweep(plan, study, out)
+    at_train = next(r for r in sweep if r["seq"] == plan.spec.train.seq_len)
+    return {
+        "pattern": plan.cfg.pattern, "registry": [plan.spec.model.family, plan.spec.model.flavor],
+        "model": to_dict(plan.cfg), "active_params": plan.active_params, "total_params": plan.total_params,
+        "active_gap": plan.active_params / study.target_active_params - 1,
+        **metrics, "peak_mem_bytes": at_train.get("peak_mem_bytes"),
+        "wall_s": record["wall_s"].get(plan.name),
+        "sweep": [r for r in sweep if r["seq"] in study.contexts],
+    }
 
 
 def _fmt(seconds: float) -> str:

@@ -4,7 +4,8 @@ base job, each sized to the same active-parameter count, and the context lengths
 Strict like job configs: unknown keys, wrong types and values no family can honour are ConfigErrors
 naming the field, raised before anything trains. Every family keeps the study's depth (`layers`,
 the family's pattern repeated) and gets the hidden size whose active-parameter count is closest to
-`target_active_params`; FFN and expert sizes scale with it, head counts and head sizes stay fixed.
+`target_active_params`; FFN and expert sizes scale with it, head counts and head sizes stay fixed (the
+base flavor's, or `overrides`' num_heads / head_dim / linear_heads ...).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..models.registry import FLAVORS, get_config
 from ..typed import ConfigError, build, check, to_dict
 from ..config.spec import JobSpec, load_spec
 from ..config.strict_yaml import load_yaml
+from .validate import validate_job
 
 # study family -> (layer-pattern unit, registry family of its base flavor). The unit is repeated to
 # `layers` layers. `sliding_window` is pure `W-` (no global layers): it shows what the window alone costs.
@@ -39,6 +41,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
 EXPERT_FIELDS = ("num_experts", "top_k", "moe_ffn_dim", "shared_experts", "router", "norm_topk",
                  "capacity_factor", "bias_update_rate")
 SOLVED_FIELDS = ("pattern", "num_layers", "dim", "ffn_dim", "head_dim")
+# head_dim is kept from the base (or an override of it) when the width changes, so it may be overridden
+SCALED_FIELDS = ("pattern", "num_layers", "dim", "ffn_dim")
 DIM_STEP, FFN_STEP, DIM_MAX = 4, 8, 16384
 
 
@@ -104,10 +108,14 @@ class StudySpec:
     """Largest relative gap between a family's active parameters and the target."""
     max_context: int = 65536
     """Longest sweep context accepted (a family's model at this length must fit the machine)."""
+    dim_multiple: int = DIM_STEP
+    """Hidden sizes tried are multiples of this: 4 suits CPU; on GPUs 32 or 64 keeps every GEMM dimension on
+    tensor-core tiles (a size off them, e.g. 1228, makes cuBLAS pick slower kernels and skews throughput)."""
     flavors: FlavorSpec = field(default_factory=FlavorSpec)
     """Registry flavors the families start from."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Model fields set on every family (e.g. window, sparse_block, num_experts); not the solved ones."""
+    """Model fields set on every family (e.g. window, sparse_block, num_experts, num_heads with head_dim);
+    not the solved ones (pattern, num_layers, dim, ffn_dim)."""
     sweep: SweepSpec = field(default_factory=SweepSpec)
     """How the throughput sweep times each family."""
     claims: ClaimsSpec = field(default_factory=ClaimsSpec)
@@ -123,6 +131,8 @@ class StudySpec:
         check(self.target_active_params >= 1, "target_active_params", f"got {self.target_active_params}; must be >= 1")
         check(0 < self.tolerance < 1, "tolerance", f"got {self.tolerance}; must be in (0, 1)")
         check(self.layers >= 1, "layers", f"got {self.layers}; must be >= 1")
+        check(self.dim_multiple >= 1 and self.dim_multiple % DIM_STEP == 0, "dim_multiple",
+              f"got {self.dim_multiple}; use a positive multiple of {DIM_STEP}")
         for name in self.families:
             unit = FAMILIES[name][0]
             check(self.layers % len(unit) == 0, "layers", f"got {self.layers}; family {name!r} repeats the "
@@ -137,8 +147,8 @@ class StudySpec:
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         for key in self.overrides:
             check(key in known, f"overrides.{key}", f"unknown model field; fields: {', '.join(sorted(known))}")
-            check(key not in SOLVED_FIELDS, f"overrides.{key}",
-                  f"set by the study per family ({', '.join(SOLVED_FIELDS)} are solved); remove it")
+            check(key not in SCALED_FIELDS, f"overrides.{key}",
+                  f"set by the study per family ({', '.join(SCALED_FIELDS)} are solved); remove it")
 
 
 @dataclass(frozen=True)
@@ -176,7 +186,7 @@ def solve_width(study: StudySpec, name: str, vocab_size: int) -> ModelConfig:
     """The family's config whose active parameters are closest to the target (refused past tolerance)."""
     base = _base_config(study, name, vocab_size)
     best, best_gap = None, float("inf")
-    for dim in range(DIM_STEP, DIM_MAX + 1, DIM_STEP):
+    for dim in range(study.dim_multiple, DIM_MAX + 1, study.dim_multiple):
         cfg = _scaled(base, dim)
         gap = abs(param_counts(cfg)[1] - study.target_active_params)
         if gap < best_gap:
@@ -241,6 +251,11 @@ def load_study(path: str, mode: str | None = None) -> tuple[StudySpec, JobSpec, 
         model = dataclasses.replace(base.model, family=registry, flavor=getattr(study.flavors, registry),
                                     overrides=overrides)
         spec = dataclasses.replace(base, name=name, model=model)
+        try:  # what the family's run would refuse at submit (the engine's gaps too), refused before any trains
+            validate_job(spec, runnable=True)
+        except ConfigError as exc:
+            raise ConfigError(f"families[{study.families.index(name)}]",
+                              f"{name!r} as engine {spec.engine} would run it: {exc}") from None
         total, active = param_counts(cfg)
         plans.append(FamilyPlan(name, spec, cfg, total, active))
     return study, base, plans

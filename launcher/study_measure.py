@@ -76,6 +76,8 @@ def measure_context(model: torch.nn.Module, cfg: ModelConfig, seq: int, sweep, d
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     times = []
     try:
+        if device.type == "cuda":  # every pass is the same computation: the timed ones give the peak too
+            torch.cuda.reset_peak_memory_stats(device)
         for i in range(sweep.warmup + sweep.repeats):
             model.zero_grad(set_to_none=True)
             _sync(device)
@@ -86,8 +88,6 @@ def measure_context(model: torch.nn.Module, cfg: ModelConfig, seq: int, sweep, d
                 times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            _step(model, tokens)
             peak = torch.cuda.max_memory_allocated(device)
         else:
             with LiveTensorBytes() as mem:
@@ -97,6 +97,9 @@ def measure_context(model: torch.nn.Module, cfg: ModelConfig, seq: int, sweep, d
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         return {"seq": seq, "error": "out of memory"}
+    except RuntimeError as exc:  # e.g. a kernel that cannot compile at this length: the other contexts still run
+        model.zero_grad(set_to_none=True)
+        return {"seq": seq, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
     model.zero_grad(set_to_none=True)
     seconds = sorted(times)[len(times) // 2]
     return {"seq": seq, "seconds": seconds, "tokens_per_s": sweep.batch * seq / seconds, "peak_mem_bytes": peak,

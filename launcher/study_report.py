@@ -137,7 +137,12 @@ def render_report(results: dict, study) -> str:
                      f"{_fmt_opt(f['mfu'], '.1%')} | {_fmt_bytes(f['peak_mem_bytes'])} | {f['wall_s']:.0f} s |")
     if study.mode == "cpu":
         lines += ["", "MFU is n/a on CPU (no meaningful peak FLOP/s)."]
-    seqs = [r["seq"] for r in next(iter(fams.values()))["sweep"]]
+    if results.get("failed"):
+        lines += ["", "## Failed families (not measured, not judged)", "", "| family | wall | error |", "|---|---|---|"]
+        for name, f in results["failed"].items():
+            error = " ".join(f["error"].split()).replace("|", "\\|")
+            lines.append(f"| {name} | {_fmt_opt(f['wall_s'], '.0f')} s | {error[:400]} |")
+    seqs = list(study.contexts)
     lines += ["", "## Forward+backward throughput by context (tokens/s; peak memory)", "",
               "| family | " + " | ".join(str(s) for s in seqs) + " |", "|---|" + "---|" * len(seqs)]
     for name, f in fams.items():

@@ -9,6 +9,10 @@ RAYTRON_SCAN_KERNEL, whatever the training path picks on this GPU, as the engine
 `default` run the fused Triton SSD kernels (ops/ssd_fused.py, the training default on CUDA); under a named scan
 kernel, the chunked PyTorch SSD form over that scan (`ssd_kernel` chunked).
 Usage (GPU): python benchmarks/models/bench_hybrid_vs_attention.py [--seqs 4096 16384 32768 65536] [--compile]
+With --study DIR/results.json the stacks are the study's full_attention, gdn_hybrid and mamba2_hybrid models
+(their solved shapes, all their layers) instead, each row carries the study sweep's whole-model tokens/s at that
+context and their ratio, and the agreement table is appended to DIR/report.md: with a byte-sized vocabulary
+the embedding and logits cost next to nothing, so the two measurements should agree within timing noise.
 """
 
 from __future__ import annotations
@@ -23,16 +27,45 @@ import torch
 from torch import nn
 
 from raytron.models import get_config
+from raytron.models.config import ModelConfig
 from raytron.models.flops import flops_per_token
 from raytron.models.transformer import Layer
 
 STACKS = {"attention": "*-*-*-*-", "hybrid-gdn": "G-G-G-*-", "hybrid-mamba2": "M-M-M-*-"}
+STUDY_FAMILIES = {"attention": "full_attention", "hybrid-gdn": "gdn_hybrid", "hybrid-mamba2": "mamba2_hybrid"}
+AGREEMENT = 0.15  # |bench / study - 1| counted as agreeing: the spread of repeated short timings on one GPU
 
 
-def build_stack(pattern: str) -> tuple[nn.Module, object]:
-    cfg = get_config("hybrid", "1b", pattern=pattern)
-    stack = nn.Sequential(*(Layer(kind, cfg) for kind in pattern)).cuda().bfloat16()
-    return stack, cfg
+def stack_configs(study_results: str | None) -> dict[str, tuple[ModelConfig, dict[int, float]]]:
+    """Stack name -> (model config, {context: study sweep tokens/s}); hybrid/1b shapes without a study."""
+    if study_results is None:
+        return {name: (get_config("hybrid", "1b", pattern=pattern), {}) for name, pattern in STACKS.items()}
+    families = json.loads(pathlib.Path(study_results).read_text())["families"]
+    missing = [fam for fam in STUDY_FAMILIES.values() if fam not in families]
+    if missing:
+        raise SystemExit(f"--study {study_results}: no measured {', '.join(missing)} in it (failed or not run)")
+    return {name: (ModelConfig(**families[fam]["model"]),
+                   {r["seq"]: r["tokens_per_s"] for r in families[fam]["sweep"] if "tokens_per_s" in r})
+            for name, fam in STUDY_FAMILIES.items()}
+
+
+def agreement_markdown(rows: list[dict]) -> str:
+    """The report section comparing the bench's layer-stack tokens/s with the study sweep's."""
+    lines = ["## Agreement with benchmarks/models/bench_hybrid_vs_attention.py", "",
+             f"Layer stacks of the study's models timed by the benchmark (median of its passes) against the "
+             f"study sweep's whole-model forward+backward tokens/s; agreeing within {AGREEMENT:.0%}.", "",
+             "| stack | family | context | bench tokens/s | study tokens/s | bench / study | agrees |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ratio" in r:
+            lines.append(f"| {r['stack']} | {STUDY_FAMILIES[r['stack']]} | {r['seq']} | {r['tokens_per_s']:,.0f} | "
+                         f"{r['study_tokens_per_s']:,.0f} | {r['ratio']:.3f} | "
+                         f"{'yes' if abs(r['ratio'] - 1) <= AGREEMENT else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_stack(cfg: ModelConfig) -> nn.Module:
+    return nn.Sequential(*(Layer(kind, cfg) for kind in cfg.layer_pattern())).cuda().bfloat16()
 
 
 def time_stack(stack: nn.Module, dim: int, seq: int, steps: int) -> float:
@@ -57,17 +90,21 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=["triton", "torch"],
                         help="scan kernels for G/M stacks: triton, torch or default (the training path's own choice)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--study", default=None, metavar="RESULTS_JSON",
+                        help="time the stacks of this `raytron study` results.json and compare with its sweep")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     rows = []
-    runs = [(name, pattern, kernel) for name, pattern in STACKS.items()
-            for kernel in (args.kernels if set(pattern) & set("GM") else [None])]
-    for name, pattern, kernel in runs:
+    configs = stack_configs(args.study)
+    runs = [(name, cfg, kernel) for name, (cfg, _) in configs.items()
+            for kernel in (args.kernels if set(cfg.layer_pattern()) & set("GM") else [None])]
+    for name, cfg, kernel in runs:
+        pattern = cfg.layer_pattern()
         named = kernel not in (None, "default")
         os.environ["RAYTRON_SCAN_KERNEL"] = kernel if named else ""
         ssd_kernel = ("chunked" if named else "default") if "M" in pattern else None
         os.environ["RAYTRON_SSD_KERNEL"] = "chunked" if ssd_kernel == "chunked" else ""
-        stack, cfg = build_stack(pattern)
+        stack = build_stack(cfg)
         if args.compile:
             stack = torch.compile(stack)
         for seq in args.seqs:
@@ -82,16 +119,24 @@ def main() -> None:
             layer_flops = flops["total"] - flops["output"]  # MFU convention, layers only
             rows.append(dict(row, seconds=seconds, tokens_per_s=seq / seconds,
                              tflops_per_s=layer_flops * seq / seconds / 1e12))
+            study_tps = configs[name][1].get(seq)
+            if study_tps:
+                rows[-1].update(study_tokens_per_s=study_tps, ratio=rows[-1]["tokens_per_s"] / study_tps)
             print(json.dumps(rows[-1]), flush=True)
         del stack
         torch.cuda.empty_cache()
-    result = dict(gpu=gpu, torch=torch.__version__, dtype="bfloat16", batch=1, compile=args.compile,
+    result = dict(gpu=gpu, torch=torch.__version__, dtype="bfloat16", batch=1, compile=args.compile, study=args.study,
                   flops_convention="megatron (causal scores halved, matmuls only, layers only)", rows=rows)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"hybrid_vs_attention_{gpu.replace(' ', '_')}.json"
+    path = out / f"hybrid_vs_attention{'_study' if args.study else ''}_{gpu.replace(' ', '_')}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
+    if args.study:
+        section = agreement_markdown(rows)
+        print(section)
+        with open(pathlib.Path(args.study).with_name("report.md"), "a") as report:
+            report.write("\n" + section)
 
 
 if __name__ == "__main__":

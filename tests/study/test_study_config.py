@@ -86,3 +86,5 @@ def test_bad_base_and_cli_hook_refused(tmp_path, capsys):
     assert main(["study", path, "--out", str(tmp_path / "o"), "--interrupt-at", "nope:2"]) == 2
     assert "--interrupt-at" in capsys.readouterr().err
     assert main(["study", path, "--out", "s3://bucket/x"]) == 2
+    assert main(["study", path, "--out", str(tmp_path / "t"), "--time-limit", "0"]) == 2
+    assert "--time-limit" in capsys.readouterr().err and not (tmp_path / "t").exists()
