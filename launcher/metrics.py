@@ -64,6 +64,12 @@ def peak_memory_gib(cuda: bool) -> dict[str, float]:
     return {"memory/rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}
 
 
+def recorded_peak_gib(record: dict) -> float | None:
+    """The peak memory a step record carries (peak_memory_gib's keys: CUDA allocated, else CPU RSS), or None."""
+    value = record.get("memory/max_allocated_gib", record.get("memory/rss_peak_gib"))
+    return value if isinstance(value, (int, float)) else None
+
+
 class MetricsWriter:
     def __init__(self, run: RunDir, start_step: int, total_steps: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -145,7 +151,7 @@ class MetricsWriter:
             parts.append(f"MFU {m['mfu']:.1%}")
         elif m.get("model_tflops_per_device") is not None:
             parts.append(f"model TFLOP/s {m['model_tflops_per_device']:.3g}")
-        mem = m.get("memory/max_allocated_gib", m.get("memory/rss_peak_gib"))
+        mem = recorded_peak_gib(m)
         if mem is not None:
             parts.append(f"mem {mem:.2f} GiB")
         if m.get("moe/router_entropy") is not None:

@@ -24,6 +24,7 @@ from ..models.config import ModelConfig
 from ..models.flops import flops_per_token
 from ..models.transformer import Transformer
 from ..run_dir import RunDir
+from .metrics import recorded_peak_gib
 
 # Dense bf16 tensor-core peak FLOP/s per device name substring, for MFU when the run's metrics lack one.
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
@@ -168,8 +169,7 @@ def summarize_run(spec, cfg: ModelConfig, records: list[dict], val: tuple[int, i
         peak = next((v for k, v in PEAK_BF16.items() if device_name and k in device_name), None)
         world = spec.resources.workers
         mfu_value = flops_per_token(cfg, spec.train.seq_len)["total"] * tps / (peak * world) if peak else None
-    mem = [v for r in steps for k, v in r.items()
-           if k.startswith("mem_") and "peak" in k and isinstance(v, (int, float))]
+    mem = [gib * 2**30 for gib in map(recorded_peak_gib, steps) if gib is not None]
     return {
         "val_loss": val_loss, "perplexity": math.exp(val_loss),
         "bits_per_byte": val_loss * n_tokens / math.log(2) / n_bytes,
