@@ -3,8 +3,9 @@
 Stacks are raytron reference layers (no embedding / logits), bf16, batch 1:
   attention: "*-*-*-*-"   hybrid GDN: "G-G-G-*-"   hybrid Mamba2: "M-M-M-*-"  (3:1 linear:attention)
 with the hidden sizes of the `hybrid/1b` flavor. Writes benchmarks/results/hybrid_vs_attention_<gpu>.json.
-Linear-sequence stacks run once per state-scan kernel in --kernels (ops/state_scan.py: `triton`, the
-training default on CUDA, and `torch`, the same chunked math with a Python loop over chunks).
+Linear-sequence stacks run once per kernel in --kernels: `fused` (GDN only: ops/gated_delta_fused.py, the
+GDN training default on CUDA), and the chunked form with the state-scan kernel `triton` (Mamba2's
+training default) or `torch` (a Python loop over chunks).
 Usage (GPU): python benchmarks/models/bench_hybrid_vs_attention.py [--seqs 4096 16384 32768] [--compile]
 """
 
@@ -51,15 +52,18 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile each stack")
-    parser.add_argument("--kernels", nargs="+", default=["triton", "torch"], help="scan kernels for G/M stacks")
+    parser.add_argument("--kernels", nargs="+", default=["fused", "triton", "torch"],
+                        help="kernels for G/M stacks: fused (G only) or a state-scan kernel")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     rows = []
     runs = [(name, pattern, kernel) for name, pattern in STACKS.items()
-            for kernel in (args.kernels if set(pattern) & set("GM") else [None])]
+            for kernel in (args.kernels if set(pattern) & set("GM") else [None])
+            if kernel != "fused" or "G" in pattern]
     for name, pattern, kernel in runs:
-        os.environ["RAYTRON_SCAN_KERNEL"] = kernel or ""
+        os.environ["RAYTRON_GDN_KERNEL"] = kernel or ""
+        os.environ["RAYTRON_SCAN_KERNEL"] = "" if kernel == "fused" else kernel or ""
         stack, cfg = build_stack(pattern)
         if args.compile:
             stack = torch.compile(stack)
