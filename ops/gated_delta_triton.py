@@ -242,6 +242,11 @@ if triton is not None:
         tl.store(dbeta_ptr + bh * T + t, d_beta, mask=valid)
 
 
+def _warps(bk: int, chunk: int) -> int:
+    """Eight warps once a [C, d_k] float32 tile no longer fits four warps' registers next to the rest."""
+    return 8 if bk * chunk >= 8192 else 4
+
+
 def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -272,7 +277,7 @@ def prep_fwd(k, v, g, beta, starts, chunk: int):
     inv = k.new_empty(b * h, n, chunk, chunk, dtype=torch.float32)
     _prep_fwd_kernel[(n, b * h)](k, v, g, beta, st, w, uv, kt, dec, inv, t, h, n, *_strides3(k), *_strides3(v),
                                  *_strides3(g), ssb, C=chunk, DK=dk, DV=dv, BK=bk, BV=bv,
-                                 HAS_STARTS=starts is not None, IEEE=k.dtype == torch.float32, num_warps=4)
+                                 HAS_STARTS=starts is not None, IEEE=k.dtype == torch.float32, num_warps=_warps(bk, chunk))
     return w, uv, kt, dec, inv
 
 
@@ -286,7 +291,7 @@ def output_fwd(q, k, g, starts, states, u, chunk: int):
     _output_fwd_kernel[(n, b * h)](q, k, g, st, states.contiguous(), u.contiguous(), o, t, h, n, *_strides3(q),
                                    *_strides3(k), *_strides3(g), ssb, *_strides3(o), C=chunk, DK=dk, DV=dv,
                                    BK=bk, BV=bv, HAS_STARTS=starts is not None, IEEE=q.dtype == torch.float32,
-                                   num_warps=4)
+                                   num_warps=_warps(bk, chunk))
     return o
 
 
@@ -304,7 +309,7 @@ def output_bwd(q, k, g, starts, states, u, do, chunk: int):
     _output_bwd_kernel[(n, b * h)](q, k, g, st, states.contiguous(), u.contiguous(), do, dq, dkey, dg, d_states,
                                    d_u, t, h, n, *_strides3(q), *_strides3(k), *_strides3(g), ssb,
                                    *_strides3(do), C=chunk, DK=dk, DV=dv, BK=bk, BV=bv,
-                                   HAS_STARTS=starts is not None, IEEE=q.dtype == torch.float32, num_warps=4)
+                                   HAS_STARTS=starts is not None, IEEE=q.dtype == torch.float32, num_warps=_warps(bk, chunk))
     return dq, dkey, dg, d_states, d_u
 
 
@@ -319,5 +324,5 @@ def prep_bwd(k, v, g, beta, starts, inv, dw, duv, dkt, ddec, chunk: int):
     _prep_bwd_kernel[(n, b * h)](k, v, g, beta, st, inv, dw.contiguous(), duv.contiguous(), dkt.contiguous(),
                                  ddec.contiguous(), d_k, d_v, dg, d_beta, t, h, n, *_strides3(k), *_strides3(v),
                                  *_strides3(g), ssb, C=chunk, DK=dk, DV=dv, BK=bk, BV=bv,
-                                 HAS_STARTS=starts is not None, IEEE=k.dtype == torch.float32, num_warps=4)
+                                 HAS_STARTS=starts is not None, IEEE=k.dtype == torch.float32, num_warps=_warps(bk, chunk))
     return d_k, d_v, dg, d_beta

@@ -12,16 +12,22 @@ import torch.nn.functional as F
 from raytron.ops.gated_delta import gated_delta_recurrent
 from raytron.ops.gated_delta_fused import gated_delta_fused
 
-# name: (batch, heads, T, d_k, d_v, chunk, document starts as (batch row, t), with an initial state)
+# name: (batch, heads, T, d_k, d_v, chunk, document starts as (batch row, t), with an initial state,
+# inputs as the layer passes them: [B, T, H, .] buffers seen through a transpose)
 CASES = {
-    "docs_odd_length": (2, 2, 37, 16, 24, 16, [(0, 5), (1, 16), (1, 30)], False),
-    "two_value_tiles": (1, 1, 40, 16, 80, 16, [(0, 17)], False),
-    "initial_and_final_state": (1, 2, 19, 32, 16, 32, [(0, 11)], True),
+    "docs_odd_length": (2, 2, 37, 16, 24, 16, [(0, 5), (1, 16), (1, 30)], False, True),
+    "two_value_tiles": (1, 1, 40, 16, 80, 16, [(0, 17)], False, False),
+    "initial_and_final_state": (1, 2, 19, 32, 16, 32, [(0, 11)], True, False),
 }
 
 
+def _layout(x: torch.Tensor, strided: bool) -> torch.Tensor:
+    """x [B, H, T, ...] as it is, or the same values in a [B, T, H, ...] buffer seen through a transpose."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2) if strided else x
+
+
 def run(name: str) -> dict[str, float]:
-    b, h, t, dk, dv, chunk, doc_starts, with_state = CASES[name]
+    b, h, t, dk, dv, chunk, doc_starts, with_state, strided = CASES[name]
     gen = torch.Generator().manual_seed(len(name))
     q = F.normalize(torch.randn(b, h, t, dk, generator=gen), dim=-1)
     k = F.normalize(torch.randn(b, h, t, dk, generator=gen), dim=-1)
@@ -36,7 +42,7 @@ def run(name: str) -> dict[str, float]:
     probe_final = torch.randn(b, h, dk, dv, generator=gen, dtype=torch.float64)
     results = []
     for dtype in (torch.float32, torch.float64):
-        x = [y.to(dtype).requires_grad_() for y in inputs]
+        x = [_layout(y.to(dtype), strided and i < 5).requires_grad_() for i, y in enumerate(inputs)]
         state = dict(initial_state=x[5], return_final_state=True) if with_state else {}
         if dtype == torch.float32:  # the kernels under test; the Triton scan has its own GPU tests
             out = gated_delta_fused(*x[:5], chunk, starts, scan_kernel="torch", **state)
