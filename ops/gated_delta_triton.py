@@ -12,9 +12,10 @@ reaches i, te_j = exp(G_last - G_j) when j reaches the chunk's end):
 The backward kernels take the gradients the other way through the same formulas, recomputing
 everything but T (stored in float32 by the forward, [BH, N, C, C]). Inputs are read in place through
 their strides (q/k/v [B, H, T, d] with unit last stride, g/beta [B, H, T], starts [B, T] int32); time
-past T reads as zeros, so any length works and only the scan operands are chunk-padded. All products
-are float32 tiles: IEEE dots for float32 inputs, TF32 tensor cores for bf16 (the bf16 inputs'
-precision is the bound). Every tile dim is >= 16 (tl.dot's minimum).
+past T reads as zeros, so any length works and only the scan operands are chunk-padded. Sums are
+float32. For bf16 inputs, products of inputs and scores take bf16 operands (the inputs' own precision)
+and products through the WY inverse take float32 operands on TF32 tensor cores; float32 inputs use IEEE
+dots throughout. Every tile dim is >= 16 (tl.dot's minimum).
 """
 
 from __future__ import annotations
@@ -36,10 +37,19 @@ def blocks(dk: int, dv: int) -> tuple[int, int]:
 if triton is not None:
     @triton.jit
     def _mm(a, b, IEEE: tl.constexpr):
+        """Products of the inputs and of scores: bf16 operands (the inputs' own precision), float32 sums."""
         if IEEE:
-            return tl.dot(a, b, input_precision="ieee")
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
-            return tl.dot(a, b, input_precision="tf32")
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+
+    @triton.jit
+    def _mm32(a, b, IEEE: tl.constexpr):
+        """Products through the WY inverse, where rounding compounds: float32 operands (TF32 for bf16 inputs)."""
+        if IEEE:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
 
     @triton.jit
     def _seq_tile(ptr, off, T, D, st, n, c0, C: tl.constexpr, BD: tl.constexpr):
@@ -110,17 +120,16 @@ if triton is not None:
         beta = tl.load(beta_ptr + b * sgb + h * sgh + (n * C + tl.arange(0, C)) * sgt, mask=valid,
                        other=0.0).to(tl.float32)
         k = tl.load(_seq_tile(k_ptr, b * skb + h * skh, T, DK, skt, n, 0, C, BK), boundary_check=(0, 1))
-        k = k.to(tl.float32)
         inv = _unit_lower_inverse(beta[:, None] * D * _mm(k, tl.trans(k), IEEE), C)
         tl.store(_chunk_tile(tinv_ptr, base, C, C, 0, C, C), inv)
         p_w = _chunk_tile(w_ptr, base, C, DK, 0, C, BK)
-        tl.store(p_w, _mm(inv, k * (beta * fs)[:, None], IEEE).to(p_w.dtype.element_ty), boundary_check=(0, 1))
+        tl.store(p_w, _mm32(inv, k * (beta * fs)[:, None], IEEE).to(p_w.dtype.element_ty), boundary_check=(0, 1))
         tl.store(_chunk_tile(kt_ptr, base, C, DK, 0, C, BK), (k * te[:, None]).to(p_w.dtype.element_ty),
                  boundary_check=(0, 1))
         tl.store(dec_ptr + base, dec)
         for iv in range(0, tl.cdiv(DV, BV)):
             v = tl.load(_seq_tile(v_ptr, b * svb + h * svh, T, DV, svt, n, iv * BV, C, BV), boundary_check=(0, 1))
-            uv = _mm(inv, v.to(tl.float32) * beta[:, None], IEEE)
+            uv = _mm32(inv, v * beta[:, None], IEEE)
             p_uv = _chunk_tile(uv_ptr, base, C, DV, iv * BV, C, BV)
             tl.store(p_uv, uv.to(p_uv.dtype.element_ty), boundary_check=(0, 1))
 
@@ -136,12 +145,11 @@ if triton is not None:
         D, fs, te, dec, _ = _decays(G, seg, C, False)
         q = tl.load(_seq_tile(q_ptr, b * sqb + h * sqh, T, DK, sqt, n, 0, C, BK), boundary_check=(0, 1))
         k = tl.load(_seq_tile(k_ptr, b * skb + h * skh, T, DK, skt, n, 0, C, BK), boundary_check=(0, 1))
-        q, k = q.to(tl.float32), k.to(tl.float32)
         scores = _mm(q, tl.trans(k), IEEE) * D
         q = q * fs[:, None]
         for iv in range(0, tl.cdiv(DV, BV)):
-            s0 = tl.load(_chunk_tile(s_ptr, base, DK, DV, iv * BV, BK, BV), boundary_check=(0, 1)).to(tl.float32)
-            u = tl.load(_chunk_tile(u_ptr, base, C, DV, iv * BV, C, BV), boundary_check=(0, 1)).to(tl.float32)
+            s0 = tl.load(_chunk_tile(s_ptr, base, DK, DV, iv * BV, BK, BV), boundary_check=(0, 1))
+            u = tl.load(_chunk_tile(u_ptr, base, C, DV, iv * BV, C, BV), boundary_check=(0, 1))
             o = _mm(q, s0, IEEE) + _mm(scores, u, IEEE)
             p_o = _seq_tile(o_ptr, b * sob + h * soh, T, DV, sot, n, iv * BV, C, BV)
             tl.store(p_o, o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
@@ -159,17 +167,15 @@ if triton is not None:
         D, fs, te, dec, _ = _decays(G, seg, C, False)
         q = tl.load(_seq_tile(q_ptr, b * sqb + h * sqh, T, DK, sqt, n, 0, C, BK), boundary_check=(0, 1))
         k = tl.load(_seq_tile(k_ptr, b * skb + h * skh, T, DK, skt, n, 0, C, BK), boundary_check=(0, 1))
-        q, k = q.to(tl.float32), k.to(tl.float32)
         qk = _mm(q, tl.trans(k), IEEE)
         scores_t = tl.trans(qk * D)
         qs = tl.trans(q * fs[:, None])
         dq_state = tl.zeros([C, BK], dtype=tl.float32)  # dO S_0^T
         d_scores = tl.zeros([C, C], dtype=tl.float32)  # dO U^T
         for iv in range(0, tl.cdiv(DV, BV)):
-            s0 = tl.load(_chunk_tile(s_ptr, base, DK, DV, iv * BV, BK, BV), boundary_check=(0, 1)).to(tl.float32)
-            u = tl.load(_chunk_tile(u_ptr, base, C, DV, iv * BV, C, BV), boundary_check=(0, 1)).to(tl.float32)
+            s0 = tl.load(_chunk_tile(s_ptr, base, DK, DV, iv * BV, BK, BV), boundary_check=(0, 1))
+            u = tl.load(_chunk_tile(u_ptr, base, C, DV, iv * BV, C, BV), boundary_check=(0, 1))
             do = tl.load(_seq_tile(do_ptr, b * sob + h * soh, T, DV, sot, n, iv * BV, C, BV), boundary_check=(0, 1))
-            do = do.to(tl.float32)
             dq_state += _mm(do, tl.trans(s0), IEEE)
             d_scores += _mm(do, tl.trans(u), IEEE)
             tl.store(_chunk_tile(ds_ptr, base, DK, DV, iv * BV, BK, BV), _mm(qs, do, IEEE), boundary_check=(0, 1))
@@ -203,26 +209,24 @@ if triton is not None:
         D, fs, te, dec, _ = _decays(G, seg, C, True)
         beta = tl.load(beta_ptr + b * sgb + h * sgh + (n * C + rows) * sgt, mask=valid, other=0.0).to(tl.float32)
         k = tl.load(_seq_tile(k_ptr, b * skb + h * skh, T, DK, skt, n, 0, C, BK), boundary_check=(0, 1))
-        k = k.to(tl.float32)
         inv_t = tl.trans(tl.load(_chunk_tile(tinv_ptr, base, C, C, 0, C, C)))
-        dw = tl.load(_chunk_tile(dw_ptr, base, C, DK, 0, C, BK), boundary_check=(0, 1)).to(tl.float32)
-        d_inv = _mm(dw, tl.trans(k * (beta * fs)[:, None]), IEEE)  # W = inv diag(beta fs) K
-        dkb = _mm(inv_t, dw, IEEE)
+        dw = tl.load(_chunk_tile(dw_ptr, base, C, DK, 0, C, BK), boundary_check=(0, 1))
+        d_inv = _mm32(dw, tl.trans(k * (beta * fs)[:, None]), IEEE)  # W = inv diag(beta fs) K
+        dkb = _mm32(inv_t, dw, IEEE)
         d_beta = tl.zeros([C], dtype=tl.float32)
         for iv in range(0, tl.cdiv(DV, BV)):  # U_v = inv diag(beta) V
             v = tl.load(_seq_tile(v_ptr, b * svb + h * svh, T, DV, svt, n, iv * BV, C, BV), boundary_check=(0, 1))
-            v = v.to(tl.float32)
-            duv = tl.load(_chunk_tile(duv_ptr, base, C, DV, iv * BV, C, BV), boundary_check=(0, 1)).to(tl.float32)
-            d_inv += _mm(duv, tl.trans(v * beta[:, None]), IEEE)
-            dvb = _mm(inv_t, duv, IEEE)
+            duv = tl.load(_chunk_tile(duv_ptr, base, C, DV, iv * BV, C, BV), boundary_check=(0, 1))
+            d_inv += _mm32(duv, tl.trans(v * beta[:, None]), IEEE)
+            dvb = _mm32(inv_t, duv, IEEE)
             d_beta += tl.sum(dvb * v, 1)
             p_dv = _seq_tile(dv_ptr, bh * T * DV, T, DV, DV, n, iv * BV, C, BV)
             tl.store(p_dv, (dvb * beta[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
-        kb_dot = tl.sum(dkb * k, 1)
+        kb_dot = tl.sum(dkb * k.to(tl.float32), 1)
         d_beta += kb_dot * fs
         dk = dkb * (beta * fs)[:, None]
         # inv = (I + A)^-1: dA = -inv^T d_inv inv^T on A's strictly lower support
-        dA = -_mm(_mm(inv_t, d_inv, IEEE), inv_t, IEEE)
+        dA = -_mm32(_mm32(inv_t, d_inv, IEEE), inv_t, IEEE)
         kk = _mm(k, tl.trans(k), IEEE)
         da_d = dA * D  # D is 0 off the strictly lower same-document support
         d_beta += tl.sum(da_d * kk, 1)
