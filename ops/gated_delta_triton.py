@@ -10,9 +10,9 @@ reaches i, te_j = exp(G_last - G_j) when j reaches the chunk's end):
   output O = diag(fs) Q S_0 + (Q K^T o D) U.
 
 The backward kernels take the gradients the other way through the same formulas, recomputing
-everything but T (stored in float32 by the forward, [BH, N, C, C]). Inputs are read in place through
-their strides (q/k/v [B, H, T, d] with unit last stride, g/beta [B, H, T], starts [B, T] int32); time
-past T reads as zeros, so any length works and only the scan operands are chunk-padded. Sums are
+everything but T (stored transposed, float32, [BH, N, C, C], by the forward). Inputs are read in place
+through their strides (q/k/v [B, H, T, d] with unit last stride, g/beta [B, H, T], starts [B, T] int32);
+time past T reads as zeros, so any length works and only the scan operands are chunk-padded. Sums are
 float32. For bf16 inputs, products of inputs and scores take bf16 operands (the inputs' own precision)
 and products through the WY inverse take float32 operands on TF32 tensor cores; float32 inputs use IEEE
 dots throughout. Every tile dim is >= 16 (tl.dot's minimum).
@@ -93,15 +93,21 @@ if triton is not None:
         return D, fs, te, dec, g_last
 
     @triton.jit
-    def _unit_lower_inverse(A, C: tl.constexpr):
-        """(I + A)^-1 for strictly lower A [C, C] by forward substitution, row i = e_i - A_i (rows < i)."""
+    def _unit_lower_inverse_t(A, a_ptr, C: tl.constexpr):
+        """(I + A)^-T for strictly lower A [C, C] by forward substitution: column i of the result is
+        e_i - sum_{j<i} A_ij (column j). A goes through a_ptr (a [C, C] row-major buffer of this program)
+        so that each step reads row i of A with a load, and the step's sum runs along a tile row
+        (within a warp) instead of across warps."""
         rows = tl.arange(0, C)
-        inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+        tl.store(a_ptr + rows[:, None] * C + rows[None, :], A)
+        tl.debug_barrier()
+        inv_t = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
         for i in range(1, C):
-            a_i = tl.sum(tl.where(rows[:, None] == i, A, 0.0), 0)  # row i of A, indexed by column j
-            new = tl.sum(a_i[:, None] * inv, 0)  # sum_j A_ij inv_j
-            inv = tl.where(rows[:, None] == i, inv - new[None, :], inv)
-        return inv
+            a_i = tl.load(a_ptr + i * C + rows)
+            new = tl.sum(inv_t * a_i[None, :], 1)
+            inv_t = tl.where(rows[None, :] == i, inv_t - new[:, None], inv_t)
+        tl.debug_barrier()  # every row of A read before the caller overwrites the buffer
+        return inv_t
 
     @triton.jit
     def _rev_cumsum(x):
@@ -120,8 +126,9 @@ if triton is not None:
         beta = tl.load(beta_ptr + b * sgb + h * sgh + (n * C + tl.arange(0, C)) * sgt, mask=valid,
                        other=0.0).to(tl.float32)
         k = tl.load(_seq_tile(k_ptr, b * skb + h * skh, T, DK, skt, n, 0, C, BK), boundary_check=(0, 1))
-        inv = _unit_lower_inverse(beta[:, None] * D * _mm(k, tl.trans(k), IEEE), C)
-        tl.store(_chunk_tile(tinv_ptr, base, C, C, 0, C, C), inv)
+        inv_t = _unit_lower_inverse_t(beta[:, None] * D * _mm(k, tl.trans(k), IEEE), tinv_ptr + base * C * C, C)
+        tl.store(_chunk_tile(tinv_ptr, base, C, C, 0, C, C), inv_t)
+        inv = tl.trans(inv_t)
         p_w = _chunk_tile(w_ptr, base, C, DK, 0, C, BK)
         tl.store(p_w, _mm32(inv, k * (beta * fs)[:, None], IEEE).to(p_w.dtype.element_ty), boundary_check=(0, 1))
         tl.store(_chunk_tile(kt_ptr, base, C, DK, 0, C, BK), (k * te[:, None]).to(p_w.dtype.element_ty),
@@ -209,7 +216,7 @@ if triton is not None:
         D, fs, te, dec, _ = _decays(G, seg, C, True)
         beta = tl.load(beta_ptr + b * sgb + h * sgh + (n * C + rows) * sgt, mask=valid, other=0.0).to(tl.float32)
         k = tl.load(_seq_tile(k_ptr, b * skb + h * skh, T, DK, skt, n, 0, C, BK), boundary_check=(0, 1))
-        inv_t = tl.trans(tl.load(_chunk_tile(tinv_ptr, base, C, C, 0, C, C)))
+        inv_t = tl.load(_chunk_tile(tinv_ptr, base, C, C, 0, C, C))
         dw = tl.load(_chunk_tile(dw_ptr, base, C, DK, 0, C, BK), boundary_check=(0, 1))
         d_inv = _mm32(dw, tl.trans(k * (beta * fs)[:, None]), IEEE)  # W = inv diag(beta fs) K
         dkb = _mm32(inv_t, dw, IEEE)
@@ -270,7 +277,7 @@ def _common(q_like, g, beta, starts, chunk):
 
 
 def prep_fwd(k, v, g, beta, starts, chunk: int):
-    """(W, U_v, K_t [BH, N, C, d] in k's dtype, decay [BH, N] float32, inv [BH, N, C, C] float32)."""
+    """(W, U_v, K_t [BH, N, C, d] in k's dtype, decay [BH, N] float32, T^T [BH, N, C, C] float32)."""
     k, v = _unit_last(k), _unit_last(v)
     (b, h, t, n), g, beta, st, ssb = _common(k, g, beta, starts, chunk)
     dk, dv = k.shape[-1], v.shape[-1]
