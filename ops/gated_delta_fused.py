@@ -31,10 +31,10 @@ def unsupported_reason(q: torch.Tensor, v: torch.Tensor, chunk: int) -> str | No
         return f"operands are on {q.device}; the fused kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"
     if q.dtype not in DTYPES or v.dtype != q.dtype:
         return f"dtypes {q.dtype}/{v.dtype}: expected float32 or bfloat16, the same for q, k, v"
-    if chunk < 16 or chunk & (chunk - 1) or chunk > 128:
-        return f"chunk size {chunk}: the fused kernels need a power of two in [16, 128] (tl.dot tiles)"
-    if q.shape[-1] > 256:
-        return f"key dim {q.shape[-1]} > 256 does not fit the kernels' register tile"
+    if chunk not in (16, 32, 64):
+        return f"chunk size {chunk}: the fused kernels take 16, 32 or 64 (tl.dot tiles; shared memory)"
+    if q.shape[-1] > 128:
+        return f"key dim {q.shape[-1]} > 128 does not fit the kernels' register and shared-memory tiles"
     return None
 
 

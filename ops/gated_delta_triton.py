@@ -162,8 +162,8 @@ if triton is not None:
             tl.store(p_o, o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
 
     @triton.jit
-    def _output_bwd_kernel(q_ptr, k_ptr, g_ptr, st_ptr, s_ptr, u_ptr, do_ptr, dq_ptr, dk_ptr, dg_ptr, ds_ptr, du_ptr,
-                           T, H, N, sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, ssb, sob, soh, sot,
+    def _output_bwd_kernel(q_ptr, k_ptr, g_ptr, st_ptr, s_ptr, u_ptr, do_ptr, dq_ptr, dk_ptr, dg_ptr, ds_ptr,
+                           du_ptr, T, H, N, sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, ssb, sob, soh, sot,
                            C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE: tl.constexpr):
         """dQ, dK (contiguous), dg of the output's inputs and dS_0, dU for the scan's backward."""
@@ -186,7 +186,8 @@ if triton is not None:
             dq_state += _mm(do, tl.trans(s0), IEEE)
             d_scores += _mm(do, tl.trans(u), IEEE)
             tl.store(_chunk_tile(ds_ptr, base, DK, DV, iv * BV, BK, BV), _mm(qs, do, IEEE), boundary_check=(0, 1))
-            tl.store(_chunk_tile(du_ptr, base, C, DV, iv * BV, C, BV), _mm(scores_t, do, IEEE), boundary_check=(0, 1))
+            p_du = _chunk_tile(du_ptr, base, C, DV, iv * BV, C, BV)
+            tl.store(p_du, _mm(scores_t, do, IEEE), boundary_check=(0, 1))
         d_fs = tl.sum(q * dq_state, 1)
         d_scores = d_scores * D
         dq = dq_state * fs[:, None] + _mm(d_scores, k, IEEE)
@@ -253,9 +254,14 @@ if triton is not None:
         tl.store(dbeta_ptr + bh * T + t, d_beta, mask=valid)
 
 
-def _warps(bk: int, chunk: int) -> int:
-    """Eight warps once a [C, d_k] float32 tile no longer fits four warps' registers next to the rest."""
-    return 8 if bk * chunk >= 8192 else 4
+def _meta(chunk: int, dk: int, dv: int, starts, dtype: torch.dtype) -> dict:
+    """The kernels' compile-time arguments. Eight warps once a [C, d_k] float32 tile no longer fits four
+    warps' registers next to the rest (the sm_90 build spills at four)."""
+    bk, bv = blocks(dk, dv)
+    if dtype == torch.float32 and bk >= 128:  # float32 dot operands: half the d_v tile fits shared memory
+        bv = min(bv, 32)
+    return dict(C=chunk, DK=dk, DV=dv, BK=bk, BV=bv, HAS_STARTS=starts is not None, IEEE=dtype == torch.float32,
+                num_warps=8 if bk * chunk >= 8192 else 4)
 
 
 def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
@@ -281,14 +287,12 @@ def prep_fwd(k, v, g, beta, starts, chunk: int):
     k, v = _unit_last(k), _unit_last(v)
     (b, h, t, n), g, beta, st, ssb = _common(k, g, beta, starts, chunk)
     dk, dv = k.shape[-1], v.shape[-1]
-    bk, bv = blocks(dk, dv)
     w, kt = k.new_empty(b * h, n, chunk, dk), k.new_empty(b * h, n, chunk, dk)
     uv = v.new_empty(b * h, n, chunk, dv)
     dec = k.new_empty(b * h, n, dtype=torch.float32)
     inv = k.new_empty(b * h, n, chunk, chunk, dtype=torch.float32)
     _prep_fwd_kernel[(n, b * h)](k, v, g, beta, st, w, uv, kt, dec, inv, t, h, n, *_strides3(k), *_strides3(v),
-                                 *_strides3(g), ssb, C=chunk, DK=dk, DV=dv, BK=bk, BV=bv,
-                                 HAS_STARTS=starts is not None, IEEE=k.dtype == torch.float32, num_warps=_warps(bk, chunk))
+                                 *_strides3(g), ssb, **_meta(chunk, dk, dv, starts, k.dtype))
     return w, uv, kt, dec, inv
 
 
@@ -297,12 +301,10 @@ def output_fwd(q, k, g, starts, states, u, chunk: int):
     q, k = _unit_last(q), _unit_last(k)
     (b, h, t, n), g, _, st, ssb = _common(q, g, None, starts, chunk)
     dk, dv = q.shape[-1], u.shape[-1]
-    bk, bv = blocks(dk, dv)
     o = q.new_empty(b, t, h, dv).transpose(1, 2)
     _output_fwd_kernel[(n, b * h)](q, k, g, st, states.contiguous(), u.contiguous(), o, t, h, n, *_strides3(q),
-                                   *_strides3(k), *_strides3(g), ssb, *_strides3(o), C=chunk, DK=dk, DV=dv,
-                                   BK=bk, BV=bv, HAS_STARTS=starts is not None, IEEE=q.dtype == torch.float32,
-                                   num_warps=_warps(bk, chunk))
+                                   *_strides3(k), *_strides3(g), ssb, *_strides3(o),
+                                   **_meta(chunk, dk, dv, starts, q.dtype))
     return o
 
 
@@ -312,15 +314,13 @@ def output_bwd(q, k, g, starts, states, u, do, chunk: int):
     q, k, do = _unit_last(q), _unit_last(k), _unit_last(do)
     (b, h, t, n), g, _, st, ssb = _common(q, g, None, starts, chunk)
     dk, dv = q.shape[-1], u.shape[-1]
-    bk, bv = blocks(dk, dv)
     dq, dkey = q.new_empty(b, h, t, dk), k.new_empty(b, h, t, dk)
     dg = q.new_empty(b, h, t, dtype=torch.float32)
     d_states = states.new_empty(states.shape, dtype=torch.float32)
     d_u = u.new_empty(u.shape, dtype=torch.float32)
     _output_bwd_kernel[(n, b * h)](q, k, g, st, states.contiguous(), u.contiguous(), do, dq, dkey, dg, d_states,
                                    d_u, t, h, n, *_strides3(q), *_strides3(k), *_strides3(g), ssb,
-                                   *_strides3(do), C=chunk, DK=dk, DV=dv, BK=bk, BV=bv,
-                                   HAS_STARTS=starts is not None, IEEE=q.dtype == torch.float32, num_warps=_warps(bk, chunk))
+                                   *_strides3(do), **_meta(chunk, dk, dv, starts, q.dtype))
     return dq, dkey, dg, d_states, d_u
 
 
@@ -329,11 +329,9 @@ def prep_bwd(k, v, g, beta, starts, inv, dw, duv, dkt, ddec, chunk: int):
     k, v = _unit_last(k), _unit_last(v)
     (b, h, t, n), g, beta, st, ssb = _common(k, g, beta, starts, chunk)
     dk, dv = k.shape[-1], v.shape[-1]
-    bk, bv = blocks(dk, dv)
     d_k, d_v = k.new_empty(b, h, t, dk), v.new_empty(b, h, t, dv)
     dg, d_beta = (k.new_empty(b, h, t, dtype=torch.float32) for _ in range(2))
     _prep_bwd_kernel[(n, b * h)](k, v, g, beta, st, inv, dw.contiguous(), duv.contiguous(), dkt.contiguous(),
                                  ddec.contiguous(), d_k, d_v, dg, d_beta, t, h, n, *_strides3(k), *_strides3(v),
-                                 *_strides3(g), ssb, C=chunk, DK=dk, DV=dv, BK=bk, BV=bv,
-                                 HAS_STARTS=starts is not None, IEEE=k.dtype == torch.float32, num_warps=_warps(bk, chunk))
+                                 *_strides3(g), ssb, **_meta(chunk, dk, dv, starts, k.dtype))
     return d_k, d_v, dg, d_beta
