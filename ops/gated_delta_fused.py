@@ -75,7 +75,7 @@ class _Output(torch.autograd.Function):
     def backward(ctx, do):
         q, k, g, starts, states, u = ctx.saved_tensors
         dq, dk, dg, d_states, d_u = _k.output_bwd(q, k, g, starts, states, u, do, ctx.chunk)
-        return dq, dk, dg.to(g.dtype), None, d_states.to(states.dtype), d_u.to(u.dtype), None
+        return dq, dk, dg.to(g.dtype), None, d_states, d_u, None
 
 
 def gated_delta_fused(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None,

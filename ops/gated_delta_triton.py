@@ -185,9 +185,10 @@ if triton is not None:
             do = tl.load(_seq_tile(do_ptr, b * sob + h * soh, T, DV, sot, n, iv * BV, C, BV), boundary_check=(0, 1))
             dq_state += _mm(do, tl.trans(s0), IEEE)
             d_scores += _mm(do, tl.trans(u), IEEE)
-            tl.store(_chunk_tile(ds_ptr, base, DK, DV, iv * BV, BK, BV), _mm(qs, do, IEEE), boundary_check=(0, 1))
+            p_ds = _chunk_tile(ds_ptr, base, DK, DV, iv * BV, BK, BV)
+            tl.store(p_ds, _mm(qs, do, IEEE).to(p_ds.dtype.element_ty), boundary_check=(0, 1))
             p_du = _chunk_tile(du_ptr, base, C, DV, iv * BV, C, BV)
-            tl.store(p_du, _mm(scores_t, do, IEEE), boundary_check=(0, 1))
+            tl.store(p_du, _mm(scores_t, do, IEEE).to(p_du.dtype.element_ty), boundary_check=(0, 1))
         d_fs = tl.sum(q * dq_state, 1)
         d_scores = d_scores * D
         dq = dq_state * fs[:, None] + _mm(d_scores, k, IEEE)
@@ -309,15 +310,14 @@ def output_fwd(q, k, g, starts, states, u, chunk: int):
 
 
 def output_bwd(q, k, g, starts, states, u, do, chunk: int):
-    """(dQ, dK [B, H, T, d_k] contiguous, dg [B, H, T] float32, dS_0 [BH, N, d_k, d_v], dU [BH, N, C, d_v]
-    float32)."""
+    """(dQ, dK [B, H, T, d_k] contiguous, dg [B, H, T] float32, dS_0 [BH, N, d_k, d_v] and dU [BH, N, C, d_v]
+    in the dtypes of S_0 and U: what autograd hands the scan, written once instead of cast after)."""
     q, k, do = _unit_last(q), _unit_last(k), _unit_last(do)
     (b, h, t, n), g, _, st, ssb = _common(q, g, None, starts, chunk)
     dk, dv = q.shape[-1], u.shape[-1]
     dq, dkey = q.new_empty(b, h, t, dk), k.new_empty(b, h, t, dk)
     dg = q.new_empty(b, h, t, dtype=torch.float32)
-    d_states = states.new_empty(states.shape, dtype=torch.float32)
-    d_u = u.new_empty(u.shape, dtype=torch.float32)
+    d_states, d_u = states.new_empty(states.shape), u.new_empty(u.shape)
     _output_bwd_kernel[(n, b * h)](q, k, g, st, states.contiguous(), u.contiguous(), do, dq, dkey, dg, d_states,
                                    d_u, t, h, n, *_strides3(q), *_strides3(k), *_strides3(g), ssb,
                                    *_strides3(do), **_meta(chunk, dk, dv, starts, q.dtype))
