@@ -19,6 +19,10 @@ from .state_scan import final_state, state_scan
 DTYPES = (torch.float32, torch.bfloat16)
 
 
+def triton_version() -> str:
+    return _k.triton.__version__ if _k.triton is not None else "not installed"
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -95,48 +99,3 @@ def gated_delta_fused(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None 
     if not return_final_state:
         return out
     return out, final_state(states, u, kt, dec.to(states.dtype)).view(b, h, dk, dv)
-
-
-def check_fused(q: torch.Tensor, v: torch.Tensor, chunk: int) -> None:
-    """Refuse operands the fused kernels cannot take; on CUDA, run the first-use self-check."""
-    reason = unsupported_reason(q, v, chunk)
-    if reason:
-        raise ValueError(f"gated delta kernel 'fused' cannot run here: {reason}; use a chunked-form kernel "
-                         "(torch or triton scan) or unset RAYTRON_GDN_KERNEL")
-    if q.device.type == "cuda":
-        self_check(q.device.index if q.device.index is not None else torch.cuda.current_device(), q.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def self_check(device_index: int, dtype: torch.dtype) -> None:
-    """Run a small problem (two documents, a length that is no multiple of the chunk, d_v over two
-    tiles) through the fused kernels and through the chunked PyTorch form in float64, outputs and all
-    gradients, and refuse the fused kernels if they disagree beyond the dtype's rounding."""
-    from .gated_delta import gated_delta_chunked
-
-    dev = f"cuda:{device_index}"
-    gen = torch.Generator(device=dev).manual_seed(0)
-    b, h, t, dk, dv, chunk = 2, 3, 200, 128, 80, 64
-    randn = functools.partial(torch.randn, device=dev, generator=gen)
-    q = torch.nn.functional.normalize(randn(b, h, t, dk), dim=-1) / dk ** 0.5
-    k = torch.nn.functional.normalize(randn(b, h, t, dk), dim=-1)
-    g = -0.1 * torch.rand(b, h, t, device=dev, generator=gen)
-    beta = torch.rand(b, h, t, device=dev, generator=gen)
-    starts = torch.zeros(b, t, dtype=torch.bool, device=dev)
-    starts[0, 77] = starts[1, 128] = True
-    inputs = [q, k, randn(b, h, t, dv), g, beta]
-    probe = randn(b, h, t, dv)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    results = []
-    for fn, cast in ((gated_delta_fused, dtype), (gated_delta_chunked, torch.float64)):
-        x = [y.to(cast).requires_grad_() for y in inputs]
-        out = fn(*x, chunk, starts)
-        results.append([out.detach(), *torch.autograd.grad((out.double() * probe).sum(), x)])
-    for name, fast, ref in zip(["output", "dq", "dk", "dv", "dg", "dbeta"], *results):
-        err = float((fast.double() - ref).norm() / ref.norm().clamp_min(1e-30))
-        if not err < tol:
-            raise RuntimeError(
-                f"the fused Gated DeltaNet kernels disagree with the chunked PyTorch form on this GPU "
-                f"({torch.cuda.get_device_name(device_index)}, Triton {_k.triton.__version__}, {dtype}): "
-                f"{name} has relative error {err:.2e} > {tol}; refusing to train with them. "
-                "Set RAYTRON_GDN_KERNEL=triton to use the chunked form with the Triton scan.")

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 
 from raytron.models import get_config
 from raytron.models.gated_deltanet import GatedDeltaNet
-from raytron.ops import gated_delta_fused as fused
 from raytron.ops import gated_delta_triton as kernels
-from raytron.ops.gated_delta import choose_gdn_kernel, gated_delta, gated_delta_chunked
+from raytron.ops.gated_delta import _fused_self_check, choose_gdn_kernel, gated_delta, gated_delta_chunked
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -89,4 +88,4 @@ def test_fused_self_check_refuses_when_it_disagrees(monkeypatch):
     good = kernels.prep_bwd
     monkeypatch.setattr(kernels, "prep_bwd", lambda *a: tuple(g * 1.01 for g in good(*a)))
     with pytest.raises(RuntimeError, match="refusing to train with them.*RAYTRON_GDN_KERNEL=triton"):
-        fused.self_check.__wrapped__(torch.cuda.current_device(), torch.float32)
+        _fused_self_check.__wrapped__(torch.cuda.current_device(), torch.float32)
