@@ -10,13 +10,20 @@ writing S_t = alpha_t S_{t-1} + k_t u_t^T with u_t = beta_t (v_t - alpha_t S_{t-
 one chunk solve a unit lower-triangular system
     (I + A) U = diag(beta) V - diag(beta * decay_from_state) K S_0,   A_ij = beta_i dec_ij k_i.k_j (j < i)
 so U = U_v - W S_0 with U_v, W computed for all chunks at once; only S_0 is carried chunk to chunk.
+The same math runs as fused Triton kernels on CUDA (ops/gated_delta_fused.py), `gated_delta`'s default there.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 
+from . import gated_delta_fused as fused
 from .chunking import chunk_decays, pad_to_chunks
+from .state_scan import KERNELS as SCAN_KERNELS
 from .state_scan import choose_kernel, final_state, state_scan
 
 
@@ -102,8 +109,83 @@ def gated_delta_chunked(q, k, v, g, beta, chunk: int, starts: torch.Tensor | Non
     return (out, final) if return_final_state else out
 
 
-def gated_delta(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None, **state):
-    """Training path: the chunked form with the fastest scan kernel that runs here (Triton on CUDA,
-    self-checked against the PyTorch kernel on first use; RAYTRON_SCAN_KERNEL overrides).
-    `state`: initial_state / return_final_state of gated_delta_chunked."""
-    return gated_delta_chunked(q, k, v, g, beta, chunk, starts, kernel=None, **state)
+KERNELS = ("fused",) + SCAN_KERNELS  # fused: ops/gated_delta_fused.py; else the chunked form with that scan
+_log = logging.getLogger(__name__)
+
+
+def choose_gdn_kernel(q: torch.Tensor, v: torch.Tensor, chunk: int, kernel: str | None = None) -> str:
+    """The kernel `gated_delta` runs: `kernel` if given, else RAYTRON_GDN_KERNEL if set (a name from
+    KERNELS), else the chunked form when RAYTRON_SCAN_KERNEL names a scan, else `fused` where it runs
+    (CUDA with Triton, self-checked on first use), else the chunked form with `choose_kernel`'s scan.
+    A kernel asked for by name that cannot run here is an error, never a silent fallback."""
+    kernel = kernel or os.environ.get("RAYTRON_GDN_KERNEL") or None
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"gated delta kernel {kernel!r} (argument or RAYTRON_GDN_KERNEL): expected one of "
+                         f"{', '.join(KERNELS)}")
+    if kernel == "fused" or (kernel is None and not os.environ.get("RAYTRON_SCAN_KERNEL")
+                             and q.device.type == "cuda" and fused.unsupported_reason(q, v, chunk) is None):
+        _check_fused(q, v, chunk)
+        kernel = "fused"
+    else:
+        kernel = choose_kernel(q.new_empty(1, 1, chunk, q.shape[-1]), v.new_empty(1, 1, chunk, v.shape[-1]), kernel)
+    _log_choice(kernel, q.device.type, q.dtype)
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(kernel: str, device: str, dtype: torch.dtype) -> None:
+    form = "fused Triton kernels" if kernel == "fused" else f"chunked form with the {kernel} scan"
+    _log.info("gated delta rule on %s %s: %s", device, dtype, form)
+
+
+def gated_delta(q, k, v, g, beta, chunk: int, starts: torch.Tensor | None = None, kernel: str | None = None,
+                **state):
+    """Training path: `choose_gdn_kernel`'s kernel (the fused Triton kernels on CUDA, else the chunked
+    form). `state`: initial_state / return_final_state of gated_delta_chunked."""
+    kernel = choose_gdn_kernel(q, v, chunk, kernel)
+    if kernel == "fused":
+        return fused.gated_delta_fused(q, k, v, g, beta, chunk, starts, **state)
+    return gated_delta_chunked(q, k, v, g, beta, chunk, starts, kernel=kernel, **state)
+
+
+def _check_fused(q: torch.Tensor, v: torch.Tensor, chunk: int) -> None:
+    """Refuse operands the fused kernels cannot take; on CUDA, run the first-use self-check."""
+    reason = fused.unsupported_reason(q, v, chunk)
+    if reason:
+        raise ValueError(f"gated delta kernel 'fused' cannot run here: {reason}; use a chunked-form kernel "
+                         "(torch or triton scan) or unset RAYTRON_GDN_KERNEL")
+    if q.device.type == "cuda":
+        _fused_self_check(q.device.index if q.device.index is not None else torch.cuda.current_device(), q.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_self_check(device_index: int, dtype: torch.dtype) -> None:
+    """Run a small problem (two documents, a length that is no multiple of the chunk, d_v over two
+    tiles) through the fused kernels and through the chunked PyTorch form in float64, outputs and all
+    gradients, and refuse the fused kernels if they disagree beyond the dtype's rounding."""
+    dev = f"cuda:{device_index}"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    b, h, t, dk, dv, chunk = 2, 3, 200, 128, 80, 64
+    randn = functools.partial(torch.randn, device=dev, generator=gen)
+    q = torch.nn.functional.normalize(randn(b, h, t, dk), dim=-1) / dk ** 0.5
+    k = torch.nn.functional.normalize(randn(b, h, t, dk), dim=-1)
+    g = -0.1 * torch.rand(b, h, t, device=dev, generator=gen)
+    beta = torch.rand(b, h, t, device=dev, generator=gen)
+    starts = torch.zeros(b, t, dtype=torch.bool, device=dev)
+    starts[0, 77] = starts[1, 128] = True
+    inputs = [q, k, randn(b, h, t, dv), g, beta]
+    probe = randn(b, h, t, dv)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    results = []
+    for fn, cast in ((fused.gated_delta_fused, dtype), (gated_delta_chunked, torch.float64)):
+        x = [y.to(cast).requires_grad_() for y in inputs]
+        out = fn(*x, chunk, starts)
+        results.append([out.detach(), *torch.autograd.grad((out.double() * probe).sum(), x)])
+    for name, fast, ref in zip(["output", "dq", "dk", "dv", "dg", "dbeta"], *results):
+        err = float((fast.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+        if not err < tol:
+            raise RuntimeError(
+                f"the fused Gated DeltaNet kernels disagree with the chunked PyTorch form on this GPU "
+                f"({torch.cuda.get_device_name(device_index)}, Triton {fused.triton_version()}, {dtype}): "
+                f"{name} has relative error {err:.2e} > {tol}; refusing to train with them. "
+                "Set RAYTRON_GDN_KERNEL=triton to use the chunked form with the Triton scan.")

@@ -3,11 +3,11 @@
 Stacks are raytron reference layers (no embedding / logits), bf16, batch 1:
   attention: "*-*-*-*-"   hybrid GDN: "G-G-G-*-"   hybrid Mamba2: "M-M-M-*-"  (3:1 linear:attention)
 with the hidden sizes of the `hybrid/1b` flavor. Writes benchmarks/results/hybrid_vs_attention_<gpu>.json.
-Linear-sequence stacks run once per state-scan kernel in --kernels (ops/state_scan.py: `triton`, the
-training default on CUDA, and `torch`, the same chunked math with a Python loop over chunks; `default`: no
-RAYTRON_SCAN_KERNEL, whatever the training path picks on this GPU, as the engine runs it). Mamba2 stacks under
-`default` run the fused Triton SSD kernels (ops/ssd_fused.py, the training default on CUDA); under a named scan
-kernel, the chunked PyTorch SSD form over that scan (`ssd_kernel` chunked).
+Linear-sequence stacks run once per kernel in --kernels: `default`, whatever the training path picks on this
+GPU (no kernel variable set, as the engine runs it); `fused`, the fused Triton kernels asked for by name
+(ops/gated_delta_fused.py for Gated DeltaNet, ops/ssd_fused.py for Mamba2: the training defaults on CUDA);
+`triton` or `torch`, the chunked PyTorch forms over that state-scan kernel (ops/state_scan.py; `torch` is a
+Python loop over chunks). Rows name the kernel (`scan_kernel`) and, for Mamba2 stacks, the SSD path.
 Usage (GPU): python benchmarks/models/bench_hybrid_vs_attention.py [--seqs 4096 16384 32768 65536] [--compile]
 With --study DIR/results.json the stacks are the study's full_attention, gdn_hybrid and mamba2_hybrid models
 (their solved shapes, all their layers) instead, each row carries the study sweep's whole-model tokens/s at that
@@ -87,8 +87,9 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile each stack")
-    parser.add_argument("--kernels", nargs="+", default=["triton", "torch"],
-                        help="scan kernels for G/M stacks: triton, torch or default (the training path's own choice)")
+    parser.add_argument("--kernels", nargs="+", default=["fused", "triton", "torch"],
+                        help="kernels for G/M stacks: default (the training path's own choice), fused, or a "
+                             "state-scan kernel (triton, torch) under the chunked forms")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--study", default=None, metavar="RESULTS_JSON",
                         help="time the stacks of this `raytron study` results.json and compare with its sweep")
@@ -100,10 +101,11 @@ def main() -> None:
             for kernel in (args.kernels if set(cfg.layer_pattern()) & set("GM") else [None])]
     for name, cfg, kernel in runs:
         pattern = cfg.layer_pattern()
-        named = kernel not in (None, "default")
+        fused, named = kernel == "fused", kernel not in (None, "default", "fused")
         os.environ["RAYTRON_SCAN_KERNEL"] = kernel if named else ""
-        ssd_kernel = ("chunked" if named else "default") if "M" in pattern else None
-        os.environ["RAYTRON_SSD_KERNEL"] = "chunked" if ssd_kernel == "chunked" else ""
+        os.environ["RAYTRON_GDN_KERNEL"] = "fused" if fused and "G" in pattern else ""
+        os.environ["RAYTRON_SSD_KERNEL"] = ("triton" if fused else "chunked" if named else "") if "M" in pattern else ""
+        ssd_kernel = (os.environ["RAYTRON_SSD_KERNEL"] or "default") if "M" in pattern else None
         stack = build_stack(cfg)
         if args.compile:
             stack = torch.compile(stack)
