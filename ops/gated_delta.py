@@ -23,6 +23,7 @@ import torch
 
 from . import gated_delta_fused as fused
 from .chunking import chunk_decays, pad_to_chunks
+from .self_check import isolated_autograd
 from .state_scan import KERNELS as SCAN_KERNELS
 from .state_scan import choose_kernel, final_state, state_scan
 
@@ -159,6 +160,7 @@ def _check_fused(q: torch.Tensor, v: torch.Tensor, chunk: int) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+@isolated_autograd
 def _fused_self_check(device_index: int, dtype: torch.dtype) -> None:
     """Run a small problem (two documents, a length that is no multiple of the chunk, d_v over two
     tiles) through the fused kernels and through the chunked PyTorch form in float64, outputs and all

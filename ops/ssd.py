@@ -16,6 +16,7 @@ import torch
 
 from . import ssd_fused
 from .chunking import chunk_decays, pad_to_chunks
+from .self_check import isolated_autograd
 from .state_scan import choose_kernel, final_state, state_scan
 
 
@@ -96,7 +97,7 @@ def ssd(x, dt, a, b_in, c_in, chunk: int, starts: torch.Tensor | None = None, ke
 
 
 @functools.lru_cache(maxsize=None)
-@torch.enable_grad()  # the first use may come from a forward under no_grad (evaluation)
+@isolated_autograd
 def _self_check(device_index: int, dtype: torch.dtype) -> None:
     """A small forward + backward (documents, a length that is not a multiple of the chunk, an initial
     state, two P blocks) through the fused kernels and through ssd_chunked's PyTorch path; refuse the

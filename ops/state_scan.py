@@ -31,6 +31,7 @@ import os
 import torch
 
 from . import state_scan_triton as _triton
+from .self_check import isolated_autograd
 
 KERNELS = ("reference", "torch", "triton")
 
@@ -180,6 +181,7 @@ def _check_triton(kt: torch.Tensor, uv: torch.Tensor) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+@isolated_autograd
 def _self_check(device_index: int, dtype: torch.dtype) -> None:
     """Run a small scan (with and without w, d_v spanning two blocks) through Triton and PyTorch and
     refuse the Triton kernel if outputs or gradients disagree beyond the dtype's rounding."""
