@@ -4,8 +4,9 @@ Offline (no Ray, no tensor unpickled). The answer mirrors what `restore_checkpoi
 verification: the newest committed step whose manifest has the right shape and step, whose files are all
 there with their recorded sizes and SHA-256 (every file of the step it picks is read once) and cover every
 tensor of the model, the same model/data/sample fields (the resume hash), an engine that can run the job
-(either engine loads the other's state: parallelism/engine_state.py), and a layout the job validates with. When it loads, the plan says what gets resharded. `submit --resume` runs the same check
-before Ray starts, so a run whose every checkpoint is corrupt is refused there, not in the workers.
+(either engine loads the other's state: parallelism/engine_state.py), and a layout the job validates with.
+When it loads, the plan says what gets resharded. `submit --resume` runs the same check before Ray starts,
+so a run whose every checkpoint is corrupt is refused there, not in the workers.
 URI: a run directory, its `checkpoints/` folder, one `step-NNNNNNNNN/` directory, or a step a resume set
 aside (`checkpoints/rejected/step-NNNNNNNNN-<time>/`: the plan says why it fails verification).
 """

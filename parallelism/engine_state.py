@@ -87,6 +87,8 @@ def canonical(state: dict, cfg) -> dict:
     out = {s: join_experts(state[s]) for s in TENSOR_SECTIONS if s in state}
     buffers = state.get("buffers", {})
     out["buffers"] = {name: buffers[name] for name in routing_bias_names(cfg) if name in buffers}
+    if "meta" not in state:
+        raise ValueError("checkpoint state has no 'meta' section (step counts): no writer's shard holds one")
     out["meta"] = _meta(state["meta"])
     return out
 

@@ -3,8 +3,8 @@
 Saved: every parameter's full fp32 master value and full Adam moments (`exp_avg`, `exp_avg_sq`), named
 as in the *reference* model (experts as `<layer>.mixer.w_gate#<global expert>`, stacked when the shards are
 merged), plus the optimizer step, the steps done and the routing biases: the canonical state of
-parallelism/engine_state.py, which `load_state` takes from either engine. Because nothing is stored in ZeRO's flat-partition form, the
-same checkpoint loads under any DP size, ZeRO stage 0-3, precision and EP degree: each rank picks the
+parallelism/engine_state.py, which `load_state` takes from either engine. Because nothing is stored in
+ZeRO's flat-partition form, the same checkpoint loads under any DP size, ZeRO stage 0-3, precision and EP degree: each rank picks the
 experts it holds and ZeRO re-partitions (an online reshard, no offline conversion).
 
 Where the fp32 master lives depends on the stage: ZeRO-0 in fp32 has none besides the parameter itself
@@ -74,7 +74,8 @@ def gather_state(engine) -> tuple[dict, bool]:
                 tensors[m][_key(ref, expert)] = v.detach().cpu().clone()
     if engine.rank == 0:
         buffers = dict(engine.module.named_buffers())
-        tensors["buffers"] = {n: buffers[n].detach().float().cpu().clone() for n in routing_bias_names(engine.model_cfg)}
+        tensors["buffers"] = {n: buffers[n].detach().float().cpu().clone()
+                              for n in routing_bias_names(engine.model_cfg)}
         tensors["meta"] = {"engine": "deepspeed", "optimizer_step": _optimizer_step(engine),
                            "has_moments": has_moments, "steps_done": engine.scheduler.last_epoch,
                            "global_samples": engine.engine.global_samples}

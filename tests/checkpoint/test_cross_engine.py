@@ -36,7 +36,7 @@ def test_deepspeed_save_continues_under_megatron(results, family):
     loss, norm = got["megatron_next"]
     want_loss, want_norm, _ = got["ds_continued"][0]
     assert _rel(loss, want_loss) < 1e-5 and _rel(norm, want_norm) < 1e-5, got
-    assert got["save_mismatch"] == [], f"megatron's save differs from the deepspeed state it loaded: {got['save_mismatch']}"
+    assert got["save_mismatch"] == [], f"megatron's save differs from the state it loaded: {got['save_mismatch']}"
     ds_meta, mg_meta = got["meta"]
     assert ds_meta["steps_done"] == mg_meta["steps_done"] == STEPS and mg_meta["optimizer_step"] == STEPS
     assert mg_meta["engine"] == "megatron" and ds_meta["engine"] == "deepspeed"
