@@ -1,5 +1,6 @@
-"""Cross-engine resume on CPU: a deepspeed save continues under the megatron engine, and a megatron save
-under the deepspeed engine, on the same curve (rank program: tests/checkpoint/cross_engine_ranks.py).
+"""Cross-engine resume on CPU through the launcher's save_checkpoint / restore_checkpoint: a deepspeed
+checkpoint continues under the megatron engine, and a megatron checkpoint under the deepspeed engine, on
+the same curve (rank program and what runs where: tests/checkpoint/cross_engine_ranks.py).
 
 Tolerances: the states move bit for bit (both engines keep the same reference-named fp32 tensors; only
 how experts, counters and buffers are laid out differs), so a deepspeed engine resumed from the megatron
@@ -14,6 +15,7 @@ import pytest
 
 from tests.checkpoint.ckpt_helpers import read_json, spawn_ranks
 from tests.checkpoint.cross_engine_ranks import STEPS, cross_engine_rank
+from tests.parallelism.megatron_cpu_schedule import GLOBAL
 
 CASES = [["dense", 1], ["moe", 2]]  # (family of the debug flavor, expert parallelism over 2 ranks)
 
@@ -37,6 +39,7 @@ def test_deepspeed_save_continues_under_megatron(results, family):
     want_loss, want_norm, _ = got["ds_continued"][0]
     assert _rel(loss, want_loss) < 1e-5 and _rel(norm, want_norm) < 1e-5, got
     assert got["save_mismatch"] == [], f"megatron's save differs from the state it loaded: {got['save_mismatch']}"
+    assert got["steps"] == [STEPS, STEPS] and got["cursors"] == [STEPS * GLOBAL] * 2, got
     ds_meta, mg_meta = got["meta"]
     assert ds_meta["steps_done"] == mg_meta["steps_done"] == STEPS and mg_meta["optimizer_step"] == STEPS
     assert mg_meta["engine"] == "megatron" and ds_meta["engine"] == "deepspeed"
