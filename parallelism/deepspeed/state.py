@@ -4,8 +4,8 @@ Saved: every parameter's full fp32 master value and full Adam moments (`exp_avg`
 as in the *reference* model (experts as `<layer>.mixer.w_gate#<global expert>`, stacked when the shards are
 merged), plus the optimizer step, the steps done and the routing biases: the canonical state of
 parallelism/engine_state.py, which `load_state` takes from either engine. Because nothing is stored in
-ZeRO's flat-partition form, the same checkpoint loads under any DP size, ZeRO stage 0-3, precision and EP degree: each rank picks the
-experts it holds and ZeRO re-partitions (an online reshard, no offline conversion).
+ZeRO's flat-partition form, the same checkpoint loads under any DP size, ZeRO stage 0-3, precision and EP
+degree: each rank picks the experts it holds and ZeRO re-partitions (an online reshard, no offline conversion).
 
 Where the fp32 master lives depends on the stage: ZeRO-0 in fp32 has none besides the parameter itself
 and torch's own per-parameter Adam state; ZeRO-1/2 (and DeepSpeed's bf16 optimizer) link per-parameter
@@ -113,7 +113,8 @@ def load_state(engine, state: dict) -> None:
     engine.scheduler._last_lr = [g["lr"] for g in engine.optimizer.param_groups]
     engine.engine.global_steps = meta["steps_done"]
     # a megatron checkpoint does not count samples: the steps done at this job's global batch size
-    engine.engine.global_samples = meta.get("global_samples", meta["steps_done"] * engine.spec.train.global_batch_size)
+    samples = meta.get("global_samples", meta["steps_done"] * engine.spec.train.global_batch_size)
+    engine.engine.global_samples = samples
 
 
 @torch.no_grad()
@@ -137,7 +138,6 @@ def load_params(engine, params: dict, moments: dict | None = None) -> None:
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
     _publish_zero3_params(engine)
-
 
 
 def _set_param(engine, p: torch.nn.Parameter, value: torch.Tensor, moments: dict) -> None:
@@ -208,4 +208,3 @@ def export_reference(engine) -> dict:
     if missing:
         raise RuntimeError(f"export_reference: the engine holds no tensor for {missing[:5]}")
     return out
-
