@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..parallelism.checkpoint import CheckpointError
+from ..parallelism.engine_state import split_experts
 
 SECTIONS = ("params", "exp_avg", "exp_avg_sq", "buffers")
 
@@ -27,9 +28,11 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 def state_digests(state: dict) -> dict[str, str]:
-    """{"<section>/<tensor name>": digest} over the tensor sections of a reference-named state."""
+    """{"<section>/<tensor name>": digest} over the tensor sections of a reference-named state. Experts are
+    digested one by one (`name#e`), whether a state holds them stacked or split (as deepspeed's ranks
+    gather them), so the states of both engines compare key for key."""
     return {f"{section}/{name}": tensor_digest(t)
-            for section in SECTIONS for name, t in state.get(section, {}).items()}
+            for section in SECTIONS for name, t in split_experts(state.get(section, {})).items()}
 
 
 def layout_changed(manifest: dict, layout, world: int) -> bool:

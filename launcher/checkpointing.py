@@ -31,6 +31,7 @@ import torch.distributed as dist
 from .. import __version__
 from ..data_pipeline import DataCursor
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
+from ..parallelism.engine_state import canonical
 from ..parallelism.engines import StateOps, engine_of
 from ..parallelism.schedule import schedule_of
 from ..run_dir import step_folder
@@ -52,16 +53,23 @@ def code_version() -> str:
     return f"{__version__}+{commit}" if commit else __version__
 
 
-def resume_fields(spec) -> dict:
-    """What a checkpoint must share with the job resuming it: model, data and sample shape.
-    Layout, step count, learning-rate schedule and resources may change across a resume."""
+def resume_fields(spec, engine: str | None = None) -> dict:
+    """What a checkpoint must share with the job resuming it: model, data and sample shape, recorded with
+    the engine that wrote it (`engine`: that engine in place of the job's, to compare across engines).
+    Layout, engine, step count, learning-rate schedule and resources may change across a resume."""
     d = spec.to_dict()
-    return {"engine": d["engine"], "model": d["model"], "data": d["data"],
+    return {"engine": engine or d["engine"], "model": d["model"], "data": d["data"],
             "seq_len": d["train"]["seq_len"], "seed": d["train"]["seed"]}
 
 
-def resume_hash(spec) -> str:
-    return hashlib.sha256(json.dumps(resume_fields(spec), sort_keys=True).encode()).hexdigest()[:16]
+def resume_hash(spec, engine: str | None = None) -> str:
+    return hashlib.sha256(json.dumps(resume_fields(spec, engine), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_config(manifest: dict, spec) -> bool:
+    """Whether `spec` trains the model/data config of the checkpoint `manifest`, under whichever engine:
+    both engines' states convert into each other (parallelism/engine_state.py)."""
+    return manifest.get("config_hash") == resume_hash(spec, manifest.get("engine"))
 
 
 def build_manifest(spec, layout, world: int, model_cfg, cursor: DataCursor, metrics: dict | None) -> dict:
@@ -248,17 +256,19 @@ def restore_checkpoint(engine, store: CheckpointStore, spec, rank: int,
     if choice[0] is None:
         return 0, DataCursor(0)
     step, manifest = choice[0]
-    if manifest["config_hash"] != resume_hash(spec):
+    if not same_config(manifest, spec):
         raise CheckpointError(
             f"checkpoint step {step} was written by a different model/data config "
-            f"(hash {manifest['config_hash']} != {resume_hash(spec)}); resume with the run's own config")
+            f"(hash {manifest['config_hash']} != {resume_hash(spec, manifest.get('engine'))}); resume with the "
+            "run's own config")
     shards = [store.read_shard(step, name, manifest) for name in sorted(manifest["files"])
               if name.startswith("state-")]
     ops = state_ops(engine)
-    state = ops.merge(shards)
+    state = canonical(ops.merge(shards), engine.model_cfg)  # either engine's checkpoint, in one form
     ops.load(engine, state)
     world = dist.get_world_size()
-    if canary == "always" or (canary == "auto" and layout_changed(manifest, engine.layout, world)):
+    if canary == "always" or (canary == "auto" and (layout_changed(manifest, engine.layout, world)
+                                                    or manifest.get("engine") != spec.engine)):
         canary_restore(engine, state_ops(engine).gather(engine)[0], state, step, manifest, world)
     rng_name = f"rng-{rank:05d}.pt"
     if manifest["world_size"] == world and rng_name in manifest["files"]:

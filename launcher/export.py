@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import posixpath
-import re
 import sys
 from typing import Any
 
@@ -34,8 +33,6 @@ from ..parallelism.checkpoint import CheckpointError, CheckpointStore
 from ..run_dir import STEP_PATTERN, RunDir
 from .exit_codes import EXIT_INVALID
 from ..parallelism.engines import engine_names
-
-_EXPERT_KEY = re.compile(r"^(.*)#(\d+)$")
 
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
@@ -216,41 +213,30 @@ def write_atomic(out: str, tensors: dict[str, torch.Tensor], metadata: dict[str,
 
 
 def reference_state(store: CheckpointStore, step: int, manifest: dict) -> dict[str, torch.Tensor]:
-    # Both engines store full tensors in reference names (parallelism/deepspeed/state.py, megatron/state.py);
-    # DeepSpeed's experts come one by one (`name#e`), megatron's already stacked.
+    """The reference model's state dict from a committed step of either engine, read as the canonical engine
+    state (parallelism/engine_state.py: experts stacked, routing biases among the buffers)."""
+    from .. import models
+    from ..parallelism.engine_state import merge_state
+
     engine = manifest.get("engine")
     if engine not in engine_names():
         raise CheckpointError(f"step {step}: export of {engine!r} checkpoints is not supported")
-    params: dict[str, torch.Tensor] = {}
-    for name in sorted(n for n in manifest["files"] if n.startswith("state-")):
-        shard = store.read_shard(step, name, manifest)
-        params.update(shard.get("params", {}))
-        # sigmoid routers' aux-loss-free bias: model state the engines save among their buffers
-        params.update({n: t for n, t in shard.get("buffers", {}).items() if n.endswith("router.expert_bias")})
-    return to_reference(params, manifest["model"], step)
+    shards = [store.read_shard(step, name, manifest) for name in sorted(manifest["files"]) if name.startswith("state-")]
+    try:
+        state = merge_state(shards, models.ModelConfig(**manifest["model"]))
+    except ValueError as exc:
+        raise CheckpointError(f"step {step}: {exc}") from None
+    return to_reference({**state.get("params", {}), **state["buffers"]}, manifest["model"], step)
 
 
 def to_reference(params: dict[str, torch.Tensor], model_cfg: dict, step: int) -> dict[str, torch.Tensor]:
-    """Reference-named engine tensors (experts one by one) -> the reference model's full state dict,
-    checked name by name and shape by shape against the model the manifest describes."""
+    """Reference-named engine tensors (experts stacked) -> the reference model's full state dict, checked
+    name by name and shape by shape against the model the manifest describes."""
     from .. import models
 
     with torch.device("meta"):
         reference = models.Transformer(models.ModelConfig(**model_cfg)).state_dict(keep_vars=False)
-    experts: dict[str, dict[int, torch.Tensor]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in params.items():
-        m = _EXPERT_KEY.match(key)
-        if m:
-            experts.setdefault(m.group(1), {})[int(m.group(2))] = value
-        else:
-            out[key] = value.float()
-    for name, per_expert in experts.items():
-        count = reference[name].shape[0] if name in reference else len(per_expert)
-        missing = sorted(set(range(count)) - set(per_expert))
-        if missing:
-            raise CheckpointError(f"step {step}: {name} lacks experts {missing} (a shard is missing?)")
-        out[name] = torch.stack([per_expert[e].float() for e in range(count)])
+    out = {name: value.float() for name, value in params.items()}
     for name, ref in reference.items():
         if name not in out and name.endswith("router.expert_bias"):
             out[name] = torch.zeros(ref.shape, dtype=ref.dtype)

@@ -3,9 +3,10 @@
 Offline (no Ray, no tensor unpickled). The answer mirrors what `restore_checkpoint` will do, with the same
 verification: the newest committed step whose manifest has the right shape and step, whose files are all
 there with their recorded sizes and SHA-256 (every file of the step it picks is read once) and cover every
-tensor of the model, the same model/data/sample fields (the resume hash), the same engine, and a layout the
-job validates with. When it loads, the plan says what gets resharded. `submit --resume` runs the same check
-before Ray starts, so a run whose every checkpoint is corrupt is refused there, not in the workers.
+tensor of the model, the same model/data/sample fields (the resume hash), an engine that can run the job
+(either engine loads the other's state: parallelism/engine_state.py), and a layout the job validates with.
+When it loads, the plan says what gets resharded. `submit --resume` runs the same check before Ray starts,
+so a run whose every checkpoint is corrupt is refused there, not in the workers.
 URI: a run directory, its `checkpoints/` folder, one `step-NNNNNNNNN/` directory, or a step a resume set
 aside (`checkpoints/rejected/step-NNNNNNNNN-<time>/`: the plan says why it fails verification).
 """
@@ -99,24 +100,44 @@ def _diff(old, new, path: str = "") -> list[str]:
 
 
 def _compatibility(manifest: dict, spec, plan: ResumePlan) -> None:
-    from .checkpointing import resume_fields, resume_hash
+    from ..parallelism.engines import engine_names
+    from .checkpointing import resume_fields, resume_hash, same_config
 
-    if manifest.get("engine") != spec.engine:
-        plan.reasons.append(f"engine change {manifest.get('engine')} -> {spec.engine}: a checkpoint loads only "
-                            f"into the engine that wrote it (export it to safetensors to start anew)")
+    old = manifest.get("engine")
+    if old not in engine_names():
+        plan.reasons.append(f"the checkpoint's engine {old!r} is not an engine of this build "
+                            f"({', '.join(engine_names())}): its state has no known conversion")
         return
-    if manifest.get("config_hash") != resume_hash(spec):
-        changed = _diff(manifest.get("resume_fields"), resume_fields(spec)) if "resume_fields" in manifest else []
+    if not same_config(manifest, spec):
+        changed = _diff(manifest.get("resume_fields"), resume_fields(spec, old)) if "resume_fields" in manifest else []
         plan.reasons.append("different model/data config (resume hash "
-                            f"{manifest.get('config_hash')} != {resume_hash(spec)})"
+                            f"{manifest.get('config_hash')} != {resume_hash(spec, old)})"
                             + (": " + "; ".join(changed) if changed else ""))
+    elif old != spec.engine:
+        _engine_change(old, spec, plan)
+
+
+def _engine_change(old: str, spec, plan: ResumePlan) -> None:
+    """Refuse an engine change to an engine that cannot run the job (the state itself converts)."""
+    from ..parallelism.layout import model_config_from_spec
+    from ..parallelism.layout_rules import engine_gaps
+
+    gaps = engine_gaps(spec, model_config_from_spec(spec))
+    if gaps:
+        field, reason = gaps[0]
+        plan.reasons.append(f"engine change {old} -> {spec.engine}: engine {spec.engine} cannot run this job "
+                            f"({field}: {reason})")
 
 
 def _reshard(manifest: dict, layout, num_experts: int, engine: str) -> list[str]:
     from ..parallelism.engines import get_engine
 
     old, new = manifest["layout"], layout.to_dict()
-    out = get_engine(engine).reshard_notes(old, new)  # tensor, pipeline, context parallel cuts
+    out = []
+    if manifest.get("engine") != engine:
+        out.append(f"engine {manifest.get('engine')} -> {engine}: the same reference-named fp32 weights, Adam "
+                   "moments, routing biases and step count, converted (parallelism/engine_state.py)")
+    out += get_engine(engine).reshard_notes(old, new)  # tensor, pipeline, context parallel cuts
     if old["world_size"] != new["world_size"]:
         out.append(f"workers {old['world_size']} -> {new['world_size']}: per-rank RNG streams are reseeded")
     if num_experts and old["ep"] != new["ep"]:

@@ -1,10 +1,11 @@
 """Layout-independent checkpoint state of the deepspeed engine.
 
 Saved: every parameter's full fp32 master value and full Adam moments (`exp_avg`, `exp_avg_sq`), named
-as in the *reference* model (experts as `<layer>.mixer.w_gate#<global expert>`), plus the optimizer step,
-scheduler position and router buffers. Because nothing is stored in ZeRO's flat-partition form, the
-same checkpoint loads under any DP size, ZeRO stage 0-3, precision and EP degree: each rank picks the
-experts it holds and ZeRO re-partitions (an online reshard, no offline conversion).
+as in the *reference* model (experts as `<layer>.mixer.w_gate#<global expert>`, stacked when the shards are
+merged), plus the optimizer step, the steps done and the routing biases: the canonical state of
+parallelism/engine_state.py, which `load_state` takes from either engine. Because nothing is stored in
+ZeRO's flat-partition form, the same checkpoint loads under any DP size, ZeRO stage 0-3, precision and EP
+degree: each rank picks the experts it holds and ZeRO re-partitions (an online reshard, no offline conversion).
 
 Where the fp32 master lives depends on the stage: ZeRO-0 in fp32 has none besides the parameter itself
 and torch's own per-parameter Adam state; ZeRO-1/2 (and DeepSpeed's bf16 optimizer) link per-parameter
@@ -18,20 +19,13 @@ data-parallel group, so every rank calls it for every parameter in the same orde
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from ... import models
 from ..checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
+from ..engine_state import MOMENTS, canonical, join_experts, routing_bias_names, split_experts
+from ..engine_state import expert_key as _key
 from .moe import reference_name
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
-_STACKED = re.compile(r"\.mixer\.(w_gate|w_up|w_down)$")  # MoE experts; dense SwiGLU names end in .weight
-
-
-def _key(name: str, expert: int | None) -> str:
-    return name if expert is None else f"{name}#{expert}"
 
 
 def _torch_optimizer(engine) -> torch.optim.Optimizer:
@@ -79,10 +73,11 @@ def gather_state(engine) -> tuple[dict, bool]:
             for m, v in moments.items():
                 tensors[m][_key(ref, expert)] = v.detach().cpu().clone()
     if engine.rank == 0:
-        tensors["buffers"] = {n: b.detach().cpu().clone() for n, b in engine.module.named_buffers()}
-        tensors["meta"] = {"optimizer_step": _optimizer_step(engine), "has_moments": has_moments,
-                           "scheduler_last_epoch": engine.scheduler.last_epoch,
-                           "global_steps": engine.engine.global_steps,
+        buffers = dict(engine.module.named_buffers())
+        tensors["buffers"] = {n: buffers[n].detach().float().cpu().clone()
+                              for n in routing_bias_names(engine.model_cfg)}
+        tensors["meta"] = {"engine": "deepspeed", "optimizer_step": _optimizer_step(engine),
+                           "has_moments": has_moments, "steps_done": engine.scheduler.last_epoch,
                            "global_samples": engine.engine.global_samples}
     return tensors, engine.rank == 0 or (is_first_replica and engine.num_moe_layers > 0)
 
@@ -100,20 +95,26 @@ def _optimizer_step(engine) -> int:
 
 @torch.no_grad()
 def load_state(engine, state: dict) -> None:
-    """Load a merged reference-named state into this rank's engine (any DP/EP layout, ZeRO stage)."""
+    """Load a merged reference-named state of either engine (parallelism/engine_state.py) into this rank's
+    engine (any DP/EP layout, ZeRO stage)."""
+    state = canonical(state, engine.model_cfg)
     meta = state["meta"]
     if meta["has_moments"]:
         _init_optimizer_state(engine, meta["optimizer_step"])
-    load_params(engine, state["params"], {m: state[m] for m in MOMENTS} if meta["has_moments"] else None)
+    sections = ("params", *MOMENTS) if meta["has_moments"] else ("params",)
+    tensors = {s: split_experts(state[s]) for s in sections}
+    load_params(engine, tensors["params"], {m: tensors[m] for m in MOMENTS} if meta["has_moments"] else None)
     for name, buf in engine.module.named_buffers():
-        if name in state.get("buffers", {}):
+        if name in state["buffers"]:
             buf.copy_(state["buffers"][name])
-    engine.scheduler.last_epoch = meta["scheduler_last_epoch"]
+    engine.scheduler.last_epoch = meta["steps_done"]
     for group in engine.optimizer.param_groups:
         group["lr"] = group["initial_lr"] * engine.scheduler.lr_lambdas[0](engine.scheduler.last_epoch)
     engine.scheduler._last_lr = [g["lr"] for g in engine.optimizer.param_groups]
-    engine.engine.global_steps = meta["global_steps"]
-    engine.engine.global_samples = meta["global_samples"]
+    engine.engine.global_steps = meta["steps_done"]
+    # a megatron checkpoint does not count samples: the steps done at this job's global batch size
+    samples = meta.get("global_samples", meta["steps_done"] * engine.spec.train.global_batch_size)
+    engine.engine.global_samples = samples
 
 
 @torch.no_grad()
@@ -137,17 +138,6 @@ def load_params(engine, params: dict, moments: dict | None = None) -> None:
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
     _publish_zero3_params(engine)
-
-
-def split_experts(ref_state: dict) -> dict:
-    """A reference state dict with stacked experts ([experts, ...] `mixer.w_gate`) -> experts one by one."""
-    out = {}
-    for name, value in ref_state.items():
-        if _STACKED.search(name):
-            out.update({_key(name, e): v for e, v in enumerate(value.unbind(0))})
-        else:
-            out[name] = value
-    return out
 
 
 def _set_param(engine, p: torch.nn.Parameter, value: torch.Tensor, moments: dict) -> None:
@@ -217,18 +207,4 @@ def export_reference(engine) -> dict:
     missing = sorted(set(reference) - set(out))
     if missing:
         raise RuntimeError(f"export_reference: the engine holds no tensor for {missing[:5]}")
-    return out
-
-
-def join_experts(state: dict) -> dict:
-    """Inverse of `split_experts`: experts one by one (`name#e`) -> stacked [experts, ...] tensors."""
-    out, experts = {}, {}
-    for key, value in state.items():
-        name, sep, expert = key.partition("#")
-        if sep:
-            experts.setdefault(name, {})[int(expert)] = value
-        else:
-            out[key] = value
-    for name, per_expert in experts.items():
-        out[name] = torch.stack([per_expert[e] for e in sorted(per_expert)])
     return out

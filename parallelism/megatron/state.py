@@ -3,7 +3,8 @@
 Saved: every reference parameter's full fp32 master value and full Adam moments (`exp_avg`,
 `exp_avg_sq`) under its *reference* name (MoE experts stay stacked `[E, ...]` as in the reference
 model), plus the optimizer step, the engine's step count and the routing biases of sigmoid routers
-(`buffers`, reference names, as the deepspeed engine saves them). Nothing is stored in megatron's TP/PP/EP
+(`buffers`, reference names): the canonical state of parallelism/engine_state.py, which `load_state`
+takes from either engine. Nothing is stored in megatron's TP/PP/EP
 shard or distributed-optimizer bucket form, so a checkpoint loads under any TP/PP/EP/CP/DP layout:
 `load_state` cuts the reference tensors with the weight mapping (parallelism/megatron/mapping.py) and
 each rank takes its distributed-optimizer range.
@@ -37,10 +38,10 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import merge_shards  # noqa: F401 - part of the engine-state contract
+from ..engine_state import MOMENTS, canonical, routing_bias_names
 from .kernels import new_step_counter
 from .mapping import Piece, to_megatron, unwrapped_buffers
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 SECTIONS = ("params", *MOMENTS)
 
 
@@ -184,14 +185,6 @@ def _snapshot_biases(engine) -> dict[str, torch.Tensor]:
             for chunk, names in zip(engine.chunks, engine.buffers) for name, ref in names.items()}
 
 
-def _reference_biases(engine) -> list[str]:
-    """Reference names of every routing bias the model holds in this engine (all pipeline stages)."""
-    if engine.model_cfg.router != "sigmoid":
-        return []
-    pattern = engine.model_cfg.layer_pattern()
-    return [f"layers.{i}.mixer.router.expert_bias" for i, kind in enumerate(pattern) if kind == "E"]
-
-
 @torch.no_grad()
 def assemble_state(engine, snapshot: dict, group=None) -> tuple[dict, bool]:
     """Full reference-named fp32 state on rank 0 (empty sections elsewhere) from every rank's snapshot,
@@ -231,7 +224,7 @@ def assemble_state(engine, snapshot: dict, group=None) -> tuple[dict, bool]:
                 for k, m in enumerate(MOMENTS, start=1):
                     tensors[m][ref_name] = host[k].clone()
     biases = {}
-    for ref_name in _reference_biases(engine):  # one holder contributes, the others add zeros: exact
+    for ref_name in routing_bias_names(engine.model_cfg):  # one holder contributes, the others add zeros: exact
         out = torch.zeros(engine.model_cfg.num_experts, dtype=torch.float32, device=device)
         if ref_name in snapshot.get("biases", {}):
             out.copy_(snapshot["biases"][ref_name])
@@ -261,8 +254,10 @@ def gather_state(engine, group=None) -> tuple[dict, bool]:
 
 @torch.no_grad()
 def load_state(engine, state: dict) -> None:
-    """Load a merged reference-named state into this rank's engine (any TP/PP/EP/CP/DP layout): the
-    model's bf16 weights, this rank's fp32 master range and Adam moments, the step counters."""
+    """Load a merged reference-named state of either engine (parallelism/engine_state.py) into this rank's
+    engine (any TP/PP/EP/CP/DP layout): the model's bf16 weights, this rank's fp32 master range and Adam
+    moments, the step counters."""
+    state = canonical(state, engine.model_cfg)
     meta = state["meta"]
     ranges = _param_ranges(engine)
     needed = set(_reference_shapes(engine))

@@ -76,14 +76,16 @@ def corrupt_restore_rank(rank: int, world: int, root: str, name: str, job: dict,
     engine = worker.build_engine(spec, layout, rank, world)
     store = CheckpointStore(f"{spec.run_uri}/checkpoints")
     real_ops = checkpointing.state_ops
-    key = "layers.1.mixer.w_gate#0"  # layer 1 is the first MoE layer of moe/debug
+    key = "layers.1.mixer.w_gate"  # layer 1 is the first MoE layer of moe/debug; experts stacked [E, ...]
 
     def corrupting_ops(eng):
         ops = real_ops(eng)
 
         def load(e, state):
-            if rank == 0:
-                state = {**state, "params": {**state["params"], key: state["params"][key] + 1e-3}}
+            if rank == 0:  # expert 0 only: the canary names it `name#0`
+                altered = state["params"][key].clone()
+                altered[0] += 1e-3
+                state = {**state, "params": {**state["params"], key: altered}}
             return ops.load(e, state)
 
         return dataclasses.replace(ops, load=load)

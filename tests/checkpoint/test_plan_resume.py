@@ -42,7 +42,11 @@ TABLE = [
     ({"train.global_batch_size": 16}, True, ["global batch 8 -> 16"]),
     ({"resources.workers": 3, "layout.ep": 3, "train.global_batch_size": 12}, False, ["layout.ep", "experts"]),
     ({"resources.workers": 8, "layout.ep": 8, "train.micro_batch_size": 1}, False, ["layout.ep", "experts"]),
-    ({"engine": "megatron", "layout.zero_stage": 1}, False, ["engine change deepspeed -> megatron"]),
+    ({"engine": "megatron", "layout.zero_stage": 1}, False, ["megatron engine runs on GPUs only"]),
+    ({"engine": "megatron", "resources.use_gpu": True, "layout.zero_stage": 1}, True,
+     ["engine deepspeed -> megatron: the same reference-named fp32 weights", "canary restore"]),
+    ({"engine": "megatron", "resources.use_gpu": True, "layout.zero_stage": 1, "model.overrides": "{num_layers: 4}"},
+     False, ["model.overrides.num_layers: None -> 4"]),
     ({"model.overrides": "{num_layers: 4}"}, False, ["model.overrides.num_layers: None -> 4"]),
     ({"train.seq_len": 128}, False, ["seq_len: 64 -> 128"]),
     ({"data.max_documents": 200}, False, ["data.max_documents: 120 -> 200"]),
@@ -72,6 +76,21 @@ def test_megatron_tp_to_pp_change_is_a_reshard_not_as_saved(tmp_path):
     text = format_plan(plan)
     assert plan.ok and "as saved" not in text, text
     assert "tp 2 -> 1, pp 1 -> 2: every shard is cut anew" in text and "canary restore" in text, text
+
+
+def test_engine_change_back_and_refusals(tmp_path):
+    """megatron -> deepspeed loads (the state converts); an engine change to an engine that cannot run the
+    job is refused naming the field, in both directions."""
+    run = fake_checkpoint(tmp_path, "tp2", workers=2, ep=1, **MEGATRON, **{"layout.tp": 2})
+    plan = plan_resume(load_job(tmp_path, "ds", 2, 1, 10), run)
+    text = format_plan(plan)
+    assert plan.ok and "engine megatron -> deepspeed" in text and "tp 2 -> 1" in text, text
+    plan = plan_resume(load_job(tmp_path, "ds", 2, 1, 10, **{"train.precision": "fp8"}), run)
+    assert not plan.ok and "engine deepspeed cannot run this job (train.precision" in format_plan(plan)
+    bias = {"model.overrides": "{bias_update_rate: 0.001}"}  # softmax scores with a routing bias
+    run = fake_checkpoint(tmp_path, "biased", workers=2, ep=2, **bias)
+    plan = plan_resume(load_job(tmp_path, "m", 2, 2, 10, **MEGATRON, **bias), run)
+    assert not plan.ok and "engine megatron cannot run this job (model.overrides.bias_update_rate" in format_plan(plan)
 
 
 def test_back_from_ep4_to_ep2(tmp_path):

@@ -26,7 +26,8 @@ def _commit(run_uri: str, step: int = 2) -> None:
     model = models.build("moe", "debug")
     store = CheckpointStore(f"{run_uri}/checkpoints")
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    state = {"params": params, "buffers": {}, "meta": {"engine": "megatron", "optimizer_step": step}}
+    meta = {"engine": "megatron", "optimizer_step": step, "has_moments": False, "steps_done": step}
+    state = {"params": params, "buffers": {}, "meta": meta}
     rec = store.write_shard(step, "state-00000.pt", state)
     store.commit(step, [rec], {"engine": "megatron", "model": dataclasses.asdict(model.cfg)})
 
