@@ -5,7 +5,6 @@ raytron's tokenizer decodes from the same ids."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -32,7 +32,7 @@ def make_run(root: Path, name: str, family: str, flavor: str = "debug", **overri
     model = models.build(family, flavor, **overrides)
     store = CheckpointStore(f"{run}/checkpoints")
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    rec = store.write_shard(2, "state-00000.pt", {"params": params, "buffers": {}, "meta": {}})
+    rec = store.write_shard(2, "state-00000.pt", {"params": params, "buffers": {}, "meta": {"steps_done": 2}})
     store.commit(2, [rec], {"engine": "megatron", "model": dataclasses.asdict(model.cfg)})
     return run, model.eval()
 

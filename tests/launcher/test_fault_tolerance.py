@@ -214,7 +214,7 @@ def test_ctrl_c_to_the_driver_preempts_the_run_and_resume_continues_bitwise(env,
                 driver.wait(30)
         text = log_path.read_text()
         assert code == 3, text[-4000:]
-        assert "stopped by SIGINT to the driver" in text and f"--name ctrlc --resume" in text, text[-4000:]
+        assert "stopped by SIGINT to the driver" in text and "--name ctrlc --resume" in text, text[-4000:]
         out = outcome(run)
         assert out["status"] == "preempted" and [a["status"] for a in out["attempts"]] == ["preempted"]
         attempts = read_attempts(str(run))
