@@ -33,7 +33,7 @@ runs=/tmp/hybrid_runs; rm -rf "$runs"
 budget=${HYBRID_BUDGET_S:-540}; parts=" ${PARTS:-layers whole submit} "
 reserve=0; [[ $parts == *" submit "* ]] && reserve=180  # what phase 3 needs after phase 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpus.csv" 2>&1
-(git rev-parse HEAD 2>/dev/null || echo "${RAYTRON_COMMIT:-unknown}") > "$out/commit.txt"
+echo "${RAYTRON_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" > "$out/commit.txt"  # the device copy's .git may be stale
 echo "[]" > "$out/timeline.json"
 phase() {  # job name, timeout s, log file, command...: runs it, appends {job, start_s, end_s, rc, limit_s} to timeline.json
   local job=$1 limit=$2 log=$3 start=$SECONDS; shift 3
