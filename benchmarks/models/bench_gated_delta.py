@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from raytron.ops.gated_delta import gated_delta
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # timing.py, also under `python -P`
+from timing import median_seconds  # noqa: E402
 
 
 def time_kernel(kernel: str, seq: int, heads: int, dim: int, chunk: int, steps: int) -> float:
@@ -25,15 +29,8 @@ def time_kernel(kernel: str, seq: int, heads: int, dim: int, chunk: int, steps: 
     beta = torch.rand(1, heads, seq, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     starts = (torch.arange(seq, device="cuda") % 2048 == 0)[None]
     starts[:, 0] = False
-    times = []
-    for i in range(steps + 2):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        gated_delta(q, k, v, g, beta, chunk, starts, kernel=kernel).float().square().mean().backward()
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return median_seconds(lambda: gated_delta(q, k, v, g, beta, chunk, starts, kernel=kernel).float().square()
+                          .mean().backward(), steps)
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import os
 import pathlib
-import time
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from raytron.models import get_config
 from raytron.models.config import ModelConfig
 from raytron.models.flops import flops_per_token
 from raytron.models.transformer import Layer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # timing.py, also under `python -P`
+from timing import median_seconds  # noqa: E402
 
 STACKS = {"attention": "*-*-*-*-", "hybrid-gdn": "G-G-G-*-", "hybrid-mamba2": "M-M-M-*-"}
 STUDY_FAMILIES = {"attention": "full_attention", "hybrid-gdn": "gdn_hybrid", "hybrid-mamba2": "mamba2_hybrid"}
@@ -71,15 +74,7 @@ def build_stack(cfg: ModelConfig) -> nn.Module:
 def time_stack(stack: nn.Module, dim: int, seq: int, steps: int) -> float:
     """Median seconds of one forward + backward over `steps` timed runs (after 2 warm-ups)."""
     x = torch.randn(1, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    times = []
-    for i in range(steps + 2):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        stack(x).float().square().mean().backward()
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return median_seconds(lambda: stack(x).float().square().mean().backward(), steps)
 
 
 def main() -> None:

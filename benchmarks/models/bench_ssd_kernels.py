@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import os
 
 import torch
@@ -15,6 +16,9 @@ import torch.nn.functional as F
 
 from raytron.models import get_config
 from raytron.ops.ssd import ssd
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # timing.py, also under `python -P`
+from timing import median_seconds  # noqa: E402
 
 
 def time_ssd(kernel: str, seq: int, heads: int, head_dim: int, state: int, chunk: int, steps: int) -> float:
@@ -28,16 +32,8 @@ def time_ssd(kernel: str, seq: int, heads: int, head_dim: int, state: int, chunk
     starts = torch.zeros(1, seq, dtype=torch.bool, device=dev)
     starts[:, 1000::1000] = True
     probe = torch.randn_like(x)
-    times = []
-    for i in range(steps + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        (ssd(x, dt, a, b_in, c_in, chunk, starts, kernel=kernel) * probe).sum().backward()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return 1e3 * median_seconds(lambda: (ssd(x, dt, a, b_in, c_in, chunk, starts, kernel=kernel) * probe).sum()
+                                .backward(), steps)
 
 
 def main() -> None:

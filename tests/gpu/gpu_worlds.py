@@ -37,6 +37,16 @@ def shard(items: list, text: str, weight=lambda item: 1.0) -> list:
     return [item for pos, item in enumerate(items) if owner[pos] == index]
 
 
+def results_dir(*parts: str):
+    """Where the GPU tests write what they ran (RAYTRON_GPU_RESULTS, else tests/gpu/results/local), with
+    `parts` below it; created."""
+    from pathlib import Path
+
+    path = Path(os.environ.get("RAYTRON_GPU_RESULTS", Path(__file__).parent / "results" / "local"), *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def records_dir() -> str:
     """RAYTRON_GPU_RECORDS=<folder>: the GPU test modules judge the raw records already in that folder
     (written by the programs, e.g. by scripts/gpu_suite.py running them in shards side by side) instead

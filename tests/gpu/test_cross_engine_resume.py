@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.gpu.gpu_worlds import selected
+from tests.gpu.gpu_worlds import results_dir, selected
 
 pytestmark = pytest.mark.gpu
 CROSS_ATOL = 5e-2
@@ -31,8 +31,7 @@ ROOT = Path(__file__).parents[2]
 def folder() -> Path:
     if not torch.cuda.is_available() or not selected(1):
         pytest.skip("the cross-engine submit needs 1 CUDA GPU and world 1 among RAYTRON_GPU_WORLDS")
-    out = Path(os.environ.get("RAYTRON_GPU_RESULTS", Path(__file__).parent / "results" / "local")) / "cross_engine"
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir("cross_engine")
     subprocess.run(["bash", str(ROOT / "scripts" / "gpu_cross_engine_submit.sh")], env=dict(os.environ, OUT=str(out)),
                    timeout=300, check=False)
     return out

@@ -8,7 +8,6 @@ within SAME_ATOL when the layout is unchanged, within RESHARD_ATOL (bf16 reducti
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.gpu.gpu_worlds import gpu_count, load_records, records_dir, selected as _selected
+from tests.gpu.gpu_worlds import gpu_count, load_records, records_dir, results_dir, selected as _selected
 from tests.gpu.megatron_checkpoint import CASES, K
 
 pytestmark = pytest.mark.gpu
@@ -30,8 +29,7 @@ def results() -> dict:
         return load_records(records_dir(), "megatron_checkpoint_w*.jsonl", lambda r: r["case"])
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    out_dir = Path(os.environ.get("RAYTRON_GPU_RESULTS", Path(__file__).parent / "results" / "local"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir()
     out: dict = {}
     for world in sorted({w for w, *_ in CASES.values()}):
         if world > torch.cuda.device_count() or not _selected(world):

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.gpu.gpu_worlds import gpu_count, load_records, records_dir, selected as _selected
+from tests.gpu.gpu_worlds import gpu_count, load_records, records_dir, results_dir, selected as _selected
 from tests.gpu.megatron_equivalence import LAYOUTS, VARIANTS  # the torchrun program beside this file
 
 pytestmark = pytest.mark.gpu
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.gpu
 LOSS_ATOL, GRAD_RTOL, CURVE_ATOL = 2e-2, 5e-2, 5e-2
 PROGRAM = Path(__file__).with_name("megatron_equivalence.py")
 CASES = [(name, fam) for name, (_, _, families) in LAYOUTS.items() for fam in families]
-
-
-def _results_dir() -> Path:
-    path = Path(os.environ.get("RAYTRON_GPU_RESULTS", Path(__file__).parent / "results" / "local"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _world_groups(worlds: list[int], gpus: int) -> list[list[int]]:
@@ -65,13 +59,13 @@ def results() -> dict:
     for group in _world_groups(worlds, len(gpus)):
         running, first = [], 0
         for i, world in enumerate(group):
-            path = _results_dir() / f"megatron_equivalence_w{world}.jsonl"
+            path = results_dir() / f"megatron_equivalence_w{world}.jsonl"
             path.unlink(missing_ok=True)
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
                    f"--master_port={29533 + i}", str(PROGRAM), "--out", str(path)]
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(gpus[first:first + world]))
             first += world
-            log = open(_results_dir() / f"megatron_equivalence_w{world}.log", "w")
+            log = open(results_dir() / f"megatron_equivalence_w{world}.log", "w")
             running.append((path, log, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
         for path, log, proc in running:
             try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.gpu.gpu_worlds import gpu_count, records_dir
+from tests.gpu.gpu_worlds import gpu_count, records_dir, results_dir
 
 pytestmark = pytest.mark.gpu
 SAME_ATOL, RESHARD_ATOL = 1e-3, 2e-2
@@ -33,8 +33,7 @@ def submit_dir() -> Path:
         found = gpu_count() if torch.cuda.is_available() else 0
         pytest.skip(f"raytron submit with cluster_configs/gpu_megatron_2gpu.yaml (EP2 over NCCL) needs 2 CUDA GPUs, "
                     f"found {found}; RAYTRON_GPU_RECORDS=<folder> judges the comparisons of an earlier GPU run")
-    out = Path(os.environ.get("RAYTRON_GPU_RESULTS", Path(__file__).parent / "results" / "local")) / "submit"
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir("submit")
     subprocess.run(["bash", str(ROOT / "scripts" / "gpu_megatron_submit.sh")], env=dict(os.environ, OUT=str(out)),
                    timeout=900, check=False)
     return out
