@@ -96,17 +96,20 @@ def _save_record(out: str, record: dict) -> None:
 
 
 def _state(spec) -> tuple[str, int | None]:
-    """('new' | 'partial' | 'completed', last committed step) of a family's run directory."""
+    """('new' | 'partial' | 'completed', last committed step) of a family's run directory. A run whose
+    outcome says it completed at train.steps is completed even when its checkpoints were removed since
+    (to free disk, or a study directory carried to another machine without them): what the study
+    measures of it (metrics, sweep) is in its small records."""
     from ..parallelism.checkpoint import CheckpointStore
 
     run = spec.run_dir
     if not storage.exists(run.config):
         return "new", None
-    steps = CheckpointStore(run.checkpoints).committed_steps()
-    last = max(steps) if steps else None
     outcome = json.loads(storage.read_bytes(run.outcome)) if storage.exists(run.outcome) else {}
-    done = outcome.get("status") == "completed" and last == spec.train.steps
-    return ("completed" if done else "partial"), last
+    if outcome.get("status") == "completed" and outcome.get("last_checkpoint") == spec.train.steps:
+        return "completed", spec.train.steps
+    steps = CheckpointStore(run.checkpoints).committed_steps()
+    return "partial", (max(steps) if steps else None)
 
 
 def _with_interrupt(spec, step: int):
@@ -177,19 +180,21 @@ def train_families(plans, out: str, record: dict, interrupt, address, deadline: 
 
 
 def _sweep(plan: FamilyPlan, study, out: str) -> list[dict]:
-    """The family's throughput sweep, cached in its run directory (a resumed study does not redo it)."""
+    """The family's throughput sweep, cached in its run directory with the settings that timed it (a resumed
+    study does not redo it; a study whose sweep settings changed does)."""
+    from ..typed import to_dict
     from .study_measure import sweep_family
 
     path = plan.spec.run_dir.study_sweep
-    seqs = sorted({*study.contexts, plan.spec.train.seq_len})
+    key = {"seqs": sorted({*study.contexts, plan.spec.train.seq_len}), "sweep": to_dict(study.sweep)}
     if storage.exists(path):
         cached = json.loads(storage.read_bytes(path))
-        if [r["seq"] for r in cached] == seqs:
-            return cached
-    print(f"[study] sweep {plan.name}: forward+backward at contexts {seqs}", flush=True)
-    rows = sweep_family(plan.cfg, seqs, study.sweep, study.mode, plan.spec.resources.torch_threads,
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return cached["rows"]
+    print(f"[study] sweep {plan.name}: forward+backward at contexts {key['seqs']}", flush=True)
+    rows = sweep_family(plan.cfg, key["seqs"], study.sweep, study.mode, plan.spec.resources.torch_threads,
                         plan.spec.train.seed)
-    storage.write_bytes_atomic(path, json.dumps(rows, indent=1).encode())
+    storage.write_bytes_atomic(path, json.dumps({"key": key, "rows": rows}, indent=1).encode())
     return rows
 
 

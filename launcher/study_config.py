@@ -67,13 +67,19 @@ class SweepSpec:
     """Untimed forward+backward passes per family and context before timing."""
     repeats: int = 3
     """Timed forward+backward passes per family and context (the median is reported)."""
-    batch: int = 1
-    """Sequences per timed pass."""
+    tokens: int | None = None
+    """Tokens per timed pass: a context of `seq` tokens runs max(1, tokens // seq) sequences, so every context
+    does the same work per pass (one short sequence would time kernel launches, not the model). Default: the
+    longest swept context."""
 
     def validate(self, path: str) -> None:
-        for name in ("repeats", "batch"):
-            check(getattr(self, name) >= 1, f"{path}.{name}", f"got {getattr(self, name)}; must be >= 1")
+        check(self.repeats >= 1, f"{path}.repeats", f"got {self.repeats}; must be >= 1")
+        check(self.tokens is None or self.tokens >= 1, f"{path}.tokens", f"got {self.tokens}; must be >= 1")
         check(self.warmup >= 0, f"{path}.warmup", f"got {self.warmup}; must be >= 0")
+
+    def batch(self, seq: int, longest: int) -> int:
+        """Sequences per pass at context `seq` when the longest swept context is `longest`."""
+        return max(1, (self.tokens or longest) // seq)
 
 
 @dataclass(frozen=True)
@@ -263,7 +269,8 @@ def load_study(path: str, mode: str | None = None) -> tuple[StudySpec, JobSpec, 
 
 def study_fingerprint(study: StudySpec, base: JobSpec, plans: list[FamilyPlan]) -> str:
     """What makes two studies' families the same runs (not the output place): the configs and every
-    family's solved model."""
-    record = {"study": to_dict(study), "base": {**base.to_dict(), "checkpoint": None, "name": None},
+    family's solved model. The sweep and claims settings are left out: they change how trained families are
+    timed and judged, not what they trained (a changed sweep is re-measured, see study._sweep)."""
+    record = {"study": {k: v for k, v in to_dict(study).items() if k not in ("sweep", "claims")}, "base": {**base.to_dict(), "checkpoint": None, "name": None},
               "models": {p.name: to_dict(p.spec.model) for p in plans}}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -4,7 +4,7 @@ per-family summary of a finished run's metrics.jsonl.
 
 Timing follows benchmarks/models/bench_hybrid_vs_attention.py: warm-ups, then the median of timed
 forward+backward passes (synchronized on CUDA). Here the whole model runs (embedding and logits
-included) with a cross-entropy loss, at batch `sweep.batch`.
+included) with a cross-entropy loss, on the same tokens per pass at every context (`sweep.tokens`).
 """
 
 from __future__ import annotations
@@ -68,12 +68,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_context(model: torch.nn.Module, cfg: ModelConfig, seq: int, sweep, device: torch.device) -> dict:
-    """Median seconds of one forward+backward at context `seq`, tokens/s and peak memory in bytes
-    (CUDA: max allocated, parameters included; CPU: live tensor storage created during the pass plus
+def measure_context(model: torch.nn.Module, cfg: ModelConfig, seq: int, batch: int, sweep, device: torch.device
+                    ) -> dict:
+    """Median seconds of one forward+backward of `batch` sequences at context `seq`, tokens/s and peak memory
+    in bytes (CUDA: max allocated, parameters included; CPU: live tensor storage created during the pass plus
     the parameters)."""
     gen = torch.Generator().manual_seed(seq)
-    tokens = torch.randint(0, cfg.vocab_size, (sweep.batch, seq + 1), generator=gen).to(device)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(device)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     times = []
     try:
@@ -97,13 +98,13 @@ def measure_context(model: torch.nn.Module, cfg: ModelConfig, seq: int, sweep, d
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
-        return {"seq": seq, "error": "out of memory"}
+        return {"seq": seq, "batch": batch, "error": "out of memory"}
     except RuntimeError as exc:  # e.g. a kernel that cannot compile at this length: the other contexts still run
         model.zero_grad(set_to_none=True)
-        return {"seq": seq, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+        return {"seq": seq, "batch": batch, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
     model.zero_grad(set_to_none=True)
     seconds = sorted(times)[len(times) // 2]
-    return {"seq": seq, "seconds": seconds, "tokens_per_s": sweep.batch * seq / seconds, "peak_mem_bytes": peak,
+    return {"seq": seq, "batch": batch, "seconds": seconds, "tokens_per_s": batch * seq / seconds, "peak_mem_bytes": peak,
             "flops_per_token": flops_per_token(cfg, seq)["total"]}
 
 
@@ -118,7 +119,7 @@ def sweep_family(cfg: ModelConfig, seqs: list[int], sweep, mode: str, threads: i
         model = Transformer(cfg).to(device)
         if mode == "gpu":
             model = model.bfloat16()
-        return [measure_context(model, cfg, seq, sweep, device) for seq in seqs]
+        return [measure_context(model, cfg, seq, sweep.batch(seq, max(seqs)), sweep, device) for seq in seqs]
     finally:
         torch.set_num_threads(old_threads)
         if mode == "gpu":

@@ -127,7 +127,7 @@ def render_report(results: dict, study) -> str:
              f"tokens = {results['validation']['bytes']:,} UTF-8 bytes.", "",
              "## Quality and training cost", "",
              "| family | pattern | dim | active / total params | val loss | ppl | bits/byte | tokens/s | MFU "
-             "| peak mem (fwd+bwd @ seq_len) | wall |",
+             "| peak mem (sweep pass @ seq_len) | wall |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, f in fams.items():
         lines.append(f"| {name} | `{FAMILIES[name][0]}` x{len(f['pattern']) // len(FAMILIES[name][0])} | "
@@ -143,7 +143,8 @@ def render_report(results: dict, study) -> str:
             error = " ".join(f["error"].split()).replace("|", "\\|")
             lines.append(f"| {name} | {_fmt_opt(f['wall_s'], '.0f')} s | {error[:400]} |")
     seqs = list(study.contexts)
-    lines += ["", "## Forward+backward throughput by context (tokens/s; peak memory)", "",
+    tokens = study.sweep.tokens or max(seqs)
+    lines += ["", f"## Forward+backward throughput by context (tokens/s; peak memory), {tokens:,} tokens per pass", "",
               "| family | " + " | ".join(str(s) for s in seqs) + " |", "|---|" + "---|" * len(seqs)]
     for name, f in fams.items():
         cells = [f"{r['tokens_per_s']:,.0f} ({_fmt_bytes(r['peak_mem_bytes'])})" if "seconds" in r else r["error"]

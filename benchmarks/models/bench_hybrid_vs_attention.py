@@ -1,6 +1,6 @@
 """Tokens/s (forward + backward) of one hybrid layer stack vs one attention stack, at 4K/16K/32K/64K.
 
-Stacks are raytron reference layers (no embedding / logits), bf16, batch 1:
+Stacks are raytron reference layers (no embedding / logits), bf16, batch 1 (with --study: the study sweep's):
   attention: "*-*-*-*-"   hybrid GDN: "G-G-G-*-"   hybrid Mamba2: "M-M-M-*-"  (3:1 linear:attention)
 with the hidden sizes of the `hybrid/1b` flavor. Writes benchmarks/results/hybrid_vs_attention_<gpu>.json.
 Linear-sequence stacks run once per kernel in --kernels: `default`, whatever the training path picks on this
@@ -11,7 +11,7 @@ Python loop over chunks). Rows name the kernel (`scan_kernel`) and, for Mamba2 s
 Usage (GPU): python benchmarks/models/bench_hybrid_vs_attention.py [--seqs 4096 16384 32768 65536] [--compile]
 With --study DIR/results.json the stacks are the study's full_attention, gdn_hybrid and mamba2_hybrid models
 (their solved shapes, all their layers) instead, each row carries the study sweep's whole-model tokens/s at that
-context and their ratio, and the agreement table is appended to DIR/report.md: with a byte-sized vocabulary
+context and their ratio (each context timed at the sequences per pass the study's sweep used), and the agreement table is appended to DIR/report.md: with a byte-sized vocabulary
 the embedding and logits cost next to nothing, so the two measurements should agree within timing noise.
 """
 
@@ -39,8 +39,8 @@ STUDY_FAMILIES = {"attention": "full_attention", "hybrid-gdn": "gdn_hybrid", "hy
 AGREEMENT = 0.15  # |bench / study - 1| counted as agreeing: the spread of repeated short timings on one GPU
 
 
-def stack_configs(study_results: str | None) -> dict[str, tuple[ModelConfig, dict[int, float]]]:
-    """Stack name -> (model config, {context: study sweep tokens/s}); hybrid/1b shapes without a study."""
+def stack_configs(study_results: str | None) -> dict[str, tuple[ModelConfig, dict[int, dict]]]:
+    """Stack name -> (model config, {context: study sweep row}); hybrid/1b shapes without a study."""
     if study_results is None:
         return {name: (get_config("hybrid", "1b", pattern=pattern), {}) for name, pattern in STACKS.items()}
     families = json.loads(pathlib.Path(study_results).read_text())["families"]
@@ -48,7 +48,7 @@ def stack_configs(study_results: str | None) -> dict[str, tuple[ModelConfig, dic
     if missing:
         raise SystemExit(f"--study {study_results}: no measured {', '.join(missing)} in it (failed or not run)")
     return {name: (ModelConfig(**families[fam]["model"]),
-                   {r["seq"]: r["tokens_per_s"] for r in families[fam]["sweep"] if "tokens_per_s" in r})
+                   {r["seq"]: r for r in families[fam]["sweep"] if "tokens_per_s" in r})
             for name, fam in STUDY_FAMILIES.items()}
 
 
@@ -71,9 +71,9 @@ def build_stack(cfg: ModelConfig) -> nn.Module:
     return nn.Sequential(*(Layer(kind, cfg) for kind in cfg.layer_pattern())).cuda().bfloat16()
 
 
-def time_stack(stack: nn.Module, dim: int, seq: int, steps: int) -> float:
-    """Median seconds of one forward + backward over `steps` timed runs (after 2 warm-ups)."""
-    x = torch.randn(1, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+def time_stack(stack: nn.Module, dim: int, seq: int, steps: int, batch: int = 1) -> float:
+    """Median seconds of one forward + backward of `batch` sequences over `steps` timed runs (after 2 warm-ups)."""
+    x = torch.randn(batch, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     return median_seconds(lambda: stack(x).float().square().mean().backward(), steps)
 
 
@@ -105,24 +105,26 @@ def main() -> None:
         if args.compile:
             stack = torch.compile(stack)
         for seq in args.seqs:
-            row = dict(stack=name, pattern=pattern, scan_kernel=kernel, ssd_kernel=ssd_kernel, seq=seq)
+            study_row = configs[name][1].get(seq)
+            batch = study_row.get("batch", 1) if study_row else 1
+            row = dict(stack=name, pattern=pattern, scan_kernel=kernel, ssd_kernel=ssd_kernel, seq=seq, batch=batch)
             try:
-                seconds = time_stack(stack, cfg.dim, seq, args.steps)
+                seconds = time_stack(stack, cfg.dim, seq, args.steps, batch)
             except torch.OutOfMemoryError:
                 rows.append(dict(row, error="out of memory"))
                 torch.cuda.empty_cache()
                 continue
             flops = flops_per_token(cfg, seq)
             layer_flops = flops["total"] - flops["output"]  # MFU convention, layers only
-            rows.append(dict(row, seconds=seconds, tokens_per_s=seq / seconds,
-                             tflops_per_s=layer_flops * seq / seconds / 1e12))
-            study_tps = configs[name][1].get(seq)
-            if study_tps:
-                rows[-1].update(study_tokens_per_s=study_tps, ratio=rows[-1]["tokens_per_s"] / study_tps)
+            rows.append(dict(row, seconds=seconds, tokens_per_s=batch * seq / seconds,
+                             tflops_per_s=layer_flops * batch * seq / seconds / 1e12))
+            if study_row:
+                rows[-1].update(study_tokens_per_s=study_row["tokens_per_s"],
+                                ratio=rows[-1]["tokens_per_s"] / study_row["tokens_per_s"])
             print(json.dumps(rows[-1]), flush=True)
         del stack
         torch.cuda.empty_cache()
-    result = dict(gpu=gpu, torch=torch.__version__, dtype="bfloat16", batch=1, compile=args.compile, study=args.study,
+    result = dict(gpu=gpu, torch=torch.__version__, dtype="bfloat16", compile=args.compile, study=args.study,
                   flops_convention="megatron (causal scores halved, matmuls only, layers only)", rows=rows)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""How a study treats a family that does not complete (runs replaced by recorded outcomes, no Ray): a failed
+"""How a study treats what its directory holds (runs replaced by recorded outcomes, no Ray): a failed
 run or an error raised before training is recorded and the next family trains; a preempted run stops the
 study; past --time-limit the families left are reported as not run; the report lists the failed ones."""
 
@@ -84,3 +84,52 @@ def test_report_lists_failed_families(plans):
         "claims": {"c": ("not measurable here", "needs full_attention")}}
     report = render_report(results, spec_study)
     assert "## Failed families" in report and "| moe | 12 s | failed: rank 0 \\| died at step 3 |" in report
+
+
+def test_completed_family_without_checkpoints_is_not_retrained(plans, tmp_path, monkeypatch):
+    """A study directory carried without its checkpoints (another machine, or disk freed): a family whose
+    outcome says it completed at train.steps is kept; one that stopped earlier resumes."""
+    _, plans = plans
+    done, stopped_early = plans[0].spec, plans[1].spec
+    for spec, last in ((done, done.train.steps), (stopped_early, done.train.steps - 1)):
+        Path(spec.run_dir.config).parent.mkdir(parents=True, exist_ok=True)
+        Path(spec.run_dir.config).write_text("name: x\n")
+        Path(spec.run_dir.outcome).write_text(json.dumps({"status": "completed" if spec is done else "failed",
+                                                          "last_checkpoint": last}))
+    resumed = {}
+    started = fake_runs(monkeypatch, {})
+    original = driver.run_job
+    monkeypatch.setattr(driver, "run_job", lambda spec, resume=False, address=None: (
+        resumed.__setitem__(spec.name, resume), original(spec, resume, address))[1])
+    failed, _ = study.train_families(plans[:2], str(tmp_path), {"wall_s": {}}, None, None)
+    assert started == [plans[1].name] and resumed == {plans[1].name: True} and not failed
+
+
+def test_sweep_remeasured_only_when_its_settings_change(plans, monkeypatch):
+    from raytron.launcher import study_measure
+
+    spec_study, plans = plans
+    calls = []
+    monkeypatch.setattr(study_measure, "sweep_family", lambda cfg, seqs, sweep, *a: calls.append(sweep) or [
+        {"seq": s, "batch": sweep.batch(s, max(seqs)), "seconds": 1.0, "tokens_per_s": float(s)} for s in seqs])
+    Path(plans[0].spec.run_dir.study_sweep).parent.mkdir(parents=True, exist_ok=True)
+    Path(plans[0].spec.run_dir.study_sweep).write_text(json.dumps([{"seq": 256}]))  # an older cache's format
+    rows = study._sweep(plans[0], spec_study, "unused")
+    assert len(calls) == 1 and study._sweep(plans[0], spec_study, "unused") == rows and len(calls) == 1
+    longest = max(spec_study.contexts)
+    assert [r["batch"] for r in rows] == [longest // r["seq"] for r in rows]
+    other = dataclasses.replace(spec_study, sweep=dataclasses.replace(spec_study.sweep, tokens=4 * longest))
+    assert [r["batch"] for r in study._sweep(plans[0], other, "unused")] == [4 * longest // r["seq"] for r in rows]
+    assert len(calls) == 2
+
+
+def test_fingerprint_covers_training_not_timing(plans):
+    from raytron.launcher.study_config import study_fingerprint
+
+    spec_study, plans = plans
+    _, base, _ = load_study(str(ROOT / "cluster_configs" / "study_cpu.yaml"))
+    fp = study_fingerprint(spec_study, base, plans)
+    timing = dataclasses.replace(spec_study, sweep=dataclasses.replace(spec_study.sweep, tokens=7, repeats=5),
+                                 claims=dataclasses.replace(spec_study.claims, comparable_ppl=0.5))
+    assert study_fingerprint(timing, base, plans) == fp
+    assert study_fingerprint(dataclasses.replace(spec_study, layers=spec_study.layers + 1), base, plans) != fp
