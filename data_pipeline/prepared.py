@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import DataError
 from .indexed import IndexedTokens, bin_path, idx_path
-from .storage import fs_and_path
+from .storage import exists, read_bytes
 
 INDEXED = "indexed"
 _SCAN_CHUNK = 1 << 24  # tokens per max() pass: bounded memory on a multi-GB .bin
@@ -35,28 +35,28 @@ def indexed_prefix(uri: str, format: str) -> str | None:
         return strip_suffix(uri)
     if format != "auto" or any(c in uri for c in "*?[") or uri.startswith("builtin://"):
         return None
-    fs, path = fs_and_path(idx_path(uri))
     try:
-        return uri if fs.exists(path) else None
+        return uri if exists(idx_path(uri)) else None
+    except DataError:
+        raise  # no filesystem opens this URI (an unknown scheme): named here, against the source
     except Exception:  # noqa: BLE001 - an unreachable store: the source check names it later
         return None
 
 
 def check_prefix_exists(prefix: str, where: str) -> None:
     for path in (idx_path(prefix), bin_path(prefix)):
-        fs, p = fs_and_path(path)
-        if not fs.exists(p):
+        if not exists(path):
             raise DataError(f"{where}: prepared dataset file not found: {path} (a prepared source is a prefix "
                             f"with .bin and .idx, as `raytron data prepare --out PREFIX` writes)")
 
 
 def recorded_tokenizer(prefix: str) -> dict | None:
     """The tokenizer record of `<prefix>.summary.json`, or None when there is none (megatron's prefixes)."""
-    fs, path = fs_and_path(prefix + ".summary.json")
-    if not fs.exists(path):
+    summary = prefix + ".summary.json"
+    if not exists(summary):
         return None
     try:
-        record = json.loads(fs.cat_file(path)).get("tokenizer")
+        record = json.loads(read_bytes(summary)).get("tokenizer")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
         raise DataError(f"{prefix}.summary.json is not a prepare summary ({exc}); delete it to have the ids "
                         f"checked against the vocabulary instead") from None

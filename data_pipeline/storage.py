@@ -10,8 +10,8 @@ from .. import storage
 from ..storage import StorageError, infer_compression, is_local, join, local_scratch_root, open_atomic
 from .errors import DataError
 
-__all__ = ["fs_and_path", "exists", "read_bytes", "write_bytes_atomic", "infer_compression", "is_local", "join",
-           "local_scratch_root", "open_atomic"]
+__all__ = ["fs_and_path", "exists", "isfile", "list_names", "read_bytes", "write_bytes_atomic", "infer_compression",
+           "is_local", "join", "local_scratch_root", "open_atomic"]
 
 
 def _data_errors(fn):
@@ -26,5 +26,7 @@ def _data_errors(fn):
 
 fs_and_path = _data_errors(storage.fs_and_path)
 exists = _data_errors(storage.exists)
+isfile = _data_errors(storage.isfile)
+list_names = _data_errors(storage.list_names)
 read_bytes = _data_errors(storage.read_bytes)
 write_bytes_atomic = _data_errors(storage.write_bytes_atomic)

@@ -22,7 +22,7 @@ import tempfile
 import numpy as np
 
 from .errors import DataError
-from .storage import fs_and_path, join
+from .storage import join, write_bytes_atomic
 
 BYTE = "byte"
 HF_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -106,10 +106,9 @@ class Tokenizer(abc.ABC):
             with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
                 json.dump({k: v for k, v in config.items() if v is not None}, f, indent=1)
             self._check_saved(tmp)
-            fs, path = fs_and_path(directory)
-            fs.makedirs(path, exist_ok=True)
-            for name in HF_FILES:
-                fs.put_file(os.path.join(tmp, name), join(path, name))
+            for name in HF_FILES:  # each appears whole or not at all
+                with open(os.path.join(tmp, name), "rb") as f:
+                    write_bytes_atomic(join(directory, name), f.read())
 
     def _check_saved(self, directory: str) -> None:
         from transformers import AutoTokenizer

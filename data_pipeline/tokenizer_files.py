@@ -27,7 +27,7 @@ import os
 import numpy as np
 
 from .errors import DataError
-from .storage import fs_and_path, join
+from .storage import exists, isfile, join, list_names, read_bytes
 from .tokenizer import Tokenizer, native_threads
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -42,27 +42,25 @@ KINDS_HELP = ("use `byte`, a tokenizer.json, a directory holding one (transforme
 
 
 def load_tokenizer_file(uri: str) -> Tokenizer:
-    fs, path = fs_and_path(uri)
     try:
-        if not fs.exists(path):
+        if not exists(uri):
             raise DataError(f"tokenizer not found: {uri}; {KINDS_HELP}")
-        if fs.isdir(path):
-            return _load_directory(uri, fs, path)
-        with fs.open(path, "rb") as f:
-            data = f.read()
+        if not isfile(uri):
+            return _load_directory(uri)
+        data = read_bytes(uri)
     except PermissionError as exc:
         raise DataError(f"no permission to read tokenizer {uri}: {exc}") from None
     return _load_bytes(uri, data, config={})
 
 
-def _load_directory(uri: str, fs, path: str) -> Tokenizer:
-    names = {os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+def _load_directory(uri: str) -> Tokenizer:
+    names = set(list_names(uri))
     config = {}
     if "tokenizer_config.json" in names:
-        config = _json(uri, fs.cat_file(join(path, "tokenizer_config.json")), "tokenizer_config.json")
+        config = _json(uri, read_bytes(join(uri, "tokenizer_config.json")), "tokenizer_config.json")
     for name in ("tokenizer.json", "tokenizer.model"):
         if name in names:
-            return _load_bytes(join(uri, name), fs.cat_file(join(path, name)), config)
+            return _load_bytes(join(uri, name), read_bytes(join(uri, name)), config)
     raise DataError(f"tokenizer directory {uri} holds neither tokenizer.json nor tokenizer.model; {KINDS_HELP}")
 
 
@@ -225,10 +223,9 @@ class TiktokenTokenizer(Tokenizer):
         ranks_uri = doc["tiktoken_ranks"]
         if "://" not in ranks_uri and not os.path.isabs(ranks_uri):
             ranks_uri = join(uri.rsplit("/", 1)[0], ranks_uri) if "/" in uri else ranks_uri
-        fs, path = fs_and_path(ranks_uri)
-        if not fs.exists(path):
+        if not exists(ranks_uri):
             raise DataError(f"tiktoken descriptor {uri}: tiktoken_ranks file not found: {ranks_uri}")
-        ranks = _parse_ranks(fs.cat_file(path))
+        ranks = _parse_ranks(read_bytes(ranks_uri))
         if ranks is None:
             raise DataError(f"tiktoken descriptor {uri}: {ranks_uri} is not a tiktoken ranks file "
                             f"(`<base64 token> <rank>` per line)")

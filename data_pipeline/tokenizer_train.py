@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 from .errors import DataError
 from .prepare import resolve_all
 from .sources import ReadStats, read_documents
-from .storage import fs_and_path, join
+from .storage import exists, join
 
 EOD_TOKEN, BOS_TOKEN = "<|endoftext|>", "<|startoftext|>"
 MIN_VOCAB = 256 + 2  # every byte, plus EOD and BOS
@@ -35,8 +35,7 @@ def train_bpe(sources: Sequence, vocab_size: int, out_dir: str, *, force: bool =
 
     if vocab_size < MIN_VOCAB:
         raise DataError(f"--vocab-size must be >= {MIN_VOCAB} (256 bytes + EOD + BOS), got {vocab_size}")
-    fs, path = fs_and_path(out_dir)
-    clash = [n for n in HF_FILES if fs.exists(join(path, n))]
+    clash = [n for n in HF_FILES if exists(join(out_dir, n))]
     if clash and not force:
         raise DataError(f"{out_dir} already holds {', '.join(clash)}; pass --force to overwrite")
     files = resolve_all(sources)

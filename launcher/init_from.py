@@ -10,10 +10,9 @@ state dict, which each engine loads with its own `load_reference` when no checkp
 from __future__ import annotations
 
 import json
-import posixpath
 import struct
 
-from ..storage import fs_and_path
+from .. import storage
 from ..config.strict_yaml import ConfigError
 
 FIELD = "model.init_from"
@@ -28,10 +27,8 @@ _HEADER_MAX = 100 * 2**20  # safetensors' own limit on a header
 
 
 def _read_json(uri: str, what: str) -> dict:
-    fs, path = fs_and_path(uri)
     try:
-        with fs.open(path, "rb") as f:
-            return json.loads(f.read())
+        return json.loads(storage.read_bytes(uri))
     except FileNotFoundError:
         raise ConfigError(FIELD, f"{uri} not found: {what}") from None
     except (OSError, ValueError) as exc:
@@ -39,13 +36,12 @@ def _read_json(uri: str, what: str) -> dict:
 
 
 def weight_files(root: str) -> list[str]:
-    """The safetensors files of a checkpoint directory: those its index names, else every *.safetensors."""
-    fs, path = fs_and_path(root)
-    index = posixpath.join(path, "model.safetensors.index.json")
-    if fs.exists(index):
-        names = sorted(set(_read_json(f"{root.rstrip('/')}/model.safetensors.index.json", "")["weight_map"].values()))
-        return [posixpath.join(path, n) for n in names]
-    files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".safetensors"))
+    """The URIs of the safetensors files of a checkpoint directory: those its index names, else every
+    *.safetensors."""
+    index = storage.join(root, "model.safetensors.index.json")
+    if storage.exists(index):
+        return [storage.join(root, n) for n in sorted(set(_read_json(index, "")["weight_map"].values()))]
+    files = [storage.join(root, n) for n in storage.list_names(root) if n.endswith(".safetensors")]
     if not files:
         raise ConfigError(FIELD, f"{root} holds no *.safetensors file (.bin checkpoints are not read: they unpickle "
                                  f"code); convert it with transformers' save_pretrained(safe_serialization=True)")
@@ -54,11 +50,10 @@ def weight_files(root: str) -> list[str]:
 
 def header_shapes(root: str) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape over every safetensors file of `root`, from their headers only."""
-    fs, _ = fs_and_path(root)
     shapes: dict[str, tuple[int, ...]] = {}
     for path in weight_files(root):
         try:
-            with fs.open(path, "rb") as f:
+            with storage.open_file(path) as f:
                 (size,) = struct.unpack("<Q", f.read(8))
                 if size > _HEADER_MAX:
                     raise ValueError(f"header of {size} bytes")
@@ -139,9 +134,7 @@ def reference_state(root: str, job_cfg) -> dict:
 
     from ..models.hf_format import from_hf_state
 
-    fs, _ = fs_and_path(root)
     tensors = {}
     for path in weight_files(root):
-        with fs.open(path, "rb") as f:
-            tensors.update(safetensors.torch.load(f.read()))
+        tensors.update(safetensors.torch.load(storage.read_bytes(path)))
     return from_hf_state(job_cfg, tensors)

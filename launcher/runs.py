@@ -144,15 +144,27 @@ def _local_run_uri(root: str, name: str) -> str:
     return RunDir.under(root, name).uri
 
 
-def _job_for(client, ref: str):
-    """The job a NAME|JOB argument means: a submission id, else the newest job of run NAME."""
+def _local_run(root: str, name: str) -> RunSummary:
+    """The run NAME under ROOT; a ValueError (exit 2, `_refusals_exit_2`) when there is none."""
+    summary = read_run(_local_run_uri(root, name))
+    if summary is None:
+        raise ValueError(f"no run named {name!r} under {root}")
+    return summary
+
+
+def _job_for(client, ref: str, address: str):
+    """The job a NAME|JOB argument means: a submission id, else the newest job of run NAME; a ValueError
+    (exit 2, `_refusals_exit_2`) when neither is on the cluster at `address`."""
     jobs = find_jobs(client, ref)
     if jobs:
         return jobs[-1]
     try:
-        return client.get_job_info(ref)
+        job = client.get_job_info(ref)
     except Exception:  # noqa: BLE001 - unknown id
-        return None
+        job = None
+    if job is None:
+        raise ValueError(f"no job or run named {ref!r} on {address}")
+    return job
 
 
 def run_runs(args: argparse.Namespace) -> int:
@@ -169,10 +181,7 @@ def run_status(args: argparse.Namespace) -> int:
         return run_runs(args)
     if args.address:
         client = jobs_client(args.address)
-        job = _job_for(client, args.ref)
-        if job is None:
-            print(f"raytron: error: no job or run named {args.ref!r} on {args.address}", file=sys.stderr)
-            return 2
+        job = _job_for(client, args.ref, args.address)
         name = (job.metadata or {}).get(RUN_KEY, args.ref)
         summary = _readable((job.metadata or {}).get(URI_KEY, ""))
         print(f"run:        {name}\njob:        {job.submission_id}\nstate:      {job.status}")
@@ -184,10 +193,7 @@ def run_status(args: argparse.Namespace) -> int:
             print(f"ended:      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(job.end_time / 1000))}")
         print(f"entrypoint: {job.entrypoint}")
     else:
-        summary = read_run(_local_run_uri(args.root, args.ref))
-        if summary is None:
-            print(f"raytron: error: no run named {args.ref!r} under {args.root}", file=sys.stderr)
-            return 2
+        summary = _local_run(args.root, args.ref)
         print(f"run:        {summary.name}\nstate:      {summary.state}")
     if summary:
         print(f"run dir:    {summary.run_uri}\nstep:       {summary.step}/{summary.steps}\n"
@@ -197,20 +203,14 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_logs(args: argparse.Namespace) -> int:
     if not args.address:
-        summary = read_run(_local_run_uri(args.root, args.name))
-        if summary is None:
-            print(f"raytron: error: no run named {args.name!r} under {args.root}", file=sys.stderr)
-            return 2
+        summary = _local_run(args.root, args.name)
         # A local run's console went to the terminal that ran it; its record is metrics.jsonl.
         metrics = RunDir(summary.run_uri).metrics
         if storage.exists(metrics):
             sys.stdout.write(storage.read_bytes(metrics).decode())
         return 0
     client = jobs_client(args.address)
-    job = _job_for(client, args.name)
-    if job is None:
-        print(f"raytron: error: no job or run named {args.name!r} on {args.address}", file=sys.stderr)
-        return 2
+    job = _job_for(client, args.name, args.address)
     if args.follow:
         return follow(client, job.submission_id)
     sys.stdout.write(client.get_job_logs(job.submission_id))
@@ -222,10 +222,7 @@ def run_stop(args: argparse.Namespace) -> int:
         print("raytron: error: stop needs --address (a run on an embedded Ray stops with Ctrl-C)", file=sys.stderr)
         return 2
     client = jobs_client(args.address)
-    job = _job_for(client, args.name)
-    if job is None:
-        print(f"raytron: error: no job or run named {args.name!r} on {args.address}", file=sys.stderr)
-        return 2
+    job = _job_for(client, args.name, args.address)
     if str(job.status) in TERMINAL:
         print(f"[raytron] job {job.submission_id} already {job.status}")
         return 0

@@ -15,7 +15,7 @@ from ..ops.chunking import Carry, doc_starts
 from ..ops.gated_delta import gated_delta
 from ..ops.short_conv import short_conv
 from .config import ModelConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, init_decay_and_conv
 
 
 class GatedDeltaNet(nn.Module):
@@ -36,14 +36,8 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(inner, cfg.dim, bias=False)
         self.reset_special_parameters()
 
-    @torch.no_grad()
     def reset_special_parameters(self) -> None:
-        """A in [1, 16], dt in [1e-3, 0.1] log-uniform (Mamba2 / GDN init); conv like nn.Conv1d."""
-        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
-        dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)))
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        bound = 1 / math.sqrt(self.conv_weight.shape[1])
-        self.conv_weight.uniform_(-bound, bound)
+        init_decay_and_conv(self.A_log, self.dt_bias, self.conv_weight)
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, dim] -> [B, T, dim]."""

@@ -1,6 +1,9 @@
-"""Building blocks shared by every family: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+"""Building blocks shared by every family: RMSNorm, RoPE, grouped-query attention, SwiGLU, and the init of the
+linear-sequence layers' decay and short convolution (Gated DeltaNet, Mamba2)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +23,18 @@ class RMSNorm(nn.Module):
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (out * self.weight.float()).to(x.dtype)
+
+
+@torch.no_grad()
+def init_decay_and_conv(A_log: torch.Tensor, dt_bias: torch.Tensor, conv_weight: torch.Tensor) -> None:
+    """The Mamba2 / Gated DeltaNet init (mamba_ssm's defaults): A in [1, 16], dt in [1e-3, 0.1] log-uniform and
+    stored as its inverse softplus, the depthwise conv [channels, kernel] uniform like nn.Conv1d's. In this order:
+    the random draws of a seeded model depend on it."""
+    A_log.copy_(torch.empty_like(A_log).uniform_(1, 16).log())
+    dt = torch.exp(torch.empty_like(dt_bias).uniform_(math.log(1e-3), math.log(0.1)))
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+    bound = 1 / math.sqrt(conv_weight.shape[1])
+    conv_weight.uniform_(-bound, bound)
 
 
 def rope_tables(seq: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,6 @@ y * SiLU(z) (norm after gate, as in mamba_ssm's RMSNormGated); output projection
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +12,7 @@ from ..ops.chunking import doc_starts
 from ..ops.short_conv import short_conv
 from ..ops.ssd import ssd
 from .config import ModelConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, init_decay_and_conv
 
 
 class Mamba2(nn.Module):
@@ -35,13 +33,8 @@ class Mamba2(nn.Module):
 
     @torch.no_grad()
     def reset_special_parameters(self) -> None:
-        """A in [1, 16], dt in [1e-3, 0.1] log-uniform, D = 1 (mamba_ssm defaults); conv like nn.Conv1d."""
-        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
-        dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)))
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.D.fill_(1.0)
-        bound = 1 / math.sqrt(self.conv_weight.shape[1])
-        self.conv_weight.uniform_(-bound, bound)
+        init_decay_and_conv(self.A_log, self.dt_bias, self.conv_weight)
+        self.D.fill_(1.0)  # the skip x * D starts as the identity (mamba_ssm)
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, dim] -> [B, T, dim]."""

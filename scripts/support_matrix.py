@@ -6,7 +6,7 @@ case for every accepted GPU-only one. CI runs a sample (tests/parallelism/test_s
     DS_ACCELERATOR=cpu python scripts/support_matrix.py [--only SUBSTRING] [--judge-only]
 
 Prints one line per combination (accepted / refused field / run result) and exits 1 when an accepted
-combination fails to resume exactly or has no suite case.
+combination fails to resume exactly or has no suite case (tests.parallelism.support_matrix.suite_verdict).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests` is a package of the repository root
 
-from tests.parallelism.support_matrix import combos, covering_proof, gpu_proofs, judge, train_and_resume  # noqa: E402
+from tests.parallelism.support_matrix import combos, gpu_proofs, judge, suite_verdict, train_and_resume  # noqa: E402
 
 
 def main() -> int:
@@ -40,9 +40,9 @@ def main() -> int:
             print(f"refused   {combo.name}: {verdict.reason[:160]}", flush=True)
             continue
         if get_engine(combo.engine).needs_gpu:
-            proof = covering_proof(combo, proofs)
-            failed += proof is None
-            print(f"{'suite' if proof else 'NO CASE'}     {combo.name}: {proof or 'accepted, run by no suite'}")
+            ok, why = suite_verdict(combo, proofs)
+            failed += not ok
+            print(f"{'suite' if ok else 'NO CASE'}     {combo.name}: {why}")
             continue
         if args.judge_only:
             print(f"accepted  {combo.name}")

@@ -3,7 +3,8 @@
 Dependencies point one way: launcher -> parallelism -> models -> ops; data_pipeline stands alone; the
 package root (raytron/*.py, raytron/config/) is below every subpackage and imports none of them. Only
 the storage layer (raytron/storage.py) imports fsspec. Modules never import each other in a circle, not
-even through an import inside a function (the usual way to hide a cycle).
+even through an import inside a function (the usual way to hide a cycle). Only the engine registry
+(parallelism/engines.py) compares a value with an engine's name; everyone else asks `get_engine(name)`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ ALLOWED = {  # layer -> the raytron layers it may import (besides itself and the
     "raytron": set(),
 }
 STORAGE_LAYER = {"raytron.storage"}
+ENGINE_REGISTRY = "raytron.parallelism.engines"
+NOT_ENGINE_NAMES = {  # (module, compared expression) whose "megatron" is no engine
+    ("raytron.models.flops", "convention"): "Megatron's FLOPs-counting convention (MFU), the same on every engine",
+}
 KNOWN_CYCLES = {
     # get_tokenizer dispatches to the file loaders, which subclass Tokenizer from the same module: split the
     # base class out when the tokenizer modules are next reorganised, then drop this entry.
@@ -127,6 +132,54 @@ def test_only_the_storage_layer_imports_fsspec():
     wrong = [f"{imp.source}:{imp.line}" for imp in _graph()
              if imp.target.split(".")[0] == "fsspec" and imp.source not in STORAGE_LAYER]
     assert not wrong, "fsspec imported outside raytron/storage.py (use raytron.storage): " + ", ".join(wrong)
+
+
+def _engine_names() -> set[str]:
+    """The registry's keys, read from parallelism/engines.py's `_REGISTRY` literal (nothing imported)."""
+    tree = ast.parse((PACKAGES["raytron.parallelism"] / "engines.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "_REGISTRY":
+            return set(ast.literal_eval(node.value))
+    raise AssertionError("parallelism/engines.py: no `_REGISTRY = {...}` literal to read the engine names from")
+
+
+def _engine_name_comparisons(module: str, source: str, names: set[str]) -> list[str]:
+    """`x == "megatron"`, `x in ("megatron", ...)` and the like in `source`, unless NOT_ENGINE_NAMES excuses them."""
+    def literals(node: ast.AST) -> set[str]:
+        elts = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return {e.value for e in elts if isinstance(e, ast.Constant) and e.value in names}
+
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        for side in sides:
+            others = [ast.unparse(o) for o in sides if o is not side and not literals(o)]
+            if literals(side) and not all((module, o) in NOT_ENGINE_NAMES for o in others):
+                out.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+                break
+    return out
+
+
+def test_only_the_engine_registry_compares_engine_names():
+    names, wrong = _engine_names(), []
+    assert names >= {"deepspeed", "megatron"}, names
+    for module, path in _modules().items():
+        if module != ENGINE_REGISTRY:
+            wrong += _engine_name_comparisons(module, path.read_text(), names)
+    assert not wrong, ("engine name compared outside parallelism/engines.py (ask get_engine(name) and add what "
+                       "differs to the engines' EngineSupport):\n" + "\n".join(wrong))
+
+
+@pytest.mark.parametrize("source, caught", [
+    ('if spec.engine == "megatron": pass', True), ('ok = engine in ("deepspeed", "x")', True),
+    ('ok = "megatron" != name', True), ('if convention not in ("megatron", "counted"): pass', True),
+    ('ok = spec.engine == other.engine', False), ('ok = mode == "mega"', False)])
+def test_an_engine_name_comparison_is_caught(source, caught):
+    assert bool(_engine_name_comparisons("raytron.launcher.x", source, {"deepspeed", "megatron"})) == caught
+    # the one excused comparison is excused in its own module only
+    assert not _engine_name_comparisons("raytron.models.flops", 'ok = convention == "megatron"', {"megatron"})
 
 
 def _path(edges: dict[str, set[str]], start: str, goal: str) -> list[str] | None:

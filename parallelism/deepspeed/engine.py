@@ -253,14 +253,6 @@ class DeepSpeedEngine(Engine):
                     p.grad.mul_(coef)
         return float(norm)
 
-    def _accumulate_load(self, load):
-        counts = [m.last_load.double().cpu() for m in self.module.modules()
-                  if getattr(m, "last_load", None) is not None and m is not self.module]
-        if not counts:
-            return load
-        total = torch.stack(counts).sum(0)
-        return total if load is None else load + total
-
     def _global_load(self, load) -> list[float] | None:
         if load is None:
             return None

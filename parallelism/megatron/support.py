@@ -50,6 +50,7 @@ class MegatronSupport(EngineSupport):
         "train.overlap_grad_reduce": (False, True),
         "train.overlap_moe_comm": (False, True),
         "model.overrides.router": ("softmax", "sigmoid"),
+        "model.overrides.top_k": (1, 2),
         "model.overrides.norm_topk": (True, False),
         "model.overrides.capacity_factor": (0.0, 1.25),
         "model.overrides.bias_update_rate": (0.0, 0.001),

@@ -186,6 +186,13 @@ def test_storage_errors_name_the_field(tmp_path, override, path, words):
     assert "use" in message or "set" in message, str(exc.value)
 
 
+def test_a_data_source_no_filesystem_opens_is_named(tmp_path):
+    """An unknown scheme is refused against the source (not later as a damaged data cache)."""
+    with pytest.raises(ConfigError) as exc:
+        validate_raw(DS, ["data.sources[0].uri=foo://corpus", f"checkpoint.uri={tmp_path}/runs"])
+    assert exc.value.path == "data.sources[0].uri" and "Protocol not known: foo" in exc.value.message, str(exc.value)
+
+
 def test_yaml_merge_keys_and_12_scalars(tmp_path):
     """YAML 1.2 scalars (3e-4 is a float) and merge keys work; a key written beside a merge wins."""
     f = tmp_path / "job.yaml"

@@ -100,6 +100,28 @@ def test_status_and_logs_stay_inside_the_root(tmp_path, capsys, command, name):
     assert "is not a run name" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["status", "logs"])
+def test_a_missing_local_run_is_named(tmp_path, capsys, command):
+    assert main([command, "nope", "--root", str(tmp_path)]) == 2
+    assert f"raytron: error: no run named 'nope' under {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "stop"])
+def test_a_missing_cluster_job_is_named(capsys, monkeypatch, command):
+    class NoJobs:  # a Jobs API that knows neither the run name nor the submission id
+        def list_jobs(self):
+            return []
+
+        def get_job_info(self, ref):
+            raise RuntimeError(f"job {ref} does not exist")
+
+    from raytron.launcher import runs
+
+    monkeypatch.setattr(runs, "jobs_client", lambda address: NoJobs())
+    assert main([command, "nope", "--address", "http://127.0.0.1:8265"]) == 2
+    assert "raytron: error: no job or run named 'nope' on http://127.0.0.1:8265" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [["runs"], ["status", "x"], ["logs", "x"], ["stop", "x"]])
 def test_malformed_address_is_refused_without_a_traceback(capsys, command):
     assert main([*command, "--address", "notaurl"]) == 2

@@ -188,6 +188,16 @@ of scripts/gpu_precision.sh on moe/debug and the FP8 step tests, not with the si
 other unproven combination, and on a listed one that a suite now runs (drop it here)."""
 
 
+def suite_verdict(combo: Combo, proofs: list[tuple[str, dict]]) -> tuple[bool, str]:
+    """(passes, what runs it) for an accepted combination of a GPU-only engine: it passes when a suite case runs
+    it, or when no case does and it is listed in AWAITING_GPU_SUITE; a listed one that a case now runs fails
+    (drop it from the list)."""
+    proof, listed = covering_proof(combo, proofs), combo.name in AWAITING_GPU_SUITE
+    if proof is None:
+        return listed, "awaiting a suite case (AWAITING_GPU_SUITE)" if listed else "accepted, run by no suite"
+    return not listed, f"{proof}; now run by a suite, drop it from AWAITING_GPU_SUITE" if listed else proof
+
+
 def _config(family: str, flavor: str, overrides: dict):
     from raytron import models
 

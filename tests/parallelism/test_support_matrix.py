@@ -11,8 +11,8 @@ import pytest
 
 from raytron.config.spec import JobSpec
 from raytron.parallelism.engines import engine_names, get_engine
-from tests.parallelism.support_matrix import (MOE_FIELDS, Combo, base_value, combos, covering_proof, debug_flavors,
-                                              gpu_proofs, judge, sample, AWAITING_GPU_SUITE)
+from tests.parallelism.support_matrix import (AWAITING_GPU_SUITE, MOE_FIELDS, Combo, base_value, combos, debug_flavors,
+                                              gpu_proofs, judge, sample, suite_verdict)
 
 SAMPLE = 1  # CPU runs picked by a stable hash, beside the named ones below (about 25 s of CPU each)
 NAMED_RUNS = [Combo("deepspeed", "moe", "debug-capacity"),  # the reference's token dropping
@@ -93,10 +93,10 @@ def test_accepted_gpu_only_combinations_are_suite_cases(verdicts):
     proofs = gpu_proofs()
     gpu = [c for c, v in verdicts.items() if v.accepted and get_engine(c.engine).needs_gpu]
     assert gpu, "no GPU-only combination accepted: the matrix lost its megatron rows"
-    missing = {c.name for c in gpu if covering_proof(c, proofs) is None}
-    assert missing <= AWAITING_GPU_SUITE, ("accepted by plan, run by no suite (add a case or refuse them): "
-                                           f"{sorted(missing - AWAITING_GPU_SUITE)}")
-    assert missing == AWAITING_GPU_SUITE, f"now run by a suite, drop from AWAITING_GPU_SUITE: {sorted(AWAITING_GPU_SUITE - missing)}"
+    bad = [f"{c.name}: {why}" for c in gpu for ok, why in [suite_verdict(c, proofs)] if not ok]
+    assert not bad, "add a suite case, refuse them in the engine's support.py, or fix AWAITING_GPU_SUITE:\n" + "\n".join(bad)
+    stale = AWAITING_GPU_SUITE - {c.name for c in gpu}
+    assert not stale, f"AWAITING_GPU_SUITE names no accepted GPU-only combination (drop them): {sorted(stale)}"
 
 
 @pytest.fixture(scope="module")
