@@ -48,7 +48,8 @@ def test_sparse_claim():
 def test_throughput_claim():
     base = fam(3.0, 100, (1.0, 16.0))
     ok = results(full_attention=base, moe=fam(3.02, 180, (1, 4)), gdn_hybrid=fam(2.99, 150, (1, 4)))
-    assert claim_throughput(ok, STUDY)[0] == CONFIRMED
+    status, detail = claim_throughput(ok, STUDY)
+    assert status == CONFIRMED and "forward+backward at 4096 tokens: moe 4.00x, gdn_hybrid 4.00x" in detail
     one_slow = results(full_attention=base, moe=fam(3.02, 180, (1, 4)), gdn_hybrid=fam(2.99, 120, (1, 4)))
     assert claim_throughput(one_slow, STUDY)[0] == NOT_CONFIRMED
     worse = results(full_attention=base, moe=fam(3.3, 300, (1, 4)))  # fast but perplexity +35%
@@ -57,3 +58,12 @@ def test_throughput_claim():
     assert claim_throughput(results(**tiny), STUDY)[0] == NOT_MEASURABLE
     slow_tiny = {k: dict(v, train_tokens=10, tokens_per_s=90) for k, v in ok["families"].items()}
     assert claim_throughput(results(**slow_tiny), STUDY)[0] == NOT_CONFIRMED, "too slow whatever the perplexity"
+
+
+def test_time_per_token_counts_every_sequence_of_a_pass():
+    """The sweep times the same tokens per pass at every context: 4 x 1K in the time of 1 x 4K is linear cost."""
+    from raytron.launcher.study_report import _scaling
+
+    same_work = {"sweep": [{"seq": 1024, "batch": 4, "seconds": 1.0, "tokens_per_s": 4096.0},
+                           {"seq": 4096, "batch": 1, "seconds": 1.0, "tokens_per_s": 4096.0}]}
+    assert _scaling(same_work) == 1.0
