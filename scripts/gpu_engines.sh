@@ -67,4 +67,5 @@ job pytest_gpu tests 40 env RAYTRON_GPU_WORLDS=1 RAYTRON_GPU_RECORDS="$records" 
 python3 -c "import json, sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])], indent=1))" \
   "$logs/timeline.jsonl" > "$out/timeline.json"
 tar czf "$out/logs.tar.gz" -C "$logs" .
+pack_out timeline.json gpus.csv 'junit_*.xml'
 echo "[engines] done in $((SECONDS - start)) s"

@@ -18,3 +18,13 @@ if ! python3 -P -c "import raytron.parallelism" 2>/dev/null; then
 fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 export PYTHONUNBUFFERED=1 RAY_TRAIN_ENABLE_PRINT_PATCH=0
+# pack_out [KEEP_GLOB...]: the device returns at most 8 files of $OUT (2 folders deep) and leaves the rest
+# behind. Past 8, every file of $OUT but the KEEP ones (globs relative to $OUT, at most 7) goes into
+# $OUT/outputs.tar.gz. Only with $OUT set (a device call, or a test that names its folder); a no-op otherwise.
+pack_out() {
+  local dir=${OUT:-} keep=() k
+  [ -n "$dir" ] && [ -d "$dir" ] && [ "$(find "$dir" -type f | wc -l)" -gt 8 ] || return 0
+  for k in "$@"; do keep+=(! -path "./$k"); done
+  (cd "$dir" && find . -type f ! -path ./outputs.tar.gz "${keep[@]}" -print0 \
+     | tar czf outputs.tar.gz --null -T - --remove-files && find . -mindepth 1 -type d -empty -delete)
+}

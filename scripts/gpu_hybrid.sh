@@ -76,3 +76,4 @@ fi
 python3 -P tests/gpu/summarize_results.py --hybrid "$out" --command "PARTS='${parts:1:-1}' WHOLE_SEQS='${WHOLE_SEQS:-4k 32k 16k 64k}' bash scripts/gpu_hybrid.sh" \
   > "$logs/summary.log" 2>&1; echo "[summary] rc=$?"; tail -30 "$logs/summary.log"
 tar czf "$out/logs.tar.gz" -C "$logs" .
+pack_out 'hybrid_*.json' commit.txt gpus.csv timeline.json whole.jsonl

@@ -23,3 +23,6 @@ if ls .whl/titan/*.whl > /dev/null 2>&1; then
 fi
 # the deadline counts from this script's start (the installs above included)
 python3 -P scripts/gpu_suite.py --out "$out" --deadline "$(( ${SUITE_DEADLINE_S:-580} - SECONDS ))" "$@"
+rc=$?
+pack_out summary.txt gpus.csv
+exit "$rc"

@@ -45,3 +45,4 @@ print('[submit] $f:', {k: r[k] for k in ('steps_logged', 'repeated_steps', 'miss
       'max_abs_dloss_before_resume', 'max_abs_dloss_after_resume', 'steps_compared_after_resume', 'committed_checkpoints')})"; done
 grep -h "canary\|resumed from" "$out"/{first,straight,resumed,relayout}.log | sort | uniq
 (cd "$(dirname "$runs")" && tar czf "$out/submit.tar.gz" --exclude='_data_cache' --exclude='state-*.pt' "$(basename "$runs")")
+pack_out 'resume_compare*.json' gpus.csv

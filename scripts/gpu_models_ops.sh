@@ -19,4 +19,5 @@ status=${PIPESTATUS[0]}
 timeout 540 python3 -P benchmarks/models/bench_hybrid_vs_attention.py --out "$out" 2>&1 | tee "$out/bench_hybrid.log"
 timeout 240 python3 -P benchmarks/models/bench_ssd_kernels.py 2>&1 | tee "$out/bench_ssd.log"
 timeout 120 python3 -P benchmarks/models/profile_linear_layer.py --out "$out/profile" > "$out/profile.log" 2>&1
+pack_out gpus.csv
 exit "$status"

@@ -53,3 +53,4 @@ pytest_gpu ops tests/ops &
  for r in fp8-sigmoid fp8-sigmoid-straight; do cp "$runs/$r/metrics.jsonl" "$logs/${r}_metrics.jsonl" 2>/dev/null; done) &
 wait
 tar czf "$out/logs.tar.gz" -C "$logs" .
+pack_out fp8_sigmoid_resume.json 'junit_*.xml' bench.jsonl commit.txt gpus.csv

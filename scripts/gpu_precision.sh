@@ -39,3 +39,4 @@ submit() {  # log name, extra args
 wait
 (cd "$(dirname "$runs")" && tar czf "$out/submit.tar.gz" --exclude='_data_cache' --exclude='state-*.pt' "$(basename "$runs")")
 tar czf "$out/logs.tar.gz" -C "$logs" .
+pack_out resume_compare.json bench.jsonl gpus.csv 'fp8_parity_*.json'

@@ -52,4 +52,5 @@ fi
 tar czf "$out/logs.tar.gz" -C "$logs" .
 [ -f "$out/report.md" ] && sed -n '/## The survey/,/^Plots/p' "$out/report.md"
 echo "[gpu_study] total $((SECONDS - start)) s"
+pack_out report.md results.json '*.png' logs.tar.gz
 exit "$rc"

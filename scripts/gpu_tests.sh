@@ -13,4 +13,6 @@ source scripts/gpu_env.sh  # wheelhouse, raytron package tree (raytron/*.py incl
 export PYTHONUNBUFFERED=1 RAYTRON_GPU_RESULTS="$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpus.csv" 2>&1
 python3 -P -m pytest -m gpu -p no:cacheprovider -q -rA --junitxml="$out/junit.xml" tests/gpu "$@" 2>&1 | tee "$out/pytest.log"
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+pack_out junit.xml pytest.log gpus.csv
+exit "$rc"

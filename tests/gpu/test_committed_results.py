@@ -249,3 +249,22 @@ def test_committed_hybrid_results_state_the_ratios_of_their_records(name):
     got = json.loads((BENCH / name).read_text())
     assert got["layers"]["ratios"] == hybrid.layer_ratios(got["layers"]["records"])
     assert got["whole_model"]["ratios"] == hybrid.whole_ratios(got["whole_model"]["records"])
+
+
+def test_committed_cross_engine_resume_passes_the_gpu_test():
+    """scripts/gpu_cross_engine_submit.sh's committed output (deepspeed 6 steps, resumed with megatron to 12, on
+    one H200) passes test_cross_engine_resume's own judgement; a drifted curve would fail it."""
+    from tests.gpu.test_cross_engine_resume import judge
+
+    judge(RESULTS / "h200x1_cross_engine")
+
+
+def test_a_cross_engine_resume_that_drifts_fails(tmp_path):
+    from tests.gpu.test_cross_engine_resume import CROSS_ATOL, judge
+
+    shutil.copytree(RESULTS / "h200x1_cross_engine", tmp_path / "run")
+    path = tmp_path / "run" / "cross_engine_compare.json"
+    rec = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(rec, max_abs_dloss_after_resume=2 * CROSS_ATOL)))
+    with pytest.raises(AssertionError):
+        judge(tmp_path / "run")

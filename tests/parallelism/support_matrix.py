@@ -152,7 +152,8 @@ def gpu_proofs() -> list[tuple[str, dict]]:
     """(case, the job fields it sets) for every megatron-engine case the suites run: the GPU suite's
     equivalence program (tests/gpu/megatron_equivalence.py: layouts, their option variants and families), the
     megatron CPU schedule cases (tests/parallelism/test_megatron_step.py: megatron-core's real schedules over
-    gloo, recompute modes included) and the FP8 submit/resume of scripts/gpu_precision.sh."""
+    gloo, recompute modes included) and the FP8 submit/resume runs: scripts/gpu_precision.sh (moe/debug) and
+    scripts/gpu_one_gpu.sh (moe/debug-sigmoid)."""
     from tests.gpu import megatron_equivalence as eq
     from tests.parallelism import test_megatron_step as st
 
@@ -175,17 +176,17 @@ def gpu_proofs() -> list[tuple[str, dict]]:
                  "train.overlap_moe_comm": bool(fields.pop("overlap_moe", False))}
         proofs.append((name, {"model": _config(family, "debug", overrides), **_layout(fields), **flags,
                               "train.recompute": recompute}))
-    script = (ROOT / "scripts" / "gpu_precision.sh").read_text()
-    if "train.precision=fp8" in script and "gpu_megatron_2gpu.yaml" in script:
-        proofs.append(("gpu_precision.sh fp8 submit/resume", {"model": _config("moe", "debug", {}),
-                                                              "train.precision": "fp8"}))
+    for name, flavor, needs in (("gpu_precision.sh", "debug", "train.precision=fp8"),
+                                ("gpu_one_gpu.sh", "debug-sigmoid", "model.flavor=debug-sigmoid --set train.precision=fp8")):
+        script = (ROOT / "scripts" / name).read_text()
+        if needs in script and "gpu_megatron_2gpu.yaml" in script:
+            proofs.append((f"{name} fp8 submit/resume", {"model": _config("moe", flavor, {}), "train.precision": "fp8"}))
     return proofs
 
 
-AWAITING_GPU_SUITE = frozenset(["megatron/moe/debug-sigmoid/train.precision=fp8"])
-"""Accepted megatron combinations no suite runs at exactly this model yet: FP8 is proven by the FP8 submit/resume
-of scripts/gpu_precision.sh on moe/debug and the FP8 step tests, not with the sigmoid router. The test fails on any
-other unproven combination, and on a listed one that a suite now runs (drop it here)."""
+AWAITING_GPU_SUITE: frozenset[str] = frozenset()
+"""Accepted megatron combinations no suite runs at exactly this model yet. The test fails on any other unproven
+combination, and on a listed one that a suite now runs (drop it here)."""
 
 
 def suite_verdict(combo: Combo, proofs: list[tuple[str, dict]]) -> tuple[bool, str]:
