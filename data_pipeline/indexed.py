@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DataError
-from .storage import fs_and_path, open_atomic
+from .storage import open_atomic, open_file, size as file_size
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 _DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
@@ -130,12 +130,10 @@ def check_prefix_files(prefix: str, fix: str) -> IndexHeader:
     """The cheap consistency check of `<prefix>.bin/.idx` on any fsspec storage (a few small reads): the
     header, the `.idx` size it implies, and the `.bin` size the last sequence's pointer and length imply.
     A DataError names the file, what is wrong, and `fix`."""
-    fs, idx = fs_and_path(idx_path(prefix))
-    _, bin_ = fs_and_path(bin_path(prefix))
     try:
-        with fs.open(idx, "rb") as f:
+        with open_file(idx_path(prefix)) as f:
             header = parse_header(f.read(_HEADER_BYTES), idx_path(prefix))
-            size = fs.size(idx)
+            size = file_size(idx_path(prefix))
             if size != header.idx_bytes:
                 raise DataError(f"{idx_path(prefix)} is {size:,} bytes, its header promises {header.idx_bytes:,} "
                                 f"({header.sequences:,} sequences): truncated or damaged")
@@ -145,7 +143,7 @@ def check_prefix_files(prefix: str, fix: str) -> IndexHeader:
                 last_len = struct.unpack("<i", f.read(4))[0]
                 f.seek(_HEADER_BYTES + 4 * header.sequences + 8 * (header.sequences - 1))
                 need = struct.unpack("<q", f.read(8))[0] + last_len * np.dtype(header.dtype).itemsize
-        have = fs.size(bin_)
+        have = file_size(bin_path(prefix))
     except FileNotFoundError as exc:
         raise DataError(f"prepared dataset file not found: {exc.filename or prefix}; {fix}") from None
     except DataError as exc:

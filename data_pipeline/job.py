@@ -39,7 +39,8 @@ from .prepare import PrepareSummary, prepare
 from .prepared import check_ids_in_vocab, check_prefix_exists, check_recorded_tokenizer, indexed_prefix
 from .skips import FixOptions, describe_skips
 from .sources import BUILTIN_STDLIB, ReadStats, resolve_source, stamp
-from .storage import fs_and_path, is_local, join, local_scratch_root
+from .storage import download_dir, download_file, exists, info, join, local_path, local_scratch_root, read_bytes, \
+    upload_file
 from .tokenizer import BYTE, Tokenizer, get_tokenizer
 
 CACHE_FORMAT = 2  # 2: the key covers the sources' size and modification time
@@ -114,9 +115,8 @@ def source_stamps(src) -> list[list[str]]:
         return [[f.uri, f.stamp] for f in resolve_source(src.uri, src.format, src.field)]
     out = []
     for uri in (prefix + ".bin", prefix + ".idx"):
-        fs, path = fs_and_path(uri)
         try:
-            out.append([uri, stamp(fs.info(path))])
+            out.append([uri, stamp(info(uri))])
         except FileNotFoundError:
             raise DataError(f"prepared dataset file not found: {uri} (a prepared source is a prefix with .bin and "
                             f".idx, as `raytron data prepare --out PREFIX` writes)") from None
@@ -140,8 +140,7 @@ def prepare_for_job(data_spec, seq_len: int, seed: int, cache_uri: str | None = 
     tokenizer = get_tokenizer(data_spec.tokenizer)
     key = cache_key(data_spec, seq_len, seed)
     final_uri = join(root, key)
-    fs, final_path = fs_and_path(final_uri)
-    if not fs.exists(join(final_path, MANIFEST)):
+    if not exists(join(final_uri, MANIFEST)):
         _build(data_spec, seq_len, seed, tokenizer, final_uri, key, workers)
     return load_prepared(final_uri, data_spec, seq_len, seed, verify_ids=verify_ids)
 
@@ -151,16 +150,14 @@ def load_prepared(cache_dir: str, data_spec, seq_len: int, seed: int, *, verify_
     `cache_uri` in the driver): workers load exactly the cache the driver built and verified, even when a
     source changes while the job runs."""
     tokenizer = get_tokenizer(data_spec.tokenizer)
-    fs, path = fs_and_path(cache_dir)
-    key = path.rstrip("/").rsplit("/", 1)[-1]
-    local_dir = path if is_local(fs) else _localize(cache_dir, key)
+    key = cache_dir.rstrip("/").rsplit("/", 1)[-1]
+    local_dir = local_path(cache_dir) or _localize(cache_dir, key)
     return _load(Path(local_dir), cache_dir, tokenizer, seq_len, seed, verify_ids)
 
 
 def _build(spec, seq_len, seed, tokenizer, final_uri, key, workers) -> None:
-    fs, final_path = fs_and_path(final_uri)
-    local = is_local(fs)
-    parent = Path(final_path).parent if local else local_scratch_root()
+    final_path = local_path(final_uri)
+    parent = Path(final_path).parent if final_path is not None else local_scratch_root()
     staging = parent / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
@@ -225,16 +222,16 @@ def _adopt_prefix(source: str, prefix: str, tokenizer, max_documents: int | None
     else a copy), after checking its tokenizer record, its two files and its ids."""
     check_prefix_exists(source, where)
     check_recorded_tokenizer(source, tokenizer, where)
-    fs, _ = fs_and_path(source)
+    local = local_path(source) is not None
     for suffix in (".bin", ".idx"):
-        src_path = fs_and_path(source + suffix)[1]
-        if is_local(fs):
+        if local:
+            src_path = local_path(source + suffix)
             try:
                 os.link(src_path, prefix + suffix)
             except OSError:  # another filesystem, or links not allowed
                 shutil.copyfile(src_path, prefix + suffix)
         else:
-            fs.get_file(src_path, prefix + suffix)
+            download_file(source + suffix, prefix + suffix)
     tokens = IndexedTokens(prefix, fix=f"prepare {source} again (raytron data prepare)")
     check_ids_in_vocab(tokens, tokenizer, where, source)  # once per cache build: recorded or not, ids decide
     if max_documents is not None and max_documents < len(tokens):
@@ -253,8 +250,8 @@ def _adopt_prefix(source: str, prefix: str, tokenizer, max_documents: int | None
 
 def _publish(staging: Path, final_uri: str, key: str) -> None:
     """Move a complete staging directory to final_uri (see module docstring for the race rule)."""
-    fs, final_path = fs_and_path(final_uri)
-    if is_local(fs):
+    final_path = local_path(final_uri)
+    if final_path is not None:
         try:
             os.rename(staging, final_path)
         except OSError:
@@ -264,7 +261,7 @@ def _publish(staging: Path, final_uri: str, key: str) -> None:
         return
     names = sorted(p.name for p in staging.iterdir() if p.name != MANIFEST) + [MANIFEST]
     for name in names:
-        fs.put_file(str(staging / name), join(final_path, name))
+        upload_file(str(staging / name), join(final_uri, name))
     _install_local(staging, key, copy=True)
 
 
@@ -286,16 +283,14 @@ def _localize(final_uri: str, key: str) -> Path:
     dest = local_scratch_root() / key
     if (dest / MANIFEST).exists():
         return dest
-    fs, final_path = fs_and_path(final_uri)
     tmp = local_scratch_root() / f".{key}.get-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    for path in fs.ls(final_path, detail=False):
-        fs.get_file(path, str(tmp / os.path.basename(path)))
+    download_dir(final_uri, str(tmp))
     return _install_local(tmp, key, copy=False)
 
 
 def _load(local_dir: Path, cache_uri: str, tokenizer, seq_len: int, seed: int, verify_ids: bool) -> TrainData:
-    copy = "" if str(local_dir) == fs_and_path(cache_uri)[1] else f" and its local copy {local_dir}"
+    copy = "" if str(local_dir) == local_path(cache_uri) else f" and its local copy {local_dir}"
     fix = f"delete {cache_uri}{copy} and submit again: the cache is rebuilt from the sources"
     manifest = _read_manifest(str(local_dir), fix)
     splits = {}
@@ -320,9 +315,8 @@ def _load(local_dir: Path, cache_uri: str, tokenizer, seq_len: int, seed: int, v
 
 def _read_manifest(cache_dir: str, fix: str) -> dict:
     """The manifest of cache directory `cache_dir` (local path or URI), checked for shape."""
-    fs, path = fs_and_path(join(cache_dir, MANIFEST))
     try:
-        manifest = json.loads(fs.cat_file(path))
+        manifest = json.loads(read_bytes(join(cache_dir, MANIFEST)))
         ok = isinstance(manifest, dict) and isinstance(manifest.get("sources"), list) and all(
             isinstance(s, dict) and isinstance(s.get("doc_id_offset"), int) and isinstance(s.get("prepare"), dict)
             for s in manifest["sources"])
@@ -340,14 +334,13 @@ def check_built_cache(data_spec, seq_len: int, seed: int, cache_uri: str) -> Non
     sizes (a few small reads; the ids and arrays are checked by submit). Local caches of local sources only:
     plan stays offline; and nothing when the sources cannot be listed (plan does not require them)."""
     uris = [cache_uri, *(s.uri for s in data_spec.sources if s.uri != BUILTIN_STDLIB)]
-    if not all(is_local(fs_and_path(u)[0]) for u in uris) or not os.path.isdir(fs_and_path(cache_uri)[1]):
+    if not all(local_path(u) is not None for u in uris) or not os.path.isdir(local_path(cache_uri)):
         return
     try:
         final = join(cache_uri, cache_key(data_spec, seq_len, seed))
     except (DataError, OSError):
         return
-    fs, path = fs_and_path(final)
-    if not fs.exists(join(path, MANIFEST)):
+    if not exists(join(final, MANIFEST)):
         return
     fix = f"delete {final} and submit again: the cache is rebuilt from the sources"
     for i in range(len(_read_manifest(final, fix)["sources"])):

@@ -30,7 +30,7 @@ from .errors import DataError
 from .indexed import IndexedDatasetWriter
 from .skips import FixOptions, describe_skips
 from .sources import ReadStats, SourceFile, read_documents, resolve_source
-from .storage import fs_and_path, join, write_bytes_atomic
+from .storage import full_uri, isdir, join, write_bytes_atomic
 from .tokenizer import TOKENIZER_THREADS_ENV, get_tokenizer
 
 BATCH_BYTES = 1 << 20
@@ -211,10 +211,7 @@ def resolve_all(sources: Iterable) -> list[SourceFile]:
 def without_outputs(files: list[SourceFile], out_uri: str) -> list[SourceFile]:
     """`files` less what a prepare to `out_uri` writes (an earlier run's output in the source directory, or
     half of one left by an interrupted run: `resolve_source` already leaves out complete .bin/.idx pairs)."""
-    own = set()
-    for ext in (".bin", ".idx", ".summary.json"):
-        fs, path = fs_and_path(out_uri + ext)
-        own.add(fs.unstrip_protocol(path))
+    own = {full_uri(out_uri + ext) for ext in (".bin", ".idx", ".summary.json")}
     return [f for f in files if f.uri not in own]
 
 
@@ -224,9 +221,8 @@ def output_prefix(out_uri: str) -> str:
     prefix = out_uri
     for suffix in (".bin", ".idx"):
         prefix = prefix[: -len(suffix)] if prefix.endswith(suffix) else prefix
-    fs, path = fs_and_path(prefix) if prefix else (None, "")
-    if not prefix or prefix.endswith(("/", os.sep)) or os.path.basename(path) in ("", ".", "..") \
-            or fs.isdir(path):
+    if not prefix or prefix.endswith(("/", os.sep)) or os.path.basename(prefix) in ("", ".", "..") \
+            or isdir(prefix):
         raise DataError(f"output prefix {out_uri!r} is a directory, not a file prefix: give a prefix inside "
                         f"it, like {join(prefix or '.', 'corpus')} (writes corpus.bin, corpus.idx, "
                         f"corpus.summary.json there)")

@@ -17,7 +17,7 @@ from typing import Iterator
 from .errors import DataError
 from .limits import check_local_file, human_bytes, limits_chunk, max_file_bytes, read_bounded, too_large, \
     too_large_line
-from .storage import fs_and_path, is_local
+from .storage import list_files, local_path, open_file
 
 BUILTIN_STDLIB = "builtin://python-stdlib"
 FORMATS = ("text", "jsonl", "parquet")
@@ -120,30 +120,22 @@ def resolve_source(uri: str, format: str = "auto", field: str = "text") -> list[
         return [SourceFile("file://" + p, "text", field) for p in stdlib_files()]
     if uri.startswith("builtin://"):
         raise DataError(f"unknown builtin source {uri!r}; available: {BUILTIN_STDLIB}")
-    fs, path = fs_and_path(uri)
     try:
-        if any(c in path for c in "*?["):
-            infos = fs.glob(path, detail=True)
-        elif fs.isdir(path):
-            infos = fs.find(path, detail=True)
-        elif fs.exists(path):
-            infos = {path: fs.info(path)}
-        else:
-            raise DataError(f"data source not found: {uri}")
-        infos = {p: i for p, i in infos.items() if not os.path.basename(p).startswith((".", "_"))
-                 and i.get("type") != "directory"}
+        infos = list_files(uri)
+    except FileNotFoundError:
+        raise DataError(f"data source not found: {uri}") from None
     except PermissionError as exc:
         raise DataError(f"no permission to read data source {uri}: {exc}") from exc
-    paths = sorted(set(infos) - prepared_outputs(infos))
-    if not paths:
+    infos = {p: i for p, i in infos.items() if not os.path.basename(p).startswith((".", "_"))}
+    names = sorted(set(infos) - prepared_outputs(infos))
+    if not names:
         raise DataError(f"data source matched no files: {uri}" + (
             " (only prepared .bin/.idx datasets, which are not text: give their prefix as a source)" if infos else ""))
-    files = [SourceFile(fs.unstrip_protocol(p), format if format != "auto" else infer_format(p), field,
-                        stamp(infos[p])) for p in paths]
-    if is_local(fs):  # devices, FIFOs, oversized files: refused here, before anything is read
+    files = [SourceFile(p, format if format != "auto" else infer_format(p), field, stamp(infos[p])) for p in names]
+    if local_path(uri) is not None:  # devices, FIFOs, oversized files: refused here, before anything is read
         limit = max_file_bytes()
-        for p, f in zip(paths, files):
-            check_local_file(uri, p, f.format, limit)
+        for f in files:
+            check_local_file(uri, local_path(f.uri), f.format, limit)
     return files
 
 
@@ -177,9 +169,8 @@ def read_documents(src: SourceFile, stats: ReadStats) -> Iterator[str]:
     """Yield the documents of one file, counting every file/line/row that is skipped. Streams: jsonl
     is read in chunks and parquet by row group, so memory is bounded by the largest document (a text
     file, a line, a row group), never by the file (see limits.py)."""
-    fs, path = fs_and_path(src.uri)
     try:
-        f = fs.open(path, "rb", compression="infer")
+        f = open_file(src.uri, "rb", compression="infer")
     except FileNotFoundError as exc:
         raise DataError(f"data file disappeared while reading: {src.uri}") from exc
     except PermissionError as exc:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import functools
 
 from .. import storage
-from ..storage import StorageError, infer_compression, is_local, join, local_scratch_root, open_atomic
+from ..storage import StorageError, infer_compression, join, local_scratch_root, open_atomic
 from .errors import DataError
 
-__all__ = ["fs_and_path", "exists", "isfile", "list_names", "read_bytes", "write_bytes_atomic", "infer_compression",
-           "is_local", "join", "local_scratch_root", "open_atomic"]
+__all__ = ["exists", "isfile", "isdir", "size", "info", "list_names", "list_files", "full_uri", "local_path",
+           "open_file", "read_bytes", "write_bytes_atomic", "upload_file", "download_file", "download_dir",
+           "infer_compression", "join", "local_scratch_root", "open_atomic"]
 
 
 def _data_errors(fn):
@@ -24,9 +25,18 @@ def _data_errors(fn):
     return wrapper
 
 
-fs_and_path = _data_errors(storage.fs_and_path)
 exists = _data_errors(storage.exists)
 isfile = _data_errors(storage.isfile)
+isdir = _data_errors(storage.isdir)
+size = _data_errors(storage.size)
+info = _data_errors(storage.info)
 list_names = _data_errors(storage.list_names)
+list_files = _data_errors(storage.list_files)
+full_uri = _data_errors(storage.full_uri)
+local_path = _data_errors(storage.local_path)
+open_file = _data_errors(storage.open_file)
 read_bytes = _data_errors(storage.read_bytes)
 write_bytes_atomic = _data_errors(storage.write_bytes_atomic)
+upload_file = _data_errors(storage.upload_file)
+download_file = _data_errors(storage.download_file)
+download_dir = _data_errors(storage.download_dir)

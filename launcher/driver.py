@@ -189,10 +189,7 @@ def _place(spec: JobSpec, layout):
 def _storage(spec: JobSpec):
     """Ray Train's experiment directory is the run directory (storage = checkpoint.uri, name = run
     name), on the run's own filesystem, so our committed checkpoints are Ray-managed in place."""
-    import pyarrow.fs
-
-    fs, root = storage.fs_and_path(spec.checkpoint.uri)
-    return root, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    return storage.pyarrow_filesystem(spec.checkpoint.uri)
 
 
 def _drop_ray_checkpoint_snapshot(spec: JobSpec) -> None:

@@ -93,7 +93,7 @@ def export_checkpoint(run_uri: str, step: int | None, out: str, force: bool = Fa
     """Write the reference state dict of `step` (newest verified if None) to `out`; (step, tensors).
     `out` is refused (ValueError, before anything is read) if it exists and not `force`, and always if
     it lies inside the run's checkpoints/."""
-    out_fs, out_path = check_paths(run_uri, out, force)
+    check_paths(run_uri, out, force)
     store = CheckpointStore(checkpoints_uri(run_uri))
     step, manifest = choose_step(store, step)
     state = reference_state(store, step, manifest)
@@ -113,7 +113,7 @@ def export_hf_checkpoint(run_uri: str, step: int | None, out: str, force: bool =
     from ..models.hf_format import HFFormatError, hf_model_type
 
     max_bytes = export_hf.parse_size(max_shard_size)
-    out_fs, out_path = check_paths(run_uri, out, force, directory=True)
+    out = check_paths(run_uri, out, force, directory=True)
     spec = export_hf.run_spec(run_uri)
     export_hf.check_exportable(spec)
     store = CheckpointStore(checkpoints_uri(run_uri))
@@ -124,10 +124,10 @@ def export_hf_checkpoint(run_uri: str, step: int | None, out: str, force: bool =
     except HFFormatError as exc:
         raise ValueError(f"step {step} cannot be exported as a Hugging Face model: {exc}") from None
     ref = reference_state(store, step, manifest)
-    tmp = export_hf.local_tmp_dir(out_fs, out_path)
+    tmp = export_hf.local_tmp_dir(out)
     try:
         count = export_hf.build_directory(tmp, spec, model_cfg, ref, dtype, max_bytes)
-        export_hf.place(tmp, out_fs, out_path, force)
+        export_hf.place(tmp, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return step, count
@@ -148,29 +148,14 @@ def choose_step(store: CheckpointStore, step: int | None) -> tuple[int, dict]:
     return step, manifest
 
 
-def _location(fs: Any, path: str) -> tuple[str, str]:
-    """(protocol, normalized absolute path) to compare locations: symlinks and `..` resolved locally."""
-    if storage.is_local(fs):
-        return "file", os.path.realpath(path)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol, posixpath.normpath("/" + fs._strip_protocol(path).lstrip("/"))
-
-
-def _inside(child: tuple[str, str], parent: tuple[str, str]) -> bool:
-    if child[0] != parent[0]:
-        return False
-    return child[1] == parent[1] or child[1].startswith(parent[1].rstrip("/") + "/")
-
-
-def check_paths(run_uri: str, out: str, force: bool, directory: bool = False) -> tuple[Any, str]:
+def check_paths(run_uri: str, out: str, force: bool, directory: bool = False) -> str:
     """Refuse (ValueError) a RUN_URI that is a file and an --out that cannot or must not be written,
-    before any checkpoint is read; (fs, path) of --out. `directory`: --out is a directory to create."""
+    before any checkpoint is read; --out without a trailing `/`. `directory`: --out is a directory to create."""
     if storage.isfile(run_uri):
         raise ValueError(f"RUN_URI {run_uri} is a file, not a run directory: pass the run directory "
                          f"<checkpoint.uri>/<name> (the folder that holds checkpoints/)")
-    ck_fs, ck_path = storage.fs_and_path(checkpoints_uri(run_uri))
-    out_fs, out_path = storage.fs_and_path(out)
-    if _inside(_location(out_fs, out_path), _location(ck_fs, ck_path)):
+    out_path, target = storage.store_path(out), out.rstrip("/") if directory else out
+    if storage.is_inside(out, checkpoints_uri(run_uri)):
         raise ValueError(f"--out {out} is inside the run's checkpoints directory {checkpoints_uri(run_uri)}; "
                          f"it would damage committed checkpoints (refused even with --force): "
                          f"choose an --out outside it")
@@ -178,24 +163,23 @@ def check_paths(run_uri: str, out: str, force: bool, directory: bool = False) ->
         raise ValueError(f"--out {out} is inside a checkpoint step folder; it would damage a committed "
                          f"checkpoint (refused even with --force): choose an --out outside it")
     if directory:
-        if out_fs.isfile(out_path.rstrip("/")):
+        if storage.isfile(target):
             raise ValueError(f"--out {out} is a file; --format hf writes a directory: choose a directory name")
-        out_path = out_path.rstrip("/")
-    elif out.endswith("/") or out_fs.isdir(out_path):
+    elif out.endswith("/") or storage.isdir(out):
         raise ValueError(f"--out {out} is a directory: give a file name, e.g. "
                          f"{out.rstrip('/')}/weights.safetensors")
-    if out_fs.exists(out_path) and not force:
+    if storage.exists(target) and not force:
         raise ValueError(f"--out {out} already exists: pass --force to replace it, or choose another --out")
     parent = posixpath.dirname(out_path.rstrip("/"))
-    if storage.is_local(out_fs) and parent:
-        if out_fs.isfile(parent):
+    if storage.local_path(out) is not None and parent:
+        if os.path.isfile(parent):
             raise ValueError(f"--out {out}: {parent} is a file, not a directory: choose an --out in a directory")
-        if not out_fs.isdir(parent):
+        if not os.path.isdir(parent):
             raise ValueError(f"--out {out}: directory {parent} does not exist: create it first "
                              f"(mkdir -p {parent}) or choose an --out in an existing directory")
         if not os.access(parent, os.W_OK):
             raise PermissionError(f"--out {out}: directory {parent} is not writable: choose another --out")
-    return out_fs, out_path
+    return target
 
 
 def write_atomic(out: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], force: bool) -> None:

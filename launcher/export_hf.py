@@ -17,11 +17,11 @@ import re
 import shutil
 import tempfile
 import uuid
-from typing import Any
 
 import torch
 
-from ..storage import is_local, local_scratch_root
+from .. import storage
+from ..storage import local_scratch_root
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -138,10 +138,11 @@ def build_directory(tmp: str, spec, model_cfg, ref: dict[str, torch.Tensor], dty
     return count
 
 
-def place(tmp: str, fs: Any, path: str, force: bool) -> None:
-    """Move the finished local directory tmp to DIR: one rename locally (the replaced DIR is removed
+def place(tmp: str, out: str, force: bool) -> None:
+    """Move the finished local directory tmp to DIR (`out`): one rename locally (the replaced DIR is removed
     after), an upload to a temporary name then a move on object storage."""
-    if is_local(fs):
+    path = storage.local_path(out)
+    if path is not None:
         old = None
         if os.path.exists(path):
             if not force:
@@ -152,20 +153,20 @@ def place(tmp: str, fs: Any, path: str, force: bool) -> None:
         if old:
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
         return
-    staging = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    staging = f"{out.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        fs.put(tmp.rstrip("/") + "/", staging, recursive=True)
-        if fs.exists(path):
+        storage.upload_dir(tmp, staging)
+        if storage.exists(out):
             if not force:
-                raise ValueError(f"--out {path} appeared while exporting: pass --force to replace it")
-            fs.rm(path, recursive=True)
-        fs.mv(staging, path, recursive=True)
+                raise ValueError(f"--out {out} appeared while exporting: pass --force to replace it")
+            storage.remove(out, recursive=True, missing_ok=False)
+        storage.move(staging, out)
     finally:
-        if fs.exists(staging):
-            fs.rm(staging, recursive=True)
+        storage.remove(staging, recursive=True)
 
 
-def local_tmp_dir(fs: Any, path: str) -> str:
-    """A fresh temporary directory beside DIR (local), else in the local scratch root."""
-    parent = os.path.dirname(path.rstrip("/")) if is_local(fs) else str(local_scratch_root())
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(path.rstrip('/'))}.tmp-", dir=parent or ".")
+def local_tmp_dir(out: str) -> str:
+    """A fresh temporary directory beside DIR (`out`, local), else in the local scratch root."""
+    path = storage.local_path(out)
+    parent = os.path.dirname(path.rstrip("/")) if path is not None else str(local_scratch_root())
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(out.rstrip('/'))}.tmp-", dir=parent or ".")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .. import storage
 from ..parallelism.checkpoint import CheckpointError, CheckpointStore
 from ..config.strict_yaml import ConfigError
 from ..run_dir import REJECTED, STEP_PATTERN, RunDir
@@ -43,10 +44,10 @@ class _SetAsideStep(CheckpointStore):
         self.folder, self.step = folder, step
 
     def step_path(self, step: int) -> str:
-        return f"{self.root}/{self.folder}" if step == self.step else super().step_path(step)
+        return f"{self.uri}/{self.folder}" if step == self.step else super().step_path(step)
 
     def listed_steps(self) -> list[int]:
-        return [self.step] if self.fs.isdir(self.step_path(self.step)) else []
+        return [self.step] if storage.isdir(self.step_path(self.step)) else []
 
 
 def locate(uri: str) -> tuple[CheckpointStore, int | None]:

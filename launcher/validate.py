@@ -148,11 +148,11 @@ def check_storage(spec: JobSpec) -> None:
             continue  # prepared prefixes: check_prepared_sources
         path = f"data.sources[{i}].uri"
         try:
-            fs, root = storage.fs_and_path(src.uri)
+            root = storage.store_path(src.uri)
             if not root.strip("/"):
                 raise ConfigError(path, f"got {src.uri!r}, the root of a whole store; set a bucket and path, "
                                         "e.g. s3://bucket/corpus/")
-            found = fs.glob(root) if any(c in root for c in "*?[") else ([root] if fs.exists(root) else [])
+            found = storage.glob(src.uri) if any(c in root for c in "*?[") else storage.exists(src.uri)
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - any storage failure makes the source unreadable

@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -62,29 +61,25 @@ def _sha256(data: bytes) -> str:
 class CheckpointStore:
     def __init__(self, uri: str, keep: int = 2):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = storage.fs_and_path(self.uri)
         self.keep = keep
-        self._local = storage.is_local(self.fs)
+        self._local = storage.local_path(self.uri) is not None  # also refuses (StorageError) an unknown scheme
 
     # ---- layout -------------------------------------------------------------------------
     def step_path(self, step: int) -> str:
-        return f"{self.root}/{step_folder(step)}"
+        """The URI of step `step`'s folder."""
+        return f"{self.uri}/{step_folder(step)}"
 
     def listed_steps(self) -> list[int]:
-        self.fs.invalidate_cache()  # other processes write steps: never trust a cached listing
-        try:
-            entries = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return []
+        # never a cached listing (storage.list_names): other processes write steps
         steps = []
-        for entry in entries:
-            m = _STEP_RE.search(entry.rstrip("/"))
+        for name in storage.list_names(self.uri):
+            m = _STEP_RE.search(name)
             if m:
                 steps.append(int(m.group(1)))
         return sorted(steps)
 
     def committed_steps(self) -> list[int]:
-        return [s for s in self.listed_steps() if self.fs.exists(f"{self.step_path(s)}/{MARKER}")]
+        return [s for s in self.listed_steps() if storage.exists(f"{self.step_path(s)}/{MARKER}")]
 
     # ---- writing ------------------------------------------------------------------------
     def write_shard(self, step: int, name: str, state: dict) -> dict:
@@ -96,10 +91,10 @@ class CheckpointStore:
         torch.save(state, buf)
         data = buf.getvalue()
         path = f"{self.step_path(step)}/{name}"
-        if self.fs.exists(f"{self.step_path(step)}/{MARKER}"):
+        if storage.exists(f"{self.step_path(step)}/{MARKER}"):
             raise CheckpointError(f"step {step} is already committed; checkpoints are write-once")
-        self.fs.makedirs(self.step_path(step), exist_ok=True)
-        self.fs.pipe_file(path, data)
+        storage.makedirs(self.step_path(step))
+        storage.write_bytes(path, data)  # in place: the marker, written last, commits the step
         record = {"name": name, "size": len(data), "sha256": _sha256(data)}
         if isinstance(state.get("params"), dict):
             record["tensors"] = sorted(state["params"])
@@ -110,14 +105,14 @@ class CheckpointStore:
         then apply retention. `files` are the records from every rank's `write_shard`."""
         base = self.step_path(step)
         for rec in files:  # every shard must exist with the size its writer saw
-            size = self.fs.size(f"{base}/{rec['name']}")
+            size = storage.size(f"{base}/{rec['name']}")
             if size != rec["size"]:
                 raise CheckpointError(f"step {step}: shard {rec['name']} has {size} bytes, writer wrote {rec['size']}")
         full = {**manifest, "step": step, "files": {r["name"]: {k: v for k, v in r.items() if k != "name"}
                                                    for r in files}, "created": time.time()}
-        self.fs.pipe_file(f"{base}/{MANIFEST}", json.dumps(full, indent=1, sort_keys=True).encode())
+        storage.write_bytes(f"{base}/{MANIFEST}", json.dumps(full, indent=1, sort_keys=True).encode())
         # the marker appears whole or not at all (storage's commit rule), so a listed marker means committed
-        storage.write_bytes_atomic(f"{self.uri}/{step_folder(step)}/{MARKER}",
+        storage.write_bytes_atomic(f"{base}/{MARKER}",
                                    json.dumps({"step": step, "time": time.time()}).encode())
         self.apply_retention()
         return CommittedStep(step, base, full)
@@ -132,7 +127,7 @@ class CheckpointStore:
         newest = committed[-1]
         doomed = [s for s in self.listed_steps() if s not in keep and (s in committed or s < newest)]
         for s in doomed:
-            self.fs.rm(self.step_path(s), recursive=True)
+            storage.remove(self.step_path(s), recursive=True, missing_ok=False)
         return doomed
 
     # ---- reading ------------------------------------------------------------------------
@@ -140,11 +135,11 @@ class CheckpointStore:
         """The manifest of `step`, checked for shape (the one place manifests are parsed): every reader
         (resume, plan --resume-from, export) gets a CheckpointError naming the step, never a KeyError."""
         base = self.step_path(step)
-        if self._local and os.path.islink(base):
+        if storage.islink(base):
             raise CheckpointError(f"step {step}: {base} is a symbolic link; a run's checkpoints are folders it "
                                   "wrote itself: remove the link (copy the folder in if it is wanted)")
         try:
-            manifest = json.loads(self.fs.cat_file(f"{base}/{MANIFEST}"))
+            manifest = json.loads(storage.read_bytes(f"{base}/{MANIFEST}"))
         except FileNotFoundError:
             raise CheckpointError(f"step {step}: {MANIFEST} is missing") from None
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -159,14 +154,14 @@ class CheckpointStore:
         base = self.step_path(step)
         for name, rec in sorted(manifest["files"].items()):
             path = f"{base}/{name}"
-            if self._local and os.path.islink(path):
+            if storage.islink(path):
                 raise CheckpointError(f"step {step}: shard {name} is a symbolic link; restore the file itself")
-            if not self.fs.exists(path):
+            if not storage.exists(path):
                 raise CheckpointError(f"step {step}: shard {name} is missing")
-            if self.fs.size(path) != rec["size"]:
-                raise CheckpointError(f"step {step}: shard {name} has {self.fs.size(path)} bytes, "
+            if storage.size(path) != rec["size"]:
+                raise CheckpointError(f"step {step}: shard {name} has {storage.size(path)} bytes, "
                                       f"manifest says {rec['size']} (truncated or replaced)")
-            if deep and _sha256(self.fs.cat_file(path)) != rec["sha256"]:
+            if deep and _sha256(storage.read_bytes(path)) != rec["sha256"]:
                 raise CheckpointError(f"step {step}: shard {name} fails its SHA-256 check (corrupted)")
         _check_tensor_names(step, manifest)
         return manifest
@@ -189,16 +184,14 @@ class CheckpointStore:
         run can commit that step number again. For a committed step that failed verification and that a
         resume from an older step will write anew (write-once would otherwise refuse it). Returns the path."""
         src = self.step_path(step)
-        dest = f"{self.root}/{REJECTED}/{step_folder(step)}-{time.strftime('%Y%m%dT%H%M%S')}"
-        self.fs.makedirs(f"{self.root}/{REJECTED}", exist_ok=True)
+        dest = f"{self.uri}/{REJECTED}/{step_folder(step)}-{time.strftime('%Y%m%dT%H%M%S')}"
+        storage.makedirs(f"{self.uri}/{REJECTED}")
         if self._local:
-            self.fs.mv(src, dest, recursive=True)  # one rename
+            storage.move(src, dest)  # one rename
         else:  # object storage: copy every object, then drop the marker first so the step stops counting
-            for path in self.fs.find(src):
-                self.fs.copy(path, f"{dest}/{path[len(src):].lstrip('/')}")
-            self.fs.rm(f"{src}/{MARKER}")
-            self.fs.rm(src, recursive=True)
-        self.fs.invalidate_cache()
+            storage.copy_tree(src, dest)
+            storage.remove(f"{src}/{MARKER}", missing_ok=False)
+            storage.remove(src, recursive=True, missing_ok=False)
         return dest
 
     def read_shard(self, step: int, name: str, manifest: dict | None = None) -> dict:
@@ -207,7 +200,7 @@ class CheckpointStore:
         rec = manifest.get("files", {}).get(name)
         if rec is None:
             raise CheckpointError(f"step {step}: manifest lists no shard {name}")
-        data = self.fs.cat_file(f"{self.step_path(step)}/{name}")
+        data = storage.read_bytes(f"{self.step_path(step)}/{name}")
         if _sha256(data) != rec["sha256"]:
             raise CheckpointError(f"step {step}: shard {name} fails its SHA-256 check (corrupted)")
         try:

@@ -18,6 +18,7 @@ def rank_state(step: int, rank: int) -> dict:
 def saving_rank(rank: int, world: int, uri: str, flag: str) -> None:
     import torch.distributed as dist
 
+    from raytron import storage
     from raytron.launcher.checkpointing import write_and_commit
     from raytron.parallelism.checkpoint import CheckpointStore
 
@@ -26,14 +27,14 @@ def saving_rank(rank: int, world: int, uri: str, flag: str) -> None:
     write_and_commit(store, 1, rank, world, {f"state-{rank:05d}.pt": rank_state(1, rank)}, manifest)
     dist.barrier()
     if rank == 1:  # the next shard write stops halfway: half the bytes are out when the kill lands
-        real_pipe = store.fs.pipe_file
+        real_write = storage.write_bytes  # how the store writes shards (in place, not staged)
 
-        def half_then_hang(path, data, **kw):
-            real_pipe(path, data[: len(data) // 2], **kw)
+        def half_then_hang(uri, data):
+            real_write(uri, data[: len(data) // 2])
             Path(flag).write_text(str(os.getpid()))
             time.sleep(600)
 
-        store.fs.pipe_file = half_then_hang
+        storage.write_bytes = half_then_hang
     write_and_commit(store, 2, rank, world, {f"state-{rank:05d}.pt": rank_state(2, rank)}, manifest)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from tests.checkpoint.ckpt_helpers import _rank_main, free_port
 from tests.checkpoint.kill_ranks import rank_state, saving_rank
+from raytron import storage
 from raytron.parallelism.checkpoint import MARKER, MANIFEST, CheckpointStore
 
 pytestmark = pytest.mark.slow
@@ -49,9 +50,9 @@ def test_sigkill_during_shard_write_leaves_no_marker(shared_ckpt_uri, tmp_path):
     assert procs[1].exitcode == -signal.SIGKILL
     store = CheckpointStore(shared_ckpt_uri, keep=2)
     step2 = store.step_path(2)
-    assert store.fs.exists(f"{step2}/state-00001.pt"), "the half-written shard is there ..."
-    assert not store.fs.exists(f"{step2}/{MARKER}"), "step 2: a killed save must leave no COMMITTED marker"
-    assert not store.fs.exists(f"{step2}/{MANIFEST}"), "step 2: rank 0 must not write the manifest"
+    assert storage.exists(f"{step2}/state-00001.pt"), "the half-written shard is there ..."
+    assert not storage.exists(f"{step2}/{MARKER}"), "step 2: a killed save must leave no COMMITTED marker"
+    assert not storage.exists(f"{step2}/{MANIFEST}"), "step 2: rank 0 must not write the manifest"
     chosen, skipped = store.latest(deep=True)
     assert chosen is not None and chosen.step == 1 and skipped == [], (chosen, skipped)
     for r in range(2):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.checkpoint.ckpt_helpers import CONFIG, job_overrides, load_job
+from raytron import storage
 from raytron.data_pipeline import DataCursor
 from raytron.launcher.checkpointing import build_manifest
 from raytron.launcher.cli import main
@@ -46,8 +47,8 @@ def real_run(root, steps=(2, 4)) -> tuple[str, CheckpointStore]:
 
 def _rewrite(store, step, edit) -> None:
     path = f"{store.step_path(step)}/{MANIFEST}"
-    manifest = json.loads(store.fs.cat_file(path))
-    store.fs.pipe_file(path, json.dumps(edit(manifest)).encode())
+    manifest = json.loads(storage.read_bytes(path))
+    storage.write_bytes(path, json.dumps(edit(manifest)).encode())
 
 
 def test_a_complete_checkpoint_verifies(tmp_path):
@@ -110,8 +111,8 @@ def test_export_of_a_shard_that_is_not_a_tensor_file(tmp_path, capsys):
     run, store = real_run(tmp_path, steps=(4,))
     garbage = b"this is not a torch file" * 10
     shutil.rmtree(store.step_path(4))
-    store.fs.makedirs(store.step_path(4))
-    store.fs.pipe_file(f"{store.step_path(4)}/state-00000.pt", garbage)
+    storage.makedirs(store.step_path(4))
+    storage.write_bytes(f"{store.step_path(4)}/state-00000.pt", garbage)
     record = {"name": "state-00000.pt", "size": len(garbage), "sha256": hashlib.sha256(garbage).hexdigest()}
     spec = load_job(tmp_path, "src", 2, 2, steps=10)
     store.commit(4, [record], build_manifest(spec, validate_job(spec), 2, MODEL, DataCursor(32), {}))

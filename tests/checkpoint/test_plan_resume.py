@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raytron import storage
 from tests.checkpoint.ckpt_helpers import CONFIG, job_overrides, load_job
 from raytron.data_pipeline import DataCursor
 from raytron.launcher.checkpointing import build_manifest
@@ -102,7 +103,7 @@ def test_back_from_ep4_to_ep2(tmp_path):
 def test_missing_shard_and_uncommitted_step_are_refused(tmp_path):
     run = fake_checkpoint(tmp_path, "src", workers=2, ep=2)
     store = CheckpointStore(f"{run}/checkpoints")
-    store.fs.rm(f"{store.step_path(STEP)}/state-00001.pt")
+    storage.remove(f"{store.step_path(STEP)}/state-00001.pt", missing_ok=False)
     spec = load_job(tmp_path, "src", 2, 2, 10)
     plan = plan_resume(spec, run)
     assert not plan.ok and f"step {STEP}: shard state-00001.pt is missing" in format_plan(plan)
@@ -219,7 +220,7 @@ def test_plan_reads_a_step_a_resume_set_aside(tmp_path, capsys):
     _corrupt(store, STEP, "state-00000.pt")
     folder = store.set_aside(STEP)
     assert "/rejected/step-" in folder
-    uri = store.fs.unstrip_protocol(folder)
+    uri = storage.full_uri(folder)
     plan = plan_resume(load_job(tmp_path, "src", 2, 2, 10), uri)
     assert not plan.ok and plan.step == STEP, format_plan(plan)
     assert f"step {STEP}: shard state-00000.pt fails its SHA-256 check" in plan.reasons[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raytron import storage
 from raytron.parallelism.checkpoint import MARKER, CheckpointError, CheckpointStore
 
 
@@ -29,17 +30,17 @@ def shard_path(store: CheckpointStore, step: int, name: str = "state-00001.pt") 
 
 
 def truncate(store, path):
-    store.fs.pipe_file(path, store.fs.cat_file(path)[:-100])
+    storage.write_bytes(path, storage.read_bytes(path)[:-100])
 
 
 def bit_flip(store, path):
-    data = bytearray(store.fs.cat_file(path))
+    data = bytearray(storage.read_bytes(path))
     data[len(data) // 2] ^= 0x10
-    store.fs.pipe_file(path, bytes(data))
+    storage.write_bytes(path, bytes(data))
 
 
 def remove(store, path):
-    store.fs.rm(path)
+    storage.remove(path, missing_ok=False)
 
 
 @pytest.mark.parametrize("damage, words", [(truncate, r"has \d+ bytes, manifest says"),
@@ -71,8 +72,8 @@ def test_missing_or_corrupt_manifest_is_refused(ckpt_uri):
     store = CheckpointStore(ckpt_uri, keep=3)
     for step in (1, 2, 3):
         save(store, step)
-    store.fs.rm(f"{store.step_path(3)}/manifest.json")
-    store.fs.pipe_file(f"{store.step_path(2)}/manifest.json", b"{not json")
+    storage.remove(f"{store.step_path(3)}/manifest.json", missing_ok=False)
+    storage.write_bytes(f"{store.step_path(2)}/manifest.json", b"{not json")
     chosen, skipped = store.latest()
     assert chosen.step == 1
     assert "step 3: manifest.json is missing" in skipped[0] and "step 2: manifest.json is unreadable" in skipped[1]
@@ -110,7 +111,7 @@ def test_commit_refuses_a_shard_that_changed_size(ckpt_uri):
     truncate(store, shard_path(store, 3))
     with pytest.raises(CheckpointError, match=r"step 3: shard state-00001\.pt has \d+ bytes, writer wrote"):
         store.commit(3, records, {})
-    assert not store.fs.exists(f"{store.step_path(3)}/{MARKER}")
+    assert not storage.exists(f"{store.step_path(3)}/{MARKER}")
 
 
 def test_loading_never_unpickles_code(ckpt_uri):
@@ -138,9 +139,9 @@ def test_resume_sets_aside_a_newer_damaged_step_so_it_can_be_committed_again(ckp
     step, manifest = choose_resume_step(store)
     assert step == 2 and manifest["step"] == 2
     assert store.committed_steps() == [2]
-    rejected = store.fs.ls(f"{store.root}/rejected", detail=False)
+    rejected = [f"{store.uri}/rejected/{name}" for name in storage.list_names(f"{store.uri}/rejected")]
     assert len(rejected) == 1 and "step-000000004-" in rejected[0]
-    assert store.fs.exists(f"{rejected[0]}/{MARKER}") and store.fs.exists(f"{rejected[0]}/state-00001.pt")
+    assert storage.exists(f"{rejected[0]}/{MARKER}") and storage.exists(f"{rejected[0]}/state-00001.pt")
     save(store, 4)  # the run commits step 4 anew
     assert store.latest(deep=True)[0].step == 4 and store.apply_retention() == []
     out = capsys.readouterr().out

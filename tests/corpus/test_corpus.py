@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raytron import storage
 from raytron.launcher.cli import main
 from raytron.config.strict_yaml import ConfigError
 from tests.checkpoint.ckpt_helpers import CONFIG as CKPT_CONFIG, job_overrides, load_job
@@ -93,11 +94,11 @@ def built_cache(tmp_path_factory) -> Path:
 
 # ---- checkpoints: real manifests over placeholder shards (tests/checkpoint/test_manifest_checks.py)
 def _manifest(store, step: int) -> dict:
-    return json.loads(store.fs.cat_file(f"{store.step_path(step)}/manifest.json"))
+    return json.loads(storage.read_bytes(f"{store.step_path(step)}/manifest.json"))
 
 
 def _put_manifest(store, step: int, manifest) -> None:
-    store.fs.pipe_file(f"{store.step_path(step)}/manifest.json", json.dumps(manifest).encode())
+    storage.write_bytes(f"{store.step_path(step)}/manifest.json", json.dumps(manifest).encode())
 
 
 def _drop_size(store, _):
@@ -109,7 +110,7 @@ def _drop_size(store, _):
 def _symlinked_step(store, _):
     from tests.checkpoint.test_manifest_checks import real_run
 
-    _, other = real_run(Path(store.root).parents[1] / "elsewhere", steps=(6,))
+    _, other = real_run(Path(store.uri).parents[1] / "elsewhere", steps=(6,))
     os.symlink(other.step_path(6), store.step_path(6))
 
 
@@ -129,10 +130,10 @@ def _replace_shard(store, src: Path):
 
     garbage = src.read_bytes()
     shutil.rmtree(store.step_path(4))
-    store.fs.makedirs(store.step_path(4))
-    store.fs.pipe_file(f"{store.step_path(4)}/state-00000.pt", garbage)
+    storage.makedirs(store.step_path(4))
+    storage.write_bytes(f"{store.step_path(4)}/state-00000.pt", garbage)
     record = {"name": "state-00000.pt", "size": len(garbage), "sha256": hashlib.sha256(garbage).hexdigest()}
-    spec = load_job(Path(store.root).parents[1], "src", 2, 2, steps=10)
+    spec = load_job(Path(store.uri).parents[1], "src", 2, 2, steps=10)
     store.commit(4, [record], build_manifest(spec, validate_job(spec), 2, MODEL, DataCursor(32), {}))
 
 
@@ -148,7 +149,7 @@ def _uncommit_every_step(store, _):
 
 
 CKPT_DAMAGE = {
-    "newest_manifest": lambda store, src: store.fs.pipe_file(f"{store.step_path(4)}/manifest.json", src.read_bytes()),
+    "newest_manifest": lambda store, src: storage.write_bytes(f"{store.step_path(4)}/manifest.json", src.read_bytes()),
     "manifest_drop_size": _drop_size,
     "manifest_other_step": lambda store, _: _put_manifest(store, 4, _manifest(store, 2)),
     "symlinked_step": _symlinked_step,
