@@ -2,7 +2,8 @@
 
 Dependencies point one way: launcher -> parallelism -> models -> ops; data_pipeline stands alone; the
 package root (raytron/*.py, raytron/config/) is below every subpackage and imports none of them. Only
-the storage layer (raytron/storage.py) imports fsspec. Modules never import each other in a circle, not
+the storage layer (raytron/storage.py) imports fsspec or touches a filesystem object: no other module
+names its filesystem helpers (`fs_and_path`), everyone passes URIs to its functions. Modules never import each other in a circle, not
 even through an import inside a function (the usual way to hide a cycle). Only the engine registry
 (parallelism/engines.py) compares a value with an engine's name; everyone else asks `get_engine(name)`.
 """
@@ -29,6 +30,7 @@ ALLOWED = {  # layer -> the raytron layers it may import (besides itself and the
     "raytron": set(),
 }
 STORAGE_LAYER = {"raytron.storage"}
+STORAGE_INTERNALS = {"fs_and_path", "_fs_and_path", "is_local", "_is_local"}  # hand out or take filesystem objects
 ENGINE_REGISTRY = "raytron.parallelism.engines"
 NOT_ENGINE_NAMES = {  # (module, compared expression) whose "megatron" is no engine
     ("raytron.models.flops", "convention"): "Megatron's FLOPs-counting convention (MFU), the same on every engine",
@@ -132,6 +134,39 @@ def test_only_the_storage_layer_imports_fsspec():
     wrong = [f"{imp.source}:{imp.line}" for imp in _graph()
              if imp.target.split(".")[0] == "fsspec" and imp.source not in STORAGE_LAYER]
     assert not wrong, "fsspec imported outside raytron/storage.py (use raytron.storage): " + ", ".join(wrong)
+
+
+def _storage_internals_used(module: str, source: str) -> list[str]:
+    """Where `source` names one of the storage layer's filesystem helpers (a call, an import, an attribute)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        names = []
+        if isinstance(node, ast.Name):
+            names = [node.id]
+        elif isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names]
+        out += [f"{module}:{node.lineno}: {n}" for n in names if n in STORAGE_INTERNALS]
+    return out
+
+
+def test_only_the_storage_layer_touches_filesystem_objects():
+    wrong = []
+    for module, path in _modules().items():
+        if module not in STORAGE_LAYER:
+            wrong += _storage_internals_used(module, path.read_text())
+    assert not wrong, ("a filesystem helper of raytron/storage.py used elsewhere (pass URIs to raytron.storage's "
+                       "functions; add the one you need there):\n" + "\n".join(wrong))
+
+
+@pytest.mark.parametrize("source, caught", [
+    ("fs, path = storage.fs_and_path(uri)", True), ("from ..storage import fs_and_path", True),
+    ("fs, path = _fs_and_path(uri)", True), ("from raytron.storage import _is_local", True),
+    ("ok = storage.is_local(fs)", True), ("n = storage.size(uri)", False),
+    ("ok = storage.is_local_uri(uri)", False)])
+def test_a_filesystem_helper_outside_the_storage_layer_is_caught(source, caught):
+    assert bool(_storage_internals_used("raytron.launcher.x", source)) == caught
 
 
 def _engine_names() -> set[str]:
