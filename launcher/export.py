@@ -150,7 +150,8 @@ def choose_step(store: CheckpointStore, step: int | None) -> tuple[int, dict]:
 
 def check_paths(run_uri: str, out: str, force: bool, directory: bool = False) -> str:
     """Refuse (ValueError) a RUN_URI that is a file and an --out that cannot or must not be written,
-    before any checkpoint is read; --out without a trailing `/`. `directory`: --out is a directory to create."""
+    before any checkpoint is read; returns --out. `directory`: --out is a directory to create (returned
+    without a trailing `/`)."""
     if storage.isfile(run_uri):
         raise ValueError(f"RUN_URI {run_uri} is a file, not a run directory: pass the run directory "
                          f"<checkpoint.uri>/<name> (the folder that holds checkpoints/)")

@@ -32,7 +32,7 @@ from typing import IO, Any, Iterator
 import fsspec
 from fsspec.utils import infer_compression
 
-__all__ = ["StorageError", "is_local_uri", "absolute_uri", "local_path", "store_path", "full_uri", "location",
+__all__ = ["StorageError", "is_local_uri", "absolute_uri", "local_path", "store_path", "full_uri",
            "is_inside", "join", "exists", "isfile", "isdir", "islink", "size", "info", "modified", "glob", "list_files",
            "read_bytes", "open_file", "list_names", "makedirs", "remove", "rmdir", "move", "copy_tree", "write_bytes",
            "open_atomic", "write_bytes_atomic", "append_bytes", "staged_file", "create_exclusive", "upload_file",
@@ -94,19 +94,19 @@ def full_uri(uri: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def location(uri: str) -> tuple[str, str]:
+def _location(uri: str) -> tuple[str, str]:
     """(protocol, normalized absolute path) of `uri`, to compare places: a local path with its symbolic
     links and `..` resolved, `file`; any other URI its filesystem's first protocol and path."""
     fs, path = _fs_and_path(uri)
     if _is_local(fs):
         return "file", os.path.realpath(path)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol, posixpath.normpath("/" + fs._strip_protocol(path).lstrip("/"))
+    return protocol, posixpath.normpath("/" + path.lstrip("/"))
 
 
 def is_inside(uri: str, parent_uri: str) -> bool:
     """`uri` is `parent_uri` or lies under it (compared by `location`: symlinks and `..` count)."""
-    child, parent = location(uri), location(parent_uri)
+    child, parent = _location(uri), _location(parent_uri)
     if child[0] != parent[0]:
         return False
     return child[1] == parent[1] or child[1].startswith(parent[1].rstrip("/") + "/")
@@ -247,8 +247,12 @@ def copy_tree(uri: str, dest_uri: str) -> None:
     fs, src = _fs_and_path(uri)
     dest = _fs_and_path(dest_uri)[1]
     src = src.rstrip("/")
+    local = _is_local(fs)
     for path in fs.find(src):
-        fs.copy(path, f"{dest}/{path[len(src):].lstrip('/')}")
+        target = f"{dest}/{path[len(src):].lstrip('/')}"
+        if local:  # object stores have no folders to create
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.copy(path, target)
 
 
 def _file_mode(path: str) -> int:

@@ -106,3 +106,60 @@ def test_run_dir_layout():
     assert run.rank_record(2, 3) == "s3://bucket/runs/job/worker_groups/0002/rank-00003.json"
     assert run.rejected == "s3://bucket/runs/job/checkpoints/rejected"
     assert RunDir.given("s3://bucket/runs/job/checkpoints/") == run == RunDir.given("s3://bucket/runs/job")
+
+
+def _tree(root: str) -> str:
+    """root/src/{a.txt, sub/b.txt} (write_bytes: the in-place write)."""
+    src = storage.join(root, "src")
+    storage.makedirs(storage.join(src, "sub"))
+    storage.write_bytes(storage.join(src, "a.txt"), b"aa")
+    storage.write_bytes(storage.join(src, "sub", "b.txt"), b"bbb")
+    return src
+
+
+def test_files_of_a_file_a_directory_and_a_pattern(root):
+    src = _tree(root)
+    a, b = storage.join(src, "a.txt"), storage.join(src, "sub", "b.txt")
+    files = storage.list_files(src)
+    assert sorted(files) == sorted([storage.full_uri(a), storage.full_uri(b)])
+    assert {files[storage.full_uri(b)]["size"]} == {storage.size(b)} == {3}
+    assert list(storage.list_files(a)) == [storage.full_uri(a)]
+    assert list(storage.list_files(storage.join(src, "*.txt"))) == [storage.full_uri(a)]
+    assert storage.list_files(storage.join(src, "*.none")) == {}
+    assert storage.glob(storage.join(src, "s*")) == [storage.full_uri(storage.join(src, "sub"))]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        storage.list_files(storage.join(src, "missing"))
+    assert storage.isdir(src) and not storage.isdir(a) and storage.isfile(a) and not storage.islink(a)
+    assert storage.info(a)["size"] == 2 and storage.full_uri(a).startswith(("file://", "memory://"))
+
+
+def test_copy_move_and_transfers(root, tmp_path):
+    src = _tree(root)
+    storage.copy_tree(src, storage.join(root, "copy"))
+    storage.move(src, storage.join(root, "moved"))
+    assert not storage.exists(src)
+    for tree in ("copy", "moved"):
+        assert storage.read_bytes(storage.join(root, tree, "sub", "b.txt")) == b"bbb"
+        assert storage.list_names(storage.join(root, tree)) == ["a.txt", "sub"]
+    local = tmp_path / "local"
+    local.mkdir()
+    storage.download_file(storage.join(root, "copy", "a.txt"), str(local / "x"))
+    storage.upload_file(str(local / "x"), storage.join(root, "up.txt"))
+    assert storage.read_bytes(storage.join(root, "up.txt")) == b"aa"
+    storage.download_dir(storage.join(root, "copy", "sub"), str(local))
+    assert sorted(os.listdir(local)) == ["b.txt", "x"]
+    with pytest.raises(FileNotFoundError):
+        storage.download_dir(storage.join(root, "gone"), str(local))
+
+
+def test_inside_compares_places_not_spellings(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    os.symlink(tmp_path / "run", tmp_path / "alias")
+    ck = str(tmp_path / "run" / "checkpoints")
+    assert storage.is_inside(str(tmp_path / "alias" / "checkpoints" / "w.bin"), ck)
+    assert storage.is_inside(f"file://{tmp_path}/run/x/../checkpoints", ck)
+    assert not storage.is_inside(str(tmp_path / "run" / "checkpoints2"), ck)
+    assert storage.islink(str(tmp_path / "alias")) and not storage.islink("memory://alias")
+    assert storage.is_inside("memory://b/run/checkpoints/x/../y", "memory://b/run/checkpoints")
+    assert not storage.is_inside("memory://b/run/checkpoints", ck)
+    assert storage.store_path("s3://bucket/x") == "bucket/x" and storage.store_path(f"file://{tmp_path}") == str(tmp_path)
