@@ -163,3 +163,12 @@ def test_inside_compares_places_not_spellings(tmp_path):
     assert storage.is_inside("memory://b/run/checkpoints/x/../y", "memory://b/run/checkpoints")
     assert not storage.is_inside("memory://b/run/checkpoints", ck)
     assert storage.store_path("s3://bucket/x") == "bucket/x" and storage.store_path(f"file://{tmp_path}") == str(tmp_path)
+
+
+def test_pyarrow_view_of_the_same_files(root):
+    import pyarrow.fs
+
+    storage.write_bytes_atomic(storage.join(root, "r", "x.bin"), b"xyz")
+    path, fs = storage.pyarrow_filesystem(storage.join(root, "r"))
+    assert fs.get_file_info(f"{path}/x.bin").size == 3
+    assert fs.get_file_info(f"{path}/x.bin").type == pyarrow.fs.FileType.File
