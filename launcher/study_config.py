@@ -271,6 +271,7 @@ def study_fingerprint(study: StudySpec, base: JobSpec, plans: list[FamilyPlan]) 
     """What makes two studies' families the same runs (not the output place): the configs and every
     family's solved model. The sweep and claims settings are left out: they change how trained families are
     timed and judged, not what they trained (a changed sweep is re-measured, see study._sweep)."""
-    record = {"study": {k: v for k, v in to_dict(study).items() if k not in ("sweep", "claims")}, "base": {**base.to_dict(), "checkpoint": None, "name": None},
+    trained = {k: v for k, v in to_dict(study).items() if k not in ("sweep", "claims")}
+    record = {"study": trained, "base": {**base.to_dict(), "checkpoint": None, "name": None},
               "models": {p.name: to_dict(p.spec.model) for p in plans}}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -104,8 +104,8 @@ def measure_context(model: torch.nn.Module, cfg: ModelConfig, seq: int, batch: i
         return {"seq": seq, "batch": batch, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
     model.zero_grad(set_to_none=True)
     seconds = sorted(times)[len(times) // 2]
-    return {"seq": seq, "batch": batch, "seconds": seconds, "tokens_per_s": batch * seq / seconds, "peak_mem_bytes": peak,
-            "flops_per_token": flops_per_token(cfg, seq)["total"]}
+    return {"seq": seq, "batch": batch, "seconds": seconds, "tokens_per_s": batch * seq / seconds,
+            "peak_mem_bytes": peak, "flops_per_token": flops_per_token(cfg, seq)["total"]}
 
 
 def sweep_family(cfg: ModelConfig, seqs: list[int], sweep, mode: str, threads: int, seed: int) -> list[dict]:
