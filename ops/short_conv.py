@@ -62,7 +62,9 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, doc_ids: torch.Tensor | Non
               kernel: str | None = None) -> torch.Tensor:
     """`F.silu(short_conv(x, weight, doc_ids, halo, halo_doc_ids))` through `choose_conv_kernel`'s kernel.
     With a halo (context parallelism) always the PyTorch path: the Triton kernels take no halo."""
-    if halo is None and choose_conv_kernel(x, weight, kernel) == "triton":
+    if halo is not None:
+        _asked_kernel(kernel)  # a wrong name is refused on every path
+    elif choose_conv_kernel(x, weight, kernel) == "triton":
         return _triton.short_conv_silu(x, weight, doc_ids)
     return F.silu(short_conv(x, weight, doc_ids, halo, halo_doc_ids))
 
@@ -71,10 +73,7 @@ def choose_conv_kernel(x: torch.Tensor, weight: torch.Tensor, kernel: str | None
     """`kernel` if given, else RAYTRON_CONV_KERNEL if set (a name from KERNELS), else DEFAULT_KERNEL where
     the Triton kernels run and `torch` elsewhere. `triton` asked for by name where it cannot run is an
     error, never a silent fallback; its first use per device and dtype runs `_self_check`."""
-    asked = kernel or os.environ.get("RAYTRON_CONV_KERNEL") or None
-    if asked is not None and asked not in KERNELS:
-        raise ValueError(f"short-conv kernel {asked!r} (argument or RAYTRON_CONV_KERNEL): expected one of "
-                         f"{', '.join(KERNELS)}")
+    asked = _asked_kernel(kernel)
     reason = _triton.unsupported_reason(x, weight)
     if asked == "triton" and reason:
         raise ValueError(f"short-conv kernel 'triton' cannot run here: {reason}; use kernel 'torch' "
@@ -84,6 +83,15 @@ def choose_conv_kernel(x: torch.Tensor, weight: torch.Tensor, kernel: str | None
         _self_check(str(x.device), x.dtype)
     _log_choice(chosen, x.device.type, x.dtype, "asked for" if asked else (reason or "the default"))
     return chosen
+
+
+def _asked_kernel(kernel: str | None) -> str | None:
+    """`kernel`, else RAYTRON_CONV_KERNEL, else None; a name outside KERNELS is an error."""
+    asked = kernel or os.environ.get("RAYTRON_CONV_KERNEL") or None
+    if asked is not None and asked not in KERNELS:
+        raise ValueError(f"short-conv kernel {asked!r} (argument or RAYTRON_CONV_KERNEL): expected one of "
+                         f"{', '.join(KERNELS)}")
+    return asked
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,6 +16,8 @@ each a pass over [B, T, C] forward and more backward. Here one launch each way:
   no atomics.
 
 Block sizes are powers of two (KP = next power of two of K, K <= MAX_K); tails of T and C are masked.
+Not the layers' default yet: ops/short_conv.py `conv_silu` runs these only with RAYTRON_CONV_KERNEL=triton until
+they are measured on a GPU (benchmarks/models/bench_short_conv.py).
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ def conv_silu_fwd(x: torch.Tensor, weight: torch.Tensor, doc_ids: torch.Tensor |
     """x [B, T, C] (unit channel stride), weight [C, K] contiguous -> silu(conv) [B, T, C] in x.dtype."""
     bsz, t, c = x.shape
     y = torch.empty(bsz, t, c, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
     bt, bc = 32, min(128, triton.next_power_of_2(c))
     docs, sdb, sdt = _docs(doc_ids, x)
     _conv_silu_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc), bsz)](
@@ -148,6 +152,8 @@ def conv_silu_bwd(x: torch.Tensor, weight: torch.Tensor, doc_ids: torch.Tensor |
     """-> (dx [B, T, C] in x.dtype, dweight [C, K] in weight.dtype, summed in float32)."""
     bsz, t, c = x.shape
     k = weight.shape[1]
+    if x.numel() == 0:
+        return torch.zeros_like(x), torch.zeros_like(weight)
     kp = triton.next_power_of_2(k)
     bt, bc = max(1, 64 // kp), min(64, triton.next_power_of_2(c))  # [BT, KP, BC] tiles of 4096 elements
     rows = min(ROWS, max(bt, triton.next_power_of_2(t)))  # short sequences: no all-masked steps

@@ -62,8 +62,9 @@ def test_default_is_torch_and_names_are_checked(monkeypatch):
     assert choose_conv_kernel(x, w) == "torch"
     torch.testing.assert_close(conv_silu(x, w), F.silu(short_conv(x, w)), rtol=0, atol=0)
     monkeypatch.setenv("RAYTRON_CONV_KERNEL", "magic")
-    with pytest.raises(ValueError, match="'magic' .*RAYTRON_CONV_KERNEL.*expected one of torch, triton"):
-        conv_silu(x, w)
+    for halo in (None, torch.randn(2, 3, 6)):  # the halo (PyTorch-only) path refuses a wrong name too
+        with pytest.raises(ValueError, match="'magic' .*RAYTRON_CONV_KERNEL.*expected one of torch, triton"):
+            conv_silu(x, w, halo=halo)
     monkeypatch.setenv("RAYTRON_CONV_KERNEL", "triton")
     with pytest.raises(ValueError, match="'triton' cannot run here: .*(CUDA|Triton).*unset RAYTRON_CONV_KERNEL"):
         conv_silu(x, w)
