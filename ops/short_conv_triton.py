@@ -6,16 +6,17 @@ each a pass over [B, T, C] forward and more backward. Here one launch each way:
 - forward: one program per (BT rows, BC channels, batch row) loads the K shifted x tiles (overlapping, so
   served from cache), accumulates in float32, applies SiLU and writes y in x.dtype.
 - backward: nothing but x is saved; the pre-activation is recomputed. Program (BC channels, batch row, slice
-  of ROWS rows) walks its rows BT at a time with a [BT, KP, BC] tile whose axis 1 is the forward shift i:
-  z3[t, i] = z(t + i) (K shifted loads of x), dz3 = dy(t + i) silu'(z3), then
-      dx(t)            = sum_i w[:, K-1-i] dz(t + i)      (tap t -> t + i kept)
-      dw[:, K-1-i]    += sum_t dz(t + i) x(t)             (same taps)
-  The tap t -> t + i is kept when t + i < T and, with doc_ids, doc(t) == doc(t + i), exactly as
-  short_conv drops taps per shift. dw partial sums stay in float32 registers over the slice and are
-  written per program, then summed over (batch, slice) by one small torch reduction: deterministic,
-  no atomics.
+  of ROWS rows) walks its rows BT at a time; for each forward shift i (unrolled, K static) it rebuilds the
+  pre-activation of rows t + i from K - 1 shifted x tiles and x(t), takes dz = dy(t + i) silu'(z), and adds
+      dx(t)         += w[:, K-1-i] dz(t + i)
+      dw[:, K-1-i]  += sum_t dz(t + i) x(t)
+  for the taps t -> t + i that short_conv keeps (t + i < T and, with doc_ids, doc(t) == doc(t + i): it drops
+  taps per shift by that comparison). Loads per output row: K (K - 1) + K + 1 tiles, mostly cache hits, against
+  x, dy read and dx written once from memory. dw partial sums stay in float32 registers over the slice and are
+  written per program, then summed over (batch, slice) by one small torch reduction: deterministic, no atomics.
 
-Block sizes are powers of two (KP = next power of two of K, K <= MAX_K); tails of T and C are masked.
+Tiles (rows, channels, warps) are powers of two, tails of T and C masked; at K = 4 they compile for sm_90
+without register spills (tests/ops/test_short_conv_triton_compile.py), the benchmark sweeps alternatives.
 Not the layers' default yet: ops/short_conv.py `conv_silu` runs these only with RAYTRON_CONV_KERNEL=triton until
 they are measured on a GPU (benchmarks/models/bench_short_conv.py).
 """
@@ -34,6 +35,8 @@ except ImportError:  # CPU machines: the PyTorch path is used
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_K = 8
+FWD_TILE = (32, 128, 4)  # (rows, channels, warps) of a forward program
+BWD_TILE = (16, 64, 4)  # of a backward step; KP = next power of two of K rows of dw partials
 ROWS = 256  # rows of T per backward program: dw partials are [B * cdiv(T, ROWS), KP, C] float32
 
 
@@ -84,41 +87,45 @@ if triton is not None:
         part = tl.program_id(2)
         cols = tl.program_id(0) * BC + tl.arange(0, BC)
         cmask = cols < C
-        shift = tl.arange(0, KP)  # forward shift i: output row t + i reads x(t) through w[:, K-1-i]
+        shift = tl.arange(0, KP)  # row i of the dw partials: forward shift i, weight column K-1-i
         x_base, doc_base, dy_base = x_ptr + b * sxb, doc_ptr + b * sdb, dy_ptr + b * sgb
-        w_taps = tl.load(w_ptr + cols[None, :] * K + (K - 1 - shift[:, None]),
-                         mask=(shift[:, None] < K) & cmask[None, :], other=0.0).to(tl.float32)  # [KP, BC]
         dw_acc = tl.zeros([KP, BC], dtype=tl.float32)
         start = part.to(tl.int64) * ROWS
         for step in range(0, ROWS, BT):  # a static trip count (the last slice's tail is masked)
             rows = start + step + tl.arange(0, BT)
             rmask = rows < T
-            fwd = rows[:, None] + shift[None, :]  # [BT, KP] rows t + i
-            link = rmask[:, None] & (fwd < T) & (shift[None, :] < K)
+            tile = rmask[:, None] & cmask[None, :]
+            xt = tl.load(x_base + rows[:, None] * sxt + cols[None, :], mask=tile, other=0.0).to(tl.float32)
             if HAS_DOCS:
-                doc_fwd = tl.load(doc_base + fwd * sdt, mask=link, other=0)
                 doc_cur = tl.load(doc_base + rows * sdt, mask=rmask, other=0)
-                link = link & (doc_fwd == doc_cur[:, None])
-            z = tl.zeros([BT, KP, BC], dtype=tl.float32)  # z[t, i] = pre-activation at t + i
-            for j in tl.static_range(K):
-                src = fwd - j
-                keep = rmask[:, None] & (fwd < T) & (src >= 0)
+            dx = tl.zeros([BT, BC], dtype=tl.float32)
+            for i in tl.static_range(K):  # output row t + i, which x(t) reaches through w[:, K-1-i]
+                fwd = rows + i
+                link = rmask & (fwd < T)
                 if HAS_DOCS:
-                    keep = keep & (tl.load(doc_base + src * sdt, mask=keep, other=0) == doc_fwd)
-                w = tl.load(w_ptr + cols * K + (K - 1 - j), mask=cmask, other=0.0).to(tl.float32)
-                xv = tl.load(x_base + src[:, :, None] * sxt + cols[None, None, :],
-                             mask=keep[:, :, None] & cmask[None, None, :], other=0.0)
-                z += xv.to(tl.float32) * w[None, None, :]
-            dy = tl.load(dy_base + fwd[:, :, None] * sgt + cols[None, None, :],
-                         mask=link[:, :, None] & cmask[None, None, :], other=0.0).to(tl.float32)
-            sig = tl.sigmoid(z)
-            dz = dy * sig * (1.0 + z * (1.0 - sig))  # zero wherever the tap t -> t + i is dropped
-            dx = tl.sum(dz * w_taps[None, :, :], axis=1)
-            tl.store(dx_ptr + (b * T + rows[:, None]) * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & cmask[None, :])
-            xt = tl.load(x_base + rows[:, None] * sxt + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                         other=0.0).to(tl.float32)
-            dw_acc += tl.sum(dz * xt[:, None, :], axis=0)
+                    doc_fwd = tl.load(doc_base + fwd * sdt, mask=link, other=0)
+                    link = link & (doc_fwd == doc_cur)
+                z = tl.zeros([BT, BC], dtype=tl.float32)  # pre-activation at t + i (only where linked)
+                for j in tl.static_range(K):
+                    w = tl.load(w_ptr + cols * K + (K - 1 - j), mask=cmask, other=0.0).to(tl.float32)
+                    if j == i:  # x(t) itself, linked by definition
+                        z += tl.where(link[:, None], xt, 0.0) * w[None, :]
+                    else:
+                        src = fwd - j
+                        keep = link & (src >= 0)
+                        if HAS_DOCS:
+                            keep = keep & (tl.load(doc_base + src * sdt, mask=keep, other=0) == doc_fwd)
+                        xv = tl.load(x_base + src[:, None] * sxt + cols[None, :], mask=keep[:, None] & cmask[None, :],
+                                     other=0.0)
+                        z += xv.to(tl.float32) * w[None, :]
+                dy = tl.load(dy_base + fwd[:, None] * sgt + cols[None, :], mask=link[:, None] & cmask[None, :],
+                             other=0.0).to(tl.float32)
+                sig = tl.sigmoid(z)
+                dz = dy * sig * (1.0 + z * (1.0 - sig))  # zero wherever the tap t -> t + i is dropped
+                w_i = tl.load(w_ptr + cols * K + (K - 1 - i), mask=cmask, other=0.0).to(tl.float32)
+                dx += dz * w_i[None, :]
+                dw_acc += tl.where(shift[:, None] == i, tl.sum(dz * xt, axis=0)[None, :], 0.0)
+            tl.store(dx_ptr + (b * T + rows[:, None]) * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile)
         slot = b * tl.num_programs(2) + part
         tl.store(dw_ptr + (slot * KP + shift[:, None]) * C + cols[None, :], dw_acc, mask=cmask[None, :])
 
@@ -139,11 +146,11 @@ def conv_silu_fwd(x: torch.Tensor, weight: torch.Tensor, doc_ids: torch.Tensor |
     y = torch.empty(bsz, t, c, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    bt, bc = 32, min(128, triton.next_power_of_2(c))
+    bt, bc = FWD_TILE[0], min(FWD_TILE[1], triton.next_power_of_2(c))
     docs, sdb, sdt = _docs(doc_ids, x)
     _conv_silu_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc), bsz)](
         x, weight, docs, y, t, c, x.stride(0), x.stride(1), sdb, sdt,
-        K=weight.shape[1], HAS_DOCS=doc_ids is not None, BT=bt, BC=bc, num_warps=4)
+        K=weight.shape[1], HAS_DOCS=doc_ids is not None, BT=bt, BC=bc, num_warps=FWD_TILE[2])
     return y
 
 
@@ -155,7 +162,7 @@ def conv_silu_bwd(x: torch.Tensor, weight: torch.Tensor, doc_ids: torch.Tensor |
     if x.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(weight)
     kp = triton.next_power_of_2(k)
-    bt, bc = max(1, 64 // kp), min(64, triton.next_power_of_2(c))  # [BT, KP, BC] tiles of 4096 elements
+    bt, bc = BWD_TILE[0], min(BWD_TILE[1], triton.next_power_of_2(c))
     rows = min(ROWS, max(bt, triton.next_power_of_2(t)))  # short sequences: no all-masked steps
     parts = triton.cdiv(t, rows)
     dy = _unit_last(dy)
@@ -164,7 +171,7 @@ def conv_silu_bwd(x: torch.Tensor, weight: torch.Tensor, doc_ids: torch.Tensor |
     docs, sdb, sdt = _docs(doc_ids, x)
     _conv_silu_bwd_kernel[(triton.cdiv(c, bc), bsz, parts)](
         x, weight, docs, dy, dx, dw_parts, t, c, x.stride(0), x.stride(1), sdb, sdt, dy.stride(0), dy.stride(1),
-        K=k, KP=kp, HAS_DOCS=doc_ids is not None, ROWS=rows, BT=bt, BC=bc, num_warps=4)
+        K=k, KP=kp, HAS_DOCS=doc_ids is not None, ROWS=rows, BT=bt, BC=bc, num_warps=BWD_TILE[2])
     dw = dw_parts.sum(0)[:k].flip(0).t()  # row i holds tap K-1-i
     return dx, dw.to(weight.dtype).contiguous()
 
