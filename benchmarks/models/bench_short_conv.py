@@ -4,7 +4,8 @@
 and `hybrid/1b-mamba` (Mamba2 x/B/C, 2304 channels, a split of the in_proj output), K = 4, the 4K workload's
 micro-batch (8 x 4096 tokens) in packed documents of 2K. Each row also holds the relative error of the Triton
 y, dx, dweight against the PyTorch path (both bf16, the PyTorch path rounding after every tap: ~5e-3 expected;
-the float64 comparisons are tests/ops/test_short_conv_triton_gpu.py's).
+the float64 comparisons are tests/ops/test_short_conv_triton_gpu.py's), and milliseconds of the Triton path
+under each of TILES.
 Usage (GPU): python benchmarks/models/bench_short_conv.py [--batch 8 --seq 4096] [--out benchmarks/results]
 Writes short_conv_<gpu>.json under --out.
 """
@@ -22,12 +23,17 @@ import torch.nn.functional as F
 
 from raytron.models import get_config
 from raytron.ops.short_conv import short_conv
+from raytron.ops import short_conv_triton
 from raytron.ops.short_conv_triton import short_conv_silu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # timing.py, also under `python -P`
 from timing import median_seconds  # noqa: E402
 
 KERNELS = {"torch": lambda x, w, d: F.silu(short_conv(x, w, d)), "triton": short_conv_silu}
+# (forward, backward) tiles (rows, channels, warps) of ops/short_conv_triton.py: its defaults first, then
+# alternatives that also compile for sm_90 without spills at K = 4 (a row's `tiles` field says which is fastest)
+TILES = [((32, 128, 4), (16, 64, 4)), ((16, 128, 4), (32, 64, 8)), ((64, 128, 8), (16, 128, 8)),
+         ((8, 256, 4), (8, 64, 2))]
 
 
 def conv_widths() -> dict[str, tuple[int, int, int]]:
@@ -73,6 +79,12 @@ def main() -> None:
             row[f"{kernel}_ms"] = round(seconds * 1e3, 3)
             row[f"{kernel}_tokens_per_s"] = round(args.batch * args.seq / seconds)
         row["speedup"] = round(row["torch_ms"] / row["triton_ms"], 2)
+        row["tiles"] = {}
+        for fwd, bwd in TILES:
+            short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE = fwd, bwd
+            seconds = median_seconds(lambda: run("triton", buf, weight, offset, c, doc_ids, probe), args.steps)
+            row["tiles"][f"fwd {fwd} bwd {bwd}"] = round(seconds * 1e3, 3)
+        short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE = TILES[0]
         row["rel_error"] = {name: float((a.double() - r.double()).norm() / r.double().norm())
                             for name, a, r in zip(("y", "dx", "dweight"), outs["triton"], outs["torch"])}
         rows.append(row)
