@@ -13,7 +13,7 @@ from torch import nn
 
 from ..ops.chunking import Carry, doc_starts
 from ..ops.gated_delta import gated_delta
-from ..ops.short_conv import short_conv
+from ..ops.short_conv import conv_silu
 from .config import ModelConfig
 from .layers import RMSNorm, init_decay_and_conv
 
@@ -55,7 +55,7 @@ def gated_deltanet_mix(qkv, a, b_logit, gate, conv_weight, A_log, dt_bias, o_nor
     with a `carry` (ops/chunking.py) -> (that, final state [B, H, d, d])."""
     b, t, heads = a.shape
     halo = {} if carry is None else {"halo": carry.conv_halo, "halo_doc_ids": carry.halo_doc_ids}
-    qkv = F.silu(short_conv(qkv, conv_weight.to(qkv.dtype), doc_ids, **halo))
+    qkv = conv_silu(qkv, conv_weight.to(qkv.dtype), doc_ids, **halo)
     q, k, v = (y.view(b, t, heads, head_dim).transpose(1, 2) for y in qkv.chunk(3, dim=-1))
     q = F.normalize(q, dim=-1) / math.sqrt(head_dim)  # [B, H, T, d]
     k = F.normalize(k, dim=-1)

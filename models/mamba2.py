@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.chunking import doc_starts
-from ..ops.short_conv import short_conv
+from ..ops.short_conv import conv_silu
 from ..ops.ssd import ssd
 from .config import ModelConfig
 from .layers import RMSNorm, init_decay_and_conv
@@ -40,7 +40,7 @@ class Mamba2(nn.Module):
         """x [B, T, dim] -> [B, T, dim]."""
         b, t, _ = x.shape
         z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.state_dim, self.heads], dim=-1)
-        xbc = F.silu(short_conv(xbc, self.conv_weight.to(x.dtype), doc_ids))
+        xbc = conv_silu(xbc, self.conv_weight.to(x.dtype), doc_ids)
         xs, b_in, c_in = xbc.split([self.inner, self.state_dim, self.state_dim], dim=-1)
         xs = xs.view(b, t, self.heads, self.head_dim)  # [B, T, H, P]
         y = ssd_mix(xs, b_in, c_in, dt, self.A_log, self.dt_bias, self.D, self.chunk, doc_ids)

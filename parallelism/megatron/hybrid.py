@@ -45,7 +45,7 @@ from ...models.layers import RMSNorm as ReferenceRMSNorm
 from ...models.mamba2 import Mamba2, ssd_mix
 from ...ops.attention import BlockSparse
 from ...ops.chunking import Carry
-from ...ops.short_conv import short_conv
+from ...ops.short_conv import conv_silu
 from .cp import CPSide, core_attention, exchange_halos, recv_state, send_state
 
 
@@ -234,7 +234,7 @@ class Mamba2Mixer(_LinearMixer):
         z, xbc, dt = proj.split([inner, inner + 2 * n_r, self.heads], dim=-1)
         bsz, seq = z.shape[:2]
         halo = {} if carry is None else {"halo": carry.conv_halo, "halo_doc_ids": carry.halo_doc_ids}
-        xbc = F.silu(short_conv(xbc, self.conv_weight.to(xbc.dtype), doc_ids, **halo))
+        xbc = conv_silu(xbc, self.conv_weight.to(xbc.dtype), doc_ids, **halo)
         xs, bc = xbc.split([inner, 2 * n_r], dim=-1)
         # [B_r, C_r] of every rank -> [b, s, tp, 2, N/tp] -> full B, C [b, s, N]
         bc = all_gather_last_dim_from_tensor_parallel_region(bc.contiguous(), self.tp_group)
