@@ -21,7 +21,8 @@ def train_rank(rank: int, world: int, root: str, name: str, job: dict, opts: dic
     """run_training of the job on this rank, as Ray Train's worker would (report=None).
     opts: slow_write_s (sleep before every shard write), logits_out (engine logits on the probe batch
     after training, rank 0 writes them), canary_out (rank 0 records how many tensors the canary checked),
-    export_out (the engine's export_reference after training, saved by rank 0)."""
+    export_out (the engine's export_reference after training, saved by rank 0).
+    The hooks it installs are removed on return, so one process can train several jobs in turn."""
     import torch
 
     from raytron.launcher import checkpointing, worker
@@ -30,25 +31,26 @@ def train_rank(rank: int, world: int, root: str, name: str, job: dict, opts: dic
 
     spec = load_job(Path(root), name, world, **job)
     layout = validate_job(spec)
+    originals = (CheckpointStore.write_shard, worker.build_engine, checkpointing.canary_restore)
+    write_shard, build, canary = originals
     if opts.get("slow_write_s"):
-        original = CheckpointStore.write_shard
-
         def slow_write(self, *a, **k):
             time.sleep(opts["slow_write_s"])
-            return original(self, *a, **k)
+            return write_shard(self, *a, **k)
 
         CheckpointStore.write_shard = slow_write
     captured: dict = {}
-    build = worker.build_engine
     worker.build_engine = lambda *a, **k: captured.setdefault("engine", build(*a, **k))
-    canary = checkpointing.canary_restore
 
     def counting_canary(*a, **k):
         captured["canary"] = canary(*a, **k)
         return captured["canary"]
 
     checkpointing.canary_restore = counting_canary
-    worker.run_training(spec, layout, rank, world)
+    try:
+        worker.run_training(spec, layout, rank, world)
+    finally:
+        CheckpointStore.write_shard, worker.build_engine, checkpointing.canary_restore = originals
     if opts.get("canary_out") and rank == 0:
         write_json(opts["canary_out"], {"tensors": captured.get("canary")})
     if opts.get("export_out"):  # collective: every rank joins, rank 0 keeps the full reference state
@@ -62,6 +64,16 @@ def train_rank(rank: int, world: int, root: str, name: str, job: dict, opts: dic
             logits = engine.engine(probe_tokens())
         if rank == 0:
             torch.save(logits, opts["logits_out"])
+
+
+def train_ranks_in_turn(rank: int, world: int, root: str, runs: list) -> None:
+    """train_rank for each (name, job, opts) of `runs`, one after the other in this process group: one
+    interpreter start (torch, DeepSpeed imports, gloo rendezvous) serves several independent runs."""
+    import gc
+
+    for name, job, opts in runs:
+        train_rank(rank, world, root, name, job, opts)
+        gc.collect()
 
 
 def corrupt_restore_rank(rank: int, world: int, root: str, name: str, job: dict, out: str) -> None:

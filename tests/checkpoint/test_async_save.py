@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.checkpoint.ckpt_helpers import load_job, losses, metrics, spawn_ranks
-from tests.checkpoint.ckpt_ranks import train_rank
+from tests.checkpoint.ckpt_ranks import train_ranks_in_turn
 from raytron.data_pipeline import prepare_for_job
 from raytron.parallelism.checkpoint import CheckpointStore
 
@@ -24,9 +24,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("async")
     spec = load_job(root, "sync", 2, 2, 3)
     prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed, cache_uri=str(root / "_data_cache"))
-    for name, is_async in (("sync", False), ("async", True)):
-        job = {"ep": 2, "steps": 3, "every": 2, "checkpoint.async_save": is_async}
-        spawn_ranks(train_rank, 2, str(root), name, job, {"slow_write_s": SLOW_WRITE_S})
+    # both runs in one pair of rank processes, one after the other (one interpreter start, not two)
+    spawn_ranks(train_ranks_in_turn, 2, str(root), [
+        (name, {"ep": 2, "steps": 3, "every": 2, "checkpoint.async_save": is_async}, {"slow_write_s": SLOW_WRITE_S})
+        for name, is_async in (("sync", False), ("async", True))])
     return root
 
 

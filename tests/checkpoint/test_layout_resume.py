@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.checkpoint.ckpt_helpers import load_job, losses, read_json, spawn_ranks
-from tests.checkpoint.ckpt_ranks import corrupt_restore_rank, probe_tokens, train_rank
+from tests.checkpoint.ckpt_ranks import corrupt_restore_rank, probe_tokens, train_rank, train_ranks_in_turn
 from raytron.data_pipeline import prepare_for_job
 
 pytestmark = pytest.mark.slow
@@ -34,11 +34,14 @@ def runs(tmp_path_factory):
     prepare_for_job(spec.data, seq_len=spec.train.seq_len, seed=spec.train.seed, cache_uri=str(root / "_data_cache"))
     _train(root, "a", 2, 2, steps=2, every=2, logits_out=str(root / "logits-a2.pt"))
     shutil.copytree(root / "a", root / "b")
-    _train(root, "a", 2, 2, steps=3, every=1)  # kept its layout: the reference for step 3
     _train(root, "b", 4, 4, steps=4, every=1, canary_out=str(root / "canary-b.json"))  # EP 2->4, DP 2->4
     shutil.copytree(root / "b", root / "c")
     shutil.rmtree(root / "c" / "checkpoints" / "step-000000004")
-    _train(root, "c", 2, 2, steps=4, every=1, canary_out=str(root / "canary-c.json"))  # and back from step 3
+    # two independent 2-rank runs in one pair of processes: "a" keeps its layout (the reference for step 3),
+    # "c" goes back to ep=2 from b's step 3
+    spawn_ranks(train_ranks_in_turn, 2, str(root), [
+        ("a", {"ep": 2, "steps": 3, "every": 1}, {}),
+        ("c", {"ep": 2, "steps": 4, "every": 1}, {"canary_out": str(root / "canary-c.json")})])
     return root
 
 

@@ -37,9 +37,14 @@ def main(root: Path, cache: Path) -> int:
     from raytron.launcher.attempts import read_attempts
     from raytron.launcher.cli import main as cli
 
+    # The GCS marks a node dead after health_check_failure_threshold failed checks, one every
+    # health_check_period_ms (Ray's defaults: 5 x 3 s). A removed node's checks fail at once (connection
+    # refused), so a 1 s period finds it dead ~10 s sooner; a live but busy node still has each check's
+    # own timeout (health_check_timeout_ms, unchanged) to answer.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
                                                             "dashboard_host": "127.0.0.1",
-                                                            "dashboard_port": _free_port()})
+                                                            "dashboard_port": _free_port(),
+                                                            "_system_config": {"health_check_period_ms": 1000}})
     nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")

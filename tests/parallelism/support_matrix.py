@@ -133,18 +133,31 @@ def train_and_resume(combo: Combo, root: Path) -> tuple[str, dict, dict]:
     """Train two steps (checkpoint after each; the engine's export_reference saved to <run>/exported.pt), then
     train again from the step-1 checkpoint alone. Returns (run name, straight losses, resumed losses) by step;
     the resumed run's step 2 must equal the straight one's."""
-    from tests.checkpoint.ckpt_helpers import losses, spawn_ranks
-    from tests.checkpoint.ckpt_ranks import train_rank
+    return train_and_resume_all([combo], root)[0]
 
-    name = combo.name.replace("/", "-").replace("=", "-").replace("+", "p").replace(".", "_")
-    settings = {k: v for k, v in combo.settings().items() if k != "resources.workers"}
-    job = {"steps": 2, "every": 1, "ep": settings.pop("layout.ep"), **settings}
-    world = BASES[combo.engine]["resources.workers"]
-    spawn_ranks(train_rank, world, str(root), name, job, {"export_out": str(root / f"{name}-exported.pt")})
-    shutil.copytree(root / name, root / f"{name}-resumed")
-    shutil.rmtree(root / f"{name}-resumed" / "checkpoints" / f"step-{2:09d}")
-    spawn_ranks(train_rank, world, str(root), f"{name}-resumed", job, {})
-    return name, losses(root / name), losses(root / f"{name}-resumed")
+
+def train_and_resume_all(combos: list[Combo], root: Path) -> list[tuple[str, dict, dict]]:
+    """`train_and_resume` of each combination, in order. The straight runs of one world size share one group
+    of rank processes and the resumes another (one interpreter start per group, not per run); every resume
+    starts in other processes than its straight run, from its step-1 checkpoint on disk."""
+    from tests.checkpoint.ckpt_helpers import losses, spawn_ranks
+    from tests.checkpoint.ckpt_ranks import train_ranks_in_turn
+
+    runs, worlds = [], {}
+    for combo in combos:
+        name = combo.name.replace("/", "-").replace("=", "-").replace("+", "p").replace(".", "_")
+        settings = {k: v for k, v in combo.settings().items() if k != "resources.workers"}
+        runs.append((name, {"steps": 2, "every": 1, "ep": settings.pop("layout.ep"), **settings}))
+        worlds.setdefault(BASES[combo.engine]["resources.workers"], []).append(runs[-1])
+    for world, group in worlds.items():
+        straight = [(name, job, {"export_out": str(root / f"{name}-exported.pt")}) for name, job in group]
+        spawn_ranks(train_ranks_in_turn, world, str(root), straight, timeout=240.0 * len(group))
+        for name, _ in group:
+            shutil.copytree(root / name, root / f"{name}-resumed")
+            shutil.rmtree(root / f"{name}-resumed" / "checkpoints" / f"step-{2:09d}")
+        resumed = [(f"{name}-resumed", job, {}) for name, job in group]
+        spawn_ranks(train_ranks_in_turn, world, str(root), resumed, timeout=240.0 * len(group))
+    return [(name, losses(root / name), losses(root / f"{name}-resumed")) for name, _ in runs]
 
 
 # ---- GPU-only engines: the cases the suites run ------------------------------------------------------------

@@ -110,17 +110,33 @@ def runs_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("pick", [f"sample-{i}" for i in range(SAMPLE)] + [c.name for c in NAMED_RUNS])
-def test_accepted_cpu_combination_trains_checkpoints_and_resumes(verdicts, runs_root, pick):
-    from tests.checkpoint.ckpt_helpers import metrics
-    from tests.parallelism.support_matrix import train_and_resume
+PICKS = [f"sample-{i}" for i in range(SAMPLE)] + [c.name for c in NAMED_RUNS]
 
+
+def _picked(verdicts, pick: str) -> Combo:
     named = {c.name: c for c in NAMED_RUNS}
-    combo = named[pick] if pick in named else sample(
+    return named[pick] if pick in named else sample(
         [c for c in _cpu_accepted(verdicts) if c not in NAMED_RUNS], SAMPLE)[int(pick.split("-")[1])]
+
+
+@pytest.fixture(scope="module")
+def trained(verdicts, runs_root) -> dict:
+    """{pick: (run, straight losses, resumed losses)} of every accepted pick, trained in one pass (one group of
+    rank processes for the straight runs, one for the resumes: train_and_resume_all)."""
+    from tests.parallelism.support_matrix import train_and_resume_all
+
+    picks = [p for p in PICKS if verdicts[_picked(verdicts, p)].accepted]
+    return dict(zip(picks, train_and_resume_all([_picked(verdicts, p) for p in picks], runs_root)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pick", PICKS)
+def test_accepted_cpu_combination_trains_checkpoints_and_resumes(verdicts, runs_root, trained, pick):
+    from tests.checkpoint.ckpt_helpers import metrics
+
+    combo = _picked(verdicts, pick)
     assert verdicts[combo].accepted, (combo.name, verdicts[combo])
-    run, straight, resumed = train_and_resume(combo, runs_root)
+    run, straight, resumed = trained[pick]
     assert sorted(straight) == [1, 2], f"{combo.name}: every step logged (NaN guard passed): {straight}"
     # a fresh start would re-log step 1 with its own timing; a resume keeps the line it resumed after
     assert metrics(runs_root / run)[1] == metrics(runs_root / f"{run}-resumed")[1], f"{combo.name}: not resumed"
