@@ -4,32 +4,21 @@ float32 against the token-by-token recurrence in float64: outputs and the gradie
 heads > 1, d_v over two tiles. The interpreter runs in one subprocess for the module (cases:
 _gdn_interpret_cases.py). Also: kernel choice never picks Triton on CPU and refuses names it cannot run."""
 
-import importlib.util
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from raytron.ops.gated_delta import choose_gdn_kernel, gated_delta
+from tests.ops.interpreter import needs_triton, run_interpreted
 
 CASES_SCRIPT = pathlib.Path(__file__).with_name("_gdn_interpret_cases.py")
 CASES = ["docs_odd_length", "two_value_tiles", "initial_and_final_state"]
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton is not installed (pip install -e '.[test]' on x86_64 brings it)")
 
 
 @pytest.fixture(scope="module")
 def interpreted_errors() -> dict[str, dict[str, float]]:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("RAYTRON_GDN_KERNEL", None)
-    done = subprocess.run([sys.executable, str(CASES_SCRIPT), *CASES], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_interpreted(CASES_SCRIPT, *CASES, unset=("RAYTRON_GDN_KERNEL",))
 
 
 @needs_triton

@@ -6,12 +6,7 @@ with and without packed documents, lengths and widths no multiple of the blocks,
 8-bit mantissa, ~4e-3). Also: RAYTRON_CONV_KERNEL picks the kernel, unknown names and `triton` where it cannot
 run are refused, and the default stays the PyTorch path."""
 
-import importlib.util
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,22 +14,16 @@ import torch.nn.functional as F
 
 from raytron.ops import short_conv as conv_ops
 from raytron.ops.short_conv import choose_conv_kernel, conv_silu, short_conv
+from tests.ops.interpreter import needs_triton, run_interpreted
 
 CASES_SCRIPT = pathlib.Path(__file__).with_name("_conv_interpret_cases.py")
 CASES = ["fp32_docs_k4", "bf16_docs_k4", "fp32_k2", "bf16_k2", "fp32_docs_k8_strided"]
 TOL = {"fp32": 1e-5, "bf16": 1e-2}
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton is not installed (pip install -e '.[test]' on x86_64 brings it)")
 
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("RAYTRON_CONV_KERNEL", None)
-    done = subprocess.run([sys.executable, str(CASES_SCRIPT), *CASES], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_interpreted(CASES_SCRIPT, *CASES, unset=("RAYTRON_CONV_KERNEL",))
 
 
 @needs_triton

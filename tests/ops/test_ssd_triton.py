@@ -6,16 +6,14 @@ before Triton is imported, so the kernels run in one subprocess (tests/ops/ssd_i
 the cases; this process keeps Triton compiled (and never picks it for CPU tensors, last test)."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from raytron.ops import ssd_fused
 from raytron.ops.ssd import ssd, ssd_chunked, ssd_recurrent
+from tests.ops.interpreter import run_interpreted
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[test]' on x86_64 Linux)")
 
@@ -36,11 +34,7 @@ TOL = {"float32": 1e-5, "bfloat16": 2e-2}  # float32: rounding only (IEEE dots);
 def interpreted() -> dict:
     keys = ("b", "t", "h", "p", "n", "chunk", "docs", "with_init", "dtype")
     cases = [dict(id=k, args=dict(zip(keys, v))) for k, v in CASES.items()]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name("ssd_interpreted.py")),
-                           json.dumps(cases)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(pathlib.Path(__file__).with_name("ssd_interpreted.py"), json.dumps(cases), timeout=900)
 
 
 @pytest.mark.parametrize("case", list(CASES))
